@@ -1,0 +1,90 @@
+"""Which layers of a model to watch, and along which axis their inputs have channels."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Union
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    _BatchNorm,
+    _InstanceNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+#: Layers whose inputs are laid out (N, C, ...): channels on dim 1.
+CHANNEL_FIRST_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, _BatchNorm, _InstanceNorm, nn.GroupNorm)
+
+LayerSpec = Union[
+    None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]
+]
+
+
+def is_default_layer(module: nn.Module) -> bool:
+    """A module that holds parameters of its own, or is a normalization layer."""
+    return isinstance(module, NORM_TYPES) or next(module.parameters(recurse=False), None) is not None
+
+
+def select_layers(model: nn.Module, layers: LayerSpec = None) -> dict[str, nn.Module]:
+    """Resolve a layer specification to ``{name: module}`` in model order.
+
+    ``layers`` may be None (every default layer), a name or glob pattern, a
+    module type, a predicate ``(name, module) -> bool``, or a list of names,
+    patterns and types.
+
+    Raises:
+        ValueError: a name or pattern matches no module, or nothing is selected.
+    """
+    named = [(name, module) for name, module in model.named_modules() if name]
+    if not named:  # a single-module model watches itself
+        named = [("", model)]
+    if layers is None:
+        chosen = {name: module for name, module in named if is_default_layer(module)}
+    elif callable(layers) and not isinstance(layers, type):
+        chosen = {name: module for name, module in named if layers(name, module)}
+    else:
+        specs = [layers] if isinstance(layers, (str, type)) else list(layers)
+        chosen = {}
+        for spec in specs:
+            matched = _match(named, spec)
+            if not matched:
+                valid = ", ".join(repr(name) for name, _ in named)
+                raise ValueError(f"layers={spec!r} matches no module of the model; valid names: {valid}")
+            chosen.update(matched)
+        chosen = {name: module for name, module in named if name in chosen}
+    if not chosen:
+        raise ValueError(f"layers={layers!r} selects no module of {type(model).__name__}")
+    return chosen
+
+
+def _match(named: list[tuple[str, nn.Module]], spec: str | type) -> dict[str, nn.Module]:
+    if isinstance(spec, type):
+        return {name: module for name, module in named if isinstance(module, spec)}
+    if isinstance(spec, str):
+        return {name: module for name, module in named if fnmatch.fnmatchcase(name, spec)}
+    raise TypeError(
+        f"layers entries must be names, glob patterns or module types, got {type(spec).__name__}: {spec!r}"
+    )
+
+
+def channel_axis(module: nn.Module, ndim: int) -> int | None:
+    """Channel axis of ``module``'s input of rank ``ndim`` (None: summarize the whole tensor).
+
+    Dim 1 for convolution and batch/instance/group norm inputs (dim 0 when
+    unbatched), the last dim for everything else (Linear, LayerNorm, sequences).
+    """
+    if ndim == 0:
+        return None
+    if isinstance(module, _ConvNd):
+        spatial = len(module.kernel_size)
+        return max(ndim - spatial - 1, 0)
+    if isinstance(module, CHANNEL_FIRST_TYPES):
+        return 1 if ndim >= 2 else 0
+    return ndim - 1

@@ -1,0 +1,215 @@
+"""`Run`: the recorded summaries of one training run, buffered in memory and stored on disk."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from covshift import store
+from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Record
+
+#: Sources a record can come from: training batches, the probe batch, and its two halves.
+SOURCES = ("train", "probe", "probe_a", "probe_b")
+DEFAULT_FLUSH_EVERY = 100
+DEFAULT_MEMORY_BUDGET = 16 * 2**20
+
+_INT_STATS = {"count", "nonfinite"}
+
+
+class Run:
+    """Summaries of one training run: a directory of Parquet parts plus a small buffer.
+
+    Trackers create runs; :func:`load` opens stored ones. Records wait in memory
+    until ``flush_every`` steps or ``memory_budget`` bytes have gathered, then go
+    to disk as one atomically written part, so memory does not grow with the
+    length of training and a crash loses only what was never flushed.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        meta: dict | None = None,
+        *,
+        flush_every: int = DEFAULT_FLUSH_EVERY,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        if directory is None:
+            directory = tempfile.mkdtemp(prefix="covshift-run-")
+            weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+        self.directory = Path(directory)
+        self.flush_every = flush_every
+        self.memory_budget = memory_budget
+        self._pending: list[tuple[int, str, str, Record]] = []
+        self._pending_bytes = 0
+        self._pending_steps: set[tuple[str, int]] = set()
+        self._tables: list[pa.Table] = []
+        self._parts_read = 0
+        self._meta_dirty = False
+        if meta is None:  # opening a stored run
+            self._meta = store.read_meta(self.directory)
+            self._writable = False
+            return
+        if self.directory.exists() and (self.directory / store.META_FILE).exists():
+            raise FileExistsError(
+                f"{self.directory} already holds a covshift run; choose a new directory"
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, **meta}
+        self._meta.setdefault("layers", [])
+        self._writable = True
+        store.write_meta(self.directory, self._meta)
+
+    # -- writing -----------------------------------------------------------------
+    def add_layer(self, name: str, type_name: str, channels: int, channel_dim: int | None) -> None:
+        """Describe a layer the first time it is recorded (stored with the next flush)."""
+        self._meta["layers"].append(
+            {"name": name, "type": type_name, "channels": channels, "channel_dim": channel_dim}
+        )
+        self._meta_dirty = True
+
+    def append(self, step: int, source: str, layer: str, record: Record) -> None:
+        """Buffer one record; flush when the buffer reaches its step or memory budget."""
+        self._check_writable()
+        self._pending.append((step, source, layer, record))
+        self._pending_bytes += record.stats.nbytes + record.quantiles.nbytes + record.binmeans.nbytes
+        self._pending_steps.add((source, step))
+        if len(self._pending_steps) > self.flush_every or self._pending_bytes >= self.memory_budget:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered records to a new Parquet part (no-op when nothing is buffered)."""
+        if not self._writable:
+            return
+        if self._meta_dirty:
+            store.write_meta(self.directory, self._meta)
+            self._meta_dirty = False
+        if not self._pending:
+            return
+        table = _records_to_table(self._pending)
+        index = len(store.part_paths(self.directory))
+        store.write_part(self.directory, index, table)
+        self._pending.clear()
+        self._pending_steps.clear()
+        self._pending_bytes = 0
+
+    def log(self, step: int, **values: float) -> None:
+        """Store scalars such as loss and accuracy at ``step`` (training curves)."""
+        self._check_writable()
+        row = {"step": int(step)}
+        row.update({name: float(value) for name, value in values.items()})
+        store.append_curve(self.directory, row)
+
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise RuntimeError(f"run at {self.directory} was loaded from disk and is read-only")
+
+    # -- reading -----------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        """Configuration, versions and layer descriptions, as stored in ``meta.json``."""
+        return self._meta
+
+    @property
+    def name(self) -> str:
+        """A short label for plots and tables: the ``name`` given, else the directory name."""
+        return self._meta.get("name") or self.directory.name
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        """One row per recorded layer: ``layer, type, channels, channel_dim``."""
+        layers = pd.DataFrame(self._meta["layers"], columns=["name", "type", "channels", "channel_dim"])
+        return layers.rename(columns={"name": "layer"})
+
+    def stats(self, source: str | None = None) -> pd.DataFrame:
+        """Every record as a DataFrame, one row per (source, step, layer, channel).
+
+        Columns: ``step, source, layer, channel, count, mean, var, min, max,
+        nonfinite, zero_frac``, the quantiles ``q0.01 … q0.99`` and the bin means
+        ``binmean_00 …``. ``source`` selects ``"train"``, ``"probe"``, ``"probe_a"``
+        or ``"probe_b"``; None keeps all.
+        """
+        self.flush()
+        for path in store.part_paths(self.directory)[self._parts_read :]:
+            self._tables.append(store.read_part(path))
+            self._parts_read += 1
+        if self._tables:
+            frame = pa.concat_tables(self._tables).to_pandas()
+        else:
+            frame = _records_to_table([]).to_pandas()
+        order = [layer["name"] for layer in self._meta["layers"]]
+        frame["layer"] = pd.Categorical(frame["layer"].astype(str), categories=order)
+        frame["source"] = frame["source"].astype(str)
+        if source is not None:
+            if source not in SOURCES:
+                raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+            frame = frame[frame["source"] == source].reset_index(drop=True)
+        return frame
+
+    def curves(self) -> pd.DataFrame:
+        """Logged training curves: one row per :meth:`log` call, columns ``step`` and the names."""
+        return pd.DataFrame(store.read_curves(self.directory))
+
+    def save(self, path: str | Path) -> Path:
+        """Copy the run to ``path`` (a new directory) and return it."""
+        self.flush()
+        target = Path(path)
+        if target.resolve() == self.directory.resolve():
+            return target
+        if target.exists() and any(target.iterdir()):
+            raise FileExistsError(f"cannot save run to {target}: the directory is not empty")
+        target.mkdir(parents=True, exist_ok=True)
+        for item in [store.META_FILE, store.CURVES_FILE, *[p.name for p in store.part_paths(self.directory)]]:
+            if (self.directory / item).exists():
+                shutil.copy2(self.directory / item, target / item)
+        return target
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.directory)!r}, layers={len(self._meta['layers'])})"
+
+
+def load(path: str | Path) -> Run:
+    """Open a stored run directory.
+
+    Raises:
+        covshift.store.RunFileError: the directory or one of its files is missing or corrupted.
+    """
+    return Run(path)
+
+
+def _records_to_table(pending: list[tuple[int, str, str, Record]]) -> pa.Table:
+    """Columns of all buffered records: one device-to-host copy per kind of value."""
+    if pending:
+        channels = np.array([record.channels for *_, record in pending])
+        stats = torch.cat([record.stats for *_, record in pending]).cpu().numpy()
+        quantiles = torch.cat([record.quantiles for *_, record in pending]).cpu().numpy()
+        binmeans = torch.cat([record.binmeans for *_, record in pending]).cpu().numpy()
+        step = np.repeat([item[0] for item in pending], channels)
+        source = np.repeat([item[1] for item in pending], channels)
+        layer = np.repeat([item[2] for item in pending], channels)
+        channel = np.concatenate([np.arange(c) for c in channels])
+    else:
+        stats = np.empty((0, len(STAT_NAMES)))
+        quantiles = np.empty((0, len(QUANTILE_COLUMNS)), dtype=np.float32)
+        binmeans = np.empty((0, len(BINMEAN_COLUMNS)), dtype=np.float32)
+        step, source, layer, channel = (np.empty(0, dtype=t) for t in (np.int64, str, str, np.int64))
+    columns = {
+        "step": pa.array(step, pa.int64()),
+        "source": pa.array(source, pa.string()).dictionary_encode(),
+        "layer": pa.array(layer, pa.string()).dictionary_encode(),
+        "channel": pa.array(channel, pa.int32()),
+    }
+    for i, name in enumerate(STAT_NAMES):
+        kind = pa.int64() if name in _INT_STATS else pa.float64()
+        columns[name] = pa.array(stats[:, i].astype(kind.to_pandas_dtype()), kind)
+    for i, name in enumerate(QUANTILE_COLUMNS):
+        columns[name] = pa.array(quantiles[:, i], pa.float32())
+    for i, name in enumerate(BINMEAN_COLUMNS):
+        columns[name] = pa.array(binmeans[:, i], pa.float32())
+    return pa.table(columns)
