@@ -13,12 +13,12 @@ import pyarrow as pa
 import torch
 
 from covshift import store
-from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Record
+from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Partial, finalize
 
 #: Sources a record can come from: training batches, the probe batch, and its two halves.
 SOURCES = ("train", "probe", "probe_a", "probe_b")
 DEFAULT_FLUSH_EVERY = 100
-DEFAULT_MEMORY_BUDGET = 16 * 2**20
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
 
 _INT_STATS = {"count", "nonfinite"}
 
@@ -46,9 +46,9 @@ class Run:
         self.directory = Path(directory)
         self.flush_every = flush_every
         self.memory_budget = memory_budget
-        self._pending: list[tuple[int, str, str, Record]] = []
+        self._pending: list[tuple[int, str, str, Partial]] = []
         self._pending_bytes = 0
-        self._pending_steps: set[tuple[str, int]] = set()
+        self._pending_steps: set[int] = set()
         self._tables: list[pa.Table] = []
         self._parts_read = 0
         self._meta_dirty = False
@@ -74,13 +74,19 @@ class Run:
         )
         self._meta_dirty = True
 
-    def append(self, step: int, source: str, layer: str, record: Record) -> None:
-        """Buffer one record; flush when the buffer reaches its step or memory budget."""
+    def append(self, step: int, source: str, layer: str, partial: Partial) -> None:
+        """Buffer one layer's summary at one step."""
         self._check_writable()
-        self._pending.append((step, source, layer, record))
-        self._pending_bytes += record.stats.nbytes + record.quantiles.nbytes + record.binmeans.nbytes
-        self._pending_steps.add((source, step))
-        if len(self._pending_steps) > self.flush_every or self._pending_bytes >= self.memory_budget:
+        self._pending.append((step, source, layer, partial))
+        self._pending_bytes += partial.sample.nbytes + 6 * partial.total.nbytes
+        self._pending_steps.add(step)
+
+    def end_step(self) -> None:
+        """Mark a step complete; flush when ``flush_every`` steps or the memory budget are reached.
+
+        Parts therefore always hold whole steps.
+        """
+        if len(self._pending_steps) >= self.flush_every or self._pending_bytes >= self.memory_budget:
             self.flush()
 
     def flush(self) -> None:
@@ -183,13 +189,14 @@ def load(path: str | Path) -> Run:
     return Run(path)
 
 
-def _records_to_table(pending: list[tuple[int, str, str, Record]]) -> pa.Table:
-    """Columns of all buffered records: one device-to-host copy per kind of value."""
+def _records_to_table(pending: list[tuple[int, str, str, Partial]]) -> pa.Table:
+    """Columns of all buffered summaries: finalized together, one device-to-host copy per kind."""
     if pending:
-        channels = np.array([record.channels for *_, record in pending])
-        stats = torch.cat([record.stats for *_, record in pending]).cpu().numpy()
-        quantiles = torch.cat([record.quantiles for *_, record in pending]).cpu().numpy()
-        binmeans = torch.cat([record.binmeans for *_, record in pending]).cpu().numpy()
+        channels = np.array([partial.count.shape[0] for *_, partial in pending])
+        record = finalize([partial for *_, partial in pending])
+        stats = record.stats.cpu().numpy()
+        quantiles = record.quantiles.cpu().numpy()
+        binmeans = record.binmeans.cpu().numpy()
         step = np.repeat([item[0] for item in pending], channels)
         source = np.repeat([item[1] for item in pending], channels)
         layer = np.repeat([item[2] for item in pending], channels)

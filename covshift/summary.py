@@ -52,21 +52,16 @@ class Partial:
     min: torch.Tensor
     max: torch.Tensor
     nonfinite: torch.Tensor  # int64
-    zeros: torch.Tensor  # int64
     sample: torch.Tensor  # (C, S) float32, non-finite values replaced by +inf
 
 
 @dataclass
 class Record:
-    """Final statistics of one layer at one step; tensors on the input's device."""
+    """Final statistics, one row per channel of each partial finalized together."""
 
-    stats: torch.Tensor  # (C, len(STAT_NAMES)) float64
-    quantiles: torch.Tensor  # (C, len(QUANTILE_LEVELS)) float32
-    binmeans: torch.Tensor  # (C, N_BINS) float32
-
-    @property
-    def channels(self) -> int:
-        return self.stats.shape[0]
+    stats: torch.Tensor  # (rows, len(STAT_NAMES)) float64
+    quantiles: torch.Tensor  # (rows, len(QUANTILE_LEVELS)) float32
+    binmeans: torch.Tensor  # (rows, N_BINS) float32
 
 
 class Summarizer:
@@ -113,9 +108,8 @@ class Summarizer:
         if dims:
             total_sq = (x * x).sum(dims)
             mn, mx = x.amin(dims), x.amax(dims)
-            nonzero = torch.count_nonzero(x, dims)
         else:
-            total_sq, mn, mx, nonzero = x * x, x.clone(), x.clone(), (x != 0).long()
+            total_sq, mn, mx = x.double() ** 2, x.clone(), x.clone()
         return Partial(
             count=count,
             total=total.double(),
@@ -123,7 +117,6 @@ class Summarizer:
             min=mn,
             max=mx,
             nonfinite=torch.zeros_like(count),
-            zeros=count - nonzero,
             sample=self._sample(x, channel_dim),
         )
 
@@ -134,7 +127,6 @@ class Summarizer:
         count = reduce(finite, torch.count_nonzero) if dims else finite.long()
         n = x.numel() // x.shape[channel_dim]
         inf = torch.tensor(float("inf"), device=x.device)
-        nonzero = reduce(clean, torch.count_nonzero) if dims else (clean != 0).long()
         nonfinite = n - count
         mn = reduce(torch.where(finite, x, inf), torch.amin)
         mx = reduce(torch.where(finite, x, -inf), torch.amax)
@@ -149,7 +141,6 @@ class Summarizer:
             min=torch.where(count > 0, mn, float("nan")),
             max=torch.where(count > 0, mx, float("nan")),
             nonfinite=nonfinite,
-            zeros=(n - nonzero) - nonfinite,
             sample=sample,
         )
 
@@ -192,7 +183,8 @@ class Summarizer:
 def merge(partials: list[Partial]) -> Partial:
     """Combine partials of the same channels (e.g. a weight-shared layer called twice).
 
-    Counts, sums and extrema merge exactly; the samples are pooled.
+    Counts, sums and extrema merge exactly; the samples are pooled (each call
+    contributes its own sample, so calls weigh equally in the quantiles).
     """
     if len(partials) == 1:
         return partials[0]
@@ -203,38 +195,47 @@ def merge(partials: list[Partial]) -> Partial:
         min=torch.stack([p.min for p in partials]).amin(0),
         max=torch.stack([p.max for p in partials]).amax(0),
         nonfinite=sum(p.nonfinite for p in partials),
-        zeros=sum(p.zeros for p in partials),
         sample=torch.cat([p.sample for p in partials], dim=1),
     )
 
 
-def finalize(partial: Partial) -> Record:
-    """Turn a partial into the stored statistics: moments, quantiles and bin means."""
-    count = partial.count.double()
+def finalize(partials: list[Partial]) -> Record:
+    """Stored statistics of many partials at once, their channels stacked in order.
+
+    Runs at flush time, batched over every buffered layer and step: one sort
+    for all samples instead of one per layer per step. Samples of different
+    widths are padded with +inf, which counts as no value.
+    """
     with torch.no_grad():
-        mean = partial.total / count
-        var = (partial.total_sq / count - mean * mean).clamp_min(0.0)
-        n_all = count + partial.nonfinite
+        count = torch.cat([p.count for p in partials]).double()
+        nonfinite = torch.cat([p.nonfinite for p in partials]).double()
+        mean = torch.cat([p.total for p in partials]) / count
+        var = (torch.cat([p.total_sq for p in partials]) / count - mean * mean).clamp_min(0.0)
+        width = max(p.sample.shape[1] for p in partials)
+        sample = torch.cat(
+            [torch.nn.functional.pad(p.sample, (0, width - p.sample.shape[1]), value=float("inf")) for p in partials]
+        )
+        quantiles, binmeans, zero_frac = _sample_statistics(sample)
         stats = torch.stack(
             [
                 count,
                 mean,
                 var,
-                partial.min.double(),
-                partial.max.double(),
-                partial.nonfinite.double(),
-                partial.zeros.double() / n_all,
+                torch.cat([p.min for p in partials]).double(),
+                torch.cat([p.max for p in partials]).double(),
+                nonfinite,
+                zero_frac,
             ],
             dim=1,
         )
-        quantiles, binmeans = _quantiles_and_binmeans(partial.sample)
     return Record(stats=stats, quantiles=quantiles, binmeans=binmeans)
 
 
-def _quantiles_and_binmeans(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear-interpolated quantiles and equal-mass bin means of each row's finite values."""
+def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantiles (linear interpolation), equal-mass bin means and zero fraction of each row's finite values."""
     ordered = sample.sort(dim=1).values.double()  # +inf (non-finite) sorts last
     valid = torch.isfinite(ordered).sum(1, keepdim=True)  # (C, 1)
+    zero_frac = (ordered == 0).sum(1) / valid.squeeze(1)
     last = (valid - 1).clamp_min(0)
     levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=sample.device)
     position = levels[None, :] * last
@@ -258,4 +259,4 @@ def _quantiles_and_binmeans(sample: torch.Tensor) -> tuple[torch.Tensor, torch.T
     empty = valid == 0
     quantiles = torch.where(empty, float("nan"), quantiles)
     binmeans = torch.where(empty, float("nan"), binmeans)
-    return quantiles.float(), binmeans.float()
+    return quantiles.float(), binmeans.float(), zero_frac

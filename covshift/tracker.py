@@ -20,12 +20,14 @@ from covshift.summary import (
     QUANTILE_LEVELS,
     Partial,
     Summarizer,
-    finalize,
     merge,
 )
 
 ChannelDim = Literal["auto"] | int | None
 DEFAULT_PROBE_EVERY = 10
+#: Record one training step in this many by default: drift curves need hundreds of
+#: points, not every step, and non-recording steps cost almost nothing.
+DEFAULT_EVERY = 10
 
 
 class Tracker:
@@ -42,7 +44,7 @@ class Tracker:
         model: nn.Module,
         layers: LayerSpec = None,
         *,
-        every: int = 1,
+        every: int = DEFAULT_EVERY,
         sample_size: int = DEFAULT_SAMPLE_SIZE,
         store: str | Path | None = None,
         step: Literal["auto", "manual"] = "auto",
@@ -95,6 +97,7 @@ class Tracker:
         self._partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
         self._known: dict[str, nn.Module] = {}
         self._dims: dict[str, int | None] = {}
+        self._described: set[str] = set()
         self._warned: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
@@ -253,11 +256,13 @@ class Tracker:
         self._open = False
         partials, self._partials = self._partials, defaultdict(list)
         for (source, name), parts in partials.items():
-            record = finalize(merge(parts))
-            if name not in {layer["name"] for layer in self.run.meta["layers"]}:
+            partial = merge(parts)
+            if name not in self._described:
+                self._described.add(name)
                 module = self._known[name]
-                self.run.add_layer(name, type(module).__name__, record.channels, self._dims[name])
-            self.run.append(self._step, source, name, record)
+                self.run.add_layer(name, type(module).__name__, partial.count.shape[0], self._dims[name])
+            self.run.append(self._step, source, name, partial)
+        self.run.end_step()
 
     def _discard_step(self) -> None:
         if self._open and not self.manual:
@@ -292,7 +297,7 @@ def attach(
     model: nn.Module,
     layers: LayerSpec = None,
     *,
-    every: int = 1,
+    every: int = DEFAULT_EVERY,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     store: str | Path | None = None,
     step: Literal["auto", "manual"] = "auto",
@@ -309,7 +314,7 @@ def attach(
         layers: None for every layer with parameters of its own or normalization
             layer; else names or glob patterns (``"features.*"``), module types, a
             list of those, or a predicate ``(name, module) -> bool``.
-        every: record one training step in ``every``.
+        every: record one training step in ``every`` (steps 0, every, 2·every, …).
         sample_size: values per channel the quantiles come from (exact at or above
             the channel's value count); moments and extrema always use every value.
         store: a new directory to stream the run to (crash-safe); None keeps it in
