@@ -8,6 +8,7 @@ exactly (:func:`merge`); :func:`finalize` turns them into the stored statistics.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,8 @@ class Partial:
     """Mergeable per-channel state of one or more tensors; every field has C rows."""
 
     count: torch.Tensor  # finite values, int64
-    total: torch.Tensor  # sum of finite values, float64
-    total_sq: torch.Tensor  # sum of squares of finite values, float64
+    total: torch.Tensor  # sum of finite values, float32
+    total_sq: torch.Tensor  # sum of squares of finite values, float32
     min: torch.Tensor
     max: torch.Tensor
     nonfinite: torch.Tensor  # int64
@@ -86,98 +87,89 @@ class Summarizer:
 
     def summarize(self, x: torch.Tensor, channel_dim: int | None) -> Partial:
         """Summarize ``x`` per slice along ``channel_dim`` (None: the whole tensor)."""
-        with torch.no_grad():
-            x = x.detach()
-            if x.dtype != torch.float32:
-                x = x.float()
-            if channel_dim is None:
-                x = x.reshape(1, -1)
-                channel_dim = 0
-            channel_dim = channel_dim % x.ndim
-            dims = tuple(d for d in range(x.ndim) if d != channel_dim)
-            total = x.sum(dims) if dims else x.clone()
-            if x.device.type == "cpu" and bool(torch.isfinite(total).all()):
-                return self._summarize_finite(x, channel_dim, dims, total)
-            # A non-finite sum means NaN/Inf somewhere (or overflow). Off the CPU,
-            # checking would cost a host sync, so the masked path always runs there.
-            return self._summarize_masked(x, channel_dim, dims)
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        view = _channel_view(x, channel_dim)
+        total = _reduce(view, torch.sum)
+        if x.device.type == "cpu" and bool(torch.isfinite(total).all()):
+            return self._summarize_finite(view, total)
+        # A non-finite sum means NaN/Inf somewhere (or overflow). Off the CPU,
+        # checking would cost a host sync, so the masked path always runs there.
+        return self._summarize_masked(view)
 
-    def _summarize_finite(self, x, channel_dim, dims, total) -> Partial:
-        n = x.numel() // x.shape[channel_dim]
-        count = torch.full_like(total, n, dtype=torch.int64)
-        if dims:
-            total_sq = (x * x).sum(dims)
-            mn, mx = x.amin(dims), x.amax(dims)
-        else:
-            total_sq, mn, mx = x.double() ** 2, x.clone(), x.clone()
+    def _summarize_finite(self, view: torch.Tensor, total: torch.Tensor) -> Partial:
+        count = torch.full_like(total, view.shape[0] * view.shape[2], dtype=torch.int64)
         return Partial(
             count=count,
-            total=total.double(),
-            total_sq=total_sq.double(),
-            min=mn,
-            max=mx,
+            total=total,
+            total_sq=_reduce(view * view, torch.sum),
+            min=_reduce(view, torch.amin),
+            max=_reduce(view, torch.amax),
             nonfinite=torch.zeros_like(count),
-            sample=self._sample(x, channel_dim),
+            sample=self._sample(view),
         )
 
-    def _summarize_masked(self, x, channel_dim, dims) -> Partial:
-        finite = torch.isfinite(x)
-        clean = torch.where(finite, x, 0.0)
-        reduce = (lambda t, fn: fn(t, dims)) if dims else (lambda t, fn: t)
-        count = reduce(finite, torch.count_nonzero) if dims else finite.long()
-        n = x.numel() // x.shape[channel_dim]
-        inf = torch.tensor(float("inf"), device=x.device)
-        nonfinite = n - count
-        mn = reduce(torch.where(finite, x, inf), torch.amin)
-        mx = reduce(torch.where(finite, x, -inf), torch.amax)
-        total = clean.sum(dims) if dims else clean
-        total_sq = (clean * clean).sum(dims) if dims else clean * clean
-        sample = self._sample(x, channel_dim)
-        sample = torch.where(torch.isfinite(sample), sample, inf)
+    def _summarize_masked(self, view: torch.Tensor) -> Partial:
+        finite = torch.isfinite(view)
+        clean = torch.where(finite, view, 0.0)
+        count = _reduce(finite.long(), torch.sum)
+        inf = torch.tensor(float("inf"), device=view.device)
+        sample = self._sample(view)
         return Partial(
             count=count,
-            total=total.double(),
-            total_sq=total_sq.double(),
-            min=torch.where(count > 0, mn, float("nan")),
-            max=torch.where(count > 0, mx, float("nan")),
-            nonfinite=nonfinite,
-            sample=sample,
+            total=_reduce(clean, torch.sum),
+            total_sq=_reduce(clean * clean, torch.sum),
+            min=torch.where(count > 0, _reduce(torch.where(finite, view, inf), torch.amin), float("nan")),
+            max=torch.where(count > 0, _reduce(torch.where(finite, view, -inf), torch.amax), float("nan")),
+            nonfinite=view.shape[0] * view.shape[2] - count,
+            sample=torch.where(torch.isfinite(sample), sample, inf),
         )
 
-    def _sample(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    def _sample(self, view: torch.Tensor) -> torch.Tensor:
         """(C, S) values per channel at fixed stratified positions; all values if few."""
-        channels = x.shape[channel_dim]
-        per_channel = x.numel() // channels
-        if per_channel <= self.sample_size:
-            return x.movedim(channel_dim, 0).reshape(channels, per_channel)
-        key = (tuple(x.shape), channel_dim, x.device)
+        before, channels, after = view.shape
+        if before * after <= self.sample_size:
+            return view.transpose(0, 1).reshape(channels, before * after)
+        key = (tuple(view.shape), view.device)
         index = self._positions.get(key)
         if index is None:
             if len(self._positions) > 64:  # e.g. many sequence lengths: start afresh
                 self._positions.clear()
-            index = self._stratified_index(x.shape, channel_dim).to(x.device)
+            index = self._stratified_index(before, channels, after).to(view.device)
             self._positions[key] = index
-        return torch.take(x, index)
+        return torch.take(view, index)
 
-    def _stratified_index(self, shape: torch.Size, channel_dim: int) -> torch.Tensor:
-        """Row-major flat indices (C, S): one random position in each of S equal strata.
+    def _stratified_index(self, before: int, channels: int, after: int) -> torch.Tensor:
+        """Flat indices (C, S) into a (before, C, after) tensor: one random position per stratum.
 
-        Random within strata avoids the aliasing a plain stride has with image
-        widths; a fixed seed keeps the positions identical from record to record.
+        Random within S equal strata avoids the aliasing a plain stride has with
+        image widths; a fixed seed keeps the positions identical from record to record.
         """
-        channels = shape[channel_dim]
-        per_channel = int(torch.Size(shape).numel()) // channels
         s = self.sample_size
         generator = torch.Generator().manual_seed(self.seed)
         jitter = torch.rand(s, generator=generator, dtype=torch.float64)
-        positions = ((torch.arange(s, dtype=torch.float64) + jitter) * (per_channel / s)).long()
-        other = [size for d, size in enumerate(shape) if d != channel_dim]
-        coords = torch.unravel_index(positions, tuple(other))
-        strides = torch.empty(0).new_empty(shape).stride()
-        other_strides = [st for d, st in enumerate(strides) if d != channel_dim]
-        offsets = sum(c * st for c, st in zip(coords, other_strides))
-        channel_offsets = torch.arange(channels) * strides[channel_dim]
-        return channel_offsets[:, None] + offsets[None, :]
+        positions = ((torch.arange(s, dtype=torch.float64) + jitter) * (before * after / s)).long()
+        offsets = (positions // after) * (channels * after) + positions % after
+        return torch.arange(channels)[:, None] * after + offsets[None, :]
+
+
+def _channel_view(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+    """``x`` as (before, C, after): a view when ``x`` is contiguous, so no value is copied."""
+    if channel_dim is None:
+        return x.reshape(1, 1, -1)
+    channel_dim = channel_dim % x.ndim
+    before = math.prod(x.shape[:channel_dim])
+    return x.reshape(before, x.shape[channel_dim], -1)
+
+
+def _reduce(view: torch.Tensor, op) -> torch.Tensor:
+    """Reduce a (before, C, after) tensor to (C,): the contiguous axis first, which is faster."""
+    if view.shape[2] > 1:
+        view = op(view, 2)
+    else:
+        view = view[:, :, 0]
+    return op(view, 0)
 
 
 def merge(partials: list[Partial]) -> Partial:
@@ -209,8 +201,8 @@ def finalize(partials: list[Partial]) -> Record:
     with torch.no_grad():
         count = torch.cat([p.count for p in partials]).double()
         nonfinite = torch.cat([p.nonfinite for p in partials]).double()
-        mean = torch.cat([p.total for p in partials]) / count
-        var = (torch.cat([p.total_sq for p in partials]) / count - mean * mean).clamp_min(0.0)
+        mean = torch.cat([p.total for p in partials]).double() / count
+        var = (torch.cat([p.total_sq for p in partials]).double() / count - mean * mean).clamp_min(0.0)
         width = max(p.sample.shape[1] for p in partials)
         sample = torch.cat(
             [torch.nn.functional.pad(p.sample, (0, width - p.sample.shape[1]), value=float("inf")) for p in partials]

@@ -38,7 +38,8 @@ def test_moments_and_extrema_equal_numpy(shape, dim):
     stats = record.stats.numpy()
     np.testing.assert_array_equal(stats[:, STAT["count"]], ref.shape[1])
     np.testing.assert_allclose(stats[:, STAT["mean"]], ref.mean(1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(stats[:, STAT["var"]], ref.var(1), rtol=1e-5)
+    # float32 sums: the variance is exact to about 1e-7 of the mean square
+    np.testing.assert_allclose(stats[:, STAT["var"]], ref.var(1), rtol=1e-5, atol=1e-6 * (ref**2).mean())
     np.testing.assert_array_equal(stats[:, STAT["min"]], ref.min(1))
     np.testing.assert_array_equal(stats[:, STAT["max"]], ref.max(1))
     np.testing.assert_array_equal(stats[:, STAT["nonfinite"]], 0)
@@ -146,7 +147,7 @@ def test_merge_of_two_calls_equals_summary_of_both():
     a, b = torch.randn(10, 3, 4), torch.randn(6, 3, 4) + 2
     merged = finalize([merge([summarizer.summarize(a, 1), summarizer.summarize(b, 1)])])
     together = finalize([summarizer.summarize(torch.cat([a, b]), 1)])
-    torch.testing.assert_close(merged.stats, together.stats)
+    torch.testing.assert_close(merged.stats, together.stats, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(merged.quantiles, together.quantiles)
 
 
