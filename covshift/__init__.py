@@ -1,9 +1,4 @@
-"""covshift: see internal covariate shift, the drift of each hidden layer's input while a network trains.
-
->>> import covshift
->>> sorted(covshift.__all__)[:3]
-['Run', 'Tracker', 'attach']
-"""
+"""covshift: see internal covariate shift, the drift of each hidden layer's input while a network trains."""
 
 from covshift.run import Run, load
 from covshift.tracker import Tracker, attach
