@@ -1,0 +1,237 @@
+"""The ``covshift`` command: a thin shell that parses, calls the library and prints.
+
+>>> build_parser().parse_args(["compare", "runs/a", "runs/b"]).command
+'compare'
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from covshift.report import DEFAULT_METRICS
+from covshift.store import RunFileError
+
+EXPERIMENTS = ("mnist-bn",)
+
+_MAIN_EPILOG = """\
+examples:
+  covshift experiment mnist-bn --help     the reference experiment (BatchNorm vs none)
+  covshift stats runs/plain               what a run holds
+  covshift compare runs/plain runs/bn     per-layer drift side by side, with ratios
+  covshift report runs/plain runs/bn -o report/
+"""
+
+_REPORT_EPILOG = """\
+examples:
+  covshift report runs/plain -o report/
+  covshift report runs/plain runs/bn -o report/ --metric wasserstein ks
+  covshift report runs/plain runs/bn -o report/ --layers 'conv*' fc1 --reference previous
+
+writes report.html (self-contained: open it offline in any browser), one PNG per
+figure and summary.csv into the output directory.
+"""
+
+_COMPARE_EPILOG = """\
+examples:
+  covshift compare runs/plain runs/bn
+  covshift compare runs/plain runs/bn --metric mean_shift --reference previous
+
+mean_* is each layer's drift averaged over all recorded steps, final_* its drift at
+the last one, noise_* its mean noise floor (NaN without a probe); *_a is RUN_A,
+*_b is RUN_B, and the ratio columns are b / a (below 1: RUN_B drifts less).
+"""
+
+_STATS_EPILOG = """\
+examples:
+  covshift stats runs/plain
+"""
+
+_EXPERIMENT_EPILOG = """\
+examples:
+  covshift experiment mnist-bn --help
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``covshift`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(with_experiments=argv[:1] == ["experiment"])
+    except ImportError as err:
+        print(f"covshift experiment: error: cannot load the experiments: {_one_line(err)}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (RunFileError, OSError, ValueError) as err:
+        print(f"covshift {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"covshift {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; experiment options are added only when asked (their modules load lazily)."""
+    parser = argparse.ArgumentParser(
+        prog="covshift",
+        description="See internal covariate shift: how each layer's input distribution drifts while a network trains.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from covshift import __version__
+
+    parser.add_argument("--version", action="version", version=f"covshift {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    report = _command(commands, "report", "draw the drift report of one or more runs", _REPORT_EPILOG, _report)
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories (drawn side by side)")
+    report.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if needed)")
+    _drift_options(report, metric_nargs="+")
+    report.add_argument("--layers", nargs="+", metavar="NAME", help="layer names or glob patterns to show")
+    report.add_argument("--channel", type=int, metavar="C",
+                        help="draw percentiles of channel C instead of the mean over channels")
+    report.add_argument("--max-points", type=int, default=400, metavar="N",
+                        help="most steps drawn per line; tables use every step (default: %(default)s)")
+
+    compare = _command(commands, "compare", "print a per-layer drift table of two runs, with ratios",
+                       _COMPARE_EPILOG, _compare)
+    compare.add_argument("run_a", metavar="RUN_A", help="the baseline run directory")
+    compare.add_argument("run_b", metavar="RUN_B", help="the run compared with it")
+    _drift_options(compare, metric_nargs=None)
+    compare.add_argument("--match", choices=("name", "type"), default="name",
+                         help="pair layers by name, or the k-th layer of each type with the k-th "
+                              "(for networks named differently; default: %(default)s)")
+
+    stats = _command(commands, "stats", "show what a run holds: layers, channels, steps, sources, size",
+                     _STATS_EPILOG, _stats)
+    stats.add_argument("run", metavar="RUN", help="a run directory")
+
+    experiment = _command(commands, "experiment", "run a reference experiment", _EXPERIMENT_EPILOG, None)
+    experiments = experiment.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    mnist = experiments.add_parser(
+        "mnist-bn",
+        help="train an MNIST CNN with and without BatchNorm and compare their drift",
+        description="Train the same MNIST CNN with and without BatchNorm, recording both with covshift.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mnist.set_defaults(handler=_experiment)
+    if with_experiments:
+        _mnist_bn().add_arguments(mnist)
+    return parser
+
+
+def _command(commands, name: str, summary: str, epilog: str, handler) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                              epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _drift_options(parser: argparse.ArgumentParser, *, metric_nargs: str | None) -> None:
+    if metric_nargs:
+        parser.add_argument("--metric", nargs=metric_nargs, default=list(DEFAULT_METRICS), metavar="M",
+                            help="drift metrics to draw (default: %(default)s)")
+    else:
+        parser.add_argument("--metric", default="wasserstein", metavar="M",
+                            help="drift metric (default: %(default)s)")
+    parser.add_argument("--reference", default="initial", type=_reference,
+                        help="drift from: initial, previous, a step number or rolling:K (default: %(default)s)")
+    parser.add_argument("--source", default="train", choices=("train", "probe"),
+                        help="records to measure: training batches or the fixed probe batch (default: %(default)s)")
+
+
+def _reference(text: str) -> str | int:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _report(args: argparse.Namespace) -> int:
+    from covshift.report import report
+
+    path = report(args.runs, args.out, metrics=args.metric, layers=args.layers, reference=args.reference,
+                  source=args.source, channel=args.channel, max_points=args.max_points)
+    print(f"wrote {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import covshift
+    from covshift.drift import drift_table
+
+    run_a, run_b = covshift.load(args.run_a), covshift.load(args.run_b)
+    table = drift_table(run_a, run_b, metric=args.metric, reference=args.reference, source=args.source,
+                        match=args.match)
+    if (table["layer_a"] == table["layer_b"]).all():
+        table = table.drop(columns="layer_b").rename(columns={"layer_a": "layer"})
+    print(f"{args.metric} drift from the {_words(args.reference)} ({args.source} records): "
+          f"A = {run_a.name} ({run_a.directory}), B = {run_b.name} ({run_b.directory})")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import covshift
+
+    run = covshift.load(args.run)
+    print(run_overview(run))
+    return 0
+
+
+def run_overview(run) -> str:
+    """A few lines that say what a run holds: layers, channels, steps per source, curves, size on disk."""
+    stats = run.stats()
+    files = [p for p in Path(run.directory).iterdir() if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    lines = [
+        f"run {run.name!r} at {run.directory}",
+        f"model: {run.meta.get('model', '?')}, created {run.meta.get('created', '?')}, "
+        f"covshift {run.meta.get('versions', {}).get('covshift', '?')}",
+        f"size on disk: {_size(size)} in {len(files)} files",
+        "",
+    ]
+    if stats.empty:
+        lines.append("no records")
+    else:
+        per_source = stats.groupby("source")["step"].agg(["nunique", "min", "max", "size"])
+        per_source.columns = ["steps", "first step", "last step", "rows"]
+        lines += [per_source.to_string(), ""]
+    layers = run.layers.set_index("layer")
+    lines.append(f"{len(layers)} layers, {int(layers['channels'].sum())} channels")
+    lines.append(layers.to_string())
+    curves = run.curves()
+    if not curves.empty:
+        names = ", ".join(c for c in curves.columns if c != "step")
+        lines += ["", f"training curves: {len(curves)} rows ({names})"]
+    return "\n".join(lines)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    _mnist_bn().run_from_args(args)
+    return 0
+
+
+def _mnist_bn():
+    from covshift.experiments import mnist_bn
+
+    return mnist_bn
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _words(reference: str | int) -> str:
+    from covshift.figures import reference_words
+
+    return reference_words(reference)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -1,0 +1,490 @@
+"""`drift()`: drift metrics of a run's per-channel summaries, as tidy DataFrames.
+
+Also the noise floor (:func:`noise_floor`, :func:`drift_to_noise`) and the
+side-by-side table of two runs (:func:`drift_table`). The maths lives in
+:mod:`covshift.metrics`; this module pairs each record with its reference,
+runs the metrics in vectorized chunks and aggregates channels. Definitions,
+accuracy and conventions: ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from covshift import metrics as m
+from covshift.run import SOURCES, Run
+from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, QUANTILE_LEVELS
+
+#: Metric names, in the order ``metric="all"`` returns them.
+METRICS = ("mean_shift", "std_ratio", "wasserstein", "gaussian_w2", "ks", "psi", "js")
+#: Metrics divided by the reference's standard deviation when ``normalize=True``.
+LOCATION_METRICS = ("mean_shift", "wasserstein", "gaussian_w2")
+AGGREGATES = ("mean", "median", "max")
+BY = ("layer", "channel")
+MATCHES = ("name", "type")
+REFERENCE_FORMS = "'initial', 'previous', an int step or 'rolling:K'"
+#: Rows per vectorized chunk: bounds the temporary memory (~100 MB).
+CHUNK_ROWS = 32768
+
+RunLike = Run | pd.DataFrame
+
+
+def drift(
+    run: RunLike,
+    metric: str | Sequence[str] = "wasserstein",
+    reference: str | int = "initial",
+    normalize: bool = True,
+    by: str = "layer",
+    agg: str = "mean",
+    source: str = "train",
+) -> pd.DataFrame:
+    """Drift of every recorded layer input from a reference, per step.
+
+    Args:
+        run: a :class:`~covshift.Run`, or a DataFrame shaped like ``run.stats()``.
+        metric: a name from :data:`METRICS`, a list of them, or ``"all"``.
+        reference: ``"initial"`` (each channel's first recorded step), ``"previous"``
+            (the previous recorded step), an int step, or ``"rolling:K"`` (the
+            Wasserstein barycenter of the K previous recorded steps: quantiles,
+            bin means, means and standard deviations averaged). Steps without a
+            reference (the first one for ``"previous"``, the first K for
+            ``"rolling:K"``) are left out.
+        normalize: divide ``mean_shift``, ``wasserstein`` and ``gaussian_w2`` by
+            the reference's standard deviation (the others are scale-free).
+        by: ``"layer"`` aggregates channels with ``agg``; ``"channel"`` keeps them.
+        agg: ``"mean"``, ``"median"`` or ``"max"`` over a layer's channels.
+        source: ``"train"``, ``"probe"``, ``"probe_a"`` or ``"probe_b"``.
+
+    Returns:
+        Tidy rows ``step, layer, [channel], metric, reference, value``; with
+        ``by="layer"`` also ``channels`` (channels aggregated) and ``excluded``
+        (channels left out because they, or their reference, have zero variance:
+        constant, e.g. a dead ReLU, or empty; their ``by="channel"`` value is NaN).
+
+    Raises:
+        ValueError: an unknown metric, reference, by, agg or source, or a run
+            without records of ``source``; the message lists the valid values.
+
+    >>> import torch, covshift
+    >>> model = torch.nn.Linear(3, 2)
+    >>> with covshift.attach(model) as tracker:
+    ...     for shift in (0.0, 1.0):
+    ...         _ = model(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)) + shift)
+    >>> drift(tracker.run, "mean_shift")[["step", "layer", "value", "channels"]].round(1)
+       step layer  value  channels
+    0     0     0    0.0         3
+    1     1     0    1.0         3
+    """
+    names = _metric_names(metric)
+    label, _ = _parse_reference(reference)
+    _check_choice("by", by, BY)
+    _check_choice("agg", agg, AGGREGATES)
+    summaries, layers = _summaries(run, source)
+    cur, refs = _reference_rows(summaries, reference)
+    values, ok = _compute(summaries, summaries, cur, refs, names, normalize)
+    return _tidy(summaries, layers, cur, values, ok, label, by, agg)
+
+
+def noise_floor(
+    run: RunLike,
+    metric: str | Sequence[str] = "wasserstein",
+    normalize: bool = True,
+    by: str = "layer",
+    agg: str = "mean",
+) -> pd.DataFrame:
+    """The metric between the two disjoint halves of the probe batch, at each probe step.
+
+    Both halves go through the same weights at the same step (sources
+    ``"probe_a"`` and ``"probe_b"``), so the distance between them is pure
+    sampling noise: the drift a metric shows with no parameter change. Half ``a``
+    plays the current distribution and half ``b`` the reference (its standard
+    deviation normalizes). Each half holds half the probe batch, so the floor
+    belongs to that sample size.
+
+    Returns:
+        The columns of :func:`drift`, with ``reference="probe halves"``.
+
+    Raises:
+        ValueError: the run has no probe records (see ``tracker.probe``), or an
+            unknown metric, by or agg.
+    """
+    names = _metric_names(metric)
+    _check_choice("by", by, BY)
+    _check_choice("agg", agg, AGGREGATES)
+    half_a, layers = _summaries(run, "probe_a", hint="record a probe with tracker.probe(batch)")
+    half_b, _ = _summaries(run, "probe_b", hint="record a probe with tracker.probe(batch)")
+    cur, ref = _matching_rows(half_a, half_b)
+    values, ok = _compute(half_a, half_b, cur, [ref], names, normalize)
+    return _tidy(half_a, layers, cur, values, ok, "probe halves", by, agg)
+
+
+def drift_to_noise(
+    run: RunLike,
+    metric: str | Sequence[str] = "wasserstein",
+    reference: str | int = "initial",
+    normalize: bool = True,
+    agg: str = "mean",
+    source: str = "train",
+) -> pd.DataFrame:
+    """Layer drift next to its noise floor: :func:`drift` plus ``noise`` and ``ratio`` columns.
+
+    ``noise`` is the :func:`noise_floor` of the same layer and metric at the
+    nearest probe step; ``ratio = value / noise``. Ratios well above 1 are shift
+    that batch-to-batch sampling alone does not explain.
+    """
+    layer_drift = drift(run, metric, reference, normalize, "layer", agg, source)
+    floor = noise_floor(run, metric, normalize, "layer", agg)
+    floor = floor[["step", "layer", "metric", "value"]].rename(columns={"value": "noise", "step": "probe_step"})
+    keys = ["layer", "metric"]
+    layer_drift["layer"] = layer_drift["layer"].astype(str)
+    floor["layer"] = floor["layer"].astype(str)
+    joined = pd.merge_asof(
+        layer_drift.sort_values("step"),
+        floor.sort_values("probe_step"),
+        left_on="step",
+        right_on="probe_step",
+        by=keys,
+        direction="nearest",
+    ).drop(columns="probe_step")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        joined["ratio"] = joined["value"] / joined["noise"]
+    joined["layer"] = pd.Categorical(joined["layer"], categories=_layer_order(run))
+    return joined.sort_values(["metric", "step", "layer"], ignore_index=True)
+
+
+def drift_table(
+    run_a: Run,
+    run_b: Run,
+    metric: str = "wasserstein",
+    reference: str | int = "initial",
+    source: str = "train",
+    match: str = "name",
+    normalize: bool = True,
+    agg: str = "mean",
+) -> pd.DataFrame:
+    """Per-layer side-by-side drift of two runs: mean over training, final, ratios b / a.
+
+    Args:
+        run_a: the baseline run (e.g. without BatchNorm).
+        run_b: the run compared with it.
+        metric: one metric name.
+        reference: as in :func:`drift`.
+        source: as in :func:`drift`.
+        match: ``"name"`` pairs layers with the same name (layers of one run
+            only, such as BatchNorm layers, are left out); ``"type"`` pairs the
+            k-th layer of each type (the k-th ``Conv2d`` with the k-th ``Conv2d``…),
+            for networks whose names differ.
+        normalize: as in :func:`drift`.
+        agg: as in :func:`drift`.
+
+    Returns:
+        One row per matched layer: ``layer_a, layer_b, type, mean_a, mean_b,
+        mean_ratio, final_a, final_b, final_ratio, noise_a, noise_b``. ``mean_*``
+        is the layer's drift averaged over all recorded steps, ``final_*`` its
+        drift at the last one, ``*_ratio`` is b / a (below 1: b drifts less),
+        ``noise_*`` the mean noise floor over probe steps (NaN without probes).
+
+    Raises:
+        ValueError: an unknown match, or no layer matches.
+    """
+    if not isinstance(metric, str) or metric == "all":
+        raise ValueError(f"drift_table takes one metric name from {METRICS}, got {metric!r}")
+    _check_choice("match", match, MATCHES)
+    pairs = _match_layers(run_a, run_b, match)
+    columns = {}
+    for suffix, run in (("a", run_a), ("b", run_b)):
+        per_layer = drift(run, metric, reference, normalize, "layer", agg, source)
+        per_layer = per_layer.sort_values("step")
+        grouped = per_layer.groupby(per_layer["layer"].astype(str))["value"]
+        columns[f"mean_{suffix}"] = grouped.mean()
+        columns[f"final_{suffix}"] = grouped.last()
+        columns[f"noise_{suffix}"] = _mean_noise(run, metric, normalize, agg)
+    rows = []
+    for layer_a, layer_b, kind in pairs:
+        row = {"layer_a": layer_a, "layer_b": layer_b, "type": kind}
+        for name in ("mean", "final", "noise"):
+            for suffix, layer in (("a", layer_a), ("b", layer_b)):
+                row[f"{name}_{suffix}"] = columns[f"{name}_{suffix}"].get(layer, np.nan)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["mean_ratio"] = table["mean_b"] / table["mean_a"]
+        table["final_ratio"] = table["final_b"] / table["final_a"]
+    order = ["layer_a", "layer_b", "type", "mean_a", "mean_b", "mean_ratio",
+             "final_a", "final_b", "final_ratio", "noise_a", "noise_b"]
+    return table[order]
+
+
+# -- inputs ----------------------------------------------------------------------
+@dataclass
+class _Summaries:
+    """One source's records as arrays, rows sorted by (step, layer, channel)."""
+
+    step: np.ndarray
+    layer: np.ndarray  # int codes into the run's layer order
+    channel: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    constant: np.ndarray  # zero variance or no finite value
+    knots: np.ndarray  # (N, K + 2) float32 quantile-function knots, min ... max
+    binmeans: np.ndarray  # (N, 32) float32
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+
+def _summaries(run: RunLike, source: str, hint: str = "") -> tuple[_Summaries, list[str]]:
+    _check_choice("source", source, SOURCES)
+    if isinstance(run, Run):
+        frame = run.stats(source)
+        present = sorted(set(run.stats()["source"])) if frame.empty else []
+    elif isinstance(run, pd.DataFrame):
+        present = sorted(set(run["source"])) if "source" in run else [source]
+        frame = run[run["source"] == source] if "source" in run else run
+    else:
+        raise TypeError(f"run must be a covshift.Run or a stats DataFrame, got {type(run).__name__}")
+    if frame.empty:
+        raise ValueError(
+            f"the run has no records of source={source!r}; it has {present or 'no records'}"
+            + (f" ({hint})" if hint else "")
+        )
+    layers = _layer_order(run) if isinstance(run, Run) else None
+    layer = pd.Categorical(frame["layer"].astype(str), categories=layers or sorted(set(frame["layer"].astype(str))))
+    if layers is None:
+        layers = list(layer.categories)
+    codes = np.asarray(layer.codes, dtype=np.int64)
+    step = frame["step"].to_numpy(np.int64)
+    channel = frame["channel"].to_numpy(np.int64)
+    order = np.lexsort((channel, codes, step))
+    if np.all(order[1:] > order[:-1]):
+        order = slice(None)
+    var = frame["var"].to_numpy(np.float64)[order]
+    low, high = frame["min"].to_numpy(np.float64)[order], frame["max"].to_numpy(np.float64)[order]
+    count = frame["count"].to_numpy(np.float64)[order]
+    knots, _ = m.quantile_knots(frame[list(QUANTILE_COLUMNS)].to_numpy(np.float32)[order], low, high, QUANTILE_LEVELS)
+    summaries = _Summaries(
+        step=step[order],
+        layer=codes[order],
+        channel=channel[order],
+        mean=frame["mean"].to_numpy(np.float64)[order],
+        sd=np.sqrt(var),
+        constant=~((count > 0) & (high > low) & (var > 0)),
+        knots=knots,
+        binmeans=frame[list(BINMEAN_COLUMNS)].to_numpy(np.float32)[order],
+    )
+    return summaries, layers
+
+
+def _layer_order(run: RunLike) -> list[str]:
+    if isinstance(run, Run):
+        return [str(name) for name in run.layers["layer"]]
+    layer = run["layer"]
+    return [str(c) for c in layer.cat.categories] if isinstance(layer.dtype, pd.CategoricalDtype) else sorted(
+        set(layer.astype(str))
+    )
+
+
+def _metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:
+    names = METRICS if metric == "all" else (metric,) if isinstance(metric, str) else tuple(metric)
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"metric must be 'all' or names from {METRICS}, got {metric!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def _parse_reference(reference: str | int) -> tuple[str, int | None]:
+    """The reference's label and its number (the step, or the window K)."""
+    if isinstance(reference, (int, np.integer)) and not isinstance(reference, bool):
+        return f"step:{int(reference)}", int(reference)
+    if reference in ("initial", "previous"):
+        return str(reference), None
+    if isinstance(reference, str) and reference.startswith("rolling:"):
+        window = reference.split(":", 1)[1]
+        if window.isdigit() and int(window) >= 1:
+            return f"rolling:{int(window)}", int(window)
+    raise ValueError(f"reference must be {REFERENCE_FORMS}, got {reference!r}")
+
+
+def _check_choice(name: str, value: object, valid: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
+
+
+# -- pairing ---------------------------------------------------------------------
+def _reference_rows(s: _Summaries, reference: str | int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rows that have a reference, and the reference rows (K of them for rolling:K)."""
+    label, number = _parse_reference(reference)
+    channel_key = s.layer * (int(s.channel.max()) + 1) + s.channel
+    by_channel = np.lexsort((s.step, channel_key))  # each channel's records in step order
+    key = channel_key[by_channel]
+    first = np.r_[True, key[1:] != key[:-1]]
+    start = np.maximum.accumulate(np.where(first, np.arange(len(key)), 0))
+    position = np.arange(len(key)) - start  # index of the record within its channel
+    if label == "initial":
+        return by_channel, [by_channel[start]]
+    if label == "previous" or label.startswith("rolling:"):
+        window = 1 if label == "previous" else number
+        keep = position >= window
+        refs = [by_channel[np.flatnonzero(keep) - lag] for lag in range(1, window + 1)]
+        return by_channel[keep], refs
+    at_step = s.step[by_channel] == number
+    if not at_step.any():
+        steps = np.unique(s.step)
+        raise ValueError(
+            f"reference step {number} was not recorded; recorded steps run {steps[0]}..{steps[-1]} "
+            f"({len(steps)} steps), e.g. {steps[: min(5, len(steps))].tolist()}"
+        )
+    starts = np.flatnonzero(first)
+    found = np.maximum.reduceat(np.where(at_step, np.arange(len(key)), -1), starts)
+    found = np.repeat(found, np.diff(np.r_[starts, len(key)]))
+    keep = found >= 0
+    return by_channel[keep], [by_channel[found[keep]]]
+
+
+def _matching_rows(a: _Summaries, b: _Summaries) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``a`` and ``b`` with the same (step, layer, channel)."""
+    width = int(max(a.channel.max(), b.channel.max())) + 1
+    layers = int(max(a.layer.max(), b.layer.max())) + 1
+    key_a = (a.step * layers + a.layer) * width + a.channel
+    key_b = (b.step * layers + b.layer) * width + b.channel
+    common, rows_a, rows_b = np.intersect1d(key_a, key_b, assume_unique=True, return_indices=True)
+    return rows_a, rows_b
+
+
+def _match_layers(run_a: Run, run_b: Run, match: str) -> list[tuple[str, str, str]]:
+    la, lb = run_a.layers, run_b.layers
+    if match == "name":
+        types_b = dict(zip(lb["layer"], lb["type"]))
+        pairs = [(name, name, kind) for name, kind in zip(la["layer"], la["type"]) if name in types_b]
+    else:
+        la, lb = la.assign(k=la.groupby("type").cumcount()), lb.assign(k=lb.groupby("type").cumcount())
+        both = la.merge(lb, on=["type", "k"], suffixes=("_a", "_b"), sort=False)
+        pairs = list(zip(both["layer_a"], both["layer_b"], both["type"]))
+    if not pairs:
+        hint = "; try match='type'" if match == "name" else ""
+        raise ValueError(
+            f"no layer of {run_a.name!r} ({list(la['layer'])}) matches one of "
+            f"{run_b.name!r} ({list(lb['layer'])}) by {match}{hint}"
+        )
+    return pairs
+
+
+def _mean_noise(run: Run, metric: str, normalize: bool, agg: str) -> pd.Series:
+    """Each layer's noise floor averaged over probe steps (empty without probes)."""
+    stats_sources = set(run.stats()["source"])
+    if not {"probe_a", "probe_b"} <= stats_sources:
+        return pd.Series(dtype=float)
+    floor = noise_floor(run, metric, normalize, "layer", agg)
+    return floor.groupby(floor["layer"].astype(str))["value"].mean()
+
+
+# -- computing -------------------------------------------------------------------
+def _compute(
+    cur_s: _Summaries,
+    ref_s: _Summaries,
+    cur: np.ndarray,
+    refs: list[np.ndarray],
+    names: tuple[str, ...],
+    normalize: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each metric for rows ``cur`` of ``cur_s`` against the mean of rows ``refs`` of ``ref_s``.
+
+    Returns the values (NaN where excluded) and the mask of rows not excluded.
+    """
+    values = {name: np.full(len(cur), np.nan) for name in names}
+    ok = np.zeros(len(cur), dtype=bool)
+    levels = np.concatenate([[0.0], QUANTILE_LEVELS, [1.0]]).astype(np.float32)
+    cdf_names = [name for name in names if name in m.CDF_METRICS]
+    for lo in range(0, len(cur), CHUNK_ROWS):
+        part = slice(lo, lo + CHUNK_ROWS)
+        rows = cur[part]
+        ref_rows = [r[part] for r in refs]
+        mu_r = _mean_of(ref_s.mean, ref_rows)
+        sd_r = _mean_of(ref_s.sd, ref_rows)
+        constant_r = _mean_of(ref_s.constant.astype(np.float64), ref_rows) == 1.0
+        good = ~(cur_s.constant[rows] | constant_r | (sd_r <= 0))
+        ok[part] = good
+        mu_t, sd_t = cur_s.mean[rows], cur_s.sd[rows]
+        scale = sd_r if normalize else None
+        with np.errstate(all="ignore"):
+            if "mean_shift" in names:
+                values["mean_shift"][part] = m.mean_shift(mu_t, mu_r, scale)
+            if "std_ratio" in names:
+                values["std_ratio"][part] = m.std_ratio(sd_t, sd_r)
+            if "gaussian_w2" in names:
+                values["gaussian_w2"][part] = m.gaussian_w2(mu_t, sd_t, mu_r, sd_r, normalize)
+            if "wasserstein" in names:
+                values["wasserstein"][part] = m.wasserstein(
+                    cur_s.binmeans[rows], _mean_of(ref_s.binmeans, ref_rows), scale
+                )
+        if cdf_names:
+            found = m.cdf_metrics(cur_s.knots[rows], _mean_of(ref_s.knots, ref_rows), levels, cdf_names)
+            for name, result in found.items():
+                values[name][part] = result
+    for array in values.values():
+        array[~ok] = np.nan
+    return values, ok
+
+
+def _mean_of(array: np.ndarray, rows: list[np.ndarray]) -> np.ndarray:
+    """``array[rows[0]]``, or the mean over several row sets (a rolling window)."""
+    if len(rows) == 1:
+        return array[rows[0]]
+    total = array[rows[0]].astype(np.float64)
+    for r in rows[1:]:
+        total += array[r]
+    return (total / len(rows)).astype(array.dtype)
+
+
+# -- output ----------------------------------------------------------------------
+def _tidy(
+    s: _Summaries,
+    layers: list[str],
+    cur: np.ndarray,
+    values: dict[str, np.ndarray],
+    ok: np.ndarray,
+    label: str,
+    by: str,
+    agg: str,
+) -> pd.DataFrame:
+    """Rows in (metric, step, layer[, channel]) order, channels aggregated when ``by="layer"``."""
+    order = np.argsort(cur, kind="stable")  # back to (step, layer, channel) order
+    rows, ok = cur[order], ok[order]
+    step, layer = s.step[rows], s.layer[rows]
+    if by == "channel":
+        base = {"step": step, "layer": layer, "channel": s.channel[rows]}
+        blocks = {name: v[order] for name, v in values.items()}
+        sizes = None
+    else:
+        starts = np.flatnonzero(np.r_[True, (step[1:] != step[:-1]) | (layer[1:] != layer[:-1])])
+        sizes = np.diff(np.r_[starts, len(rows)])
+        used = np.add.reduceat(ok.astype(np.int64), starts) if len(rows) else np.zeros(0, np.int64)
+        base = {"step": step[starts], "layer": layer[starts]}
+        blocks = {name: _aggregate(v[order], ok, starts, used, agg) for name, v in values.items()}
+    frames = []
+    for name, value in blocks.items():
+        frame = dict(base)
+        frame["layer"] = pd.Categorical.from_codes(base["layer"], categories=layers)
+        frame.update(metric=name, reference=label, value=value)
+        if sizes is not None:
+            frame.update(channels=used, excluded=sizes - used)
+        frames.append(pd.DataFrame(frame))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _aggregate(values: np.ndarray, ok: np.ndarray, starts: np.ndarray, used: np.ndarray, agg: str) -> np.ndarray:
+    """``agg`` of the non-excluded values of each contiguous group; NaN where none is left."""
+    if len(values) == 0:
+        return np.zeros(0)
+    if agg == "mean":
+        total = np.add.reduceat(np.where(ok, values, 0.0), starts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(used > 0, total / np.maximum(used, 1), np.nan)
+    if agg == "max":
+        return np.fmax.reduceat(np.where(ok, values, np.nan), starts)
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(values)]))
+    return pd.Series(np.where(ok, values, np.nan)).groupby(group).median().to_numpy()

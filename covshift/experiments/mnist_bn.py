@@ -1,0 +1,273 @@
+"""The reference experiment: the same CNN trained with and without BatchNorm, drift measured.
+
+Both networks start from the same convolution weights and see the same batches
+in the same order. covshift records the input of every convolution on training
+batches and on a fixed probe batch; afterwards the runs are compared layer by
+layer (:mod:`covshift.experiments.results`).
+
+Python entry point :func:`run_experiment`; command line ``covshift experiment
+mnist-bn`` through :func:`add_arguments` and :func:`run_from_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import covshift
+from covshift.experiments import results
+from covshift.experiments.data import DATASETS, Split, load_split, normalize
+from covshift.experiments.model_summary import summary
+from covshift.experiments.models import reference_pair
+
+#: The two networks, in training order: run directory name and label.
+MODELS = ("plain", "batchnorm")
+EXPERIMENT_FILE = "experiment.json"
+EVAL_BATCH = 1000
+
+
+@dataclass
+class Config:
+    """Settings of one experiment; the defaults are the command line's."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    seed: int = 1
+    out: str = "runs/mnist-bn"
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    download: bool = True
+    train_split: str = "train"
+    test_split: str = "test"
+    every: int = 10
+    probe_every: int = 10
+    probe_size: int = 256
+    report: bool = True
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first setting that is out of range."""
+        for name in ("epochs", "batch_size", "every", "probe_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.probe_size, bool) or not isinstance(self.probe_size, int) or self.probe_size < 2:
+            raise ValueError(f"probe_size must be an int of at least 2, got {self.probe_size!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the experiment's options to ``parser`` (used by ``covshift experiment mnist-bn``)."""
+    d = Config()
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (default %(default)s)")
+    parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order (default %(default)s)")
+    parser.add_argument("--out", default=d.out, help="output directory, must not hold runs yet (default %(default)s)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset, help="default %(default)s")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the IDX files, in torchvision's layout (DIR/MNIST/raw/) or flat",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="where missing files are downloaded (default ~/.cache/covshift/datasets)"
+    )
+    parser.add_argument("--no-download", dest="download", action="store_false", help="never try to download")
+    parser.add_argument("--train-split", default=d.train_split, help="e.g. train, train[:10%%], test[:8000]")
+    parser.add_argument("--test-split", default=d.test_split, help="e.g. test, test[8000:]")
+    parser.add_argument("--every", type=int, default=d.every, help="record one training step in N (default %(default)s)")
+    parser.add_argument(
+        "--probe-every", type=int, default=d.probe_every, help="run the fixed probe batch every N steps (default %(default)s)"
+    )
+    parser.add_argument(
+        "--probe-size", type=int, default=d.probe_size, help="examples in the probe batch (default %(default)s)"
+    )
+    parser.add_argument("--no-report", dest="report", action="store_false", help="skip the HTML drift report")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument(
+        "--from-runs",
+        action="store_true",
+        help="do not train: recompute results.md, results.json and the report from the runs in --out",
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> Path:
+    """Run (or, with ``--from-runs``, re-summarize) the experiment from parsed options; return the out dir."""
+    if getattr(args, "from_runs", False):
+        results.write_results(Path(args.out), report=args.report)
+        return Path(args.out)
+    config = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    return run_experiment(config)
+
+
+def run_experiment(config: Config | None = None, **settings: object) -> Path:
+    """Train both networks, record their drift and write the results; return the output directory.
+
+    Args:
+        config: the settings; or give them as keywords (``run_experiment(epochs=1, ...)``).
+
+    Returns:
+        The output directory, holding ``plain/`` and ``batchnorm/`` (covshift runs),
+        ``experiment.json``, ``results.json``, ``results.md`` and ``report/``.
+
+    Raises:
+        ValueError: a setting is out of range or a split is malformed.
+        FileExistsError: the output directory already holds runs.
+        covshift.experiments.data.DataUnavailableError: no data could be had.
+    """
+    config = config if config is not None else Config(**settings)  # type: ignore[arg-type]
+    config.check()
+    out = Path(config.out)
+    for name in MODELS:
+        if (out / name).exists():
+            raise FileExistsError(f"out={str(out)!r} already holds a run ({out / name}); choose a new --out")
+    train = load_split(config.dataset, config.train_split, config.data_dir, cache_dir=config.cache_dir,
+                       download=config.download, argument="--train-split")
+    test = load_split(config.dataset, config.test_split, config.data_dir, cache_dir=config.cache_dir,
+                      download=config.download, argument="--test-split")
+    notice = data_notice(train, test)
+    if notice:
+        print(notice, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    train_x, test_x = normalize(train.images, config.dataset), normalize(test.images, config.dataset)
+    probe = train_x[: min(config.probe_size, len(train))]
+    models = dict(zip(MODELS, reference_pair(seed=config.seed)))
+    experiment = {
+        "config": asdict(config),
+        "data": {
+            "dataset": config.dataset,
+            "train": _describe(train),
+            "test": _describe(test),
+            "notice": notice,
+        },
+        "models": {name: _model_info(model) for name, model in models.items()},
+        "seconds": {},
+    }
+    for name, model in models.items():
+        print(str(summary(model)), flush=True)
+        started = time.perf_counter()
+        train_model(model, name, (train_x, train.labels), (test_x, test.labels), probe, config, out / name)
+        experiment["seconds"][name] = round(time.perf_counter() - started, 1)
+    (out / EXPERIMENT_FILE).write_text(json.dumps(experiment, indent=2))
+    results.write_results(out, report=config.report)
+    print(f"results: {out / results.RESULTS_MD}", flush=True)
+    return out
+
+
+def train_model(
+    model: nn.Module,
+    name: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    probe: torch.Tensor,
+    config: Config,
+    store: Path,
+) -> covshift.Run:
+    """Train ``model`` with SGD under a covshift tracker; log per-epoch loss and accuracy into the run.
+
+    The batch order comes from ``config.seed`` alone, so every model sees the same batches.
+    Training loss and accuracy are averaged over the epoch's batches as they were trained on.
+    """
+    images, labels = train
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    order_rng = torch.Generator().manual_seed(config.seed)
+    with covshift.attach(model, layers=nn.Conv2d, every=config.every, store=store, name=name) as tracker:
+        tracker.probe(probe, every=config.probe_every)
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            order = torch.randperm(len(labels), generator=order_rng)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            correct = torch.zeros((), dtype=torch.int64)
+            seen = 0
+            batches = range(0, len(labels), config.batch_size)
+            bar = tqdm(batches, desc=f"{name} epoch {epoch}/{config.epochs}", unit="batch",
+                       disable=not config.progress, leave=True)
+            for start in bar:
+                index = order[start : start + config.batch_size]
+                x, y = images[index], labels[index]
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach().double() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
+                                refresh=False)
+            test_loss, test_acc = evaluate(model, *test)
+            tracker.run.log(
+                tracker.current_step,
+                epoch=epoch,
+                train_loss=loss_sum.item() / seen,
+                train_acc=correct.item() / seen,
+                test_loss=test_loss,
+                test_acc=test_acc,
+            )
+            bar.write(
+                f"{name} epoch {epoch}: train loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.4f}"
+                f" | test loss {test_loss:.4f} acc {test_acc:.4f}"
+            )
+    return tracker.run
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode; its training flag is put back."""
+    training = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(labels), EVAL_BATCH):
+                logits = model(images[start : start + EVAL_BATCH])
+                y = labels[start : start + EVAL_BATCH]
+                loss += F.cross_entropy(logits, y, reduction="sum").double()
+                correct += (logits.argmax(1) == y).sum()
+    finally:
+        model.train(training)
+    return loss.item() / len(labels), correct.item() / len(labels)
+
+
+def data_notice(train: Split, test: Split) -> str | None:
+    """A loud banner when a split is not the requested dataset's own files, else None."""
+    fallbacks = [split for split in (train, test) if split.fallback]
+    if not fallbacks:
+        return None
+    lines = [f"{split.spec}: {split.source}" for split in fallbacks]
+    bar = "!" * 78
+    return "\n".join([bar, "DATA NOTICE: offline fallback data in use", *lines, bar])
+
+
+def _describe(split: Split) -> dict:
+    counts = torch.bincount(split.labels, minlength=10).tolist()
+    return {"split": split.spec, "examples": len(split), "source": split.source, "fallback": split.fallback,
+            "class_counts": counts}
+
+
+def _model_info(model: nn.Module) -> dict:
+    table = summary(model)
+    return {
+        "summary": str(table),
+        "trainable_params": table.trainable,
+        "non_trainable_params": table.non_trainable,
+        "total_params": table.total,
+    }

@@ -1,0 +1,321 @@
+"""The report's figures: grids of :mod:`covshift.plots` panels, several runs side by side.
+
+Every figure is a grid of panels of :data:`PANEL_SIZE` inches, saved at
+:data:`DPI` dots per inch, so its pixel size follows from its grid alone:
+
+==================  =============  ==============
+figure              rows           columns
+==================  =============  ==============
+percentiles         layers         runs
+drift               layers         metrics
+heatmap             metrics        runs
+channels            metrics        2 (fixed)
+curves              1              2 (loss, accuracy)
+==================  =============  ==============
+
+Runs keep one colour (``C0``, ``C1``, … of matplotlib's cycle) in every figure.
+Panels that compare runs share their axes; a metric's panels share the y axis
+and switch to a log scale when its positive values span more than two decades.
+Long runs are thinned to at most ``max_points`` steps for drawing only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from covshift import plots
+
+#: Width and height of one panel, inches.
+PANEL_SIZE = (4.0, 2.8)
+#: Resolution of the saved figures, dots per inch.
+DPI = 100
+#: Drawn steps per line or heatmap row at most (tables always use every step).
+DEFAULT_MAX_POINTS = 400
+#: Positive values spanning more than this ratio are drawn on a log scale.
+LOG_SPAN = 100.0
+
+METRIC_LABELS = {
+    "wasserstein": "W1 distance",
+    "mean_shift": "mean shift |Δμ|",
+    "std_ratio": "std ratio |log σ/σ₀|",
+    "gaussian_w2": "Gaussian W2",
+    "ks": "KS statistic",
+    "psi": "PSI",
+    "js": "JS divergence",
+}
+_NORMALIZED = {"wasserstein", "mean_shift", "gaussian_w2"}
+
+
+def metric_label(metric: str, normalize: bool = True) -> str:
+    """Axis label of a drift metric, with its unit.
+
+    >>> metric_label("wasserstein")
+    'W1 distance (× σ_ref)'
+    """
+    label = METRIC_LABELS.get(metric, metric)
+    if metric in _NORMALIZED:
+        return f"{label} ({'× σ_ref' if normalize else 'input units'})"
+    return label
+
+
+def run_colors(n: int) -> list[str]:
+    """One colour per run, the same in every figure: ``C0, C1, …``."""
+    return [f"C{i % 10}" for i in range(n)]
+
+
+def new_grid(rows: int, cols: int, *, sharex: bool | str = True, sharey: bool | str = False) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout Figure of ``rows × cols`` panels of :data:`PANEL_SIZE`; axes as a 2-D array."""
+    width, height = PANEL_SIZE
+    fig = Figure(figsize=(width * cols, height * rows), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, sharex=sharex, sharey=sharey, squeeze=False)
+    return fig, axes
+
+
+def spans_decades(values: np.ndarray | pd.Series) -> bool:
+    """Whether the positive finite ``values`` span more than :data:`LOG_SPAN` (max/min).
+
+    >>> spans_decades(np.array([0.0, 0.001, 1.0])), spans_decades(np.array([1.0, 5.0]))
+    (True, False)
+    """
+    values = np.asarray(values, dtype=float)
+    positive = values[np.isfinite(values) & (values > 0)]
+    return bool(len(positive) > 1 and positive.max() / positive.min() > LOG_SPAN)
+
+
+def layer_percentiles(stats: pd.DataFrame, channel: int | None = None) -> pd.DataFrame:
+    """Per (step, layer): the drawn quantiles of one channel, or their mean over the layer's channels.
+
+    The mean over channels of each quantile is the quantile function of the
+    channels' one-dimensional Wasserstein barycenter: a typical channel, not
+    the pooled distribution (which mixes channels of different scales).
+
+    Args:
+        stats: :meth:`covshift.Run.stats` rows of one source.
+        channel: a channel index, or None for the mean over channels.
+    """
+    columns = [*plots.PERCENTILE_BAND[:1], *plots.PERCENTILE_LINES, plots.PERCENTILE_BAND[1]]
+    if channel is not None:
+        stats = stats[stats["channel"] == channel]
+    return stats.groupby(["step", "layer"], observed=True)[columns].mean().reset_index()
+
+
+def percentiles_figure(
+    percentiles: Sequence[pd.DataFrame],
+    labels: Sequence[str],
+    layers: Sequence[str],
+    *,
+    max_points: int = DEFAULT_MAX_POINTS,
+    what: str = "mean over channels",
+) -> Figure:
+    """Percentile trajectories: one row per layer, one column per run, y shared along a row."""
+    fig, axes = new_grid(len(layers), len(labels), sharex=True, sharey="row")
+    colors = run_colors(len(labels))
+    for col, (frame, label, color) in enumerate(zip(percentiles, labels, colors)):
+        frame = frame[frame["step"].isin(plots.thin_steps(frame["step"], max_points))]
+        for row, layer in enumerate(layers):
+            ax = axes[row, col]
+            part = frame[frame["layer"] == layer]
+            if part.empty:
+                _not_recorded(ax)
+            else:
+                plots.percentile_trajectory(part, ax=ax, color=color)
+            ax.set_title(f"{label} · layer {layer}", fontsize=10)
+            if col == 0:
+                ax.set_ylabel("input value")
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    fig.legend(handles=_percentile_key(), loc="outside lower center", ncols=4, fontsize=9)
+    fig.suptitle(f"Percentiles of each layer's input ({what})", fontsize=12)
+    return fig
+
+
+def drift_figure(
+    drifts: Sequence[pd.DataFrame],
+    noises: Sequence[pd.DataFrame | None],
+    labels: Sequence[str],
+    layers: Sequence[str],
+    metrics: Sequence[str],
+    *,
+    reference: str = "initial",
+    normalize: bool = True,
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> Figure:
+    """Drift over steps: one row per layer, one column per metric, runs overlaid, noise floors dashed."""
+    fig, axes = new_grid(len(layers), len(metrics), sharex=True, sharey="col")
+    colors = run_colors(len(labels))
+    for col, metric in enumerate(metrics):
+        values = [frame.loc[frame["metric"] == metric, "value"] for frame in drifts]
+        log = spans_decades(np.concatenate([np.asarray(v, dtype=float) for v in values]) if values else [])
+        for row, layer in enumerate(layers):
+            ax = axes[row, col]
+            drawn = False
+            for frame, noise, label, color in zip(drifts, noises, labels, colors):
+                part = _thinned(frame[(frame["metric"] == metric) & (frame["layer"] == layer)], max_points)
+                if part.empty:
+                    continue
+                floor = None
+                if noise is not None:
+                    floor = _thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points)
+                plots.drift_line(part, ax=ax, color=color, label=label, noise=floor)
+                drawn = True
+            if not drawn:
+                _not_recorded(ax)
+            if log:
+                ax.set_yscale("log", nonpositive="mask")
+            ax.set_title(f"layer {layer}", fontsize=10)
+            if row == 0:
+                ax.set_title(f"{metric_label(metric, normalize)}\nlayer {layer}", fontsize=10)
+            ax.set_ylabel("drift")
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    handles, names = _first_legend(axes)
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4) or 1, fontsize=9)
+    fig.suptitle(f"Drift of each layer's input from the {reference_words(reference)} (dashed: noise floor)",
+                 fontsize=12)
+    return fig
+
+
+def heatmap_figure(
+    drifts: Sequence[pd.DataFrame],
+    labels: Sequence[str],
+    layers: Sequence[str],
+    metrics: Sequence[str],
+    *,
+    reference: str = "initial",
+    normalize: bool = True,
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> Figure:
+    """Layer × step heatmaps: one row per metric, one column per run, one colour scale per metric."""
+    fig, axes = new_grid(len(metrics), len(labels), sharex=True, sharey=True)
+    for row, metric in enumerate(metrics):
+        parts = [_thinned(frame[frame["metric"] == metric], max_points) for frame in drifts]
+        norm = _shared_norm(np.concatenate([p["value"].to_numpy(dtype=float) for p in parts]))
+        meshes = [
+            plots.drift_heatmap(part, layers, ax=axes[row, col], norm=norm) for col, part in enumerate(parts)
+        ]
+        for col, label in enumerate(labels):
+            axes[row, col].set_title(f"{label}", fontsize=10)
+        axes[row, 0].set_ylabel("layer")
+        fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric, normalize), shrink=0.9)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    fig.suptitle(f"Drift from the {reference_words(reference)}, layer × step", fontsize=12)
+    return fig
+
+
+def channels_figure(
+    channel_drifts: Sequence[pd.DataFrame],
+    labels: Sequence[str],
+    layers: Sequence[str],
+    metrics: Sequence[str],
+    *,
+    normalize: bool = True,
+) -> Figure:
+    """Per-channel drift at each run's last step: one box per (layer, run), one row per metric."""
+    fig, axes = new_grid(len(metrics), 2, sharex=False, sharey=False)
+    gridspec = axes[0, 0].get_subplotspec().get_gridspec()
+    for ax in axes.ravel():
+        ax.remove()
+    colors = run_colors(len(labels))
+    width = 0.8 / max(len(labels), 1)
+    for row, metric in enumerate(metrics):
+        ax = fig.add_subplot(gridspec[row, :])
+        values = []
+        for i, (frame, label, color) in enumerate(zip(channel_drifts, labels, colors)):
+            part = frame[frame["metric"] == metric]
+            last = part[part["step"] == part.groupby("layer", observed=True)["step"].transform("max")]
+            groups = {str(layer): group["value"].to_numpy() for layer, group in last.groupby("layer", observed=True)}
+            present = [k for k, layer in enumerate(layers) if layer in groups]
+            positions = [k + (i - (len(labels) - 1) / 2) * width for k in present]
+            if present:
+                boxes = plots.channel_boxes([groups[layers[k]] for k in present], positions, ax=ax, color=color,
+                                            width=width * 0.9)
+                boxes["boxes"][0].set_label(label)
+            values.append(last["value"].to_numpy(dtype=float))
+        if values and spans_decades(np.concatenate(values)):
+            ax.set_yscale("log", nonpositive="mask")
+        ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers],
+                      rotation=30 if len(layers) > 6 else 0, ha="right" if len(layers) > 6 else "center")
+        ax.set_xlim(-0.6, len(layers) - 0.4)
+        ax.set_ylabel(metric_label(metric, normalize), fontsize=9)
+        ax.set_title(f"{METRIC_LABELS.get(metric, metric)} per channel at the last step", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle("Per-channel drift at the end of training (box: quartiles; dots: channels)", fontsize=12)
+    return fig
+
+
+def curves_figure(curves: Sequence[pd.DataFrame], labels: Sequence[str]) -> Figure:
+    """Training curves: loss (left) and accuracy (right), train solid and test dashed, one colour per run."""
+    fig, axes = new_grid(1, 2, sharex=True, sharey=False)
+    colors = run_colors(len(labels))
+    for frame, label, color in zip(curves, labels, colors):
+        for ax, kind in zip(axes[0], ("loss", "acc")):
+            plots.training_curve(frame, f"train_{kind}", ax=ax, color=color, label=f"{label} train")
+            plots.training_curve(frame, f"test_{kind}", ax=ax, color=color, label=f"{label} test", linestyle="--")
+    loss_ax, acc_ax = axes[0]
+    if spans_decades(np.concatenate([_column(f, c) for f in curves for c in ("train_loss", "test_loss")])):
+        loss_ax.set_yscale("log")
+    loss_ax.set(title="Loss", ylabel="cross-entropy loss", xlabel="training step")
+    acc_ax.set(title="Accuracy", ylabel="accuracy (fraction correct)", xlabel="training step")
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("Training curves (solid: train, dashed: test)", fontsize=12)
+    return fig
+
+
+def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
+    return frame[column].to_numpy(dtype=float) if column in frame else np.empty(0)
+
+
+def _thinned(frame: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    return frame[frame["step"].isin(plots.thin_steps(frame["step"], max_points))]
+
+
+def _shared_norm(values: np.ndarray) -> Normalize:
+    finite = values[np.isfinite(values)]
+    if spans_decades(finite):
+        positive = finite[finite > 0]
+        return LogNorm(vmin=np.percentile(positive, 1), vmax=positive.max(), clip=True)
+    top = finite.max() if len(finite) else 1.0
+    return Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
+
+
+def _not_recorded(ax: Axes) -> None:
+    ax.text(0.5, 0.5, "not recorded in this run", transform=ax.transAxes, ha="center", va="center",
+            color="0.5", fontsize=9)
+
+
+def _percentile_key() -> list[Artist]:
+    """Legend entries for the percentile styles, in a neutral colour (runs have their own colours)."""
+    styles = {"15th": ":", "50th": "-", "85th": "--"}
+    band = Patch(color="0.4", alpha=0.15, label="1st–99th percentile")
+    return [band, *(Line2D([], [], color="0.3", linestyle=ls, label=f"{name} percentile") for name, ls in styles.items())]
+
+
+def _first_legend(axes: np.ndarray) -> tuple[list, list[str]]:
+    """Handles and labels of every Axes, each label once, in drawing order."""
+    seen: dict[str, object] = {}
+    for ax in axes.ravel():
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(name, handle)
+    return list(seen.values()), list(seen.keys())
+
+
+def reference_words(reference: object) -> str:
+    if reference == "initial":
+        return "first recorded step"
+    if reference == "previous":
+        return "previous recorded step"
+    if isinstance(reference, str) and reference.startswith("rolling:"):
+        return f"mean of the previous {reference.split(':', 1)[1]} recorded steps"
+    return f"step {reference}"

@@ -1,0 +1,337 @@
+"""`report()`: the drift report of one or more runs, as PNG figures and one self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from covshift import figures
+from covshift.run import Run, load
+
+#: Metrics drawn by default: normalized W1, mean shift and the std ratio.
+DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
+REPORT_FILE = "report.html"
+
+
+@dataclass
+class Section:
+    """One figure of the report: its file, heading and how to read it."""
+
+    name: str
+    title: str
+    caption: str
+    figure: Figure = field(repr=False)
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.png"
+
+
+def report(
+    runs: Run | str | Path | Sequence[Run | str | Path],
+    out_dir: str | Path,
+    *,
+    metrics: str | Sequence[str] = DEFAULT_METRICS,
+    layers: str | Sequence[str] | None = None,
+    reference: str | int = "initial",
+    source: str = "train",
+    channel: int | None = None,
+    max_points: int = figures.DEFAULT_MAX_POINTS,
+) -> Path:
+    """Write the drift report of ``runs`` to ``out_dir``: PNG figures and ``report.html``.
+
+    Figures (see docs/guide.md, "Reading the report"): ``percentiles.png``,
+    ``drift.png``, ``heatmap.png``, ``channels.png`` and, when the runs logged
+    training curves, ``curves.png``; the per-layer summary table goes to
+    ``summary.csv`` and into the page. The HTML embeds every image as a data
+    URI and loads nothing from elsewhere: it opens offline.
+
+    Args:
+        runs: a run, a run directory, or a list of them (drawn side by side).
+        out_dir: directory to write to (created if needed; files are overwritten).
+        metrics: drift metrics to draw, names as in :func:`covshift.drift`.
+        layers: layer names or glob patterns to show (default: every layer of any run).
+        reference: what drift is measured from (see :func:`covshift.drift`).
+        source: records to draw: ``"train"`` batches or the fixed ``"probe"`` batch.
+        channel: draw percentiles of this channel instead of the mean over channels.
+        max_points: most steps drawn per line (the table uses every step).
+
+    Returns:
+        The path of ``report.html``.
+
+    Raises:
+        ValueError: no runs, an unknown metric, layers that match nothing, or a
+            source the runs did not record.
+        covshift.store.RunFileError: a run directory is missing or unreadable.
+    """
+    loaded = _load_all(runs)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics:
+        raise ValueError("metrics must name at least one drift metric, got an empty list")
+    labels = run_labels(loaded)
+    shown = select_layers(loaded, layers)
+    data = ReportData.compute(loaded, metrics, reference=reference, source=source, channel=channel)
+    sections = build_sections(data, labels, shown, metrics, reference=reference, max_points=max_points,
+                              channel=channel, source=source)
+    table = summary_table(data.drifts, data.noises, labels, shown, metrics)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for section in sections:
+        section.figure.savefig(out / section.file, dpi=figures.DPI)
+    table.to_csv(out / "summary.csv", index=False)
+    page = render_html(loaded, labels, sections, table, out, reference=reference, source=source)
+    (out / REPORT_FILE).write_text(page, encoding="utf-8")
+    return out / REPORT_FILE
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Each run's name, made unique with ``#2``, ``#3`` … where names repeat.
+
+    >>> class R: name = "plain"
+    >>> run_labels([R(), R()])
+    ['plain', 'plain #2']
+    """
+    labels: list[str] = []
+    for run in runs:
+        label, k = run.name, 2
+        while label in labels:
+            label, k = f"{run.name} #{k}", k + 1
+        labels.append(label)
+    return labels
+
+
+def select_layers(runs: Sequence[Run], layers: str | Sequence[str] | None = None) -> list[str]:
+    """Layers of any of ``runs`` in model order, filtered by names or glob patterns.
+
+    A layer only some runs have goes after the layer that precedes it in its run:
+    ``conv, fc`` and ``conv, bn, fc`` give ``conv, bn, fc``.
+
+    Raises:
+        ValueError: a name or pattern matches no recorded layer (the message lists them).
+    """
+    names: list[str] = []
+    for run in runs:
+        position = 0  # a layer new to the list goes right after this run's previous layer
+        for name in map(str, run.layers["layer"]):
+            if name in names:
+                position = names.index(name) + 1
+            else:
+                names.insert(position, name)
+                position += 1
+    if layers is None:
+        return names
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        matched = fnmatch.filter(names, str(pattern))
+        if not matched:
+            raise ValueError(f"layers={pattern!r} matches no recorded layer; recorded: {', '.join(names)}")
+        chosen.update(matched)
+    return [name for name in names if name in chosen]
+
+
+@dataclass
+class ReportData:
+    """Everything the figures and the table need, computed once from the runs."""
+
+    percentiles: list[pd.DataFrame]
+    drifts: list[pd.DataFrame]
+    noises: list[pd.DataFrame | None]
+    channel_drifts: list[pd.DataFrame]
+    curves: list[pd.DataFrame]
+
+    @classmethod
+    def compute(
+        cls, runs: Sequence[Run], metrics: Sequence[str], *, reference: str | int, source: str, channel: int | None
+    ) -> ReportData:
+        from covshift.drift import drift, noise_floor
+
+        data = cls([], [], [], [], [])
+        for run in runs:
+            stats = run.stats(source=source)
+            if stats.empty:
+                raise ValueError(f"run {run.name!r} ({run.directory}) has no records of source={source!r}")
+            data.percentiles.append(figures.layer_percentiles(stats, channel))
+            data.drifts.append(drift(run, metric=list(metrics), reference=reference, by="layer", source=source))
+            data.channel_drifts.append(
+                drift(run, metric=list(metrics), reference=reference, by="channel", source=source)
+            )
+            data.noises.append(noise_floor(run, metric=list(metrics)) if _has_probe(run) else None)
+            data.curves.append(run.curves())
+        return data
+
+
+def build_sections(
+    data: ReportData,
+    labels: Sequence[str],
+    layers: Sequence[str],
+    metrics: Sequence[str],
+    *,
+    reference: str | int,
+    max_points: int,
+    channel: int | None,
+    source: str,
+) -> list[Section]:
+    """The report's figures with their headings and captions, in page order."""
+    what = "mean over channels" if channel is None else f"channel {channel}"
+    sections = [
+        Section(
+            "percentiles",
+            "Percentile trajectories",
+            f"The 15th (dotted), 50th (solid) and 85th (dashed) percentiles of each layer's input over training "
+            f"({what}, {source} batches), with the 1st–99th percentile band faint: the view of Figure 1 in the "
+            "BatchNorm paper. Flat, steady bands mean a stable input distribution; bands that climb, widen or "
+            "narrow are covariate shift. Runs are side by side, with the same y axis along each row.",
+            figures.percentiles_figure(data.percentiles, labels, layers, max_points=max_points, what=what),
+        ),
+        Section(
+            "drift",
+            "Drift over training",
+            "Each layer's drift (mean over its channels) from the reference, for each metric; runs overlaid in "
+            "their colours. The dashed line in the same colour is the noise floor: the same metric between the two "
+            "halves of the fixed probe batch, i.e. what sampling alone produces. Drift well above its floor is "
+            "real change of the input distribution.",
+            figures.drift_figure(data.drifts, data.noises, labels, layers, metrics, reference=reference,
+                                 max_points=max_points),
+        ),
+        Section(
+            "heatmap",
+            "Layer × step heatmap",
+            "Drift of every layer at every drawn step, one panel per run, with one colour scale per metric "
+            "shared by all runs: the same colour is the same amount of drift in every panel. Grey rows are layers "
+            "the run does not have.",
+            figures.heatmap_figure(data.drifts, labels, layers, metrics, reference=reference,
+                                   max_points=max_points),
+        ),
+        Section(
+            "channels",
+            "Per-channel drift at the end of training",
+            "The drift of every channel of each layer at the run's last recorded step: a box for the quartiles "
+            "(line: median) and a dot per channel. A tall box or stray dots mean a few channels moved much more "
+            "than the rest, which the layer mean hides.",
+            figures.channels_figure(data.channel_drifts, labels, layers, metrics),
+        ),
+    ]
+    if any(not frame.empty for frame in data.curves):
+        sections.append(
+            Section(
+                "curves",
+                "Training curves",
+                "Loss and accuracy the runs logged with run.log(): train solid, test dashed.",
+                figures.curves_figure(data.curves, labels),
+            )
+        )
+    return sections
+
+
+def summary_table(
+    drifts: Sequence[pd.DataFrame],
+    noises: Sequence[pd.DataFrame | None],
+    labels: Sequence[str],
+    layers: Sequence[str],
+    metrics: Sequence[str],
+) -> pd.DataFrame:
+    """Per (metric, layer): each run's mean drift over all its steps, its drift at its last step, its noise floor.
+
+    ``{run} noise`` is the run's noise floor averaged over its probe steps (NaN
+    without a probe). With several runs, ``{run}/{first} mean`` and ``… final``
+    give each later run's value divided by the first run's (below 1: it drifts less).
+    """
+    columns: dict[str, pd.Series] = {}
+    for frame, noise, label in zip(drifts, noises, labels):
+        grouped = _by_metric_layer(frame.sort_values("step"))
+        columns[f"{label} mean"], columns[f"{label} final"] = grouped.mean(), grouped.last()
+        columns[f"{label} noise"] = _by_metric_layer(noise).mean() if noise is not None else pd.Series(dtype=float)
+    index = pd.MultiIndex.from_product([list(metrics), list(layers)], names=["metric", "layer"])
+    table = pd.DataFrame({name: column.reindex(index) for name, column in columns.items()}, index=index)
+    first = labels[0]
+    for label in labels[1:]:
+        for kind in ("mean", "final"):
+            table[f"{label}/{first} {kind}"] = table[f"{label} {kind}"] / table[f"{first} {kind}"]
+    return table.dropna(how="all").reset_index()
+
+
+def _by_metric_layer(frame: pd.DataFrame):
+    return frame.groupby([frame["metric"], frame["layer"].astype(str)])["value"]
+
+
+def render_html(
+    runs: Sequence[Run],
+    labels: Sequence[str],
+    sections: Sequence[Section],
+    table: pd.DataFrame,
+    out_dir: Path,
+    *,
+    reference: str | int,
+    source: str,
+) -> str:
+    """The self-contained page: inline CSS, images as base64 data URIs, no links or scripts."""
+    colors = figures.run_colors(len(runs))
+    run_rows = "".join(
+        f"<tr><td><span class=swatch style='background:{_css_color(color)}'></span>{html.escape(label)}</td>"
+        f"<td>{html.escape(str(run.directory))}</td><td>{len(run.layers)}</td>"
+        f"<td>{html.escape(str(run.meta.get('model', '')))}</td></tr>"
+        for run, label, color in zip(runs, labels, colors)
+    )
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        "<title>covshift report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>covshift drift report</h1>",
+        f"<p>Drift measured from the <b>{html.escape(figures.reference_words(reference))}</b> on "
+        f"<b>{html.escape(source)}</b> records.</p>",
+        "<table><tr><th>run</th><th>directory</th><th>layers</th><th>model</th></tr>",
+        run_rows,
+        "</table>",
+        "<h2>Summary per layer</h2>",
+        "<p>Per metric and layer: mean drift over all recorded steps, drift at the last step and the mean "
+        "noise floor (the same metric between the two halves of the probe batch; – without a probe)"
+        + (", and each run's value divided by the first run's (below 1: drifts less)." if len(runs) > 1 else ".")
+        + "</p>",
+        table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="summary"),
+    ]
+    for section in sections:
+        encoded = base64.b64encode((out_dir / section.file).read_bytes()).decode("ascii")
+        parts += [
+            f"<h2>{html.escape(section.title)}</h2>",
+            f"<p>{html.escape(section.caption)}</p>",
+            f"<img alt='{html.escape(section.title)}' src='data:image/png;base64,{encoded}'>",
+        ]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _load_all(runs: Run | str | Path | Sequence[Run | str | Path]) -> list[Run]:
+    if isinstance(runs, (Run, str, Path)):
+        runs = [runs]
+    loaded = [run if isinstance(run, Run) else load(run) for run in runs]
+    if not loaded:
+        raise ValueError("report() needs at least one run, got none")
+    return loaded
+
+
+def _has_probe(run: Run) -> bool:
+    return not run.stats(source="probe_a").empty
+
+
+def _css_color(color: str) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(color)
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+    "td,th{border-bottom:1px solid #ddd;padding:3px 10px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}"
+    "img{max-width:100%;display:block;margin:1em 0}"
+    ".swatch{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}"
+)

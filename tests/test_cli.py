@@ -1,0 +1,126 @@
+"""The ``covshift`` command, run through its entry point in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from covshift.cli import main
+
+
+def covshift_cmd(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "covshift", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "error" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_console_script_points_at_main():
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "covshift"]
+    assert script.value == "covshift.cli:main"
+
+
+def test_stats_describes_the_run(run_dirs, runs):
+    result = covshift_cmd("stats", run_dirs[0])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"run 'plain' at {run_dirs[0]}" in out
+    channels = int(runs[0].layers["channels"].sum())
+    assert f"{len(runs[0].layers)} layers, {channels} channels" in out
+    steps = runs[0].stats(source="train")["step"]
+    assert any(line.split()[:4] == ["train", str(steps.nunique()), str(steps.min()), str(steps.max())]
+               for line in out.splitlines())
+    assert "probe_a" in out and "size on disk:" in out and "training curves: " in out
+
+
+def test_compare_prints_a_per_layer_table(run_dirs):
+    result = covshift_cmd("compare", *run_dirs, "--metric", "mean_shift")
+    assert result.returncode == 0, result.stderr
+    title, header, *rows = result.stdout.strip().splitlines()
+    assert title.startswith("mean_shift drift from the first recorded step")
+    assert "A = plain" in title and "B = bn" in title
+    columns = header.split()
+    assert columns[:6] == ["layer", "type", "mean_a", "mean_b", "mean_ratio", "final_a"]
+    table = {row.split()[0]: dict(zip(columns, row.split())) for row in rows}
+    assert sorted(table) == ["conv", "fc"]  # the layers both runs have
+    fc = {k: float(v) for k, v in table["fc"].items() if k not in ("layer", "type")}
+    assert fc["mean_ratio"] == pytest.approx(fc["mean_b"] / fc["mean_a"], rel=1e-3)
+    assert fc["final_ratio"] == pytest.approx(fc["final_b"] / fc["final_a"], rel=1e-3)
+
+
+def test_compare_rejects_an_unknown_metric(run_dirs, capsys):
+    assert main(["compare", *map(str, run_dirs), "--metric", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("covshift compare: error: metric must be")
+    assert "'nope'" in err
+
+
+def test_report_writes_the_page(run_dirs, tmp_path):
+    result = covshift_cmd("report", *run_dirs, "-o", tmp_path / "out", "--metric", "ks", "--layers", "conv")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {tmp_path / 'out' / 'report.html'}"
+    assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
+
+
+def test_a_missing_run_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "no-such-run"
+    assert_one_line_error(covshift_cmd("stats", missing), "covshift stats: error:", str(missing), "does not exist")
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_a_missing_run_is_a_one_line_error_in_every_command(command, run_dirs, tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    args = {"report": [missing, "-o", tmp_path], "compare": [run_dirs[0], missing]}[command]
+    assert main([command, *map(str, args)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"covshift {command}: error: no run at {missing}: the directory does not exist")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_one_line_error(covshift_cmd("stats", tmp_path), "meta.json is missing")
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path):
+    result = covshift_cmd("report", tmp_path)  # no -o
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "the following arguments are required: -o/--out" in result.stderr
+
+
+def test_main_help_lists_every_command_with_examples():
+    result = covshift_cmd("--help")
+    assert result.returncode == 0
+    for command in ("report", "compare", "stats", "experiment"):
+        assert command in result.stdout
+    assert "examples:" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["report", "compare", "stats", "experiment"])
+def test_each_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: covshift {command}")
+    assert f"covshift {command}" in out.split("examples:")[1]
+
+
+def test_bad_option_values_are_one_line_errors(run_dirs, capsys):
+    assert main(["report", str(run_dirs[0]), "-o", "/tmp/unused", "--layers", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("covshift report: error: layers='nope' matches no recorded layer")
+    assert len(err.strip().splitlines()) == 1

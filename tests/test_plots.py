@@ -1,0 +1,135 @@
+"""Figure primitives and grids, drawn on object-oriented Figures from small hand-made frames."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from covshift import figures, plots
+
+
+def _axes():
+    return Figure().add_subplot()
+
+
+def _drift_frame(layers: dict[str, np.ndarray], metric: str = "wasserstein") -> pd.DataFrame:
+    return pd.concat(
+        [pd.DataFrame({"step": np.arange(len(v)), "layer": layer, "metric": metric, "value": v})
+         for layer, v in layers.items()],
+        ignore_index=True,
+    )
+
+
+def test_thin_steps_keeps_ends_and_bounds_the_count():
+    steps = np.repeat(np.arange(0, 1000, 3), 2)  # repeated, as in per-layer rows
+    thinned = plots.thin_steps(steps, 50)
+    assert len(thinned) <= 50
+    assert thinned[0] == 0 and thinned[-1] == 999
+    assert np.all(np.diff(thinned) > 0)
+    assert plots.thin_steps([5, 1, 3], 10).tolist() == [1, 3, 5]
+
+
+def test_thin_steps_rejects_fewer_than_two_points():
+    with pytest.raises(ValueError, match="max_points must be at least 2, got 1"):
+        plots.thin_steps(np.arange(5), 1)
+
+
+def test_percentile_trajectory_draws_band_and_three_percentiles_on_the_given_axes():
+    ax = _axes()
+    frame = pd.DataFrame({"step": [2, 0, 1], "q0.01": [-3.0, -2.0, -2.5], "q0.15": [-1.0, -0.5, -0.7],
+                          "q0.5": [0.2, 0.0, 0.1], "q0.85": [1.0, 0.5, 0.7], "q0.99": [3.0, 2.0, 2.5]})
+    band, low, mid, high = plots.percentile_trajectory(frame, ax=ax, color="C3")
+    assert all(artist.axes is ax for artist in (band, low, mid, high))
+    np.testing.assert_array_equal(mid.get_xdata(), [0, 1, 2])
+    np.testing.assert_array_equal(mid.get_ydata(), [0.0, 0.1, 0.2])
+    np.testing.assert_array_equal(high.get_ydata(), [0.5, 0.7, 1.0])
+    assert {low.get_linestyle(), mid.get_linestyle(), high.get_linestyle()} == {":", "-", "--"}
+    lo, hi = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert (lo, hi) == (-3.0, 3.0)
+
+
+def test_drift_line_draws_the_noise_floor_dashed_in_the_same_colour():
+    ax = _axes()
+    frame = pd.DataFrame({"step": [0, 1, 2], "value": [0.0, 0.3, 0.6]})
+    noise = pd.DataFrame({"step": [0, 2], "value": [0.05, 0.05]})
+    line, floor = plots.drift_line(frame, ax=ax, color="C1", label="bn", noise=noise)
+    assert line.get_color() == floor.get_color() == "C1"
+    assert line.get_linestyle() == "-" and floor.get_linestyle() == "--"
+    assert floor.get_label() == "bn noise floor"
+    assert len(plots.drift_line(frame, ax=ax, noise=noise.iloc[:0])) == 1
+
+
+def test_drift_heatmap_rows_follow_the_layer_order_and_leave_missing_layers_blank():
+    ax = _axes()
+    frame = _drift_frame({"b": np.array([0.0, 1.0, 2.0]), "a": np.array([0.0, 0.5, 0.25])})
+    mesh = plots.drift_heatmap(frame, ["a", "b", "c"], ax=ax)
+    values = mesh.get_array().reshape(3, 3)
+    np.testing.assert_array_equal(values[0], [0.0, 0.5, 0.25])
+    np.testing.assert_array_equal(values[1], [0.0, 1.0, 2.0])
+    assert values.mask[2].all() and not values.mask[:2].any()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+
+
+def test_channel_boxes_draw_one_box_per_group_and_every_finite_channel_as_a_dot():
+    ax = _axes()
+    boxes = plots.channel_boxes([np.array([0.1, 0.2, np.nan]), np.arange(5.0)], [0, 1], ax=ax, color="C2")
+    assert len(boxes["boxes"]) == 2
+    assert boxes["points"][0].get_offsets().shape == (2 + 5, 2)
+
+
+def test_training_curve_skips_missing_values_and_columns():
+    ax = _axes()
+    curves = pd.DataFrame({"step": [0, 1, 2], "test_acc": [0.5, np.nan, 0.9]})
+    (line,) = plots.training_curve(curves, "test_acc", ax=ax)
+    np.testing.assert_array_equal(line.get_xdata(), [0, 2])
+    assert plots.training_curve(curves, "train_loss", ax=ax) == []
+
+
+def test_spans_decades_ignores_zeros_and_non_finite_values():
+    assert figures.spans_decades(np.array([0.0, 0.01, 2.0, np.inf]))
+    assert not figures.spans_decades(np.array([0.0, 0.5, 2.0, np.nan]))
+    assert not figures.spans_decades(np.array([]))
+
+
+def test_drift_figure_shares_axes_per_metric_uses_log_scale_for_decades_and_thins_lines():
+    steps = 50
+    wide = _drift_frame({"a": np.geomspace(1e-4, 1.0, steps), "b": np.linspace(0, 1, steps)})
+    narrow = _drift_frame({"a": np.linspace(1, 2, steps), "b": np.linspace(1, 3, steps)}, metric="ks")
+    both = pd.concat([wide, narrow], ignore_index=True)
+    fig = figures.drift_figure([both, both * 1], [None, None], ["x", "y"], ["a", "b"], ["wasserstein", "ks"],
+                               max_points=10)
+    axes = np.array(fig.axes).reshape(2, 2)
+    assert [ax.get_yscale() for ax in axes[:, 0]] == ["log", "log"]
+    assert [ax.get_yscale() for ax in axes[:, 1]] == ["linear", "linear"]
+    assert axes[0, 0].get_shared_y_axes().joined(axes[0, 0], axes[1, 0])
+    lines = axes[0, 0].get_lines()
+    assert len(lines) == 2 and all(len(line.get_xdata()) <= 10 for line in lines)
+    assert [line.get_color() for line in lines] == ["C0", "C1"]
+    assert tuple(fig.get_size_inches()) == (2 * figures.PANEL_SIZE[0], 2 * figures.PANEL_SIZE[1])
+
+
+def test_heatmap_figure_shares_one_colour_scale_between_runs():
+    small = _drift_frame({"a": np.array([0.0, 0.1]), "b": np.array([0.2, 0.3])})
+    large = _drift_frame({"a": np.array([0.0, 4.0]), "b": np.array([1.0, 2.0])})
+    fig = figures.heatmap_figure([small, large], ["small", "large"], ["a", "b"], ["wasserstein"])
+    meshes = [ax.collections[0] for ax in fig.axes[:2]]
+    assert len(meshes) == 2
+    assert meshes[0].norm is meshes[1].norm
+    assert (meshes[0].norm.vmin, meshes[0].norm.vmax) == (0.0, 4.0)
+
+
+def test_layer_percentiles_average_channels_or_select_one():
+    stats = pd.DataFrame({"step": [0, 0], "layer": ["a", "a"], "channel": [0, 1],
+                          **{q: [1.0, 3.0] for q in ("q0.01", "q0.15", "q0.5", "q0.85", "q0.99")}})
+    assert figures.layer_percentiles(stats)["q0.5"].tolist() == [2.0]
+    assert figures.layer_percentiles(stats, channel=1)["q0.5"].tolist() == [3.0]
+
+
+def test_report_and_cli_never_import_pyplot():
+    code = "import sys, covshift.report, covshift.cli; sys.exit('matplotlib.pyplot' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
