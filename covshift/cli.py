@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
-from covshift.report import DEFAULT_METRICS
+from covshift import __version__
+from covshift.figures import DEFAULT_MAX_POINTS
+from covshift.report import DEFAULT_METRICS, report
+from covshift.run import Run, load
 from covshift.store import RunFileError
-
-EXPERIMENTS = ("mnist-bn",)
 
 _MAIN_EPILOG = """\
 examples:
@@ -52,6 +54,14 @@ examples:
 _EXPERIMENT_EPILOG = """\
 examples:
   covshift experiment mnist-bn --help
+  covshift experiment mnist-bn --out runs/mnist-bn
+"""
+
+_MNIST_BN_EPILOG = """\
+examples:
+  covshift experiment mnist-bn --out runs/mnist-bn
+  covshift experiment mnist-bn --epochs 1 --train-split 'train[:10%]' --out runs/quick
+  covshift report runs/mnist-bn/plain runs/mnist-bn/batchnorm -o report/
 """
 
 
@@ -82,20 +92,18 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
         epilog=_MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from covshift import __version__
-
     parser.add_argument("--version", action="version", version=f"covshift {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    report = _command(commands, "report", "draw the drift report of one or more runs", _REPORT_EPILOG, _report)
-    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories (drawn side by side)")
-    report.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if needed)")
-    _drift_options(report, metric_nargs="+")
-    report.add_argument("--layers", nargs="+", metavar="NAME", help="layer names or glob patterns to show")
-    report.add_argument("--channel", type=int, metavar="C",
-                        help="draw percentiles of channel C instead of the mean over channels")
-    report.add_argument("--max-points", type=int, default=400, metavar="N",
-                        help="most steps drawn per line; tables use every step (default: %(default)s)")
+    drawing = _command(commands, "report", "draw the drift report of one or more runs", _REPORT_EPILOG, _report)
+    drawing.add_argument("runs", nargs="+", metavar="RUN", help="run directories (drawn side by side)")
+    drawing.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if needed)")
+    _drift_options(drawing, metric_nargs="+")
+    drawing.add_argument("--layers", nargs="+", metavar="NAME", help="layer names or glob patterns to show")
+    drawing.add_argument("--channel", type=int, metavar="C",
+                         help="draw percentiles of channel C instead of the mean over channels")
+    drawing.add_argument("--max-points", type=int, default=DEFAULT_MAX_POINTS, metavar="N",
+                         help="most steps drawn per line; tables use every step (default: %(default)s)")
 
     compare = _command(commands, "compare", "print a per-layer drift table of two runs, with ratios",
                        _COMPARE_EPILOG, _compare)
@@ -116,6 +124,7 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
         "mnist-bn",
         help="train an MNIST CNN with and without BatchNorm and compare their drift",
         description="Train the same MNIST CNN with and without BatchNorm, recording both with covshift.",
+        epilog=_MNIST_BN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mnist.set_defaults(handler=_experiment)
@@ -124,7 +133,13 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _command(commands, name: str, summary: str, epilog: str, handler) -> argparse.ArgumentParser:
+def _command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    epilog: str,
+    handler: Callable[[argparse.Namespace], int] | None,
+) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
                               epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.set_defaults(handler=handler)
@@ -149,8 +164,6 @@ def _reference(text: str) -> str | int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from covshift.report import report
-
     path = report(args.runs, args.out, metrics=args.metric, layers=args.layers, reference=args.reference,
                   source=args.source, channel=args.channel, max_points=args.max_points)
     print(f"wrote {path}")
@@ -158,10 +171,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import covshift
     from covshift.drift import drift_table
 
-    run_a, run_b = covshift.load(args.run_a), covshift.load(args.run_b)
+    run_a, run_b = load(args.run_a), load(args.run_b)
     table = drift_table(run_a, run_b, metric=args.metric, reference=args.reference, source=args.source,
                         match=args.match)
     if (table["layer_a"] == table["layer_b"]).all():
@@ -173,14 +185,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    import covshift
-
-    run = covshift.load(args.run)
+    run = load(args.run)
     print(run_overview(run))
     return 0
 
 
-def run_overview(run) -> str:
+def run_overview(run: Run) -> str:
     """A few lines that say what a run holds: layers, channels, steps per source, curves, size on disk."""
     stats = run.stats()
     files = [p for p in Path(run.directory).iterdir() if p.is_file()]
@@ -213,7 +223,7 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mnist_bn():
+def _mnist_bn() -> ModuleType:
     from covshift.experiments import mnist_bn
 
     return mnist_bn

@@ -83,7 +83,7 @@ def drift(
     label, _ = _parse_reference(reference)
     _check_choice("by", by, BY)
     _check_choice("agg", agg, AGGREGATES)
-    summaries, layers = _summaries(run, source)
+    summaries, layers = _summaries(run, source, names)
     cur, refs = _reference_rows(summaries, reference)
     values, ok = _compute(summaries, summaries, cur, refs, names, normalize)
     return _tidy(summaries, layers, cur, values, ok, label, by, agg)
@@ -115,8 +115,9 @@ def noise_floor(
     names = _metric_names(metric)
     _check_choice("by", by, BY)
     _check_choice("agg", agg, AGGREGATES)
-    half_a, layers = _summaries(run, "probe_a", hint="record a probe with tracker.probe(batch)")
-    half_b, _ = _summaries(run, "probe_b", hint="record a probe with tracker.probe(batch)")
+    hint = "record a probe with tracker.probe(batch)"
+    half_a, layers = _summaries(run, "probe_a", names, hint)
+    half_b, _ = _summaries(run, "probe_b", names, hint)
     cur, ref = _matching_rows(half_a, half_b)
     values, ok = _compute(half_a, half_b, cur, [ref], names, normalize)
     return _tidy(half_a, layers, cur, values, ok, "probe halves", by, agg)
@@ -230,14 +231,17 @@ class _Summaries:
     mean: np.ndarray
     sd: np.ndarray
     constant: np.ndarray  # zero variance or no finite value
-    knots: np.ndarray  # (N, K + 2) float32 quantile-function knots, min ... max
-    binmeans: np.ndarray  # (N, 32) float32
+    knots: np.ndarray | None  # (N, K + 2) float32 quantile-function knots, min ... max
+    binmeans: np.ndarray | None  # (N, 32) float32
 
     def __len__(self) -> int:
         return len(self.step)
 
 
-def _summaries(run: RunLike, source: str, hint: str = "") -> tuple[_Summaries, list[str]]:
+def _summaries(
+    run: RunLike, source: str, names: tuple[str, ...] = METRICS, hint: str = ""
+) -> tuple[_Summaries, list[str]]:
+    """``source``'s records as arrays; quantiles and bin means only when ``names`` need them."""
     _check_choice("source", source, SOURCES)
     if isinstance(run, Run):
         frame = run.stats(source)
@@ -265,7 +269,12 @@ def _summaries(run: RunLike, source: str, hint: str = "") -> tuple[_Summaries, l
     var = frame["var"].to_numpy(np.float64)[order]
     low, high = frame["min"].to_numpy(np.float64)[order], frame["max"].to_numpy(np.float64)[order]
     count = frame["count"].to_numpy(np.float64)[order]
-    knots, _ = m.quantile_knots(frame[list(QUANTILE_COLUMNS)].to_numpy(np.float32)[order], low, high, QUANTILE_LEVELS)
+    knots = binmeans = None
+    if set(names) & set(m.CDF_METRICS):
+        quantiles = frame[list(QUANTILE_COLUMNS)].to_numpy(np.float32)[order]
+        knots, _ = m.quantile_knots(quantiles, low, high, QUANTILE_LEVELS)
+    if "wasserstein" in names:
+        binmeans = frame[list(BINMEAN_COLUMNS)].to_numpy(np.float32)[order]
     summaries = _Summaries(
         step=step[order],
         layer=codes[order],
@@ -274,7 +283,7 @@ def _summaries(run: RunLike, source: str, hint: str = "") -> tuple[_Summaries, l
         sd=np.sqrt(var),
         constant=~((count > 0) & (high > low) & (var > 0)),
         knots=knots,
-        binmeans=frame[list(BINMEAN_COLUMNS)].to_numpy(np.float32)[order],
+        binmeans=binmeans,
     )
     return summaries, layers
 

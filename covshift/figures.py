@@ -21,6 +21,7 @@ Long runs are thinned to at most ``max_points`` steps for drawing only.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,7 +73,9 @@ def run_colors(n: int) -> list[str]:
     return [f"C{i % 10}" for i in range(n)]
 
 
-def new_grid(rows: int, cols: int, *, sharex: bool | str = True, sharey: bool | str = False) -> tuple[Figure, np.ndarray]:
+def new_grid(
+    rows: int, cols: int, *, sharex: bool | str = True, sharey: bool | str = False
+) -> tuple[Figure, np.ndarray]:
     """A constrained-layout Figure of ``rows × cols`` panels of :data:`PANEL_SIZE`; axes as a 2-D array."""
     width, height = PANEL_SIZE
     fig = Figure(figsize=(width * cols, height * rows), dpi=DPI, layout="constrained")
@@ -133,8 +136,8 @@ def percentiles_figure(
                 ax.set_ylabel("input value")
     for ax in axes[-1]:
         ax.set_xlabel("training step")
-    fig.legend(handles=_percentile_key(), loc="outside lower center", ncols=4, fontsize=9)
-    fig.suptitle(f"Percentiles of each layer's input ({what})", fontsize=12)
+    _legend(fig, _percentile_key(), len(labels))
+    _title(fig, f"Percentiles of each layer's input ({what})", len(labels))
     return fig
 
 
@@ -171,16 +174,14 @@ def drift_figure(
                 _not_recorded(ax)
             if log:
                 ax.set_yscale("log", nonpositive="mask")
-            ax.set_title(f"layer {layer}", fontsize=10)
-            if row == 0:
-                ax.set_title(f"{metric_label(metric, normalize)}\nlayer {layer}", fontsize=10)
+            header = f"{metric_label(metric, normalize)}\n" if row == 0 else ""
+            ax.set_title(f"{header}layer {layer}", fontsize=10)
             ax.set_ylabel("drift")
     for ax in axes[-1]:
         ax.set_xlabel("training step")
-    handles, names = _first_legend(axes)
-    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4) or 1, fontsize=9)
-    fig.suptitle(f"Drift of each layer's input from the {reference_words(reference)} (dashed: noise floor)",
-                 fontsize=12)
+    _legend(fig, _first_legend(axes), len(metrics))
+    _title(fig, f"Drift of each layer's input from the {reference_words(reference)} (dashed: noise floor)",
+           len(metrics))
     return fig
 
 
@@ -208,7 +209,7 @@ def heatmap_figure(
         fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric, normalize), shrink=0.9)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
-    fig.suptitle(f"Drift from the {reference_words(reference)}, layer × step", fontsize=12)
+    _title(fig, f"Drift from the {reference_words(reference)}, layer × step", len(labels))
     return fig
 
 
@@ -221,24 +222,21 @@ def channels_figure(
     normalize: bool = True,
 ) -> Figure:
     """Per-channel drift at each run's last step: one box per (layer, run), one row per metric."""
-    fig, axes = new_grid(len(metrics), 2, sharex=False, sharey=False)
-    gridspec = axes[0, 0].get_subplotspec().get_gridspec()
-    for ax in axes.ravel():
-        ax.remove()
+    width, height = PANEL_SIZE
+    fig = Figure(figsize=(2 * width, height * len(metrics)), dpi=DPI, layout="constrained")
     colors = run_colors(len(labels))
-    width = 0.8 / max(len(labels), 1)
-    for row, metric in enumerate(metrics):
-        ax = fig.add_subplot(gridspec[row, :])
+    box_width = 0.8 / max(len(labels), 1)
+    for ax, metric in zip(fig.subplots(len(metrics), 1, squeeze=False)[:, 0], metrics):
         values = []
         for i, (frame, label, color) in enumerate(zip(channel_drifts, labels, colors)):
             part = frame[frame["metric"] == metric]
             last = part[part["step"] == part.groupby("layer", observed=True)["step"].transform("max")]
             groups = {str(layer): group["value"].to_numpy() for layer, group in last.groupby("layer", observed=True)}
             present = [k for k, layer in enumerate(layers) if layer in groups]
-            positions = [k + (i - (len(labels) - 1) / 2) * width for k in present]
+            positions = [k + (i - (len(labels) - 1) / 2) * box_width for k in present]
             if present:
                 boxes = plots.channel_boxes([groups[layers[k]] for k in present], positions, ax=ax, color=color,
-                                            width=width * 0.9)
+                                            width=box_width * 0.9)
                 boxes["boxes"][0].set_label(label)
             values.append(last["value"].to_numpy(dtype=float))
         if values and spans_decades(np.concatenate(values)):
@@ -249,7 +247,7 @@ def channels_figure(
         ax.set_ylabel(metric_label(metric, normalize), fontsize=9)
         ax.set_title(f"{METRIC_LABELS.get(metric, metric)} per channel at the last step", fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle("Per-channel drift at the end of training (box: quartiles; dots: channels)", fontsize=12)
+    _title(fig, "Per-channel drift at the end of training (box: quartiles; dots: channels)", 2)
     return fig
 
 
@@ -269,7 +267,9 @@ def curves_figure(curves: Sequence[pd.DataFrame], labels: Sequence[str]) -> Figu
     for ax in axes[0]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle("Training curves (solid: train, dashed: test)", fontsize=12)
+        else:
+            _not_recorded(ax, "not logged by these runs")
+    _title(fig, "Training curves (solid: train, dashed: test)", 2)
     return fig
 
 
@@ -290,25 +290,37 @@ def _shared_norm(values: np.ndarray) -> Normalize:
     return Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
 
 
-def _not_recorded(ax: Axes) -> None:
-    ax.text(0.5, 0.5, "not recorded in this run", transform=ax.transAxes, ha="center", va="center",
-            color="0.5", fontsize=9)
+def _not_recorded(ax: Axes, text: str = "not recorded in this run") -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.5", fontsize=9)
 
 
 def _percentile_key() -> list[Artist]:
     """Legend entries for the percentile styles, in a neutral colour (runs have their own colours)."""
     styles = {"15th": ":", "50th": "-", "85th": "--"}
     band = Patch(color="0.4", alpha=0.15, label="1st–99th percentile")
-    return [band, *(Line2D([], [], color="0.3", linestyle=ls, label=f"{name} percentile") for name, ls in styles.items())]
+    lines = [Line2D([], [], color="0.3", linestyle=ls, label=f"{name} percentile") for name, ls in styles.items()]
+    return [band, *lines]
 
 
-def _first_legend(axes: np.ndarray) -> tuple[list, list[str]]:
-    """Handles and labels of every Axes, each label once, in drawing order."""
-    seen: dict[str, object] = {}
+def _first_legend(axes: np.ndarray) -> list[Artist]:
+    """One handle per label over every Axes, in drawing order."""
+    seen: dict[str, Artist] = {}
     for ax in axes.ravel():
         for handle, name in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(name, handle)
-    return list(seen.values()), list(seen.keys())
+    return list(seen.values())
+
+
+def _legend(fig: Figure, handles: list[Artist], cols: int) -> None:
+    """A figure legend below the panels, two entries per panel width at most per row."""
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=max(1, min(len(handles), 2 * cols)),
+                   fontsize=9)
+
+
+def _title(fig: Figure, text: str, cols: int) -> None:
+    """The figure title, wrapped to the figure's width (about 38 characters per panel)."""
+    fig.suptitle(textwrap.fill(text, width=int(cols * PANEL_SIZE[0] * 9.5)), fontsize=12)
 
 
 def reference_words(reference: object) -> str:

@@ -143,7 +143,7 @@ def quantile_knots(
 def cdf_metrics(
     knots_t: np.ndarray, knots_r: np.ndarray, levels: np.ndarray, which: Iterable[str] = CDF_METRICS
 ) -> dict[str, np.ndarray]:
-    """KS, PSI and JS of each row pair, sharing one merge of the two quantile functions.
+    """KS, PSI and JS of each row pair of quantile functions.
 
     Args:
         knots_t: ``(N, K)`` quantile-function values of the current distribution.
@@ -166,16 +166,14 @@ def cdf_metrics(
             f"knots_t {knots_t.shape}, knots_r {knots_r.shape} and levels {levels.shape} "
             "must be (N, K), (N, K) and (K,)"
         )
-    binned = {"psi", "js"} & set(which)
-    edges = _decile_edges(knots_r, levels) if binned else np.empty((len(knots_r), 0), np.float32)
+    out: dict[str, np.ndarray] = {}
     with np.errstate(all="ignore"):
-        distance, at_edges = _merged_cdfs(knots_t, knots_r, edges, levels)
-        out: dict[str, np.ndarray] = {}
         if "ks" in which:
-            out["ks"] = distance.astype(np.float64)
-        if binned:
-            p_t, p_r = (np.diff(f, axis=1, prepend=0.0, append=1.0).astype(np.float64) for f in at_edges)
-            p_t, p_r = np.clip(p_t, 0.0, 1.0), np.clip(p_r, 0.0, 1.0)
+            out["ks"] = _merged_ks(knots_t, knots_r, levels).astype(np.float64)
+        if {"psi", "js"} & set(which):
+            edges = _decile_edges(knots_r, levels)
+            p_t, p_r = (np.diff(cdf_at(k, levels, edges), axis=1, prepend=0.0, append=1.0) for k in (knots_t, knots_r))
+            p_t, p_r = np.clip(p_t.astype(np.float64), 0.0, 1.0), np.clip(p_r.astype(np.float64), 0.0, 1.0)
             if "psi" in which:
                 a, b = np.maximum(p_t, PSI_EPSILON), np.maximum(p_r, PSI_EPSILON)
                 out["psi"] = ((a - b) * np.log(a / b)).sum(axis=1)
@@ -200,95 +198,156 @@ def _decile_edges(knots_r: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return lo + weight * (hi - lo)
 
 
-def _merged_cdfs(
-    knots_t: np.ndarray, knots_r: np.ndarray, edges: np.ndarray, levels: np.ndarray
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """KS distance and both CDFs at ``edges`` (right-continuous), row by row, without row loops.
+def cdf_at(knots: np.ndarray, levels: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Right-continuous CDF of each row's piecewise-linear quantile function at the points ``x``.
 
-    Each row's knots of r, of t and its edges are merged by one sort of packed
-    integer keys (the value's order-preserving bits above the column's tag). At ties
-    the tag puts r first, then t, then the edges; within a run of equal values
-    the first position then sees both distribution functions' left limits and
-    the last position their right values, which are the only places a jump can
-    maximise ``|F_t - F_r|``. Each CDF at every merged position comes from the
-    previous and next knot of that distribution (forward/backward fills along
-    the merged order) by linear interpolation.
+    Args:
+        knots: ``(N, K)`` quantile-function values at ``levels`` (0 ... 1).
+        levels: ``(K,)`` their levels.
+        x: ``(N, Q)`` points, per row.
+
+    Returns:
+        ``(N, Q)`` float32 values of ``F(x) = max{u : Q(u) <= x}`` (0 below the minimum).
+
+    >>> cdf_at(np.array([[0.0, 0.0, 2.0]]), np.array([0.0, 0.5, 1.0]), np.array([[-1.0, 0.0, 1.0, 2.0]]))
+    array([[0.  , 0.5 , 0.75, 1.  ]], dtype=float32)
     """
+    knots = np.asarray(knots, dtype=np.float32)
+    levels = np.asarray(levels, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    n, k = knots.shape
+    count = np.zeros(x.shape, np.int64)  # knots at or below x: a loop over the K knots, not the rows
+    below = np.empty(x.shape, bool)
+    for j in range(k):
+        np.less_equal(knots[:, j : j + 1], x, out=below)
+        count += below
+    upper = np.clip(count, 1, k - 1)
+    flat = knots.reshape(-1)
+    rows = np.arange(n)[:, None] * k
+    x0, x1 = flat[rows + upper - 1], flat[rows + upper]
+    p0, p1 = levels[upper - 1], levels[upper]
+    with np.errstate(all="ignore"):
+        fraction = np.clip((x - x0) / np.maximum(x1 - x0, np.float32(1e-30)), 0, 1)
+    return np.where(count >= k, np.float32(1), p0 + fraction * (p1 - p0)).astype(np.float32)
+
+
+#: Rows merged at once by :class:`_Merger`: its buffers (~30 MB) are reused block
+#: after block, as fresh large arrays cost a page fault per 4 KiB.
+MERGE_BLOCK = 4096
+
+
+def _merged_ks(knots_t: np.ndarray, knots_r: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """KS distance of every row pair, merged block by block."""
     n, k = knots_t.shape
-    e = edges.shape[1]
-    width = 2 * k + e
-    values = np.concatenate([knots_r, knots_t, edges], axis=1) + np.float32(0.0)  # -0.0 -> 0.0
-    keys = _ordered_bits(values).astype(np.uint64)
-    shift = np.uint64(max(int(width - 1).bit_length(), 1))
-    keys <<= shift
-    keys |= np.arange(width, dtype=np.uint64)
-    keys.sort(axis=1)
-    keys = np.ascontiguousarray(keys.T)  # (width, n): fills run along axis 0 in n-wide steps
-    tag = (keys & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.uint8 if width <= 256 else np.uint16)
-    x = _from_ordered_bits((keys >> shift).astype(np.uint32))
-    level = np.concatenate([levels, levels, np.zeros(e, np.float32)])[tag]
-    low = x[0] - np.abs(x[0]) - 1
-    high = x[-1] + np.abs(x[-1]) + 1
-    f_r = _interpolated_cdf(x, level, (tag < k).astype(np.float32), low, high)
-    f_t = _interpolated_cdf(x, level, ((tag >= k) & (tag < 2 * k)).astype(np.float32), low, high)
-    if e:
-        rows, cols = np.nonzero((tag >= 2 * k).T)  # row-major: each row's edges in order
-        at_edges = (f_t.T[rows, cols].reshape(n, e), f_r.T[rows, cols].reshape(n, e))
-    else:
-        at_edges = (np.empty((n, 0), np.float32),) * 2
-    boundary = np.ones(x.shape, dtype=np.float32)
-    boundary[1:-1] = (x[1:-1] != x[:-2]) | (x[1:-1] != x[2:])
-    f_t -= f_r
-    np.abs(f_t, out=f_t)
-    f_t *= boundary
-    return f_t.max(axis=0), at_edges
+    distance = np.empty(n, np.float32)
+    merger = _Merger(min(max(n, 1), MERGE_BLOCK), k, levels)
+    for lo in range(0, n, MERGE_BLOCK):
+        part = slice(lo, lo + MERGE_BLOCK)
+        merger.run(knots_t[part], knots_r[part], distance[part])
+    return distance
 
 
-def _ordered_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> uint32 whose unsigned order is the floats' order (sign bit flipped, negatives inverted)."""
-    bits = values.view(np.uint32)
-    negative = (values.view(np.int32) >> 31).view(np.uint32)  # all ones where negative
-    return bits ^ (negative | np.uint32(1 << 31))
+class _Merger:
+    """Merges the quantile functions of blocks of row pairs in preallocated buffers.
 
-
-def _from_ordered_bits(ordered: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_ordered_bits`."""
-    positive = (ordered.view(np.int32) >> 31).view(np.uint32)  # all ones where the top bit is set
-    return (ordered ^ (~positive | np.uint32(1 << 31))).view(np.float32)
-
-
-def _interpolated_cdf(
-    x: np.ndarray, level: np.ndarray, mine: np.ndarray, low: np.ndarray, high: np.ndarray
-) -> np.ndarray:
-    """One distribution's CDF at every merged position (axis 0), from its own knots.
-
-    ``mine`` is 1.0 at this distribution's knots and 0.0 elsewhere: exact
-    arithmetic blends, several times faster than ``np.where`` here.
+    Each row's knots of r and of t are merged by one sort of packed integer keys
+    (the value's order-preserving bits above the column's tag). At ties the tag
+    puts r first; within a run of equal values the first position then sees both
+    distribution functions' left limits and the last position their right
+    values, which are the only places a jump can maximise ``|F_t - F_r|``. Each CDF at every merged position comes from the
+    previous and the next knot of that distribution (forward and backward fills
+    along the merged order, a loop over the positions that is ``rows`` wide) by
+    linear interpolation.
     """
-    other = 1 - mine
-    own_x = mine * x
-    prev_x = own_x + other * low
-    next_x = own_x + other * high
-    prev_level = mine * level
-    next_level = prev_level + other
-    _fill_forward(prev_x, np.maximum)
-    _fill_forward(prev_level, np.maximum)
-    _fill_forward(next_x[::-1], np.minimum)
-    _fill_forward(next_level[::-1], np.minimum)
-    next_x -= prev_x
-    np.maximum(next_x, np.float32(1e-30), out=next_x)  # the gap; 0 only where x == prev_x
-    next_level -= prev_level
-    x = x - prev_x
-    x /= next_x
-    x *= next_level
-    x += prev_level
-    return x
 
+    def __init__(self, rows: int, k: int, levels: np.ndarray) -> None:
+        self.k = k
+        width = self.width = 2 * k
+        self.shift = np.uint64(max(int(width - 1).bit_length(), 1))
+        self.columns = np.arange(width, dtype=np.uint64)
+        self.table = np.concatenate([levels, levels]).astype(np.float32)
+        f32, u32 = np.float32, np.uint32
+        self.values = np.empty((rows, width), f32)
+        self.ordered = np.empty((rows, width), u32)
+        self.keys = np.empty((rows, width), np.uint64)
+        self.merged = np.empty((width, rows), np.uint64)  # positions along axis 0
+        self.bits = np.empty((width, rows), u32)
+        self.mask = np.empty((width, rows), u32)
+        self.tag = np.empty((width, rows), np.int32)
+        self.level = np.empty((width, rows), f32)
+        self.off_r = np.empty((width, rows), u32)
+        self.off_t = np.empty((width, rows), u32)
+        self.flag = np.empty((2, width, rows), bool)
+        self.boundary = np.empty((width, rows), f32)
+        self.prev = np.empty((4, width, rows), f32)
+        self.after = np.empty((4, width, rows), f32)
+        self.gap = np.empty((2, width, rows), f32)
+        self.cdf = np.empty((2, width, rows), f32)
+        self.diff = np.empty((width, rows), f32)
 
-def _fill_forward(a: np.ndarray, op: np.ufunc) -> None:
-    """In place ``op.accumulate`` along axis 0: a loop over the knots, each step n rows wide.
-
-    (numpy's own ``accumulate`` along an axis is many times slower for this shape.)
-    """
-    for i in range(1, a.shape[0]):
-        op(a[i], a[i - 1], out=a[i])
+    def run(self, knots_t: np.ndarray, knots_r: np.ndarray, distance: np.ndarray) -> None:
+        """Fill ``distance`` with the KS distance of each row pair of one block."""
+        n, k, width = len(knots_t), self.k, self.width
+        values, ordered, keys = self.values[:n], self.ordered[:n], self.keys[:n]
+        values[:, :k], values[:, k:] = knots_r, knots_t
+        np.add(values, np.float32(0.0), out=values)  # -0.0 -> 0.0
+        # float32 -> uint32 in the floats' order: flip the sign bit, invert negatives.
+        np.right_shift(values.view(np.int32), 31, out=ordered.view(np.int32))
+        np.bitwise_or(ordered, np.uint32(1 << 31), out=ordered)
+        np.bitwise_xor(ordered, values.view(np.uint32), out=ordered)
+        np.copyto(keys, ordered)
+        np.left_shift(keys, self.shift, out=keys)
+        np.bitwise_or(keys, self.columns, out=keys)
+        keys.sort(axis=1)
+        merged, bits, mask, tag = self.merged[:, :n], self.bits[:, :n], self.mask[:, :n], self.tag[:, :n]
+        np.copyto(merged, keys.T)
+        np.copyto(tag, merged & ((np.uint64(1) << self.shift) - np.uint64(1)), casting="unsafe")
+        np.copyto(bits, merged >> self.shift, casting="unsafe")
+        np.right_shift(bits.view(np.int32), 31, out=mask.view(np.int32))  # ones where positive
+        np.invert(mask, out=mask)
+        np.bitwise_or(mask, np.uint32(1 << 31), out=mask)
+        np.bitwise_xor(bits, mask, out=bits)
+        x = bits.view(np.float32)
+        level = np.take(self.table, tag, out=self.level[:, :n])
+        # 0 at a distribution's own knots, -inf elsewhere (bits 0xFF800000): x + off is x or -inf.
+        minus_inf = np.uint32(0xFF800000)
+        flag = self.flag[:, :, :n]
+        off_r, off_t = self.off_r[:, :n], self.off_t[:, :n]
+        np.greater_equal(tag, k, out=flag[0])
+        np.multiply(flag[0], minus_inf, out=off_r)
+        np.less(tag, k, out=flag[0])
+        np.multiply(flag[0], minus_inf, out=off_t)
+        off_r, off_t = off_r.view(np.float32), off_t.view(np.float32)
+        boundary = self.boundary[:, :n]  # 1 at the first or last of a run of equal values
+        np.not_equal(x[1:-1], x[:-2], out=flag[0, 1:-1])
+        np.not_equal(x[1:-1], x[2:], out=flag[1, 1:-1])
+        np.logical_or(flag[0, 1:-1], flag[1, 1:-1], out=flag[0, 1:-1])
+        boundary[0] = boundary[-1] = 1
+        np.copyto(boundary[1:-1], flag[0, 1:-1])
+        # Each distribution's (value, level) of its previous knot and of its next knot.
+        prev, after = self.prev[:, :, :n], self.after[:, :, :n]
+        for j, (source, off) in enumerate(((x, off_r), (level, off_r), (x, off_t), (level, off_t))):
+            np.add(source, off, out=prev[j])
+            np.subtract(source, off, out=after[j])
+        low = x[0] - np.abs(x[0]) - 1
+        high = x[-1] + np.abs(x[-1]) + 1
+        zeros, ones = np.zeros(n, np.float32), np.ones(n, np.float32)
+        np.maximum(prev[:, 0], np.stack([low, zeros, low, zeros]), out=prev[:, 0])
+        np.minimum(after[:, -1], np.stack([high, ones, high, ones]), out=after[:, -1])
+        for i in range(1, width):
+            np.maximum(prev[:, i], prev[:, i - 1], out=prev[:, i])
+            np.minimum(after[:, width - 1 - i], after[:, width - i], out=after[:, width - 1 - i])
+        # F = p0 + (x - x0) / (x1 - x0) * (p1 - p0), for r and t at once; x1 == x0 only where x == x0.
+        gap, cdf = self.gap[:, :, :n], self.cdf[:, :, :n]
+        np.subtract(after[0::2], prev[0::2], out=gap)
+        np.maximum(gap, np.float32(1e-30), out=gap)
+        np.subtract(x, prev[0::2], out=cdf)
+        np.divide(cdf, gap, out=cdf)
+        np.subtract(after[1::2], prev[1::2], out=gap)
+        np.multiply(cdf, gap, out=cdf)
+        np.add(cdf, prev[1::2], out=cdf)
+        diff = self.diff[:, :n]
+        np.subtract(cdf[1], cdf[0], out=diff)
+        np.abs(diff, out=diff)
+        np.multiply(diff, boundary, out=diff)
+        np.max(diff, axis=0, out=distance)

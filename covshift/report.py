@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from pandas.core.groupby import SeriesGroupBy
 
 from covshift import figures
 from covshift.run import Run, load
@@ -18,6 +19,8 @@ from covshift.run import Run, load
 #: Metrics drawn by default: normalized W1, mean shift and the std ratio.
 DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
 REPORT_FILE = "report.html"
+#: The figures a report can hold, in page order (``curves`` only when runs logged curves).
+FIGURE_NAMES = ("percentiles", "drift", "heatmap", "channels", "curves")
 
 
 @dataclass
@@ -56,25 +59,28 @@ def report(
     Args:
         runs: a run, a run directory, or a list of them (drawn side by side).
         out_dir: directory to write to (created if needed; files are overwritten).
-        metrics: drift metrics to draw, names as in :func:`covshift.drift`.
+        metrics: drift metrics to draw, names as in :func:`covshift.drift`, or ``"all"``.
         layers: layer names or glob patterns to show (default: every layer of any run).
         reference: what drift is measured from (see :func:`covshift.drift`).
         source: records to draw: ``"train"`` batches or the fixed ``"probe"`` batch.
-        channel: draw percentiles of this channel instead of the mean over channels.
+        channel: draw percentiles of this channel instead of the mean over channels
+            (layers with fewer channels show an empty panel).
         max_points: most steps drawn per line (the table uses every step).
 
     Returns:
         The path of ``report.html``.
 
     Raises:
-        ValueError: no runs, an unknown metric, layers that match nothing, or a
-            source the runs did not record.
+        ValueError: no runs, an unknown metric, layers that match nothing, a
+            source the runs did not record, a negative ``channel`` or ``max_points`` below 2.
         covshift.store.RunFileError: a run directory is missing or unreadable.
     """
     loaded = _load_all(runs)
-    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    if not metrics:
-        raise ValueError("metrics must name at least one drift metric, got an empty list")
+    metrics = _metric_list(metrics)
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
+        raise ValueError(f"max_points must be an int of at least 2, got {max_points!r}")
+    if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
+        raise ValueError(f"channel must be None or a channel index (an int >= 0), got {channel!r}")
     labels = run_labels(loaded)
     shown = select_layers(loaded, layers)
     data = ReportData.compute(loaded, metrics, reference=reference, source=source, channel=channel)
@@ -85,6 +91,8 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     for section in sections:
         section.figure.savefig(out / section.file, dpi=figures.DPI)
+    for stale in set(FIGURE_NAMES) - {section.name for section in sections}:
+        (out / f"{stale}.png").unlink(missing_ok=True)  # left by an earlier report into the same directory
     table.to_csv(out / "summary.csv", index=False)
     page = render_html(loaded, labels, sections, table, out, reference=reference, source=source)
     (out / REPORT_FILE).write_text(page, encoding="utf-8")
@@ -130,7 +138,7 @@ def select_layers(runs: Sequence[Run], layers: str | Sequence[str] | None = None
     patterns = [layers] if isinstance(layers, str) else list(layers)
     chosen: set[str] = set()
     for pattern in patterns:
-        matched = fnmatch.filter(names, str(pattern))
+        matched = [name for name in names if fnmatch.fnmatchcase(name, str(pattern))]
         if not matched:
             raise ValueError(f"layers={pattern!r} matches no recorded layer; recorded: {', '.join(names)}")
         chosen.update(matched)
@@ -258,7 +266,7 @@ def summary_table(
     return table.dropna(how="all").reset_index()
 
 
-def _by_metric_layer(frame: pd.DataFrame):
+def _by_metric_layer(frame: pd.DataFrame) -> SeriesGroupBy:
     return frame.groupby([frame["metric"], frame["layer"].astype(str)])["value"]
 
 
@@ -308,6 +316,17 @@ def render_html(
     return "\n".join(parts)
 
 
+def _metric_list(metrics: str | Sequence[str]) -> list[str]:
+    from covshift.drift import METRICS
+
+    if metrics == "all":
+        return list(METRICS)
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not names:
+        raise ValueError("metrics must name at least one drift metric, got an empty list")
+    return names
+
+
 def _load_all(runs: Run | str | Path | Sequence[Run | str | Path]) -> list[Run]:
     if isinstance(runs, (Run, str, Path)):
         runs = [runs]
@@ -331,7 +350,7 @@ _CSS = (
     "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
     "td,th{border-bottom:1px solid #ddd;padding:3px 10px;text-align:right}"
-    "td:first-child,th:first-child{text-align:left}"
+    "td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}"
     "img{max-width:100%;display:block;margin:1em 0}"
     ".swatch{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}"
 )

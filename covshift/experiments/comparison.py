@@ -39,8 +39,13 @@ def compare(plain: covshift.Run, batchnorm: covshift.Run, source: str = SOURCE) 
 
     Returns:
         ``{"source", "input_layer", "measures": [{"metric", "reference", "label",
-        "rows": [...]}], "verdict"}``, JSON-ready.
+        "rows": [...]}], "verdict"}``, JSON-ready; or ``{"source", "verdict": None,
+        "reason"}`` when a run recorded fewer than two steps (no drift to measure).
     """
+    steps = min(run.stats(source)["step"].nunique() for run in (plain, batchnorm))
+    if steps < 2:
+        reason = f"a run recorded {steps} {source} step(s); drift needs at least 2 (train longer or lower --every)"
+        return {"source": source, "verdict": None, "reason": reason}
     measures = []
     for metric, reference, label in MEASURES:
         table = drift_table(plain, batchnorm, metric=metric, reference=reference, source=source)
@@ -97,6 +102,8 @@ def verdict(measures: list[dict]) -> str:
 
 def to_markdown(comparison: dict) -> str:
     """The drift tables (one per measure) and the verdict as Markdown."""
+    if comparison["verdict"] is None:
+        return f"Drift not measured: {comparison['reason']}."
     lines = [
         f"**Verdict:** {comparison['verdict']}",
         "",
@@ -139,7 +146,7 @@ def write_report(runs: list[covshift.Run], out_dir: Path, notice: str | None = N
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return "n/a" if value is None else f"{value:#.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
 def _json_number(value: object) -> object:

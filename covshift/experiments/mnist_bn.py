@@ -129,10 +129,13 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
         ``experiment.json``, ``results.json``, ``results.md`` and ``report/``.
 
     Raises:
+        TypeError: both a ``config`` and keyword settings were given.
         ValueError: a setting is out of range or a split is malformed.
         FileExistsError: the output directory already holds runs.
         covshift.experiments.data.DataUnavailableError: no data could be had.
     """
+    if config is not None and settings:
+        raise TypeError(f"run_experiment() takes a Config or keyword settings, not both: {sorted(settings)}")
     config = config if config is not None else Config(**settings)  # type: ignore[arg-type]
     config.check()
     out = Path(config.out)
@@ -168,6 +171,8 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
         experiment["seconds"][name] = round(time.perf_counter() - started, 1)
     (out / EXPERIMENT_FILE).write_text(json.dumps(experiment, indent=2))
     results.write_results(out, report=config.report)
+    if notice:
+        print(notice, flush=True)
     print(f"results: {out / results.RESULTS_MD}", flush=True)
     return out
 
