@@ -27,8 +27,8 @@ AGGREGATES = ("mean", "median", "max")
 BY = ("layer", "channel")
 MATCHES = ("name", "type")
 REFERENCE_FORMS = "'initial', 'previous', an int step or 'rolling:K'"
-#: Rows per vectorized chunk: bounds the temporary memory (~100 MB).
-CHUNK_ROWS = 32768
+#: Records per vectorized chunk: bounds the temporary memory (about 100 MB).
+CHUNK_ROWS = 131072
 
 RunLike = Run | pd.DataFrame
 
@@ -70,11 +70,11 @@ def drift(
             without records of ``source``; the message lists the valid values.
 
     >>> import torch, covshift
-    >>> model = torch.nn.Linear(3, 2)
-    >>> with covshift.attach(model) as tracker:
-    ...     for shift in (0.0, 1.0):
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    >>> with covshift.attach(model, every=1) as tracker:
+    ...     for shift in (0.0, 1.0):  # the same batch, shifted by one unit at step 1
     ...         _ = model(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)) + shift)
-    >>> drift(tracker.run, "mean_shift")[["step", "layer", "value", "channels"]].round(1)
+    >>> drift(tracker.run, "mean_shift", normalize=False)[["step", "layer", "value", "channels"]]
        step layer  value  channels
     0     0     0    0.0         3
     1     1     0    1.0         3
@@ -85,6 +85,8 @@ def drift(
     _check_choice("agg", agg, AGGREGATES)
     summaries, layers = _summaries(run, source, names)
     cur, refs = _reference_rows(summaries, reference)
+    order = np.argsort(cur, kind="stable")  # records in stored order: contiguous blocks
+    cur, refs = cur[order], [r[order] for r in refs]
     values, ok = _compute(summaries, summaries, cur, refs, names, normalize)
     return _tidy(summaries, layers, cur, values, ok, label, by, agg)
 
@@ -231,8 +233,8 @@ class _Summaries:
     mean: np.ndarray
     sd: np.ndarray
     constant: np.ndarray  # zero variance or no finite value
-    knots: np.ndarray | None  # (N, K + 2) float32 quantile-function knots, min ... max
-    binmeans: np.ndarray | None  # (N, 32) float32
+    knots: _Columns | None  # quantile-function knots: min, quantiles, max
+    binmeans: _Columns | None  # the 32 bin means
 
     def __len__(self) -> int:
         return len(self.step)
@@ -256,11 +258,7 @@ def _summaries(
             f"the run has no records of source={source!r}; it has {present or 'no records'}"
             + (f" ({hint})" if hint else "")
         )
-    layers = _layer_order(run) if isinstance(run, Run) else None
-    layer = pd.Categorical(frame["layer"].astype(str), categories=layers or sorted(set(frame["layer"].astype(str))))
-    if layers is None:
-        layers = list(layer.categories)
-    codes = np.asarray(layer.codes, dtype=np.int64)
+    layers, codes = _layer_codes(frame["layer"], _layer_order(run) if isinstance(run, Run) else None)
     step = frame["step"].to_numpy(np.int64)
     channel = frame["channel"].to_numpy(np.int64)
     order = np.lexsort((channel, codes, step))
@@ -269,12 +267,12 @@ def _summaries(
     var = frame["var"].to_numpy(np.float64)[order]
     low, high = frame["min"].to_numpy(np.float64)[order], frame["max"].to_numpy(np.float64)[order]
     count = frame["count"].to_numpy(np.float64)[order]
+    perm = None if isinstance(order, slice) else order
     knots = binmeans = None
     if set(names) & set(m.CDF_METRICS):
-        quantiles = frame[list(QUANTILE_COLUMNS)].to_numpy(np.float32)[order]
-        knots, _ = m.quantile_knots(quantiles, low, high, QUANTILE_LEVELS)
+        knots = _Columns([frame[c].to_numpy() for c in ["min", *QUANTILE_COLUMNS, "max"]], perm)
     if "wasserstein" in names:
-        binmeans = frame[list(BINMEAN_COLUMNS)].to_numpy(np.float32)[order]
+        binmeans = _Columns([frame[c].to_numpy() for c in BINMEAN_COLUMNS], perm)
     summaries = _Summaries(
         step=step[order],
         layer=codes[order],
@@ -286,6 +284,40 @@ def _summaries(
         binmeans=binmeans,
     )
     return summaries, layers
+
+
+class _Columns:
+    """Stored columns (quantiles or bin means) as views, gathered a block of records at a time.
+
+    Gathering per block instead of copying every column up front keeps memory
+    flat and the copies cache-sized.
+    """
+
+    def __init__(self, columns: list[np.ndarray], perm: np.ndarray | None) -> None:
+        self.columns = columns
+        self.perm = perm  # sorted position -> frame row, None when the frame is sorted
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(columns), len(rows))`` float32 values of records ``rows``."""
+        index = rows if self.perm is None else self.perm[rows]
+        out = np.empty((len(self.columns), len(index)), np.float32)
+        if len(index) and index[-1] - index[0] == len(index) - 1 and np.all(np.diff(index) == 1):
+            index = slice(int(index[0]), int(index[-1]) + 1)
+        for row, column in zip(out, self.columns):
+            row[:] = column[index]
+        return out
+
+
+def _layer_codes(column: pd.Series, order: list[str] | None) -> tuple[list[str], np.ndarray]:
+    """Layer names in ``order`` (default: as the column's categories, else sorted) and each row's index."""
+    if not isinstance(column.dtype, pd.CategoricalDtype):
+        column = column.astype(str).astype("category")
+    names = [str(name) for name in column.cat.categories]
+    layers = list(order) if order is not None else names
+    layers += [name for name in names if name not in layers]
+    position = {name: i for i, name in enumerate(layers)}
+    remap = np.array([position[name] for name in names] + [-1], dtype=np.int64)
+    return layers, remap[column.cat.codes.to_numpy()]
 
 
 def _layer_order(run: RunLike) -> list[str]:
@@ -360,7 +392,7 @@ def _matching_rows(a: _Summaries, b: _Summaries) -> tuple[np.ndarray, np.ndarray
     layers = int(max(a.layer.max(), b.layer.max())) + 1
     key_a = (a.step * layers + a.layer) * width + a.channel
     key_b = (b.step * layers + b.layer) * width + b.channel
-    common, rows_a, rows_b = np.intersect1d(key_a, key_b, assume_unique=True, return_indices=True)
+    _, rows_a, rows_b = np.intersect1d(key_a, key_b, assume_unique=True, return_indices=True)
     return rows_a, rows_b
 
 
@@ -428,10 +460,10 @@ def _compute(
                 values["gaussian_w2"][part] = m.gaussian_w2(mu_t, sd_t, mu_r, sd_r, normalize)
             if "wasserstein" in names:
                 values["wasserstein"][part] = m.wasserstein(
-                    cur_s.binmeans[rows], _mean_of(ref_s.binmeans, ref_rows), scale
+                    cur_s.binmeans.take(rows).T, _mean_of(ref_s.binmeans, ref_rows).T, scale
                 )
         if cdf_names:
-            found = m.cdf_metrics(cur_s.knots[rows], _mean_of(ref_s.knots, ref_rows), levels, cdf_names)
+            found = m.cdf_metrics(cur_s.knots.take(rows).T, _mean_of(ref_s.knots, ref_rows).T, levels, cdf_names)
             for name, result in found.items():
                 values[name][part] = result
     for array in values.values():
@@ -439,14 +471,15 @@ def _compute(
     return values, ok
 
 
-def _mean_of(array: np.ndarray, rows: list[np.ndarray]) -> np.ndarray:
-    """``array[rows[0]]``, or the mean over several row sets (a rolling window)."""
+def _mean_of(array: np.ndarray | _Columns, rows: list[np.ndarray]) -> np.ndarray:
+    """The values of records ``rows[0]``, or their mean over several sets of records (a rolling window)."""
+    take = array.take if isinstance(array, _Columns) else array.__getitem__
     if len(rows) == 1:
-        return array[rows[0]]
-    total = array[rows[0]].astype(np.float64)
+        return take(rows[0])
+    total = take(rows[0]).astype(np.float64)
     for r in rows[1:]:
-        total += array[r]
-    return (total / len(rows)).astype(array.dtype)
+        total += take(r)
+    return (total / len(rows)).astype(np.float32 if isinstance(array, _Columns) else array.dtype)
 
 
 # -- output ----------------------------------------------------------------------
@@ -469,7 +502,8 @@ def _tidy(
         blocks = {name: v[order] for name, v in values.items()}
         sizes = None
     else:
-        starts = np.flatnonzero(np.r_[True, (step[1:] != step[:-1]) | (layer[1:] != layer[:-1])])
+        new_group = np.r_[True, (step[1:] != step[:-1]) | (layer[1:] != layer[:-1])][: len(rows)]
+        starts = np.flatnonzero(new_group)
         sizes = np.diff(np.r_[starts, len(rows)])
         used = np.add.reduceat(ok.astype(np.int64), starts) if len(rows) else np.zeros(0, np.int64)
         base = {"step": step[starts], "layer": layer[starts]}

@@ -26,7 +26,7 @@ import numpy as np
 N_PSI_BINS = 10
 #: Probability floor of an empty bin in :func:`psi` (as in common PSI tools).
 PSI_EPSILON = 1e-4
-#: Metrics computed from the quantile functions by one shared merge.
+#: Metrics computed from the two quantile functions (see :func:`cdf_metrics`).
 CDF_METRICS = ("ks", "psi", "js")
 
 
@@ -172,8 +172,10 @@ def cdf_metrics(
             out["ks"] = _merged_ks(knots_t, knots_r, levels).astype(np.float64)
         if {"psi", "js"} & set(which):
             edges = _decile_edges(knots_r, levels)
-            p_t, p_r = (np.diff(cdf_at(k, levels, edges), axis=1, prepend=0.0, append=1.0) for k in (knots_t, knots_r))
-            p_t, p_r = np.clip(p_t.astype(np.float64), 0.0, 1.0), np.clip(p_r.astype(np.float64), 0.0, 1.0)
+            p_t, p_r = (
+                np.clip(np.diff(cdf_at(k, levels, edges), axis=1, prepend=0.0, append=1.0), 0.0, 1.0)
+                for k in (knots_t, knots_r)
+            )
             if "psi" in which:
                 a, b = np.maximum(p_t, PSI_EPSILON), np.maximum(p_r, PSI_EPSILON)
                 out["psi"] = ((a - b) * np.log(a / b)).sum(axis=1)
@@ -212,28 +214,29 @@ def cdf_at(knots: np.ndarray, levels: np.ndarray, x: np.ndarray) -> np.ndarray:
     >>> cdf_at(np.array([[0.0, 0.0, 2.0]]), np.array([0.0, 0.5, 1.0]), np.array([[-1.0, 0.0, 1.0, 2.0]]))
     array([[0.  , 0.5 , 0.75, 1.  ]], dtype=float32)
     """
-    knots = np.asarray(knots, dtype=np.float32)
     levels = np.asarray(levels, dtype=np.float32)
-    x = np.asarray(x, dtype=np.float32)
-    n, k = knots.shape
-    count = np.zeros(x.shape, np.int64)  # knots at or below x: a loop over the K knots, not the rows
-    below = np.empty(x.shape, bool)
+    n, k = np.shape(knots)
+    # Rows along the last axis: each step of the loop over the K knots is N wide.
+    by_knot = np.ascontiguousarray(np.asarray(knots, dtype=np.float32).T)  # (K, N)
+    points = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)  # (Q, N)
+    count = np.zeros(points.shape, np.uint8 if k < 256 else np.int32)  # knots at or below each point
+    below = np.empty(points.shape, bool)
     for j in range(k):
-        np.less_equal(knots[:, j : j + 1], x, out=below)
-        count += below
-    upper = np.clip(count, 1, k - 1)
-    flat = knots.reshape(-1)
-    rows = np.arange(n)[:, None] * k
-    x0, x1 = flat[rows + upper - 1], flat[rows + upper]
+        np.less_equal(by_knot[j], points, out=below)
+        np.add(count, below, out=count)
+    upper = np.clip(count, 1, k - 1).astype(np.intp)
+    flat = by_knot.reshape(-1)
+    column = np.arange(n)
+    x0, x1 = flat[(upper - 1) * n + column], flat[upper * n + column]
     p0, p1 = levels[upper - 1], levels[upper]
     with np.errstate(all="ignore"):
-        fraction = np.clip((x - x0) / np.maximum(x1 - x0, np.float32(1e-30)), 0, 1)
-    return np.where(count >= k, np.float32(1), p0 + fraction * (p1 - p0)).astype(np.float32)
+        fraction = np.clip((points - x0) / np.maximum(x1 - x0, np.float32(1e-30)), 0, 1)
+    return np.where(count >= k, np.float32(1), p0 + fraction * (p1 - p0)).astype(np.float32).T
 
 
-#: Rows merged at once by :class:`_Merger`: its buffers (~30 MB) are reused block
+#: Rows merged at once by :class:`_Merger`: its buffers (~8 MB) are reused block
 #: after block, as fresh large arrays cost a page fault per 4 KiB.
-MERGE_BLOCK = 4096
+MERGE_BLOCK = 1024
 
 
 def _merged_ks(knots_t: np.ndarray, knots_r: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -254,10 +257,10 @@ class _Merger:
     (the value's order-preserving bits above the column's tag). At ties the tag
     puts r first; within a run of equal values the first position then sees both
     distribution functions' left limits and the last position their right
-    values, which are the only places a jump can maximise ``|F_t - F_r|``. Each CDF at every merged position comes from the
-    previous and the next knot of that distribution (forward and backward fills
-    along the merged order, a loop over the positions that is ``rows`` wide) by
-    linear interpolation.
+    values, which are the only places a jump can maximise ``|F_t - F_r|``.
+    Each CDF at every merged position comes from the previous and the next knot
+    of that distribution (forward and backward fills along the merged order: a
+    loop over the positions, each step ``rows`` wide) by linear interpolation.
     """
 
     def __init__(self, rows: int, k: int, levels: np.ndarray) -> None:
