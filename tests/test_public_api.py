@@ -1,0 +1,24 @@
+"""The public surface is small and explicit: a change to it is a deliberate act."""
+
+import pytest
+
+import covshift
+
+
+def test_public_names_are_pinned():
+    assert sorted(covshift.__all__) == [
+        "Run", "Tracker", "attach", "drift", "drift_table", "drift_to_noise", "load", "noise_floor", "report",
+    ]
+    for name in covshift.__all__:
+        assert getattr(covshift, name).__doc__, f"covshift.{name} has no docstring"
+
+
+def test_version_is_a_string():
+    assert isinstance(covshift.__version__, str) and covshift.__version__.count(".") == 2
+
+
+@pytest.mark.parametrize("name", ["attach", "drift", "report", "load"])
+def test_public_functions_are_annotated(name):
+    annotations = getattr(covshift, name).__annotations__
+    assert "return" in annotations and len(annotations) > 1
+
