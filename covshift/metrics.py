@@ -17,6 +17,7 @@ array([0.5])
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import numpy as np
@@ -171,10 +172,10 @@ def cdf_metrics(
         if "ks" in which:
             out["ks"] = _merged_ks(knots_t, knots_r, levels).astype(np.float64)
         if {"psi", "js"} & set(which):
-            edges = _decile_edges(knots_r, levels)
+            edges, cdf_r = _reference_deciles(knots_r, levels)
             p_t, p_r = (
-                np.clip(np.diff(cdf_at(k, levels, edges), axis=1, prepend=0.0, append=1.0), 0.0, 1.0)
-                for k in (knots_t, knots_r)
+                np.clip(np.diff(cdf, axis=1, prepend=0.0, append=1.0), 0.0, 1.0)
+                for cdf in (cdf_at(knots_t, levels, edges), cdf_r)
             )
             if "psi" in which:
                 a, b = np.maximum(p_t, PSI_EPSILON), np.maximum(p_r, PSI_EPSILON)
@@ -190,14 +191,25 @@ def cdf_metrics(
     return out
 
 
-def _decile_edges(knots_r: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """``Q_r(b / N_PSI_BINS)`` for the inner bin edges, interpolated on the knots (N, B-1)."""
+def _reference_deciles(knots_r: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inner bin edges ``Q_r(b / N_PSI_BINS)`` and ``F_r`` there, both ``(N, B-1)``.
+
+    ``F_r`` equals :func:`cdf_at` of the edges; it is only searched for in rows
+    where an edge reaches the knot above it (a flat stretch): elsewhere that
+    knot is the first one above the edge.
+    """
     targets = np.arange(1, N_PSI_BINS, dtype=np.float32) / N_PSI_BINS
     upper = np.clip(np.searchsorted(levels, targets, side="right"), 1, len(levels) - 1)
     lower = upper - 1
     weight = (targets - levels[lower]) / (levels[upper] - levels[lower])
     lo, hi = knots_r[:, lower], knots_r[:, upper]
-    return lo + weight * (hi - lo)
+    edges = lo + weight * (hi - lo)
+    fraction = np.clip((edges - lo) / np.maximum(hi - lo, np.float32(1e-30)), 0, 1)
+    cdf = levels[lower] + fraction * (levels[upper] - levels[lower])
+    flat = ~(edges < hi).all(axis=1)
+    if flat.any():
+        cdf[flat] = cdf_at(knots_r[flat], levels, edges[flat])
+    return edges, cdf
 
 
 def cdf_at(knots: np.ndarray, levels: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -234,8 +246,9 @@ def cdf_at(knots: np.ndarray, levels: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.where(count >= k, np.float32(1), p0 + fraction * (p1 - p0)).astype(np.float32).T
 
 
-#: Rows merged at once by :class:`_Merger`: its buffers (~8 MB) are reused block
-#: after block, as fresh large arrays cost a page fault per 4 KiB.
+#: Row pairs merged at once by :class:`_Merger`: its buffers (~7 MB) stay in the
+#: CPU caches and are reused block after block (fresh large arrays cost a page
+#: fault per 4 KiB).
 MERGE_BLOCK = 1024
 
 
@@ -245,112 +258,98 @@ def _merged_ks(knots_t: np.ndarray, knots_r: np.ndarray, levels: np.ndarray) -> 
     distance = np.empty(n, np.float32)
     merger = _Merger(min(max(n, 1), MERGE_BLOCK), k, levels)
     for lo in range(0, n, MERGE_BLOCK):
-        part = slice(lo, lo + MERGE_BLOCK)
-        merger.run(knots_t[part], knots_r[part], distance[part])
+        block = slice(lo, lo + MERGE_BLOCK)
+        merger.run(knots_t[block], knots_r[block], distance[block])
     return distance
 
 
 class _Merger:
     """Merges the quantile functions of blocks of row pairs in preallocated buffers.
 
-    Each row's knots of r and of t are merged by one sort of packed integer keys
-    (the value's order-preserving bits above the column's tag). At ties the tag
-    puts r first; within a run of equal values the first position then sees both
-    distribution functions' left limits and the last position their right
-    values, which are the only places a jump can maximise ``|F_t - F_r|``.
-    Each CDF at every merged position comes from the previous and the next knot
-    of that distribution (forward and backward fills along the merged order: a
-    loop over the positions, each step ``rows`` wide) by linear interpolation.
+    One sort per row of packed integer keys (the value's order-preserving bits
+    above the knot's slot) merges the knots of r and of t; at ties r comes
+    first, each distribution's knots in order. A knot at merged position ``p``
+    that is the ``o``-th of its own distribution then has ``c = p - o`` knots of
+    the other one before it: ``F_other`` at the knot comes from that segment of
+    the other quantile function by linear interpolation (for a knot of r, the
+    left limit ``F_t(x-)``; for a knot of t, ``F_r(x)``), one gather per
+    position. Within a run of equal values only the first position (both
+    left limits) and the last (both right values) are kept, the only places a
+    jump can maximise ``|F_t - F_r|``.
     """
 
     def __init__(self, rows: int, k: int, levels: np.ndarray) -> None:
         self.k = k
-        width = self.width = 2 * k
-        self.shift = np.uint64(max(int(width - 1).bit_length(), 1))
-        self.columns = np.arange(width, dtype=np.uint64)
-        self.table = np.concatenate([levels, levels]).astype(np.float32)
-        f32, u32 = np.float32, np.uint32
+        width = 2 * k
+        slot = np.r_[np.arange(k), np.arange(k + 1, width + 1)]  # r: o, t: k + 1 + o
+        row = np.arange(rows)[:, None]
+        # Low word of a key: the knot's own record, row * (2k + 1) + slot.
+        self.own_index = (row * (width + 1) + slot).astype(np.uint32)
+        # The other distribution's segment record: segment_base - own index.
+        self.segment_base = (row * (2 * k + 2) + np.arange(width) + k + 1 + row * (width + 1)).astype(np.intp)
+        f32 = np.float32
         self.values = np.empty((rows, width), f32)
-        self.ordered = np.empty((rows, width), u32)
+        self.high = np.empty((rows, width), np.int32)
         self.keys = np.empty((rows, width), np.uint64)
-        self.merged = np.empty((width, rows), np.uint64)  # positions along axis 0
-        self.bits = np.empty((width, rows), u32)
-        self.mask = np.empty((width, rows), u32)
-        self.tag = np.empty((width, rows), np.int32)
-        self.level = np.empty((width, rows), f32)
-        self.off_r = np.empty((width, rows), u32)
-        self.off_t = np.empty((width, rows), u32)
-        self.flag = np.empty((2, width, rows), bool)
-        self.boundary = np.empty((width, rows), f32)
-        self.prev = np.empty((4, width, rows), f32)
-        self.after = np.empty((4, width, rows), f32)
-        self.gap = np.empty((2, width, rows), f32)
-        self.cdf = np.empty((2, width, rows), f32)
-        self.diff = np.empty((width, rows), f32)
+        # The key's 32-bit words: low (own record index) and high (the value's order).
+        words = self.keys.view(np.uint32).reshape(rows, width, 2)
+        low, high = (0, 1) if sys.byteorder == "little" else (1, 0)
+        self.low, self.high_word = words[..., low], words[..., high]
+        # Own records (x, level) by slot; slot k is unused.
+        self.own = np.zeros((rows, width + 1, 2), f32)
+        self.own[:, :k, 1] = self.own[:, k + 1 :, 1] = levels
+        # Segment records (Y, A, S, 0): F = A + (x - Y) * S on segment c = 0..k of each
+        # distribution. Segment c of r serves knots of t (F_r(y), r_{c-1} <= y < r_c:
+        # Y, A at its lower end), segment c of t knots of r (F_t(x-), t_{c-1} < x <= t_c:
+        # Y, A at its upper end, exact where x == t_c). Segments 0 and k are F = 0 and 1.
+        self.segments = np.zeros((rows, 2, k + 1, 4), f32)
+        self.segments[:, 0, 1:k, 1] = levels[:-1]
+        self.segments[:, 1, 1:k, 1] = levels[1:]
+        self.segments[:, :, k, 1] = 1.0
+        self.step = np.diff(levels).astype(f32)
+        self.slope = np.empty((rows, 2, k - 1), f32)
+        self.other = np.empty((rows, width), np.intp)
+        self.own_at = np.empty((rows, width), np.intp)
+        self.diff = np.empty((rows, width), f32)
+        self.same = np.empty((rows, width - 1), bool)
 
     def run(self, knots_t: np.ndarray, knots_r: np.ndarray, distance: np.ndarray) -> None:
         """Fill ``distance`` with the KS distance of each row pair of one block."""
-        n, k, width = len(knots_t), self.k, self.width
-        values, ordered, keys = self.values[:n], self.ordered[:n], self.keys[:n]
-        values[:, :k], values[:, k:] = knots_r, knots_t
-        np.add(values, np.float32(0.0), out=values)  # -0.0 -> 0.0
+        n, k = len(knots_t), self.k
+        values = self.values[:n]
+        np.add(knots_r, np.float32(0.0), out=values[:, :k])  # -0.0 -> 0.0
+        np.add(knots_t, np.float32(0.0), out=values[:, k:])
         # float32 -> uint32 in the floats' order: flip the sign bit, invert negatives.
-        np.right_shift(values.view(np.int32), 31, out=ordered.view(np.int32))
-        np.bitwise_or(ordered, np.uint32(1 << 31), out=ordered)
-        np.bitwise_xor(ordered, values.view(np.uint32), out=ordered)
-        np.copyto(keys, ordered)
-        np.left_shift(keys, self.shift, out=keys)
-        np.bitwise_or(keys, self.columns, out=keys)
+        bits, high, low, ordered = values.view(np.int32), self.high[:n], self.low[:n], self.high_word[:n]
+        np.right_shift(bits, 31, out=high)
+        np.bitwise_or(high, np.int32(-(2**31)), out=high)
+        np.bitwise_xor(high, bits, out=ordered.view(np.int32))
+        low[...] = self.own_index[:n]
+        keys = self.keys[:n]
         keys.sort(axis=1)
-        merged, bits, mask, tag = self.merged[:, :n], self.bits[:, :n], self.mask[:, :n], self.tag[:, :n]
-        np.copyto(merged, keys.T)
-        np.copyto(tag, merged & ((np.uint64(1) << self.shift) - np.uint64(1)), casting="unsafe")
-        np.copyto(bits, merged >> self.shift, casting="unsafe")
-        np.right_shift(bits.view(np.int32), 31, out=mask.view(np.int32))  # ones where positive
-        np.invert(mask, out=mask)
-        np.bitwise_or(mask, np.uint32(1 << 31), out=mask)
-        np.bitwise_xor(bits, mask, out=bits)
-        x = bits.view(np.float32)
-        level = np.take(self.table, tag, out=self.level[:, :n])
-        # 0 at a distribution's own knots, -inf elsewhere (bits 0xFF800000): x + off is x or -inf.
-        minus_inf = np.uint32(0xFF800000)
-        flag = self.flag[:, :, :n]
-        off_r, off_t = self.off_r[:, :n], self.off_t[:, :n]
-        np.greater_equal(tag, k, out=flag[0])
-        np.multiply(flag[0], minus_inf, out=off_r)
-        np.less(tag, k, out=flag[0])
-        np.multiply(flag[0], minus_inf, out=off_t)
-        off_r, off_t = off_r.view(np.float32), off_t.view(np.float32)
-        boundary = self.boundary[:, :n]  # 1 at the first or last of a run of equal values
-        np.not_equal(x[1:-1], x[:-2], out=flag[0, 1:-1])
-        np.not_equal(x[1:-1], x[2:], out=flag[1, 1:-1])
-        np.logical_or(flag[0, 1:-1], flag[1, 1:-1], out=flag[0, 1:-1])
-        boundary[0] = boundary[-1] = 1
-        np.copyto(boundary[1:-1], flag[0, 1:-1])
-        # Each distribution's (value, level) of its previous knot and of its next knot.
-        prev, after = self.prev[:, :, :n], self.after[:, :, :n]
-        for j, (source, off) in enumerate(((x, off_r), (level, off_r), (x, off_t), (level, off_t))):
-            np.add(source, off, out=prev[j])
-            np.subtract(source, off, out=after[j])
-        low = x[0] - np.abs(x[0]) - 1
-        high = x[-1] + np.abs(x[-1]) + 1
-        zeros, ones = np.zeros(n, np.float32), np.ones(n, np.float32)
-        np.maximum(prev[:, 0], np.stack([low, zeros, low, zeros]), out=prev[:, 0])
-        np.minimum(after[:, -1], np.stack([high, ones, high, ones]), out=after[:, -1])
-        for i in range(1, width):
-            np.maximum(prev[:, i], prev[:, i - 1], out=prev[:, i])
-            np.minimum(after[:, width - 1 - i], after[:, width - i], out=after[:, width - 1 - i])
-        # F = p0 + (x - x0) / (x1 - x0) * (p1 - p0), for r and t at once; x1 == x0 only where x == x0.
-        gap, cdf = self.gap[:, :, :n], self.cdf[:, :, :n]
-        np.subtract(after[0::2], prev[0::2], out=gap)
-        np.maximum(gap, np.float32(1e-30), out=gap)
-        np.subtract(x, prev[0::2], out=cdf)
-        np.divide(cdf, gap, out=cdf)
-        np.subtract(after[1::2], prev[1::2], out=gap)
-        np.multiply(cdf, gap, out=cdf)
-        np.add(cdf, prev[1::2], out=cdf)
-        diff = self.diff[:, :n]
-        np.subtract(cdf[1], cdf[0], out=diff)
+        own, segments, pair = self.own[:n], self.segments[:n], values.reshape(n, 2, k)
+        own[:, :k, 0] = pair[:, 0]
+        own[:, k + 1 :, 0] = pair[:, 1]
+        slope = self.slope[:n]
+        np.subtract(pair[:, :, 1:], pair[:, :, :-1], out=slope)
+        np.divide(self.step, slope, out=slope)  # inf on flat segments, which no knot uses
+        segments[:, :, 1:k, 2] = slope
+        segments[:, 0, 1:, 0] = pair[:, 0]
+        segments[:, 0, 0, 0] = pair[:, 0, 0]
+        segments[:, 1, :k, 0] = pair[:, 1]
+        segments[:, 1, k, 0] = pair[:, 1, -1]
+        own_at, other = self.own_at[:n], self.other[:n]
+        np.copyto(own_at, low)
+        np.subtract(self.segment_base[:n], own_at, out=other)
+        mine = np.take(own.reshape(-1).view(np.complex64), own_at).view(np.float32).reshape(n, -1, 2)
+        theirs = np.take(segments.reshape(-1).view(np.complex128), other).view(np.float32).reshape(n, -1, 4)
+        diff = self.diff[:n]
+        np.subtract(mine[..., 0], theirs[..., 0], out=diff)
+        np.multiply(diff, theirs[..., 2], out=diff)
+        np.add(diff, theirs[..., 1], out=diff)
+        np.subtract(diff, mine[..., 1], out=diff)
         np.abs(diff, out=diff)
-        np.multiply(diff, boundary, out=diff)
-        np.max(diff, axis=0, out=distance)
+        same = self.same[:n]  # equal neighbours: inside a run of equal values when both are
+        np.equal(ordered[:, 1:], ordered[:, :-1], out=same)
+        diff[:, 1:-1][same[:, 1:] & same[:, :-1]] = 0
+        np.max(diff, axis=1, out=distance)

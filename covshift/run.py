@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from covshift import store
@@ -51,6 +52,8 @@ class Run:
         self._pending_steps: set[int] = set()
         self._tables: list[pa.Table] = []
         self._parts_read = 0
+        self._frames: dict[str | None, pd.DataFrame] = {}  # stats() per source
+        self._frames_key: tuple | None = None
         self._meta_dirty = False
         if meta is None:  # opening a stored run
             self._meta = store.read_meta(self.directory)
@@ -140,22 +143,38 @@ class Run:
         nonfinite, zero_frac``, the quantiles ``q0.01 … q0.99`` and the bin means
         ``binmean_00 …``. ``source`` selects ``"train"``, ``"probe"``, ``"probe_a"``
         or ``"probe_b"``; None keeps all.
+
+        Frames are built once per source until new records arrive; each call
+        returns a shallow copy (copy-on-write), so changing it leaves the run's
+        copy intact.
         """
+        if source is not None and source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         self.flush()
         for path in store.part_paths(self.directory)[self._parts_read :]:
             self._tables.append(store.read_part(path))
             self._parts_read += 1
-        if self._tables:
-            frame = pa.concat_tables(self._tables).to_pandas()
-        else:
-            frame = _records_to_table([]).to_pandas()
         order = [layer["name"] for layer in self._meta["layers"]]
+        key = (self._parts_read, tuple(order))
+        if self._frames_key != key:
+            self._frames, self._frames_key = {}, key
+        if source not in self._frames:
+            self._frames[source] = self._frame(source, order)
+        return self._frames[source].copy(deep=False)
+
+    def _frame(self, source: str | None, order: list[str]) -> pd.DataFrame:
+        """Records of ``source`` (None: all) as a DataFrame: the cached one of all when they are the same."""
+        table = pa.concat_tables(self._tables) if self._tables else _records_to_table([])
+        if source is not None:
+            keep = pc.equal(table["source"], source)
+            if pc.all(keep).as_py():  # every record is of this source
+                if None in self._frames:
+                    return self._frames[None]
+            else:
+                table = table.filter(keep)
+        frame = table.to_pandas()
         frame["layer"] = pd.Categorical(frame["layer"].astype(str), categories=order)
         frame["source"] = frame["source"].astype(str)
-        if source is not None:
-            if source not in SOURCES:
-                raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-            frame = frame[frame["source"] == source].reset_index(drop=True)
         return frame
 
     def curves(self) -> pd.DataFrame:

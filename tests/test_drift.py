@@ -267,3 +267,4 @@ def test_drift_table_errors(runs, drifting_run):
         drift_table(plain, plain, match="order")
     with pytest.raises(ValueError, match=r"drift_table takes one metric name"):
         drift_table(plain, plain, metric="all")
+

@@ -176,3 +176,19 @@ def test_sigkill_mid_training_leaves_every_flushed_step(tmp_path, delay):
     assert steps[: flushed + 1] == list(range(flushed + 1))
     assert steps == list(range(len(steps)))
     assert (stats.groupby("step").size() == 1 + 4 + 64).all()  # every stored step is complete
+
+
+def test_stats_is_cached_but_callers_cannot_corrupt_it(tmp_path):
+    model = mlp()
+    tracker = covshift.attach(model, every=1, store=tmp_path / "r", flush_every=1)
+    model(torch.randn(8, 4))
+    first = tracker.run.stats("train")
+    original = first["mean"].copy()
+    first["mean"] *= 100
+    first.loc[0, "max"] = -1.0
+    again = tracker.run.stats("train")
+    pd.testing.assert_series_equal(again["mean"], original)
+    assert again.loc[0, "max"] != -1.0
+    model(torch.randn(8, 4))  # a new step reaches the cache
+    assert sorted(tracker.run.stats("train").step.unique()) == [0, 1]
+    tracker.detach()
