@@ -21,8 +21,6 @@ from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, QUANTILE_LEVELS
 
 #: Metric names, in the order ``metric="all"`` returns them.
 METRICS = ("mean_shift", "std_ratio", "wasserstein", "gaussian_w2", "ks", "psi", "js")
-#: Metrics divided by the reference's standard deviation when ``normalize=True``.
-LOCATION_METRICS = ("mean_shift", "wasserstein", "gaussian_w2")
 AGGREGATES = ("mean", "median", "max")
 BY = ("layer", "channel")
 MATCHES = ("name", "type")

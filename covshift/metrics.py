@@ -4,8 +4,8 @@ Every function takes arrays with one row per compared pair (a channel at a step
 against its reference) and returns one value per row; nothing here knows about
 runs or DataFrames (:mod:`covshift.drift` does). Quantile functions are given by
 their *knots*: values ``(N, K)`` at the increasing ``levels`` ``(K,)`` that run
-from 0 (the minimum) to 1 (the maximum), linear in between
-(:func:`quantile_knots` builds them from stored summaries).
+from 0 (the minimum) to 1 (the maximum), linear in between: a record's
+``min``, its quantiles and its ``max``.
 
 Formulas, accuracy and thresholds: ``docs/metrics.md``.
 
@@ -112,33 +112,6 @@ def js(knots_t: np.ndarray, knots_r: np.ndarray, levels: np.ndarray) -> np.ndarr
     Over the same reference-decile bins as :func:`psi`; in ``[0, sqrt(ln 2)]``.
     """
     return cdf_metrics(knots_t, knots_r, levels, ("js",))["js"]
-
-
-def quantile_knots(
-    quantiles: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, levels: Iterable[float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Knots of the quantile function: the minimum at level 0, the quantiles, the maximum at 1.
-
-    Args:
-        quantiles: ``(N, K)`` values at ``levels`` (strictly inside (0, 1)).
-        minimum: ``(N,)`` smallest values.
-        maximum: ``(N,)`` largest values.
-        levels: the ``K`` quantile levels.
-
-    Returns:
-        ``(knots, knot_levels)``: float32 ``(N, K + 2)`` and ``(K + 2,)``.
-
-    >>> knots, lv = quantile_knots(np.array([[1.0]]), np.array([0.0]), np.array([4.0]), [0.5])
-    >>> knots.tolist(), lv.tolist()
-    ([[0.0, 1.0, 4.0]], [0.0, 0.5, 1.0])
-    """
-    quantiles = np.asarray(quantiles, dtype=np.float32)
-    knots = np.empty((quantiles.shape[0], quantiles.shape[1] + 2), dtype=np.float32)
-    knots[:, 0] = minimum
-    knots[:, 1:-1] = quantiles
-    knots[:, -1] = maximum
-    knot_levels = np.concatenate([[0.0], np.asarray(list(levels), dtype=np.float32), [1.0]])
-    return knots, knot_levels.astype(np.float32)
 
 
 def cdf_metrics(

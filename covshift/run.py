@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from covshift import store
 from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Partial, finalize

@@ -29,18 +29,9 @@ DEFAULT_SAMPLE_SIZE = 1024
 STAT_NAMES = ("count", "mean", "var", "min", "max", "nonfinite", "zero_frac")
 
 
-def quantile_column(level: float) -> str:
-    """Name of the stats() column holding the quantile at ``level`` (``q0.5``)."""
-    return f"q{level:g}"
-
-
-def binmean_column(k: int) -> str:
-    """Name of the stats() column holding the mean of equal-mass bin ``k``."""
-    return f"binmean_{k:02d}"
-
-
-QUANTILE_COLUMNS: tuple[str, ...] = tuple(quantile_column(q) for q in QUANTILE_LEVELS)
-BINMEAN_COLUMNS: tuple[str, ...] = tuple(binmean_column(k) for k in range(N_BINS))
+#: stats() columns of the quantiles (``q0.01`` … ``q0.99``) and of the bin means.
+QUANTILE_COLUMNS: tuple[str, ...] = tuple(f"q{level:g}" for level in QUANTILE_LEVELS)
+BINMEAN_COLUMNS: tuple[str, ...] = tuple(f"binmean_{k:02d}" for k in range(N_BINS))
 
 
 @dataclass
@@ -113,7 +104,7 @@ class Summarizer:
     def _summarize_masked(self, view: torch.Tensor) -> Partial:
         finite = torch.isfinite(view)
         clean = torch.where(finite, view, 0.0)
-        count = _reduce(finite.long(), torch.sum)
+        count = _reduce(finite, torch.sum)  # bool sums count, as int64
         inf = torch.tensor(float("inf"), device=view.device)
         sample = self._sample(view)
         return Partial(
@@ -130,7 +121,11 @@ class Summarizer:
         """(C, S) values per channel at fixed stratified positions; all values if few."""
         before, channels, after = view.shape
         if before * after <= self.sample_size:
-            return view.transpose(0, 1).reshape(channels, before * after)
+            # Always a copy: the sample waits for the flush, and the model may
+            # change its activations in place before then.
+            sample = view.new_empty(channels, before * after)
+            sample.view(channels, before, after).copy_(view.transpose(0, 1))
+            return sample
         key = (tuple(view.shape), view.device)
         index = self._positions.get(key)
         if index is None:
@@ -198,28 +193,27 @@ def finalize(partials: list[Partial]) -> Record:
     for all samples instead of one per layer per step. Samples of different
     widths are padded with +inf, which counts as no value.
     """
-    with torch.no_grad():
-        count = torch.cat([p.count for p in partials]).double()
-        nonfinite = torch.cat([p.nonfinite for p in partials]).double()
-        mean = torch.cat([p.total for p in partials]).double() / count
-        var = (torch.cat([p.total_sq for p in partials]).double() / count - mean * mean).clamp_min(0.0)
-        width = max(p.sample.shape[1] for p in partials)
-        sample = torch.cat(
-            [torch.nn.functional.pad(p.sample, (0, width - p.sample.shape[1]), value=float("inf")) for p in partials]
-        )
-        quantiles, binmeans, zero_frac = _sample_statistics(sample)
-        stats = torch.stack(
-            [
-                count,
-                mean,
-                var,
-                torch.cat([p.min for p in partials]).double(),
-                torch.cat([p.max for p in partials]).double(),
-                nonfinite,
-                zero_frac,
-            ],
-            dim=1,
-        )
+    count = torch.cat([p.count for p in partials]).double()
+    nonfinite = torch.cat([p.nonfinite for p in partials]).double()
+    mean = torch.cat([p.total for p in partials]).double() / count
+    var = (torch.cat([p.total_sq for p in partials]).double() / count - mean * mean).clamp_min(0.0)
+    width = max(p.sample.shape[1] for p in partials)
+    sample = torch.cat(
+        [torch.nn.functional.pad(p.sample, (0, width - p.sample.shape[1]), value=float("inf")) for p in partials]
+    )
+    quantiles, binmeans, zero_frac = _sample_statistics(sample)
+    stats = torch.stack(
+        [
+            count,
+            mean,
+            var,
+            torch.cat([p.min for p in partials]).double(),
+            torch.cat([p.max for p in partials]).double(),
+            nonfinite,
+            zero_frac,
+        ],
+        dim=1,
+    )
     return Record(stats=stats, quantiles=quantiles, binmeans=binmeans)
 
 

@@ -95,7 +95,6 @@ class Tracker:
         self._probe_batch: tuple | None = None
         self._probe_every = DEFAULT_PROBE_EVERY
         self._partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
-        self._known: dict[str, nn.Module] = {}
         self._dims: dict[str, int | None] = {}
         self._described: set[str] = set()
         self._warned: set[str] = set()
@@ -239,7 +238,6 @@ class Tracker:
                     stacklevel=3,
                 )
             return
-        self._known.setdefault(name, module)
         dim = self._dims[name] = self._channel_dim(name, module, x.ndim)
         self._partials[(self._source, name)].append(self._summarizer.summarize(x, dim))
 
@@ -259,7 +257,7 @@ class Tracker:
             partial = merge(parts)
             if name not in self._described:
                 self._described.add(name)
-                module = self._known[name]
+                module = self.layers[name.split(":")[0]]
                 self.run.add_layer(name, type(module).__name__, partial.count.shape[0], self._dims[name])
             self.run.append(self._step, source, name, partial)
         self.run.end_step()

@@ -163,3 +163,22 @@ def test_finalize_many_pads_samples_of_different_widths():
 def test_bad_sample_size_is_rejected():
     with pytest.raises(ValueError, match="sample_size must be a positive int, got 0"):
         Summarizer(0)
+
+
+@pytest.mark.parametrize(("shape", "dim"), [((6, 3), None), ((1, 4, 5), 1), ((8, 2, 3), 1)])
+def test_summary_is_not_changed_by_later_in_place_edits_of_the_input(shape, dim):
+    """Partials wait for the flush; an activation edited in place meanwhile must not leak in."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    expected = summarize(x.clone(), dim)
+    partial = Summarizer(EXACT).summarize(x, dim)
+    x.mul_(100).add_(5)
+    got = finalize([partial])
+    torch.testing.assert_close(got.quantiles, expected.quantiles)
+    torch.testing.assert_close(got.stats, expected.stats)
+
+
+def test_masked_path_counts_with_bool_sums():
+    x = torch.full((4, 2, 3), float("nan"))
+    x[0, 0, 0] = 1.0
+    partial = Summarizer(EXACT).summarize(x, 1)
+    assert partial.count.dtype == torch.int64 and partial.count.tolist() == [1, 0]
