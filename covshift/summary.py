@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: Quantile levels stored per channel: an even grid of 1/32 steps (fine enough
@@ -219,8 +220,8 @@ def finalize(partials: list[Partial]) -> Record:
 
 def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantiles (linear interpolation), equal-mass bin means and zero fraction of each row's finite values."""
-    ordered = sample.sort(dim=1).values.double()  # +inf (non-finite) sorts last
-    valid = torch.isfinite(ordered).sum(1, keepdim=True)  # (C, 1)
+    ordered = _sort_rows(sample)  # float32; +inf (non-finite, padding) sorts last
+    valid = (ordered < float("inf")).sum(1, keepdim=True)  # (C, 1)
     zero_frac = (ordered == 0).sum(1) / valid.squeeze(1)
     last = (valid - 1).clamp_min(0)
     levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=sample.device)
@@ -228,21 +229,32 @@ def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     lo = position.floor().long()
     hi = torch.minimum(lo + 1, last)
     frac = position - lo
-    at_lo, at_hi = ordered.gather(1, lo), ordered.gather(1, hi)
+    at_lo, at_hi = ordered.gather(1, lo).double(), ordered.gather(1, hi).double()
     quantiles = at_lo + frac * (at_hi - at_lo)
 
-    finite = torch.where(torch.isfinite(ordered), ordered, 0.0)
-    cumulative = torch.nn.functional.pad(finite.cumsum(1), (1, 0))
+    # Sums of the first i values; only i <= valid is read, where every value is finite.
+    cumulative = ordered.cumsum(1, dtype=torch.float64)
+
+    def sum_of_first(count: torch.Tensor) -> torch.Tensor:
+        return torch.where(count > 0, cumulative.gather(1, (count - 1).clamp_min(0)), 0.0)
+
     k = torch.arange(N_BINS + 1, device=sample.device, dtype=torch.float64)
     edges = torch.round(k[None, :] * valid / N_BINS).long()  # (C, K+1)
     start, stop = edges[:, :-1], edges[:, 1:]
     width = (stop - start).double()
-    sums = cumulative.gather(1, stop) - cumulative.gather(1, start)
+    sums = sum_of_first(stop) - sum_of_first(start)
     # A bin is empty only when a channel has fewer values than bins: take its value.
-    single = ordered.gather(1, torch.minimum(start, last))
+    single = ordered.gather(1, torch.minimum(start, last)).double()
     binmeans = torch.where(width > 0, sums / width.clamp_min(1.0), single)
 
     empty = valid == 0
     quantiles = torch.where(empty, float("nan"), quantiles)
     binmeans = torch.where(empty, float("nan"), binmeans)
     return quantiles.float(), binmeans.float(), zero_frac
+
+
+def _sort_rows(sample: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending: numpy's vectorized sort on the CPU (about 4x torch's here)."""
+    if sample.device.type == "cpu":
+        return torch.from_numpy(np.sort(sample.numpy(), axis=1))
+    return sample.sort(dim=1).values

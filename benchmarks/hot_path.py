@@ -1,0 +1,86 @@
+"""Where recording time goes: the pieces of the hot path, on the reference CNN's layer inputs.
+
+Takes the inputs of the 7 convolutions of the reference CNN (batch 128) and
+times, warm, per training step (all 7 layers together; median of repeats):
+the whole `Summarizer.summarize`, its pieces, the alternatives that were
+measured and rejected, and finalizing each layer at its step against all\nbuffered records at flush time.
+
+    .venv/bin/python benchmarks/hot_path.py --repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from covshift.experiments.models import reference_pair
+from covshift.layers import select_layers
+from covshift.summary import Summarizer, finalize
+
+
+def layer_inputs(batch_size: int) -> list[torch.Tensor]:
+    """The input of every default layer of the plain reference CNN for one random batch."""
+    model, _ = reference_pair(seed=0)
+    inputs: list[torch.Tensor] = []
+    handles = [
+        module.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+        for module in select_layers(model).values()
+    ]
+    with torch.no_grad():
+        model(torch.rand(batch_size, 1, 28, 28))
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def median_ms(repeats: int, work: Callable[[], object]) -> float:
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=50, help="timed repeats of each piece (default 50)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    xs = layer_inputs(args.batch_size)
+    views = [x.view(x.shape[0], x.shape[1], -1) for x in xs]
+    summarizer = Summarizer()
+    partials = [summarizer.summarize(x, 1) for x in xs]
+    pieces: dict[str, Callable[[], object]] = {
+        "Summarizer.summarize, all layers": lambda: [summarizer.summarize(x, 1) for x in xs],
+        "  sums (contiguous axis first)": lambda: [v.sum(2).sum(0) for v in views],
+        "  sums of squares": lambda: [(v * v).sum(2).sum(0) for v in views],
+        "  min and max": lambda: [(v.amin(2).amin(0), v.amax(2).amax(0)) for v in views],
+        "  sample (torch.take at fixed positions)": lambda: [summarizer._sample(v) for v in views],
+        "rejected: the four reductions over (0, 2, 3)": lambda: [
+            (x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.amin((0, 2, 3)), x.amax((0, 2, 3))) for x in xs
+        ],
+        "rejected: exact zero count (count_nonzero)": lambda: [torch.count_nonzero(x, (0, 2, 3)) for x in xs],
+        "rejected: torch.aminmax over the spatial axis": lambda: [torch.aminmax(v, dim=2) for v in views],
+        "finalize each layer at its own step": lambda: [finalize([p]) for p in partials],
+        "finalize at flush, per step's share of 100 steps": lambda: finalize(partials * 100),
+    }
+    print(f"reference CNN layer inputs, batch {args.batch_size}: "
+          + ", ".join("x".join(map(str, x.shape[1:])) for x in xs))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} repeats")
+    print(f"{'piece (per training step, all layers)':<52} {'ms':>8}")
+    for name, work in pieces.items():
+        ms = median_ms(args.repeats, work)
+        if name.startswith("finalize at flush"):
+            ms /= 100
+        print(f"{name:<52} {ms:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
