@@ -3,7 +3,8 @@
 Takes the inputs of the 7 convolutions of the reference CNN (batch 128) and
 times, warm, per training step (all 7 layers together; median of repeats):
 the whole `Summarizer.summarize`, its pieces, the alternatives that were
-measured and rejected, and finalizing each layer at its step against all\nbuffered records at flush time.
+measured and rejected, and `finalize` of one step's summaries (what covshift
+runs when a recorded step ends), with the row sort on its own at two widths.
 
     .venv/bin/python benchmarks/hot_path.py --repeats 50
 """
@@ -15,11 +16,12 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from covshift.experiments.models import reference_pair
 from covshift.layers import select_layers
-from covshift.summary import Summarizer, finalize
+from covshift.summary import Summarizer, _reduce, _sum_of_squares, finalize
 
 
 def layer_inputs(batch_size: int) -> list[torch.Tensor]:
@@ -57,19 +59,25 @@ def main() -> None:
     views = [x.view(x.shape[0], x.shape[1], -1) for x in xs]
     summarizer = Summarizer()
     partials = [summarizer.summarize(x, 1) for x in xs]
+    partials_512 = [Summarizer(512).summarize(x, 1) for x in xs]
+    sample = torch.cat([p.sample for p in partials])
     pieces: dict[str, Callable[[], object]] = {
         "Summarizer.summarize, all layers": lambda: [summarizer.summarize(x, 1) for x in xs],
-        "  sums (contiguous axis first)": lambda: [v.sum(2).sum(0) for v in views],
-        "  sums of squares": lambda: [(v * v).sum(2).sum(0) for v in views],
-        "  min and max": lambda: [(v.amin(2).amin(0), v.amax(2).amax(0)) for v in views],
+        "  sums": lambda: [_reduce(v, torch.sum) for v in views],
+        "  sums of squares (vector_norm, no squared copy)": lambda: [_sum_of_squares(v) for v in views],
+        "  min and max": lambda: [(_reduce(v, torch.amin), _reduce(v, torch.amax)) for v in views],
         "  sample (torch.take at fixed positions)": lambda: [summarizer._sample(v) for v in views],
         "rejected: the four reductions over (0, 2, 3)": lambda: [
             (x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.amin((0, 2, 3)), x.amax((0, 2, 3))) for x in xs
         ],
+        "rejected: the four, contiguous axis first always": lambda: [
+            (v.sum(2).sum(0), (v * v).sum(2).sum(0), v.amin(2).amin(0), v.amax(2).amax(0)) for v in views
+        ],
         "rejected: exact zero count (count_nonzero)": lambda: [torch.count_nonzero(x, (0, 2, 3)) for x in xs],
         "rejected: torch.aminmax over the spatial axis": lambda: [torch.aminmax(v, dim=2) for v in views],
-        "finalize each layer at its own step": lambda: [finalize([p]) for p in partials],
-        "finalize at flush, per step's share of 100 steps": lambda: finalize(partials * 100),
+        "finalize one step (sample_size 1024)": lambda: finalize(partials),
+        "  its row sort alone (185 x 1024, numpy)": lambda: np.sort(sample.numpy(), axis=1),
+        "finalize one step (sample_size 512)": lambda: finalize(partials_512),
     }
     print(f"reference CNN layer inputs, batch {args.batch_size}: "
           + ", ".join("x".join(map(str, x.shape[1:])) for x in xs))
@@ -77,8 +85,6 @@ def main() -> None:
     print(f"{'piece (per training step, all layers)':<52} {'ms':>8}")
     for name, work in pieces.items():
         ms = median_ms(args.repeats, work)
-        if name.startswith("finalize at flush"):
-            ms /= 100
         print(f"{name:<52} {ms:>8.3f}")
 
 

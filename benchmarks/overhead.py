@@ -3,23 +3,39 @@
 Interleaves, in one process and in shuffled order each round, the training steps
 of the reference MNIST CNN (batch 128) with: no hooks; covshift every=1; covshift
 with its defaults (every=10); covshift hooks that never record (their fixed cost);
-a naive hook (torch.var_mean + torch.quantile per layer).
+a bare hook that computes the sums, extrema and a sorted 1024-value sample
+and keeps nothing (the issue's lower bound: what covshift adds beyond it is
+the cost of storing); a naive hook (torch.var_mean + torch.quantile per layer).
 Each round times a block of steps per configuration, covshift's flush at
-`detach()` included (summaries are finalized and written there), and prints the
-median over rounds of the time per step and its ratio to the un-instrumented step.
+`detach()` included (records are written there). The ratio of each
+configuration to the un-instrumented step is taken within each round, so slow
+drifts of the machine's speed cancel; the script prints the median time per
+step, the median ratio with its interquartile range over rounds, and the page
+faults per step.
 
-    .venv/bin/python benchmarks/overhead.py --rounds 12 --steps 30
+glibc's malloc returns freed memory at the top of its heap to the system and
+maps large blocks afresh, depending on what else is allocated: the same
+training step then runs with or without some 40 MB of page faults, a 25%
+swing in its time. `--malloc steady` fixes those two thresholds (mallopt), so
+every configuration runs with the same allocator behaviour; `--malloc default`
+leaves glibc as it is, as in a user's process.
+
+    .venv/bin/python benchmarks/overhead.py --rounds 8 --steps 100 --malloc steady
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,33 +44,54 @@ import covshift
 from covshift.experiments.models import reference_pair
 from covshift.summary import QUANTILE_LEVELS
 
+LEVELS = torch.tensor(QUANTILE_LEVELS)
 
-class NaiveHooks(AbstractContextManager):
-    """What a first attempt looks like: var_mean and torch.quantile on every layer input."""
 
-    def __init__(self, model: nn.Module) -> None:
+class LayerHooks(AbstractContextManager):
+    """Runs ``work`` on the input of every default layer, as a forward pre-hook."""
+
+    def __init__(self, model: nn.Module, work: Callable[[torch.Tensor], object]) -> None:
         self.handles = [
-            module.register_forward_pre_hook(self._hook)
-            for module in model.modules()
-            if covshift.layers.is_default_layer(module) and module is not model
+            module.register_forward_pre_hook(lambda module, args: work(args[0].detach()))
+            for module in covshift.layers.select_layers(model).values()
         ]
-        self.levels = torch.tensor(QUANTILE_LEVELS)
-        self.kept: list[torch.Tensor] = []
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
-        var, mean = torch.var_mean(per_channel, dim=1)
-        self.kept.append(torch.quantile(per_channel, self.levels, dim=1))
 
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-def time_steps(model: nn.Module, batches: list, recorder: Callable[[], AbstractContextManager]) -> float:
-    """Seconds per training step with the recorder attached, its final flush included."""
+def naive_summary(x: torch.Tensor) -> None:
+    """What a first attempt looks like: var_mean and torch.quantile per channel."""
+    per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+    torch.var_mean(per_channel, dim=1)
+    torch.quantile(per_channel, LEVELS, dim=1)
+
+
+def bare_summary(x: torch.Tensor, size: int = 1024) -> None:
+    """The issue's lower bound: sum, sum of squares, max, min and a sorted strided sample per channel, kept nowhere."""
+    view = x.reshape(x.shape[0], x.shape[1], -1)
+    before, channels, after = view.shape
+    view.sum(2).sum(0), (view * view).sum(2).sum(0), view.amax(2).amax(0), view.amin(2).amin(0)
+    positions = torch.arange(size) * max(before * after // size, 1) % (before * after)
+    index = torch.arange(channels)[:, None] * after + ((positions // after) * channels * after + positions % after)
+    np.sort(torch.take(view, index).numpy(), axis=1)
+
+
+def steady_malloc() -> None:
+    """Stop glibc from trimming its heap and from mapping blocks under 32 MiB afresh."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_trim_threshold, 2**30) and libc.mallopt(m_mmap_threshold, 2**25)):
+        raise SystemExit("mallopt failed: --malloc steady needs glibc")
+
+
+def time_steps(
+    model: nn.Module, batches: list, recorder: Callable[[], AbstractContextManager]
+) -> tuple[float, float]:
+    """Seconds and minor page faults per training step with the recorder attached, its final flush included."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     with recorder():
         for x, y in batches:
@@ -62,7 +99,9 @@ def time_steps(model: nn.Module, batches: list, recorder: Callable[[], AbstractC
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    return (time.perf_counter() - start) / len(batches)
+    seconds = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return seconds / len(batches), faults / len(batches)
 
 
 def main() -> None:
@@ -70,7 +109,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (default 12)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per config per round (default 30)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                        help="glibc allocator thresholds: fixed (default) or as glibc sets them")
+    parser.add_argument("--sample-size", type=int, default=covshift.summary.DEFAULT_SAMPLE_SIZE,
+                        help="covshift's sample_size (default %(default)s)")
     args = parser.parse_args()
+    if args.malloc == "steady":
+        steady_malloc()
 
     torch.manual_seed(0)
     model, _ = reference_pair(seed=0)
@@ -80,27 +125,32 @@ def main() -> None:
     ]
     configs: dict[str, Callable[[], AbstractContextManager]] = {
         "no hooks": nullcontext,
-        "covshift every=1": lambda: covshift.attach(model, every=1),
-        "covshift defaults": lambda: covshift.attach(model),
+        "covshift every=1": lambda: covshift.attach(model, every=1, sample_size=args.sample_size),
+        "covshift defaults": lambda: covshift.attach(model, sample_size=args.sample_size),
         "covshift never recording": lambda: covshift.attach(model, every=10**9),
-        "naive var_mean+quantile": lambda: NaiveHooks(model),
+        "bare sums+sorted sample": lambda: LayerHooks(model, bare_summary),
+        "naive var_mean+quantile": lambda: LayerHooks(model, naive_summary),
     }
     layers = len(covshift.layers.select_layers(model))
-    samples: dict[str, list[float]] = {name: [] for name in configs}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    faults: dict[str, list[float]] = {name: [] for name in configs}
     time_steps(model, batches, nullcontext)  # warm-up
     for _ in range(args.rounds):
         order = list(configs)
         random.shuffle(order)
         for name in order:
-            samples[name].append(time_steps(model, batches, configs[name]))
-    base = statistics.median(samples["no hooks"])
+            seconds, step_faults = time_steps(model, batches, configs[name])
+            times[name].append(seconds)
+            faults[name].append(step_faults)
     print(f"reference CNN, batch {args.batch_size}, {layers} instrumented layers, "
-          f"{args.rounds} rounds x {args.steps} steps, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'config':<26} {'step (ms)':>10} {'ratio':>7}")
-    for name, values in samples.items():
-        median = statistics.median(values)
-        print(f"{name:<26} {median * 1e3:>10.2f} {median / base:>6.3f}x")
+          f"{args.rounds} rounds x {args.steps} steps, sample_size {args.sample_size}, "
+          f"malloc {args.malloc}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'config':<26} {'step (ms)':>10} {'ratio':>7} {'ratio IQR':>15} {'faults/step':>12}")
+    for name, values in times.items():
+        ratios = [value / base for value, base in zip(values, times["no hooks"])]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"{name:<26} {statistics.median(values) * 1e3:>10.2f} {statistics.median(ratios):>6.3f}x "
+              f"{q1:>6.3f}-{q3:.3f}x {statistics.median(faults[name]):>12.0f}")
 
 
 if __name__ == "__main__":

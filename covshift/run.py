@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from covshift import store
-from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Partial, finalize
+from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Partial, Record, finalize
 
 #: Sources a record can come from: training batches, the probe batch, and its two halves.
 SOURCES = ("train", "probe", "probe_a", "probe_b")
@@ -26,10 +27,12 @@ _INT_STATS = {"count", "nonfinite"}
 class Run:
     """Summaries of one training run: a directory of Parquet parts plus a small buffer.
 
-    Trackers create runs; :func:`load` opens stored ones. Records wait in memory
-    until ``flush_every`` steps or ``memory_budget`` bytes have gathered, then go
-    to disk as one atomically written part, so memory does not grow with the
-    length of training and a crash loses only what was never flushed.
+    Trackers create runs; :func:`load` opens stored ones. Each step's summaries
+    are finalized when the step ends (the value samples are dropped there) and
+    wait in memory until ``flush_every`` steps or ``memory_budget`` bytes have
+    gathered, then go to disk as one atomically written part, so memory does not
+    grow with the length of training and a crash loses only what was never
+    flushed.
     """
 
     def __init__(
@@ -46,7 +49,8 @@ class Run:
         self.directory = Path(directory)
         self.flush_every = flush_every
         self.memory_budget = memory_budget
-        self._pending: list[tuple[int, str, str, Partial]] = []
+        self._step_partials: list[tuple[int, str, str, Partial]] = []
+        self._pending: list[tuple[list[tuple[int, str, str, int]], Record]] = []
         self._pending_bytes = 0
         self._pending_steps: set[int] = set()
         self._tables: list[pa.Table] = []
@@ -77,19 +81,30 @@ class Run:
         self._meta_dirty = True
 
     def append(self, step: int, source: str, layer: str, partial: Partial) -> None:
-        """Buffer one layer's summary at one step."""
+        """Buffer one layer's summary at the current step."""
         self._check_writable()
-        self._pending.append((step, source, layer, partial))
-        self._pending_bytes += partial.sample.nbytes + 6 * partial.total.nbytes
-        self._pending_steps.add(step)
+        self._step_partials.append((step, source, layer, partial))
 
     def end_step(self) -> None:
-        """Mark a step complete; flush when ``flush_every`` steps or the memory budget are reached.
+        """Finalize the step's summaries; flush when ``flush_every`` steps or the memory budget are reached.
 
-        Parts therefore always hold whole steps.
+        Parts therefore always hold whole steps. Finalizing here rather than at
+        the flush frees each step's value samples at once: memory is reused from
+        step to step instead of piling up until the flush.
         """
+        self._finalize_step()
         if len(self._pending_steps) >= self.flush_every or self._pending_bytes >= self.memory_budget:
             self.flush()
+
+    def _finalize_step(self) -> None:
+        if not self._step_partials:
+            return
+        record = finalize([partial for *_, partial in self._step_partials])
+        keys = [(step, source, layer, partial.count.shape[0]) for step, source, layer, partial in self._step_partials]
+        self._pending.append((keys, record))
+        self._pending_bytes += sum(t.nbytes for t in (record.stats, record.quantiles, record.binmeans))
+        self._pending_steps.update(step for step, *_ in keys)
+        self._step_partials.clear()
 
     def flush(self) -> None:
         """Write buffered records to a new Parquet part (no-op when nothing is buffered)."""
@@ -98,6 +113,7 @@ class Run:
         if self._meta_dirty:
             store.write_meta(self.directory, self._meta)
             self._meta_dirty = False
+        self._finalize_step()
         if not self._pending:
             return
         table = _records_to_table(self._pending)
@@ -207,17 +223,17 @@ def load(path: str | Path) -> Run:
     return Run(path)
 
 
-def _records_to_table(pending: list[tuple[int, str, str, Partial]]) -> pa.Table:
-    """Columns of all buffered summaries: finalized together, one device-to-host copy per kind."""
+def _records_to_table(pending: list[tuple[list[tuple[int, str, str, int]], Record]]) -> pa.Table:
+    """Columns of the buffered records: one device-to-host copy per kind of statistic."""
     if pending:
-        channels = np.array([partial.count.shape[0] for *_, partial in pending])
-        record = finalize([partial for *_, partial in pending])
-        stats = record.stats.cpu().numpy()
-        quantiles = record.quantiles.cpu().numpy()
-        binmeans = record.binmeans.cpu().numpy()
-        step = np.repeat([item[0] for item in pending], channels)
-        source = np.repeat([item[1] for item in pending], channels)
-        layer = np.repeat([item[2] for item in pending], channels)
+        keys = [key for step_keys, _ in pending for key in step_keys]
+        channels = np.array([key[3] for key in keys])
+        stats = torch.cat([record.stats for _, record in pending]).cpu().numpy()
+        quantiles = torch.cat([record.quantiles for _, record in pending]).cpu().numpy()
+        binmeans = torch.cat([record.binmeans for _, record in pending]).cpu().numpy()
+        step = np.repeat([key[0] for key in keys], channels)
+        source = np.repeat([key[1] for key in keys], channels)
+        layer = np.repeat([key[2] for key in keys], channels)
         channel = np.concatenate([np.arange(c) for c in channels])
     else:
         stats = np.empty((0, len(STAT_NAMES)))

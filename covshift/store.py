@@ -78,7 +78,8 @@ def part_paths(directory: Path) -> list[Path]:
 def write_part(directory: Path, index: int, table: pa.Table) -> Path:
     path = directory / f"part-{index:06d}.parquet"
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    # Dictionary encoding only where values repeat: on float columns it is wasted work.
+    pq.write_table(table, sink, use_dictionary=["source", "layer"])
     write_atomic(path, sink.getvalue().to_pybytes())
     return path
 

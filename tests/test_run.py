@@ -130,13 +130,15 @@ def test_memory_stays_flat_over_thousands_of_steps():
     assert stats.step.nunique() == 3000
 
 
-def test_memory_budget_triggers_flush(tmp_path):
+@pytest.mark.parametrize(("budget", "parts"), [(10**9, 0), (50_000, 3), (1, 10)])
+def test_memory_budget_triggers_flush(tmp_path, budget, parts):
+    """A step's record of 64 channels takes 21,248 bytes (7 float64 stats, 69 float32 quantiles and bin means)."""
     model = nn.Sequential(nn.Linear(64, 8))
-    tracker = covshift.attach(model, every=1, store=tmp_path / "r", flush_every=10**6, memory_budget=200_000)
+    tracker = covshift.attach(model, every=1, store=tmp_path / "r", flush_every=10**6, memory_budget=budget)
     for _ in range(10):
-        model(torch.randn(2048, 64))  # 64 channels x 1024 samples x 4 B = 256 KiB per step
-    assert len(list((tmp_path / "r").glob("part-*.parquet"))) == 10
-    tracker.detach()
+        model(torch.randn(2048, 64))
+    assert len(list((tmp_path / "r").glob("part-*.parquet"))) == parts
+    assert tracker.detach().stats().step.nunique() == 10
 
 
 TRAINER = textwrap.dedent(
