@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import numpy as np
@@ -164,6 +165,34 @@ def test_a_stats_dataframe_works_like_the_run(drifting_run):
     pd.testing.assert_frame_equal(
         drift(drifting_run, "all", reference="rolling:2"), drift(shuffled, "all", reference="rolling:2")
     )
+
+
+@pytest.mark.parametrize("reference", ["initial", "previous", "rolling:3"])
+def test_chunks_on_worker_threads_give_the_same_values_as_one_pass(drifting_run, monkeypatch, reference):
+    """Chunks of 5 records spread over threads; every value equals the single-chunk result."""
+    drift_module = importlib.import_module("covshift.drift")  # the module, not the function
+    whole = drift(drifting_run, "all", reference=reference, by="channel")
+    calls = []
+    run_chunks = drift_module._run_chunks
+    monkeypatch.setattr(drift_module, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(
+        drift_module, "_run_chunks", lambda work, starts: calls.append(len(starts)) or run_chunks(work, starts)
+    )
+    chunked = drift(drifting_run, "all", reference=reference, by="channel")
+    assert calls and calls[0] > 2
+    pd.testing.assert_frame_equal(whole, chunked)
+
+
+def test_an_error_in_a_worker_thread_reaches_the_caller(drifting_run, monkeypatch):
+    drift_module = importlib.import_module("covshift.drift")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken metric")
+
+    monkeypatch.setattr(drift_module, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(drift_module.m, "gaussian_w2", broken)
+    with pytest.raises(RuntimeError, match="broken metric"):
+        drift(drifting_run, "gaussian_w2")
 
 
 def test_zero_variance_channels_are_excluded_and_counted_without_warnings():
