@@ -160,6 +160,35 @@ def test_finalize_many_pads_samples_of_different_widths():
     torch.testing.assert_close(both.quantiles[:2], alone.quantiles)
 
 
+def test_full_rows_and_padded_rows_give_the_same_statistics():
+    """A block of full finite rows takes a shortcut; it must agree with the general (padded) path."""
+    summarizer = Summarizer(64)
+    x = torch.randn(50, 3, 8, generator=torch.Generator().manual_seed(8)).relu()  # 400 values, 64 sampled
+    full = finalize([summarizer.summarize(x, 1)])
+    narrow = summarizer.summarize(torch.randn(5, 2, 4), 1)  # 20 values per channel: +inf padding
+    padded = finalize([summarizer.summarize(x, 1), narrow])
+    torch.testing.assert_close(padded.quantiles[:3], full.quantiles)
+    torch.testing.assert_close(padded.binmeans[:3], full.binmeans)
+    torch.testing.assert_close(padded.stats[:3], full.stats)
+    ordered = np.sort(summarizer.summarize(x, 1).sample.numpy(), axis=1)
+    np.testing.assert_allclose(full.quantiles.numpy(), np.quantile(ordered, QUANTILE_LEVELS, axis=1).T, rtol=1e-6)
+    np.testing.assert_allclose(full.binmeans.numpy(), ordered.reshape(3, N_BINS, 2).mean(2), rtol=1e-6)
+    np.testing.assert_allclose(full.stats[:, STAT["zero_frac"]].numpy(), (ordered == 0).mean(1))
+
+
+def test_blocks_of_rows_give_the_same_statistics_as_one(monkeypatch):
+    import covshift.summary as summary_module
+
+    summarizer = Summarizer(32)
+    partials = [summarizer.summarize(torch.randn(10, c, 7), 1) for c in (3, 5, 2, 4)]
+    whole = finalize(partials)
+    monkeypatch.setattr(summary_module, "BLOCK_VALUES", 100)  # about 3 rows of 32 per block
+    assert len(summary_module._blocks(partials)) == 4
+    blocked = finalize(partials)
+    for field in ("stats", "quantiles", "binmeans"):
+        torch.testing.assert_close(getattr(blocked, field), getattr(whole, field))
+
+
 def test_bad_sample_size_is_rejected():
     with pytest.raises(ValueError, match="sample_size must be a positive int, got 0"):
         Summarizer(0)
