@@ -122,7 +122,7 @@ class Summarizer:
         """(C, S) values per channel at fixed stratified positions; all values if few."""
         before, channels, after = view.shape
         if before * after <= self.sample_size:
-            # Always a copy: the sample waits for the flush, and the model may
+            # Always a copy: the sample waits for the step to end, and the model may
             # change its activations in place before then.
             sample = view.new_empty(channels, before * after)
             sample.view(channels, before, after).copy_(view.transpose(0, 1))
