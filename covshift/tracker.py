@@ -323,7 +323,7 @@ def attach(
         channel_dim: ``"auto"`` (dim 1 for conv/norm inputs, last dim otherwise),
             an int, None to summarize each layer as a whole, or a dict per layer name.
         flush_every: write to disk at least every this many recorded steps.
-        memory_budget: bytes of buffered summaries that trigger a write.
+        memory_budget: bytes of buffered records (332 per channel per step) that trigger a write.
         name: label for reports (default: the store directory's name).
 
     Returns:
