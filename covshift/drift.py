@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from covshift import metrics as m
+from covshift.checks import check_choice
 from covshift.run import SOURCES, Run
 from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, QUANTILE_LEVELS
 
@@ -82,8 +83,8 @@ def drift(
     """
     names = _metric_names(metric)
     label, _ = _parse_reference(reference)
-    _check_choice("by", by, BY)
-    _check_choice("agg", agg, AGGREGATES)
+    check_choice("by", by, BY)
+    check_choice("agg", agg, AGGREGATES)
     summaries, layers = _summaries(run, source, names)
     cur, refs = _reference_rows(summaries, reference)
     order = np.argsort(cur, kind="stable")  # records in stored order: contiguous blocks
@@ -116,8 +117,8 @@ def noise_floor(
             unknown metric, by or agg.
     """
     names = _metric_names(metric)
-    _check_choice("by", by, BY)
-    _check_choice("agg", agg, AGGREGATES)
+    check_choice("by", by, BY)
+    check_choice("agg", agg, AGGREGATES)
     hint = "record a probe with tracker.probe(batch)"
     half_a, layers = _summaries(run, "probe_a", names, hint)
     half_b, _ = _summaries(run, "probe_b", names, hint)
@@ -197,7 +198,7 @@ def drift_table(
     """
     if not isinstance(metric, str) or metric == "all":
         raise ValueError(f"drift_table takes one metric name from {METRICS}, got {metric!r}")
-    _check_choice("match", match, MATCHES)
+    check_choice("match", match, MATCHES)
     pairs = _match_layers(run_a, run_b, match)
     columns = {}
     for suffix, run in (("a", run_a), ("b", run_b)):
@@ -245,7 +246,7 @@ def _summaries(
     run: RunLike, source: str, names: tuple[str, ...] = METRICS, hint: str = ""
 ) -> tuple[_Summaries, list[str]]:
     """``source``'s records as arrays; quantiles and bin means only when ``names`` need them."""
-    _check_choice("source", source, SOURCES)
+    check_choice("source", source, SOURCES)
     if isinstance(run, Run):
         frame = run.stats(source)
         present = sorted(set(run.stats()["source"])) if frame.empty else []
@@ -349,11 +350,6 @@ def _parse_reference(reference: str | int) -> tuple[str, int | None]:
         if window.isdigit() and int(window) >= 1:
             return f"rolling:{int(window)}", int(window)
     raise ValueError(f"reference must be {REFERENCE_FORMS}, got {reference!r}")
-
-
-def _check_choice(name: str, value: object, valid: Sequence[str]) -> None:
-    if not isinstance(value, str) or value not in valid:
-        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
 
 
 # -- pairing ---------------------------------------------------------------------

@@ -85,6 +85,8 @@ def channel_axis(module: nn.Module, ndim: int) -> int | None:
     if isinstance(module, _ConvNd):
         spatial = len(module.kernel_size)
         return max(ndim - spatial - 1, 0)
+    if isinstance(module, _InstanceNorm):
+        return 0 if ndim == module._get_no_batch_dim() else 1
     if isinstance(module, CHANNEL_FIRST_TYPES):
         return 1 if ndim >= 2 else 0
     return ndim - 1

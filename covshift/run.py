@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import torch
 
 from covshift import store
+from covshift.checks import check_choice, check_int
 from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Partial, Record, finalize
 
 #: Sources a record can come from: training batches, the probe batch, and its two halves.
@@ -46,13 +47,14 @@ class Run:
         if directory is None:
             directory = tempfile.mkdtemp(prefix="covshift-run-")
             weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+        check_int("flush_every", flush_every)
+        check_int("memory_budget", memory_budget)
         self.directory = Path(directory)
         self.flush_every = flush_every
         self.memory_budget = memory_budget
         self._step_partials: list[tuple[int, str, str, Partial]] = []
         self._pending: list[tuple[list[tuple[int, str, str, int]], Record]] = []
         self._pending_bytes = 0
-        self._pending_steps: set[int] = set()
         self._tables: list[pa.Table] = []
         self._parts_read = 0
         self._frames: dict[str | None, pd.DataFrame] = {}  # stats() per source
@@ -93,7 +95,7 @@ class Run:
         step to step instead of piling up until the flush.
         """
         self._finalize_step()
-        if len(self._pending_steps) >= self.flush_every or self._pending_bytes >= self.memory_budget:
+        if len(self._pending) >= self.flush_every or self._pending_bytes >= self.memory_budget:
             self.flush()
 
     def _finalize_step(self) -> None:
@@ -103,7 +105,6 @@ class Run:
         keys = [(step, source, layer, partial.count.shape[0]) for step, source, layer, partial in self._step_partials]
         self._pending.append((keys, record))
         self._pending_bytes += sum(t.nbytes for t in (record.stats, record.quantiles, record.binmeans))
-        self._pending_steps.update(step for step, *_ in keys)
         self._step_partials.clear()
 
     def flush(self) -> None:
@@ -120,7 +121,6 @@ class Run:
         index = len(store.part_paths(self.directory))
         store.write_part(self.directory, index, table)
         self._pending.clear()
-        self._pending_steps.clear()
         self._pending_bytes = 0
 
     def log(self, step: int, **values: float) -> None:
@@ -163,8 +163,8 @@ class Run:
         returns a shallow copy (copy-on-write), so changing it leaves the run's
         copy intact.
         """
-        if source is not None and source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if source is not None:
+            check_choice("source", source, SOURCES)
         self.flush()
         for path in store.part_paths(self.directory)[self._parts_read :]:
             self._tables.append(store.read_part(path))

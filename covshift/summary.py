@@ -8,11 +8,13 @@ exactly (:func:`merge`); :func:`finalize` turns them into the stored statistics.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from covshift.checks import check_int
 
 #: Quantile levels stored per channel: an even grid of 1/32 steps (fine enough
 #: for the quantile function) plus the tails and the BatchNorm paper's 15/85.
@@ -26,6 +28,8 @@ N_BINS = 32
 #: Values per channel per record the quantiles are taken from (see docs/metrics.md
 #: for the sampling error this implies).
 DEFAULT_SAMPLE_SIZE = 1024
+#: Seed of the stratified sample positions: fixed, so runs sample the same positions.
+SAMPLE_SEED = 0
 
 STAT_NAMES = ("count", "mean", "var", "min", "max", "nonfinite", "zero_frac")
 
@@ -67,14 +71,11 @@ class Summarizer:
     Args:
         sample_size: values per channel the quantiles come from; at or above the
             number of values per channel the sample is the whole channel (exact).
-        seed: seed of the stratified sample positions.
     """
 
-    def __init__(self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0) -> None:
-        if not isinstance(sample_size, int) or sample_size < 1:
-            raise ValueError(f"sample_size must be a positive int, got {sample_size!r}")
+    def __init__(self, sample_size: int = DEFAULT_SAMPLE_SIZE) -> None:
+        check_int("sample_size", sample_size)
         self.sample_size = sample_size
-        self.seed = seed
         self._positions: dict[tuple, torch.Tensor] = {}
 
     def summarize(self, x: torch.Tensor, channel_dim: int | None) -> Partial:
@@ -106,16 +107,16 @@ class Summarizer:
         finite = torch.isfinite(view)
         clean = torch.where(finite, view, 0.0)
         count = _reduce(finite, torch.sum)  # bool sums count, as int64
-        inf = torch.tensor(float("inf"), device=view.device)
         sample = self._sample(view)
         return Partial(
             count=count,
             total=_reduce(clean, torch.sum),
             total_sq=_sum_of_squares(clean),
-            min=torch.where(count > 0, _reduce(torch.where(finite, view, inf), torch.amin), float("nan")),
-            max=torch.where(count > 0, _reduce(torch.where(finite, view, -inf), torch.amax), float("nan")),
+            # Python scalars, not device tensors: building one on a GPU would wait for it.
+            min=torch.where(count > 0, _reduce(torch.where(finite, view, float("inf")), torch.amin), float("nan")),
+            max=torch.where(count > 0, _reduce(torch.where(finite, view, float("-inf")), torch.amax), float("nan")),
             nonfinite=view.shape[0] * view.shape[2] - count,
-            sample=torch.where(torch.isfinite(sample), sample, inf),
+            sample=torch.where(torch.isfinite(sample), sample, float("inf")),
         )
 
     def _sample(self, view: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,7 @@ class Summarizer:
         image widths; a fixed seed keeps the positions identical from record to record.
         """
         s = self.sample_size
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(SAMPLE_SEED)
         jitter = torch.rand(s, generator=generator, dtype=torch.float64)
         positions = ((torch.arange(s, dtype=torch.float64) + jitter) * (before * after / s)).long()
         offsets = (positions // after) * (channels * after) + positions % after
@@ -270,8 +271,7 @@ def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     valid = (ordered < float("inf")).sum(1, keepdim=True)  # (C, 1)
     zero_frac = zeros / valid.squeeze(1)
     last = (valid - 1).clamp_min(0)
-    levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64, device=sample.device)
-    position = levels[None, :] * last
+    position = _levels_on(sample.device)[None, :] * last
     lo = position.floor().long()
     hi = torch.minimum(lo + 1, last)
     frac = position - lo
@@ -306,13 +306,19 @@ def _full_row_statistics(ordered: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     so quantiles are two column reads and bins a reshape.
     """
     rows, width = ordered.shape
-    position = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64) * (width - 1)
+    position = _levels_on(ordered.device) * (width - 1)
     lo = position.floor().long()
     hi = torch.clamp(lo + 1, max=width - 1)
     frac = position - lo
     at_lo, at_hi = ordered[:, lo].double(), ordered[:, hi].double()
     binmeans = ordered.view(rows, N_BINS, width // N_BINS).sum(2, dtype=torch.float64) / (width // N_BINS)
     return at_lo + frac * (at_hi - at_lo), binmeans
+
+
+@functools.cache
+def _levels_on(device: torch.device) -> torch.Tensor:
+    """:data:`QUANTILE_LEVELS` as a float64 tensor on ``device``, copied there once."""
+    return torch.tensor(QUANTILE_LEVELS, dtype=torch.float64).to(device)
 
 
 def _sort_rows_(sample: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from covshift.checks import check_int
 from covshift.layers import LayerSpec, channel_axis, select_layers
 from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, Run
 from covshift.summary import (
@@ -56,13 +57,12 @@ class Tracker:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-        _check_positive_int("every", every)
-        _check_positive_int("flush_every", flush_every)
-        _check_positive_int("memory_budget", memory_budget)
+        check_int("every", every)
         if step not in ("auto", "manual"):
             raise ValueError(f"step must be 'auto' or 'manual', got {step!r}")
         self.model = model
         self.layers = select_layers(model, layers)
+        _check_channel_dims(channel_dim, self.layers)
         self.every = every
         self.manual = step == "manual"
         self._channel_dims = channel_dim
@@ -95,7 +95,7 @@ class Tracker:
         self._probe_batch: tuple | None = None
         self._probe_every = DEFAULT_PROBE_EVERY
         self._partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
-        self._dims: dict[str, int | None] = {}
+        self._kinds: dict[str, tuple[str, int | None]] = {}  # record name -> (layer type, channel dim)
         self._described: set[str] = set()
         self._warned: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -135,7 +135,7 @@ class Tracker:
             batch: a tensor, or a tuple of positional arguments for the model.
             every: probe once every this many steps.
         """
-        _check_positive_int("every", every)
+        check_int("every", every)
         args = batch if isinstance(batch, tuple) else (batch,)
         sizes = {a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.ndim > 0}
         if not sizes:
@@ -216,18 +216,19 @@ class Tracker:
     def _input_hook(self, name: str, module: nn.Module):
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._active:
-                self._observe(name, module, _first_tensor(args, kwargs))
+                self._observe(name, name, module, _first_tensor(args, kwargs))
 
         return hook
 
     def _output_hook(self, name: str, module: nn.Module):
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
             if self._active:
-                self._observe(f"{name}:output", module, _first_tensor((output,), {}))
+                self._observe(f"{name}:output", name, module, _first_tensor((output,), {}))
 
         return hook
 
-    def _observe(self, name: str, module: nn.Module, x: torch.Tensor | None) -> None:
+    def _observe(self, name: str, layer: str, module: nn.Module, x: torch.Tensor | None) -> None:
+        """Summarize ``x`` as record ``name`` of ``layer`` (``name`` is ``layer`` or ``layer:output``)."""
         if x is None or not x.is_floating_point():
             if name not in self._warned:
                 self._warned.add(name)
@@ -238,27 +239,30 @@ class Tracker:
                     stacklevel=3,
                 )
             return
-        dim = self._dims[name] = self._channel_dim(name, module, x.ndim)
+        dim = self._channel_dim(layer, module, x.ndim)
+        self._kinds[name] = (type(module).__name__, dim)
         self._partials[(self._source, name)].append(self._summarizer.summarize(x, dim))
 
-    def _channel_dim(self, name: str, module: nn.Module, ndim: int) -> int | None:
+    def _channel_dim(self, layer: str, module: nn.Module, ndim: int) -> int | None:
         spec = self._channel_dims
         if isinstance(spec, dict):
-            spec = spec.get(name.split(":")[0], "auto")
+            spec = spec.get(layer, "auto")
         if spec == "auto":
             return channel_axis(module, ndim)
+        if spec is not None and not -ndim <= spec < ndim:
+            raise ValueError(f"channel_dim={spec} is out of range for the {ndim}-d input of layer {layer!r}")
         return spec
 
     # -- steps and probes --------------------------------------------------------
     def _close_step(self) -> None:
         self._open = False
         partials, self._partials = self._partials, defaultdict(list)
-        for (source, name), parts in partials.items():
-            partial = merge(parts)
+        merged = {key: _merge_calls(key[1], parts) for key, parts in partials.items()}
+        for (source, name), partial in merged.items():
             if name not in self._described:
                 self._described.add(name)
-                module = self.layers[name.split(":")[0]]
-                self.run.add_layer(name, type(module).__name__, partial.count.shape[0], self._dims[name])
+                kind, dim = self._kinds[name]
+                self.run.add_layer(name, kind, partial.count.shape[0], dim)
             self.run.append(self._step, source, name, partial)
         self.run.end_step()
 
@@ -357,9 +361,26 @@ def attach(
     )
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _check_channel_dims(spec: object, layers: dict[str, nn.Module]) -> None:
+    """``channel_dim`` is "auto", None, an int, or a dict of those keyed by selected layer names."""
+    specs = spec.values() if isinstance(spec, dict) else [spec]
+    for value in specs:
+        if not (value == "auto" or value is None or (isinstance(value, int) and not isinstance(value, bool))):
+            raise ValueError(f"channel_dim must be 'auto', None or an int (or a dict of them), got {value!r}")
+    unknown = sorted(set(spec) - set(layers)) if isinstance(spec, dict) else []
+    if unknown:
+        raise ValueError(f"channel_dim names layers that are not recorded: {unknown}; recorded: {list(layers)}")
+
+
+def _merge_calls(name: str, parts: list[Partial]) -> Partial:
+    """One record of a layer called several times in a step (weight sharing): their channels must agree."""
+    channels = sorted({part.count.shape[0] for part in parts})
+    if len(channels) > 1:
+        raise ValueError(
+            f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
+            "into one record, so they need the same channel count (set channel_dim for it)"
+        )
+    return merge(parts)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

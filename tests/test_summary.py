@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from covshift.summary import (
-    BINMEAN_COLUMNS,
     N_BINS,
     QUANTILE_LEVELS,
     STAT_NAMES,
@@ -54,7 +53,6 @@ def test_exact_quantiles_and_bin_means_equal_numpy():
     # 3200 values in 32 equal-mass bins of 100 sorted values each
     expected_bins = np.sort(ref, axis=1).reshape(3, N_BINS, -1).mean(2)
     np.testing.assert_allclose(record.binmeans.numpy(), expected_bins, rtol=1e-5)
-    assert len(BINMEAN_COLUMNS) == N_BINS
 
 
 def test_whole_tensor_summary_when_channel_dim_is_none():
@@ -122,17 +120,16 @@ def test_subsampled_quantiles_within_documented_error():
     error = np.abs(sampled.quantiles.numpy() - exact.quantiles.numpy())
     assert (error < 4 * standard_error).all()
     # moments and extrema still use every value
-    np.testing.assert_allclose(sampled.stats.numpy(), exact.stats.numpy()[:, :7], rtol=1e-12, atol=0.02)
-    np.testing.assert_array_equal(sampled.stats[:, STAT["max"]].numpy(), exact.stats[:, STAT["max"]].numpy())
+    for name in ("count", "mean", "var", "min", "max", "nonfinite"):
+        np.testing.assert_array_equal(sampled.stats[:, STAT[name]].numpy(), exact.stats[:, STAT[name]].numpy())
 
 
 def test_sample_takes_the_same_positions_every_time():
-    summarizer = Summarizer(256)
+    """Fresh summarizers (no shared cache) sample the same positions: the seed is fixed."""
     x = torch.randn(128, 8, 12, 12)
-    first = finalize([summarizer.summarize(x, 1)]).quantiles
-    again = finalize([summarizer.summarize(x.clone(), 1)]).quantiles
-    assert torch.equal(first, again)
-    assert summarizer.summarize(x, 1).sample.shape == (8, 256)
+    first = Summarizer(256).summarize(x, 1).sample
+    again = Summarizer(256).summarize(x.clone(), 1).sample
+    assert torch.equal(first, again) and first.shape == (8, 256)
 
 
 def test_sample_does_not_alias_with_image_width():

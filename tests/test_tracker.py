@@ -147,7 +147,12 @@ def test_unknown_layer_name_lists_the_valid_names():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"every": 0}, "every must be a positive int, got 0"), ({"step": "often"}, "step must be 'auto' or 'manual'"),
-     ({"sample_size": -3}, "sample_size must be a positive int, got -3")],
+     ({"sample_size": -3}, "sample_size must be a positive int, got -3"),
+     ({"sample_size": True}, "sample_size must be a positive int, got True"),
+     ({"flush_every": 0}, "flush_every must be a positive int, got 0"),
+     ({"channel_dim": "last"}, "channel_dim must be 'auto', None or an int"),
+     ({"channel_dim": {"0": 1.5}}, "channel_dim must be 'auto', None or an int"),
+     ({"channel_dim": {"fc": 1}}, r"channel_dim names layers that are not recorded: \['fc'\]")],
 )
 def test_bad_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -226,6 +231,46 @@ def test_outputs_on_request():
     assert table.loc["0:output", "channels"] == 5 and table.loc["2:output", "channels"] == 2
 
 
+def test_channel_dim_out_of_range_names_the_layer():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with covshift.attach(model, every=1, channel_dim=2):
+        with pytest.raises(ValueError, match=r"channel_dim=2 is out of range for the 2-d input of layer '0'"):
+            model(torch.randn(4, 3))
+
+
+def test_layer_names_with_a_colon_are_recorded_with_their_outputs():
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({"enc:0": nn.Linear(3, 5)})
+
+        def forward(self, x):
+            return self.blocks["enc:0"](x)
+
+    model = Named()
+    with covshift.attach(model, every=1, outputs=True) as tracker:
+        model(torch.randn(4, 3))
+    table = recorded(tracker.run)
+    assert table.loc["blocks.enc:0", "channels"] == 3 and table.loc["blocks.enc:0:output", "channels"] == 5
+
+
+def test_shared_layer_with_different_channel_counts_is_a_clear_error():
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(4, elementwise_affine=False)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.norm(x)) + self.fc(self.norm(x[:2])).sum()
+
+    model = Reused()
+    with covshift.attach(model, every=1, channel_dim={"norm": 0}) as tracker:
+        with pytest.raises(ValueError, match=r"layer 'norm' saw inputs with \[2, 4\] channels in one step"):
+            model(torch.randn(4, 4))
+    assert tracker.run.stats().empty  # nothing of that step was stored
+
+
 def test_whole_layer_summary_on_request():
     model = cnn()
     with covshift.attach(model, every=1, channel_dim={"1": None}) as tracker:
@@ -294,12 +339,12 @@ def test_non_float_and_missing_inputs_warn_once_per_layer():
 
 
 def test_probe_restores_buffers_and_rng_bit_identically():
-    model = cnn()
+    model = nn.Sequential(cnn(), nn.Dropout(0.5))  # dropout draws from the CPU generator
     train(model, cnn_batches(1))
     probe_batch = torch.randn(16, 1, 8, 8)
     tracker = covshift.attach(model, every=1).probe(probe_batch, every=1)
     # Compare against a model the probe never touches, trained on the same batches.
-    twin = cnn()
+    twin = nn.Sequential(cnn(), nn.Dropout(0.5))
     twin.load_state_dict(model.state_dict())
     torch.manual_seed(3)
     train(model, cnn_batches(2))
@@ -341,3 +386,13 @@ def test_bad_probe_batches_are_rejected(batch, message):
     with pytest.raises(ValueError, match=message):
         tracker.probe(batch)
     tracker.detach()
+
+
+@pytest.mark.parametrize(
+    ("module", "ndim", "axis"),
+    [(nn.InstanceNorm1d(4), 2, 0), (nn.InstanceNorm1d(4), 3, 1), (nn.InstanceNorm2d(4), 3, 0),
+     (nn.InstanceNorm2d(4), 4, 1), (nn.BatchNorm1d(4), 2, 1), (nn.Conv2d(2, 4, 3), 3, 0),
+     (nn.Conv2d(2, 4, 3), 4, 1), (nn.Linear(3, 2), 3, 2)],
+)
+def test_auto_channel_axis_batched_and_unbatched(module, ndim, axis):
+    assert covshift.layers.channel_axis(module, ndim) == axis

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import covshift
+from covshift.checks import check_int
 from covshift.experiments import results
 from covshift.experiments.data import DATASETS, Split, load_split, normalize
 from covshift.experiments.model_summary import summary
@@ -59,11 +60,8 @@ class Config:
     def check(self) -> None:
         """Raise ``ValueError`` naming the first setting that is out of range."""
         for name in ("epochs", "batch_size", "every", "probe_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.probe_size, bool) or not isinstance(self.probe_size, int) or self.probe_size < 2:
-            raise ValueError(f"probe_size must be an int of at least 2, got {self.probe_size!r}")
+            check_int(name, getattr(self, name))
+        check_int("probe_size", self.probe_size, minimum=2)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.momentum < 1:

@@ -1,0 +1,18 @@
+"""Argument checks shared by the public API: one message format for every bad value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int of at least {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def check_choice(name: str, value: object, valid: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of the strings ``valid``, listing them."""
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
