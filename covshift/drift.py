@@ -33,6 +33,8 @@ REFERENCE_FORMS = "'initial', 'previous', an int step or 'rolling:K'"
 CHUNK_ROWS = 65536
 
 RunLike = Run | pd.DataFrame
+#: Columns of a stats DataFrame that every metric reads (quantiles and bin means are read when needed).
+_NEEDED_COLUMNS = ("count", "mean", "var", "min", "max")
 
 
 def drift(
@@ -198,6 +200,9 @@ def drift_table(
     """
     if not isinstance(metric, str) or metric == "all":
         raise ValueError(f"drift_table takes one metric name from {METRICS}, got {metric!r}")
+    for name, run in (("run_a", run_a), ("run_b", run_b)):
+        if not isinstance(run, Run):
+            raise TypeError(f"drift_table needs covshift.Run objects (it matches their layers), got {name}={type(run).__name__}")
     check_choice("match", match, MATCHES)
     pairs = _match_layers(run_a, run_b, match)
     columns = {}
@@ -251,8 +256,13 @@ def _summaries(
         frame = run.stats(source)
         present = sorted(set(run.stats()["source"])) if frame.empty else []
     elif isinstance(run, pd.DataFrame):
+        if "source" not in run and source != "train":
+            raise ValueError(f"a stats DataFrame without a 'source' column holds training records only; got source={source!r}")
         present = sorted(set(run["source"])) if "source" in run else [source]
         frame = run[run["source"] == source] if "source" in run else run
+        missing = [c for c in ("step", "layer", "channel", *_NEEDED_COLUMNS) if c not in frame]
+        if missing:
+            raise ValueError(f"the stats DataFrame lacks the columns {missing}: pass run.stats() or a subset of its rows")
     else:
         raise TypeError(f"run must be a covshift.Run or a stats DataFrame, got {type(run).__name__}")
     if frame.empty:
@@ -264,6 +274,14 @@ def _summaries(
     step = frame["step"].to_numpy(np.int64)
     channel = frame["channel"].to_numpy(np.int64)
     order = np.lexsort((channel, codes, step))
+    key = np.stack([step[order], codes[order], channel[order]])
+    repeated = np.flatnonzero((key[:, 1:] == key[:, :-1]).all(axis=0))
+    if len(repeated):
+        first = key[:, repeated[0]]
+        raise ValueError(
+            f"{len(repeated)} records repeat a (step, layer, channel) of source={source!r}, e.g. step {first[0]}, "
+            f"layer {layers[first[1]]!r}, channel {first[2]}: were two runs' stats concatenated?"
+        )
     if np.all(order[1:] > order[:-1]):
         order = slice(None)
     var = frame["var"].to_numpy(np.float64)[order]
@@ -332,7 +350,10 @@ def _layer_order(run: RunLike) -> list[str]:
 
 
 def _metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:
-    names = METRICS if metric == "all" else (metric,) if isinstance(metric, str) else tuple(metric)
+    if isinstance(metric, str):
+        names = METRICS if metric == "all" else (metric,)
+    else:
+        names = tuple(metric) if isinstance(metric, Sequence) else ()
     unknown = [name for name in names if name not in METRICS]
     if unknown or not names:
         raise ValueError(f"metric must be 'all' or names from {METRICS}, got {metric!r}")
@@ -411,10 +432,14 @@ def _match_layers(run_a: Run, run_b: Run, match: str) -> list[tuple[str, str, st
     return pairs
 
 
+def has_probe(run: Run) -> bool:
+    """Whether ``run`` holds records of both probe halves (what :func:`noise_floor` needs)."""
+    return not (run.stats("probe_a").empty or run.stats("probe_b").empty)
+
+
 def _mean_noise(run: Run, metric: str, normalize: bool, agg: str) -> pd.Series:
     """Each layer's noise floor averaged over probe steps (empty without probes)."""
-    stats_sources = set(run.stats()["source"])
-    if not {"probe_a", "probe_b"} <= stats_sources:
+    if not has_probe(run):
         return pd.Series(dtype=float)
     floor = noise_floor(run, metric, normalize, "layer", agg)
     return floor.groupby(floor["layer"].astype(str))["value"].mean()

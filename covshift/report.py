@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from pandas.core.groupby import SeriesGroupBy
 
 from covshift import figures
+from covshift.drift import METRICS, drift, has_probe, noise_floor
 from covshift.run import Run, load
 
 #: Metrics drawn by default: normalized W1, mean shift and the std ratio.
@@ -72,7 +73,8 @@ def report(
 
     Raises:
         ValueError: no runs, an unknown metric, layers that match nothing, a
-            source the runs did not record, a negative ``channel`` or ``max_points`` below 2.
+            source the runs did not record, a ``channel`` that is negative or beyond
+            the layers' channels, or ``max_points`` below 2.
         covshift.store.RunFileError: a run directory is missing or unreadable.
     """
     loaded = _load_all(runs)
@@ -83,6 +85,10 @@ def report(
         raise ValueError(f"channel must be None or a channel index (an int >= 0), got {channel!r}")
     labels = run_labels(loaded)
     shown = select_layers(loaded, layers)
+    if channel is not None:
+        widest = max(int(n) for run in loaded for name, n in run.layers[["layer", "channels"]].values if name in shown)
+        if channel >= widest:
+            raise ValueError(f"channel {channel} is out of range: the layers shown have at most {widest} channels")
     data = ReportData.compute(loaded, metrics, reference=reference, source=source, channel=channel)
     sections = build_sections(data, labels, shown, metrics, reference=reference, max_points=max_points,
                               channel=channel, source=source)
@@ -159,8 +165,6 @@ class ReportData:
     def compute(
         cls, runs: Sequence[Run], metrics: Sequence[str], *, reference: str | int, source: str, channel: int | None
     ) -> ReportData:
-        from covshift.drift import drift, noise_floor
-
         data = cls([], [], [], [], [])
         for run in runs:
             stats = run.stats(source=source)
@@ -171,7 +175,7 @@ class ReportData:
             data.channel_drifts.append(
                 drift(run, metric=list(metrics), reference=reference, by="channel", source=source)
             )
-            data.noises.append(noise_floor(run, metric=list(metrics)) if _has_probe(run) else None)
+            data.noises.append(noise_floor(run, metric=list(metrics)) if has_probe(run) else None)
             data.curves.append(run.curves())
         return data
 
@@ -317,11 +321,9 @@ def render_html(
 
 
 def _metric_list(metrics: str | Sequence[str]) -> list[str]:
-    from covshift.drift import METRICS
-
-    if metrics == "all":
-        return list(METRICS)
     names = [metrics] if isinstance(metrics, str) else list(metrics)
+    if names == ["all"]:  # "all", or ["all"] from the command line
+        return list(METRICS)
     if not names:
         raise ValueError("metrics must name at least one drift metric, got an empty list")
     return names
@@ -334,10 +336,6 @@ def _load_all(runs: Run | str | Path | Sequence[Run | str | Path]) -> list[Run]:
     if not loaded:
         raise ValueError("report() needs at least one run, got none")
     return loaded
-
-
-def _has_probe(run: Run) -> bool:
-    return not run.stats(source="probe_a").empty
 
 
 def _css_color(color: str) -> str:

@@ -67,6 +67,11 @@ def test_compare_rejects_an_unknown_metric(run_dirs, capsys):
     assert "'nope'" in err
 
 
+def test_report_takes_metric_all(run_dirs, tmp_path, capsys):
+    assert main(["report", str(run_dirs[0]), "-o", str(tmp_path / "out"), "--metric", "all", "--layers", "fc"]) == 0
+    assert (tmp_path / "out" / "report.html").exists(), capsys.readouterr().err
+
+
 def test_report_writes_the_page(run_dirs, tmp_path):
     result = covshift_cmd("report", *run_dirs, "-o", tmp_path / "out", "--metric", "ks", "--layers", "conv")
     assert result.returncode == 0, result.stderr

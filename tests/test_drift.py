@@ -231,11 +231,25 @@ def test_zero_variance_channels_are_excluded_and_counted_without_warnings():
         ({"agg": "sum"}, r"agg must be one of \('mean', 'median', 'max'\), got 'sum'"),
         ({"source": "test"}, r"source must be one of \('train', 'probe', 'probe_a', 'probe_b'\), got 'test'"),
         ({"source": "probe"}, r"the run has no records of source='probe'; it has \['train'\]"),
+        ({"metric": None}, r"metric must be 'all' or names from .*, got None"),
     ],
 )
 def test_bad_arguments_name_the_valid_values(drifting_run, kwargs, message):
     with pytest.raises(ValueError, match=message):
         drift(drifting_run, **kwargs)
+
+
+def test_bad_stats_frames_are_named(drifting_run):
+    stats = drifting_run.stats()
+    with pytest.raises(ValueError, match="without a 'source' column holds training records only; got source='probe'"):
+        drift(stats.drop(columns="source"), source="probe")
+    np.testing.assert_array_equal(drift(stats.drop(columns="source"))["value"], drift(stats)["value"])
+    with pytest.raises(ValueError, match=r"lacks the columns \['var'\]"):
+        drift(stats.drop(columns="var"))
+    with pytest.raises(ValueError, match=r"24 records repeat a \(step, layer, channel\) of source='train', e.g. step 0"):
+        drift(pd.concat([stats, stats]))
+    with pytest.raises(TypeError, match="drift_table needs covshift.Run objects .* got run_a=DataFrame"):
+        drift_table(stats, drifting_run)
 
 
 def test_noise_floor_compares_the_two_probe_halves(runs):
@@ -264,6 +278,10 @@ def test_drift_to_noise_divides_by_the_nearest_probe_floor(runs):
     floor = noise_floor(plain, "wasserstein").set_index(["step", "layer"])["value"]
     row = joined[joined["step"] == 8].set_index("layer")
     assert row.loc["fc", "noise"] == floor[8, "fc"]
+    probe_steps = np.array(sorted({step for step, _ in floor.index}))
+    for step in joined["step"].unique():  # not a probe step: the nearest one's floor, before or after
+        nearest = probe_steps[np.abs(probe_steps - step).argmin()]
+        assert joined[(joined["step"] == step) & (joined["layer"] == "fc")]["noise"].item() == floor[nearest, "fc"]
 
 
 def test_drift_table_by_name_leaves_out_layers_of_one_run(runs):
@@ -275,7 +293,8 @@ def test_drift_table_by_name_leaves_out_layers_of_one_run(runs):
     row = table.set_index("layer_a").loc["fc"]
     assert row["mean_b"] == pytest.approx(fc.mean()) and row["final_b"] == pytest.approx(fc.iloc[-1])
     assert row["mean_ratio"] == pytest.approx(row["mean_b"] / row["mean_a"])
-    assert np.isfinite(table[["noise_a", "noise_b"]].to_numpy()).all()
+    noise_b = noise_floor(bn, "wasserstein")
+    assert row["noise_b"] == pytest.approx(noise_b[noise_b["layer"] == "fc"]["value"].mean())
 
 
 def test_drift_table_by_type_pairs_the_kth_layer_of_each_type(runs):

@@ -162,7 +162,16 @@ def test_report_rejects_a_negative_channel(runs, tmp_path):
         report(runs[0], tmp_path, channel=-1)
 
 
+def test_report_rejects_a_channel_beyond_the_layers(runs, tmp_path):
+    widest = int(runs[0].layers["channels"].max())
+    with pytest.raises(ValueError, match=f"channel {widest} is out of range: the layers shown have at most {widest}"):
+        report(runs[0], tmp_path, channel=widest)
+
+
 def test_report_draws_one_channel_on_request(runs, tmp_path):
-    page = report(runs[0], tmp_path, metrics="ks", layers="fc", channel=3)
+    page = report(runs[0], tmp_path / "c3", metrics="ks", layers="fc", channel=3)
     assert "channel 3" in page.read_text()
-    assert png_size(tmp_path / "percentiles.png") == grid_pixels(1, 1)
+    assert png_size(tmp_path / "c3" / "percentiles.png") == grid_pixels(1, 1)
+    report(runs[0], tmp_path / "c0", metrics="ks", layers="fc", channel=0)
+    drawn = [(tmp_path / c / "percentiles.png").read_bytes() for c in ("c3", "c0")]
+    assert drawn[0] != drawn[1]  # another channel's percentiles are drawn
