@@ -13,10 +13,10 @@ from pathlib import Path
 from types import ModuleType
 
 from covshift import __version__
-from covshift.figures import DEFAULT_MAX_POINTS
+from covshift.drift import drift_table
+from covshift.figures import DEFAULT_MAX_POINTS, reference_words
 from covshift.report import DEFAULT_METRICS, report
 from covshift.run import Run, load
-from covshift.store import RunFileError
 
 _MAIN_EPILOG = """\
 examples:
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (RunFileError, OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # RunFileError is a ValueError
         print(f"covshift {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -171,14 +171,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from covshift.drift import drift_table
-
     run_a, run_b = load(args.run_a), load(args.run_b)
     table = drift_table(run_a, run_b, metric=args.metric, reference=args.reference, source=args.source,
                         match=args.match)
     if (table["layer_a"] == table["layer_b"]).all():
         table = table.drop(columns="layer_b").rename(columns={"layer_a": "layer"})
-    print(f"{args.metric} drift from the {_words(args.reference)} ({args.source} records): "
+    print(f"{args.metric} drift from the {reference_words(args.reference)} ({args.source} records): "
           f"A = {run_a.name} ({run_a.directory}), B = {run_b.name} ({run_b.directory})")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     return 0
@@ -235,12 +233,6 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
-
-
-def _words(reference: str | int) -> str:
-    from covshift.figures import reference_words
-
-    return reference_words(reference)
 
 
 def _one_line(err: BaseException) -> str:

@@ -56,15 +56,15 @@ METRIC_LABELS = {
 _NORMALIZED = {"wasserstein", "mean_shift", "gaussian_w2"}
 
 
-def metric_label(metric: str, normalize: bool = True) -> str:
-    """Axis label of a drift metric, with its unit.
+def metric_label(metric: str) -> str:
+    """Axis label of a drift metric as the report draws it (normalized), with its unit.
 
     >>> metric_label("wasserstein")
     'W1 distance (× σ_ref)'
     """
     label = METRIC_LABELS.get(metric, metric)
     if metric in _NORMALIZED:
-        return f"{label} ({'× σ_ref' if normalize else 'input units'})"
+        return f"{label} (× σ_ref)"
     return label
 
 
@@ -123,7 +123,7 @@ def percentiles_figure(
     fig, axes = new_grid(len(layers), len(labels), sharex=True, sharey="row")
     colors = run_colors(len(labels))
     for col, (frame, label, color) in enumerate(zip(percentiles, labels, colors)):
-        frame = frame[frame["step"].isin(plots.thin_steps(frame["step"], max_points))]
+        frame = _thinned(frame, max_points)
         for row, layer in enumerate(layers):
             ax = axes[row, col]
             part = frame[frame["layer"] == layer]
@@ -149,7 +149,6 @@ def drift_figure(
     metrics: Sequence[str],
     *,
     reference: str = "initial",
-    normalize: bool = True,
     max_points: int = DEFAULT_MAX_POINTS,
 ) -> Figure:
     """Drift over steps: one row per layer, one column per metric, runs overlaid, noise floors dashed."""
@@ -174,7 +173,7 @@ def drift_figure(
                 _not_recorded(ax)
             if log:
                 ax.set_yscale("log", nonpositive="mask")
-            header = f"{metric_label(metric, normalize)}\n" if row == 0 else ""
+            header = f"{metric_label(metric)}\n" if row == 0 else ""
             ax.set_title(f"{header}layer {layer}", fontsize=10)
             ax.set_ylabel("drift")
     for ax in axes[-1]:
@@ -192,7 +191,6 @@ def heatmap_figure(
     metrics: Sequence[str],
     *,
     reference: str = "initial",
-    normalize: bool = True,
     max_points: int = DEFAULT_MAX_POINTS,
 ) -> Figure:
     """Layer × step heatmaps: one row per metric, one column per run, one colour scale per metric."""
@@ -206,7 +204,7 @@ def heatmap_figure(
         for col, label in enumerate(labels):
             axes[row, col].set_title(f"{label}", fontsize=10)
         axes[row, 0].set_ylabel("layer")
-        fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric, normalize), shrink=0.9)
+        fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric), shrink=0.9)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     _title(fig, f"Drift from the {reference_words(reference)}, layer × step", len(labels))
@@ -218,8 +216,6 @@ def channels_figure(
     labels: Sequence[str],
     layers: Sequence[str],
     metrics: Sequence[str],
-    *,
-    normalize: bool = True,
 ) -> Figure:
     """Per-channel drift at each run's last step: one box per (layer, run), one row per metric."""
     width, height = PANEL_SIZE
@@ -244,7 +240,7 @@ def channels_figure(
         ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers],
                       rotation=30 if len(layers) > 6 else 0, ha="right" if len(layers) > 6 else "center")
         ax.set_xlim(-0.6, len(layers) - 0.4)
-        ax.set_ylabel(metric_label(metric, normalize), fontsize=9)
+        ax.set_ylabel(metric_label(metric), fontsize=9)
         ax.set_title(f"{METRIC_LABELS.get(metric, metric)} per channel at the last step", fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
     _title(fig, "Per-channel drift at the end of training (box: quartiles; dots: channels)", 2)

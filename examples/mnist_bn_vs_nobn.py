@@ -24,9 +24,10 @@ from covshift.experiments import mnist_bn
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mnist_bn.add_arguments(parser)
-    out = mnist_bn.run_from_args(parser.parse_args(argv))
-    print(f"results: {out / 'results.md'}")
-    return out
+    try:
+        return mnist_bn.run_from_args(parser.parse_args(argv))  # prints where the results are
+    except (ValueError, OSError) as err:  # bad settings or data: one line, no traceback
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

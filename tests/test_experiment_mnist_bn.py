@@ -149,6 +149,20 @@ def test_existing_output_is_not_overwritten(finished: Path, data_dir: Path) -> N
         mnist_bn.run_experiment(tiny(data_dir, finished))
 
 
+def test_an_out_that_is_a_file_is_named_before_any_data_is_read(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file; choose a directory"):
+        mnist_bn.run_experiment(tiny(tmp_path / "no-data-here", tmp_path / "file"))
+
+
+def test_example_script_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main = runpy.run_path(str(EXAMPLE))["main"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--epochs", "0", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: epochs must be a positive int, got 0")
+
+
 @pytest.mark.parametrize(("setting", "value"), [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("momentum", 1.0),
                                                 ("probe_size", 1), ("dataset", "cifar")])
 def test_bad_settings_name_the_setting(setting: str, value: object, data_dir: Path, tmp_path: Path) -> None:

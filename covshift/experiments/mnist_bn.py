@@ -137,6 +137,8 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
     config = config if config is not None else Config(**settings)  # type: ignore[arg-type]
     config.check()
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={str(out)!r} is a file; choose a directory for the results")
     for name in MODELS:
         if (out / name).exists():
             raise FileExistsError(f"out={str(out)!r} already holds a run ({out / name}); choose a new --out")
