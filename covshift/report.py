@@ -171,10 +171,11 @@ class ReportData:
             if stats.empty:
                 raise ValueError(f"run {run.name!r} ({run.directory}) has no records of source={source!r}")
             data.percentiles.append(figures.layer_percentiles(stats, channel))
-            data.drifts.append(drift(run, metric=list(metrics), reference=reference, by="layer", source=source))
-            data.channel_drifts.append(
-                drift(run, metric=list(metrics), reference=reference, by="channel", source=source)
-            )
+            channels = drift(run, metric=list(metrics), reference=reference, by="channel", source=source)
+            data.channel_drifts.append(channels)
+            # The layer means of the same values (NaN, excluded channels, skipped), not a second drift() pass.
+            by_layer = channels.groupby(["metric", "step", "layer", "reference"], observed=True, sort=False)
+            data.drifts.append(by_layer["value"].mean().reset_index())
             data.noises.append(noise_floor(run, metric=list(metrics)) if has_probe(run) else None)
             data.curves.append(run.curves())
         return data
