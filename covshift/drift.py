@@ -243,9 +243,6 @@ class _Summaries:
     knots: _Columns | None  # quantile-function knots: min, quantiles, max
     binmeans: _Columns | None  # the 32 bin means
 
-    def __len__(self) -> int:
-        return len(self.step)
-
 
 def _summaries(
     run: RunLike, source: str, names: tuple[str, ...] = METRICS, hint: str = ""
@@ -470,7 +467,7 @@ def _compute(
         mu_r = _mean_of(ref_s.mean, ref_rows)
         sd_r = _mean_of(ref_s.sd, ref_rows)
         constant_r = _mean_of(ref_s.constant.astype(np.float64), ref_rows) == 1.0
-        good = ~(cur_s.constant[rows] | constant_r | (sd_r <= 0))
+        good = ~(cur_s.constant[rows] | constant_r)  # constant: zero variance (so sd 0) or no value
         ok[part] = good
         mu_t, sd_t = cur_s.mean[rows], cur_s.sd[rows]
         scale = sd_r if normalize else None

@@ -292,9 +292,11 @@ def _not_recorded(ax: Axes, text: str = "not recorded in this run") -> None:
 
 def _percentile_key() -> list[Artist]:
     """Legend entries for the percentile styles, in a neutral colour (runs have their own colours)."""
-    styles = {"15th": ":", "50th": "-", "85th": "--"}
     band = Patch(color="0.4", alpha=0.15, label="1st–99th percentile")
-    lines = [Line2D([], [], color="0.3", linestyle=ls, label=f"{name} percentile") for name, ls in styles.items()]
+    lines = [
+        Line2D([], [], color="0.3", linestyle=style, label=f"{name} percentile")
+        for name, style in plots.PERCENTILE_STYLES.values()
+    ]
     return [band, *lines]
 
 

@@ -51,7 +51,7 @@ def std_ratio(sd_t: np.ndarray, sd_r: np.ndarray) -> np.ndarray:
     sd_t, sd_r = np.asarray(sd_t, dtype=float), np.asarray(sd_r, dtype=float)
     ok = (sd_t > 0) & (sd_r > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(ok, np.abs(np.log(np.where(ok, sd_t / np.where(ok, sd_r, 1.0), 1.0))), np.nan)
+        return np.where(ok, np.abs(np.log(sd_t / sd_r)), np.nan)
 
 
 def wasserstein(binmeans_t: np.ndarray, binmeans_r: np.ndarray, sd_r: np.ndarray | None = None) -> np.ndarray:

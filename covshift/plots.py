@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 #: Percentile levels drawn as lines (the BatchNorm paper's Figure 1) and as the faint band.
-PERCENTILE_LINES = ("q0.15", "q0.5", "q0.85")
+PERCENTILE_STYLES = {"q0.15": ("15th", ":"), "q0.5": ("50th", "-"), "q0.85": ("85th", "--")}  # name, style
+PERCENTILE_LINES = tuple(PERCENTILE_STYLES)
 PERCENTILE_BAND = ("q0.01", "q0.99")
 
 
@@ -67,11 +68,9 @@ def percentile_trajectory(frame: pd.DataFrame, *, ax: Axes | None = None, color:
     low, high = PERCENTILE_BAND
     band = ax.fill_between(frame["step"], frame[low], frame[high], color=color, alpha=0.15, linewidth=0,
                            label="1st–99th")
-    styles = {"q0.15": ":", "q0.5": "-", "q0.85": "--"}
-    names = {"q0.15": "15th", "q0.5": "50th", "q0.85": "85th"}
     lines = [
-        ax.plot(frame["step"], frame[q], color=color, linestyle=styles[q], linewidth=1.4, label=names[q])[0]
-        for q in PERCENTILE_LINES
+        ax.plot(frame["step"], frame[q], color=color, linestyle=style, linewidth=1.4, label=name)[0]
+        for q, (name, style) in PERCENTILE_STYLES.items()
     ]
     return [band, *lines]
 
