@@ -48,6 +48,7 @@ def report(
     source: str = "train",
     channel: int | None = None,
     max_points: int = figures.DEFAULT_MAX_POINTS,
+    notice: str | None = None,
 ) -> Path:
     """Write the drift report of ``runs`` to ``out_dir``: PNG figures and ``report.html``.
 
@@ -67,6 +68,7 @@ def report(
         channel: draw percentiles of this channel instead of the mean over channels
             (layers with fewer channels show an empty panel).
         max_points: most steps drawn per line (the table uses every step).
+        notice: a warning shown in a red box at the top of the page (its first line as the title).
 
     Returns:
         The path of ``report.html``.
@@ -100,7 +102,7 @@ def report(
     for stale in set(FIGURE_NAMES) - {section.name for section in sections}:
         (out / f"{stale}.png").unlink(missing_ok=True)  # left by an earlier report into the same directory
     table.to_csv(out / "summary.csv", index=False)
-    page = render_html(loaded, labels, sections, table, out, reference=reference, source=source)
+    page = render_html(loaded, labels, sections, table, out, reference=reference, source=source, notice=notice)
     (out / REPORT_FILE).write_text(page, encoding="utf-8")
     return out / REPORT_FILE
 
@@ -284,8 +286,12 @@ def render_html(
     *,
     reference: str | int,
     source: str,
+    notice: str | None = None,
 ) -> str:
-    """The self-contained page: inline CSS, images as base64 data URIs, no links or scripts."""
+    """The self-contained page: inline CSS, images as base64 data URIs, no links or scripts.
+
+    ``notice`` goes in a red box at the top (its first line as the title).
+    """
     colors = figures.run_colors(len(runs))
     run_rows = "".join(
         f"<tr><td><span class=swatch style='background:{_css_color(color)}'></span>{html.escape(label)}</td>"
@@ -297,6 +303,7 @@ def render_html(
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         "<title>covshift report</title>",
         f"<style>{_CSS}</style></head><body>",
+        _notice_box(notice) if notice else "",
         "<h1>covshift drift report</h1>",
         f"<p>Drift measured from the <b>{html.escape(figures.reference_words(reference))}</b> on "
         f"<b>{html.escape(source)}</b> records.</p>",
@@ -337,6 +344,14 @@ def _load_all(runs: Run | str | Path | Sequence[Run | str | Path]) -> list[Run]:
     if not loaded:
         raise ValueError("report() needs at least one run, got none")
     return loaded
+
+
+def _notice_box(notice: str) -> str:
+    title, _, text = notice.strip().partition("\n")
+    return (
+        '<div style="border:3px solid #c00;background:#fee;padding:0.6em 1em;margin:1em 0">'
+        f"<strong>{html.escape(title)}</strong><pre style='white-space:pre-wrap'>{html.escape(text)}</pre></div>"
+    )
 
 
 def _css_color(color: str) -> str:

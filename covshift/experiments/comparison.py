@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
@@ -129,20 +128,8 @@ def to_markdown(comparison: dict) -> str:
 
 def write_report(runs: list[covshift.Run], out_dir: Path, notice: str | None = None) -> Path:
     """Write the covshift drift report of ``runs``; put the data ``notice`` (if any) at the top of the page."""
-    from covshift.report import report
-
-    page = report(runs, out_dir)
-    if notice:
-        text = page.read_text(encoding="utf-8")
-        banner = (
-            '<div style="border:3px solid #c00;background:#fee;padding:0.6em 1em;margin:1em 0">'
-            "<strong>DATA NOTICE: offline fallback data in use.</strong><pre style='white-space:pre-wrap'>"
-            + html.escape(notice)
-            + "</pre></div>"
-        )
-        head, body, rest = text.partition("<body>")
-        page.write_text(head + body + banner + rest if body else banner + text, encoding="utf-8")
-    return page
+    banner = f"DATA NOTICE: offline fallback data in use.\n{notice}" if notice else None
+    return covshift.report(runs, out_dir, notice=banner)
 
 
 def _fmt(value: float | None) -> str:
