@@ -41,15 +41,20 @@ BINMEAN_COLUMNS: tuple[str, ...] = tuple(f"binmean_{k:02d}" for k in range(N_BIN
 
 @dataclass
 class Partial:
-    """Mergeable per-channel state of one or more tensors; every field has C rows."""
+    """Mergeable per-channel state of one or more tensors; every field has C rows.
+
+    Moments are kept as count, mean and the sum of squared deviations from the
+    mean (``m2``), in float64: merging them (Chan's pairwise rule) is exact, and
+    no large mean can cancel a small spread the way raw sums of squares do.
+    """
 
     count: torch.Tensor  # finite values, int64
-    total: torch.Tensor  # sum of finite values, float32
-    total_sq: torch.Tensor  # sum of squares of finite values, float32
+    mean: torch.Tensor  # mean of the finite values (0 where there are none), float64
+    m2: torch.Tensor  # sum of squared deviations of the finite values from their mean, float64
     min: torch.Tensor
     max: torch.Tensor
     nonfinite: torch.Tensor  # int64
-    sample: torch.Tensor  # (C, S) float32, non-finite values replaced by +inf
+    sample: torch.Tensor  # (C, S) in the input's precision, non-finite values replaced by +inf
 
 
 @dataclass
@@ -78,43 +83,88 @@ class Summarizer:
         self.sample_size = sample_size
         self._positions: dict[tuple, torch.Tensor] = {}
 
-    def summarize(self, x: torch.Tensor, channel_dim: int | None) -> Partial:
-        """Summarize ``x`` per slice along ``channel_dim`` (None: the whole tensor)."""
-        x = x.detach()
-        if x.dtype != torch.float32:
-            x = x.float()
-        view = _channel_view(x, channel_dim)
-        total = _reduce(view, torch.sum)
-        if x.device.type == "cpu" and bool(torch.isfinite(total).all()):
-            return self._summarize_finite(view, total)
-        # A non-finite sum means NaN/Inf somewhere (or overflow). Off the CPU,
-        # checking would cost a host sync, so the masked path always runs there.
-        return self._summarize_masked(view)
+    def summarize(self, x: torch.Tensor, channel_dim: int | None) -> Partial | None:
+        """Summarize ``x`` per slice along ``channel_dim`` (None: the whole tensor).
 
-    def _summarize_finite(self, view: torch.Tensor, total: torch.Tensor) -> Partial:
-        count = torch.full_like(total, view.shape[0] * view.shape[2], dtype=torch.int64)
+        Returns None for an empty tensor: a call with no values is no record.
+        float64 inputs keep their precision; other dtypes are summarized in float32.
+        """
+        x = x.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if x.numel() == 0:
+            return None
+        view = _channel_view(x, channel_dim)
+        if x.device.type == "cpu":
+            # On the CPU a check costs nothing: take the one-pass path when its
+            # sums are finite and its variance cannot have cancelled.
+            total = _reduce(view, torch.sum)
+            if bool(torch.isfinite(total).all()):
+                partial = self._summarize_one_pass(view, total)
+                if partial is not None:
+                    return partial
+        # Off the CPU a check would cost a host sync, so the two-pass path always runs there.
+        return self._summarize_two_pass(view)
+
+    def _summarize_one_pass(self, view: torch.Tensor, total: torch.Tensor) -> Partial | None:
+        """Moments from plain sums of values and squares, or None where those lose precision.
+
+        ``m2 = Σx² − (Σx)²/n`` loses about ``Σx²/m2`` ulps to cancellation: it is
+        kept only where that factor is at most :data:`_CANCELLATION_LIMIT` (in
+        float32, a relative variance error near 1e-6), which holds for ordinary
+        activations; large means, constants and overflow take the two-pass path.
+        """
+        total_sq = _sum_of_squares(view)
+        n = view.shape[0] * view.shape[2]
+        total, total_sq = total.double(), total_sq.double()
+        m2 = total_sq - total * total / n
+        if not bool((torch.isfinite(total_sq) & (m2 * _CANCELLATION_LIMIT[view.dtype] >= total_sq)).all()):
+            return None
+        count = torch.full_like(total, n, dtype=torch.int64)
         return Partial(
             count=count,
-            total=total,
-            total_sq=_sum_of_squares(view),
+            mean=total / n,
+            m2=m2,
             min=_reduce(view, torch.amin),
             max=_reduce(view, torch.amax),
             nonfinite=torch.zeros_like(count),
             sample=self._sample(view),
         )
 
-    def _summarize_masked(self, view: torch.Tensor) -> Partial:
+    def _summarize_two_pass(self, view: torch.Tensor) -> Partial:
+        """Moments of the finite values by scaled, centred sums: exact for any finite input.
+
+        Values are divided by a power of two at least half the channel's largest
+        magnitude (exact, and no sum or square can overflow), then summed once for
+        the mean and once more around it, as in the textbook two-pass algorithm.
+        """
+        channels = view.shape[1]
         finite = torch.isfinite(view)
-        clean = torch.where(finite, view, 0.0)
         count = _reduce(finite, torch.sum)  # bool sums count, as int64
+        seen = count > 0
+        # Python scalars, not device tensors: building one on a GPU would wait for it.
+        low = _reduce(torch.where(finite, view, float("inf")), torch.amin)
+        high = _reduce(torch.where(finite, view, float("-inf")), torch.amax)
+        largest = torch.where(seen, torch.maximum(low.abs(), high.abs()), 0.0)
+        _, exponent = torch.frexp(largest)  # largest = m · 2^exponent, 0.5 <= m < 1
+        scale = torch.ldexp(torch.ones_like(largest), exponent - 1)  # largest / scale in [1, 2)
+        scaled = torch.where(finite, view / scale.view(1, channels, 1), 0.0)
+        acc = _accumulator(view.device)
+        n = count.clamp_min(1).to(acc)
+        pilot = (_reduce(scaled, torch.sum).to(acc) / n).to(view.dtype)
+        centred = torch.where(finite, scaled - pilot.view(1, channels, 1), 0.0)
+        s1 = _reduce(centred, torch.sum).to(acc)
+        s2 = _sum_of_squares(centred).to(acc)
+        scale = scale.to(acc)
+        mean = (pilot.to(acc) + s1 / n) * scale
+        m2 = (s2 - s1 * s1 / n).clamp_min(0.0) * scale * scale
         sample = self._sample(view)
         return Partial(
             count=count,
-            total=_reduce(clean, torch.sum),
-            total_sq=_sum_of_squares(clean),
-            # Python scalars, not device tensors: building one on a GPU would wait for it.
-            min=torch.where(count > 0, _reduce(torch.where(finite, view, float("inf")), torch.amin), float("nan")),
-            max=torch.where(count > 0, _reduce(torch.where(finite, view, float("-inf")), torch.amax), float("nan")),
+            mean=torch.where(seen, mean, 0.0),
+            m2=torch.where(seen, m2, 0.0),
+            min=torch.where(seen, low, float("nan")),
+            max=torch.where(seen, high, float("nan")),
             nonfinite=view.shape[0] * view.shape[2] - count,
             sample=torch.where(torch.isfinite(sample), sample, float("inf")),
         )
@@ -151,6 +201,16 @@ class Summarizer:
         return torch.arange(channels)[:, None] * after + offsets[None, :]
 
 
+#: Largest ``Σx²/m2`` the one-pass moments accept, per input dtype (see
+#: :meth:`Summarizer._summarize_one_pass`; float64 carries 29 more bits).
+_CANCELLATION_LIMIT = {torch.float32: 16.0, torch.float64: 1e6}
+
+
+def _accumulator(device: torch.device) -> torch.dtype:
+    """float64 for per-channel moments, where the device has it (Apple's MPS does not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _channel_view(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
     """``x`` as (before, C, after): a view when ``x`` is contiguous, so no value is copied."""
     if channel_dim is None:
@@ -181,17 +241,24 @@ def _sum_of_squares(view: torch.Tensor) -> torch.Tensor:
 def merge(partials: list[Partial]) -> Partial:
     """Combine partials of the same channels (e.g. a weight-shared layer called twice).
 
-    Counts, sums and extrema merge exactly; the samples are pooled (each call
-    contributes its own sample, so calls weigh equally in the quantiles).
+    Counts and extrema merge exactly, means and ``m2`` by Chan's pairwise rule;
+    the samples are pooled (each call contributes its own sample, so calls weigh
+    equally in the quantiles).
     """
     if len(partials) == 1:
         return partials[0]
+    counts = torch.stack([p.count for p in partials])
+    n = counts.sum(0)
+    weights = counts.to(partials[0].mean.dtype) / n.clamp_min(1)
+    means = torch.stack([p.mean for p in partials])
+    mean = (weights * means).sum(0)
+    spread = (counts * (means - mean).square()).sum(0)
     return Partial(
-        count=sum(p.count for p in partials),
-        total=sum(p.total for p in partials),
-        total_sq=sum(p.total_sq for p in partials),
-        min=torch.stack([p.min for p in partials]).amin(0),
-        max=torch.stack([p.max for p in partials]).amax(0),
+        count=n,
+        mean=mean,
+        m2=torch.stack([p.m2 for p in partials]).sum(0) + spread,
+        min=functools.reduce(torch.fmin, [p.min for p in partials]),  # fmin: a channel with no value is NaN
+        max=functools.reduce(torch.fmax, [p.max for p in partials]),
         nonfinite=sum(p.nonfinite for p in partials),
         sample=torch.cat([p.sample for p in partials], dim=1),
     )
@@ -211,8 +278,8 @@ def finalize(partials: list[Partial]) -> Record:
     """
     count = torch.cat([p.count for p in partials]).double()
     nonfinite = torch.cat([p.nonfinite for p in partials]).double()
-    mean = torch.cat([p.total for p in partials]).double() / count
-    var = (torch.cat([p.total_sq for p in partials]).double() / count - mean * mean).clamp_min(0.0)
+    mean = torch.where(count > 0, torch.cat([p.mean for p in partials]).double(), float("nan"))
+    var = torch.cat([p.m2 for p in partials]).double() / count  # NaN where no value was finite
     blocks = [_sample_statistics(_padded_samples(block)) for block in _blocks(partials)]
     quantiles, binmeans, zero_frac = (torch.cat(parts) for parts in zip(*blocks))
     stats = torch.stack(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import threading
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from covshift.checks import check_int
+from covshift.faults import CovshiftWarning
 from covshift.layers import LayerSpec, channel_axis, select_layers
 from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, Run
 from covshift.summary import (
@@ -30,6 +34,30 @@ DEFAULT_PROBE_EVERY = 10
 #: points, not every step, and non-recording steps cost almost nothing.
 DEFAULT_EVERY = 10
 
+#: ``torch.compiler.is_compiling`` where this torch has it. Inside code that
+#: torch.compile traces, every hook returns at once: the check is a constant to
+#: the compiler, so covshift adds no graph break and no recompilation.
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+class _Forward(threading.local):
+    """What the current thread's forward is recording: per thread, so concurrent forwards never mix."""
+
+    def __init__(self) -> None:
+        self.active = False  # layer hooks record now
+        self.step = -1  # the step this forward records into
+        self.source = "train"
+        self.partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
+
+
+#: The tracker whose probe forward runs in this thread, if any: every other
+#: tracker on the model ignores that forward entirely.
+_probe = threading.local()
+
+
+def _probe_owner() -> Tracker | None:
+    return getattr(_probe, "owner", None)
+
 
 class Tracker:
     """Records per-channel summaries of selected layers' inputs while a model trains.
@@ -38,6 +66,11 @@ class Tracker:
     step (or, with ``step="manual"``, everything between two :meth:`step` calls).
     Eval-mode forwards are not recorded. Use :meth:`detach`, or the tracker as a
     context manager, to remove every hook and flush what is buffered.
+
+    A fault inside covshift never reaches the training loop: it is reported once
+    as a :class:`~covshift.faults.CovshiftWarning` and covshift steps aside (a
+    layer it cannot summarize is skipped; a failing store stops the recording).
+    Forwards from several threads at once each record their own step.
     """
 
     def __init__(
@@ -87,17 +120,19 @@ class Tracker:
             flush_every=flush_every,
             memory_budget=memory_budget,
         )
+        self._lock = threading.RLock()  # steps, the open manual step and the run
+        self._forward = _Forward()
         self._step = -1  # index of the current (or last) step
-        self._open = False  # a step has begun and not yet been written
-        self._active = False  # layer hooks record now
-        self._source = "train"
-        self._probing = False
+        self._open = False  # manual steps: a step has begun and not yet been written
+        self._manual_partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
         self._probe_batch: tuple | None = None
         self._probe_every = DEFAULT_PROBE_EVERY
-        self._partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
         self._kinds: dict[str, tuple[str, int | None]] = {}  # record name -> (layer type, channel dim)
         self._described: set[str] = set()
         self._warned: set[str] = set()
+        self._skipped: set[str] = set()  # layers that faulted: no longer recorded
+        self._stopped = False  # a fault outside any one layer: nothing more is recorded
+        self._train_steps: set[int] = set()  # steps with training records
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
             self._install(outputs)
@@ -119,8 +154,9 @@ class Tracker:
         """End the current step (``step="manual"`` only): its micro-batches form one record."""
         if not self.manual:
             raise RuntimeError("tracker.step() is for attach(..., step='manual'); steps are counted automatically")
-        self._close_step()
-        self._step += 1
+        with self._lock:
+            self._close_manual_step()
+            self._step += 1
 
     def probe(self, batch: Any, every: int = DEFAULT_PROBE_EVERY) -> Tracker:
         """Summarize a fixed ``batch`` every ``every`` steps, apart from training.
@@ -153,14 +189,21 @@ class Tracker:
         self.run.flush()
 
     def detach(self) -> Run:
-        """Remove every hook, write what is buffered and return the run. Safe to call twice."""
+        """Remove every hook, write what is buffered and return the run. Safe to call twice.
+
+        Warns when fewer than two training steps were recorded: drift needs two.
+        """
+        was_attached = self.attached
         try:
-            if self.manual:
-                self._close_step()
-            self._discard_step()
-            self.run.flush()
+            with self._lock:
+                if self.manual:
+                    self._close_manual_step()
+                with self._guard("writing the last records"):
+                    self.run.flush()
         finally:
             self._remove_hooks()
+        if was_attached:
+            self._warn_if_short()
         return self.run
 
     def __enter__(self) -> Tracker:
@@ -190,58 +233,85 @@ class Tracker:
         self._handles.clear()
 
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
-        if self._probing:
+        if _is_compiling() or _probe_owner() is not None or self._stopped:
             return
+        forward = self._forward
+        forward.active = False
+        forward.partials = defaultdict(list)  # a forward that raised never reached its end
         if not module.training:
-            self._active = False
             return
-        if not self.manual:
-            self._discard_step()  # a forward that raised never reached its end
-            self._step += 1
-        elif self._step < 0:
-            self._step = 0
-        if not self._open:
-            self._open = True
-            if self._probe_batch is not None and self._step % self._probe_every == 0:
+        with self._guard("starting a step"):
+            with self._lock:
+                if not self.manual:
+                    self._step += 1
+                elif self._step < 0:
+                    self._step = 0
+                first = not (self.manual and self._open)
+                self._open = True
+                forward.step = self._step
+            if first and self._probe_batch is not None and forward.step % self._probe_every == 0:
                 self._run_probe()
-        self._active = self._step % self.every == 0
+            forward.active = forward.step % self.every == 0
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._probing:
+        if _is_compiling() or _probe_owner() is not None:
             return
-        self._active = False
-        if not self.manual and module.training:
-            self._close_step()
+        forward = self._forward
+        partials, forward.partials = forward.partials, defaultdict(list)
+        forward.active = False
+        if not module.training or self._stopped:
+            return
+        with self._lock:
+            if self.manual:
+                for key, parts in partials.items():
+                    self._manual_partials[key].extend(parts)
+            else:
+                self._write_step(forward.step, partials)
 
     def _input_hook(self, name: str, module: nn.Module):
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._active:
+            if not _is_compiling() and self._forward.active:
                 self._observe(name, name, module, _first_tensor(args, kwargs))
 
         return hook
 
     def _output_hook(self, name: str, module: nn.Module):
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
-            if self._active:
+            if not _is_compiling() and self._forward.active:
                 self._observe(f"{name}:output", name, module, _first_tensor((output,), {}))
 
         return hook
 
     def _observe(self, name: str, layer: str, module: nn.Module, x: torch.Tensor | None) -> None:
         """Summarize ``x`` as record ``name`` of ``layer`` (``name`` is ``layer`` or ``layer:output``)."""
-        if x is None or not x.is_floating_point():
-            if name not in self._warned:
-                self._warned.add(name)
-                what = "no tensor" if x is None else f"a {x.dtype} tensor"
-                warnings.warn(
-                    f"covshift: layer {name!r} ({type(module).__name__}) received {what}; "
-                    "only floating-point tensors are summarized, so it is not recorded",
-                    stacklevel=3,
-                )
+        owner = _probe_owner()
+        if name in self._skipped or (owner is not None and owner is not self):
             return
-        dim = self._channel_dim(layer, module, x.ndim)
-        self._kinds[name] = (type(module).__name__, dim)
-        self._partials[(self._source, name)].append(self._summarizer.summarize(x, dim))
+        if x is None or not x.is_floating_point():
+            what = "no tensor" if x is None else f"a {x.dtype} tensor"
+            self._warn_once(
+                name,
+                f"layer {name!r} ({type(module).__name__}) received {what}; "
+                "only floating-point tensors are summarized, so it is not recorded",
+            )
+            return
+        if _is_transformed(x):
+            self._warn_once(
+                "torch.func",
+                f"layer {name!r} ran under a torch.func transform (grad, vmap, ...); covshift does "
+                "not record forwards inside torch.func transforms, only ordinary ones",
+            )
+            return
+        try:
+            dim = self._channel_dim(layer, module, x.ndim)
+            partial = self._summarizer.summarize(x, dim)
+        except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's forward
+            self._skip(name, f"layer {name!r} ({type(module).__name__}) could not be summarized: {err}")
+            return
+        if partial is not None:  # an empty input is no record
+            self._kinds[name] = (type(module).__name__, dim)
+            forward = self._forward
+            forward.partials[(forward.source, name)].append(partial)
 
     def _channel_dim(self, layer: str, module: nn.Module, ndim: int) -> int | None:
         spec = self._channel_dims
@@ -254,22 +324,38 @@ class Tracker:
         return spec
 
     # -- steps and probes --------------------------------------------------------
-    def _close_step(self) -> None:
+    def _close_manual_step(self) -> None:
+        """Write the open manual step: every forward since the last :meth:`step` call (lock held)."""
+        partials, self._manual_partials = self._manual_partials, defaultdict(list)
         self._open = False
-        partials, self._partials = self._partials, defaultdict(list)
-        merged = {key: _merge_calls(key[1], parts) for key, parts in partials.items()}
-        for (source, name), partial in merged.items():
-            if name not in self._described:
-                self._described.add(name)
-                kind, dim = self._kinds[name]
-                self.run.add_layer(name, kind, partial.count.shape[0], dim)
-            self.run.append(self._step, source, name, partial)
-        self.run.end_step()
+        if not self._stopped:
+            self._write_step(self._step, partials)
 
-    def _discard_step(self) -> None:
-        if self._open and not self.manual:
-            self._partials.clear()
-            self._open = False
+    def _write_step(self, step: int, partials: dict[tuple[str, str], list[Partial]]) -> None:
+        """Hand one step's records to the run, the calls of each layer merged (lock held)."""
+        merged = {}
+        for (source, name), parts in partials.items():
+            channels = sorted({part.count.shape[0] for part in parts})
+            if len(channels) > 1:
+                self._skip(
+                    name,
+                    f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
+                    "into one record, so they need the same channel count (set channel_dim for it)",
+                )
+            elif name not in self._skipped:
+                merged[(source, name)] = merge(parts)
+        if not merged:
+            return
+        with self._guard("storing a step"):
+            for (source, name), partial in merged.items():
+                if name not in self._described:
+                    self._described.add(name)
+                    kind, dim = self._kinds[name]
+                    self.run.add_layer(name, kind, partial.count.shape[0], dim)
+                self.run.append(step, source, name, partial)
+                if source == "train":
+                    self._train_steps.add(step)
+            self.run.end_step()
 
     def _run_probe(self) -> None:
         saved_buffers = [(buffer, buffer.clone()) for buffer in self.model.buffers()]
@@ -277,11 +363,12 @@ class Tracker:
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         size = next(a.shape[0] for a in self._probe_batch if isinstance(a, torch.Tensor) and a.ndim > 0)
         half = size // 2
-        self._probing, self._active = True, True
+        forward = self._forward
+        _probe.owner, forward.active = self, True
         try:
             with torch.no_grad():
                 for source, part in (("probe_a", slice(0, half)), ("probe_b", slice(half, size))):
-                    self._source = source
+                    forward.source = source
                     self.model(*(_take(a, part) for a in self._probe_batch))
         finally:
             for buffer, value in saved_buffers:
@@ -289,10 +376,56 @@ class Tracker:
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-            self._probing, self._active, self._source = False, False, "train"
-        for (source, name), parts in list(self._partials.items()):
+            _probe.owner, forward.active, forward.source = None, False, "train"
+        partials = forward.partials
+        for (source, name), parts in list(partials.items()):
             if source == "probe_a":
-                self._partials[("probe", name)] = parts + self._partials.get(("probe_b", name), [])
+                partials[("probe", name)] = parts + partials.get(("probe_b", name), [])
+
+    # -- faults ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        """Turn a fault while ``doing`` into one warning; recording stops, training goes on."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's loop
+            self._stopped = True
+            self._forward.active = False
+            self._warn_once(
+                "stopped",
+                f"{doing} failed ({type(err).__name__}: {err}); covshift stops recording here and "
+                f"training goes on. Steps written before are kept in {self.run.directory}",
+            )
+
+    def _skip(self, name: str, message: str) -> None:
+        """Stop recording record ``name`` after a fault of its own, saying so once."""
+        self._skipped.add(name)
+        self._warn_once(name, f"{message}; it is no longer recorded")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"covshift: {message}", CovshiftWarning, stacklevel=2)
+
+    def _warn_if_short(self) -> None:
+        """Say why a run cannot show drift: no training step, or only one, was recorded."""
+        recorded = len(self._train_steps)
+        if recorded == 0:
+            warnings.warn(
+                "covshift: no training step was recorded. Steps are training-mode forwards of the "
+                "model it was attached to: a model in eval mode, a loop that calls a submodule "
+                "directly, or a forward inside torch.compile or torch.func records nothing",
+                CovshiftWarning,
+                stacklevel=3,
+            )
+        elif recorded == 1:
+            advice = "train longer" if self.every == 1 else f"record more often (every={self.every} now) or train longer"
+            warnings.warn(
+                f"covshift: only 1 training step was recorded (step {min(self._train_steps)} of "
+                f"{self._step + 1}): drift needs at least 2. To see drift, {advice}",
+                CovshiftWarning,
+                stacklevel=3,
+            )
 
 
 def attach(
@@ -372,17 +505,6 @@ def _check_channel_dims(spec: object, layers: dict[str, nn.Module]) -> None:
         raise ValueError(f"channel_dim names layers that are not recorded: {unknown}; recorded: {list(layers)}")
 
 
-def _merge_calls(name: str, parts: list[Partial]) -> Partial:
-    """One record of a layer called several times in a step (weight sharing): their channels must agree."""
-    channels = sorted({part.count.shape[0] for part in parts})
-    if len(channels) > 1:
-        raise ValueError(
-            f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
-            "into one record, so they need the same channel count (set channel_dim for it)"
-        )
-    return merge(parts)
-
-
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The first tensor among the arguments, looking one level into tuples and lists."""
     for value in (*args, *kwargs.values()):
@@ -393,6 +515,12 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
                 if isinstance(item, torch.Tensor):
                     return item
     return None
+
+
+def _is_transformed(x: torch.Tensor) -> bool:
+    """Whether ``x`` is wrapped by a torch.func transform (its values are not plain memory)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is not None and functorch.is_functorch_wrapped_tensor(x)
 
 
 def _take(value: Any, part: slice) -> Any:

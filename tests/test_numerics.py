@@ -1,0 +1,116 @@
+"""Moments that stay right where float32 sums go wrong: large means, huge values, constants, empty inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from covshift.summary import STAT_NAMES, Summarizer, finalize, merge
+
+STAT = {name: i for i, name in enumerate(STAT_NAMES)}
+
+
+def stats_of(x: torch.Tensor, dim: int | None = 1, sample_size: int = 1024) -> np.ndarray:
+    return finalize([Summarizer(sample_size).summarize(x, dim)]).stats.numpy()
+
+
+def reference(x: torch.Tensor, dim: int = 1) -> np.ndarray:
+    """(C, values) in float64: the exact moments of the values as given."""
+    return x.movedim(dim, 0).reshape(x.shape[dim], -1).double().numpy()
+
+
+@pytest.mark.parametrize("ratio", [1e3, 3e3, 1e4, 1e5])
+def test_variance_is_accurate_when_the_mean_dwarfs_the_spread(ratio):
+    gen = torch.Generator().manual_seed(0)
+    x = ratio + torch.randn(64, 6, 12, 12, generator=gen)
+    stats = stats_of(x)
+    ref = reference(x)
+    np.testing.assert_allclose(stats[:, STAT["var"]], ref.var(1), rtol=1e-3)
+    np.testing.assert_allclose(stats[:, STAT["mean"]], ref.mean(1), rtol=1e-7)
+
+
+def test_a_year_feature_keeps_its_spread():
+    gen = torch.Generator().manual_seed(1)
+    year = 2000 + 2 * torch.randn(512, 1, generator=gen)
+    stats = stats_of(year, dim=1)
+    np.testing.assert_allclose(np.sqrt(stats[0, STAT["var"]]), reference(year).std(), rtol=1e-4)
+
+
+def test_the_fast_path_stays_exact_on_ordinary_activations():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(32, 8, 10, 10, generator=gen) + 0.3)
+    stats = stats_of(x)
+    ref = reference(x)
+    np.testing.assert_allclose(stats[:, STAT["var"]], ref.var(1), rtol=1e-5)
+
+
+def test_a_constant_channel_has_zero_variance():
+    x = torch.full((64, 3, 5, 5), 3.3)
+    x[:, 1] = torch.randn(64, 5, 5, generator=torch.Generator().manual_seed(3))
+    stats = stats_of(x)
+    assert stats[0, STAT["var"]] <= 1e-12 * 3.3**2
+    assert stats[2, STAT["var"]] <= 1e-12 * 3.3**2
+    assert stats[0, STAT["mean"]] == pytest.approx(np.float32(3.3), rel=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e37, 3e38 / 4])
+def test_finite_values_near_the_float32_limit_give_finite_moments(scale):
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.rand(128, 4, generator=gen) * 2 - 1) * scale
+    stats = stats_of(x)
+    ref = reference(x)
+    assert (stats[:, STAT["nonfinite"]] == 0).all()
+    np.testing.assert_allclose(stats[:, STAT["mean"]], ref.mean(1), rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(stats[:, STAT["var"]], ref.var(1), rtol=1e-5)
+
+
+def test_squares_that_overflow_float32_do_not_make_the_variance_infinite():
+    x = 1e20 * torch.randn(256, 3, generator=torch.Generator().manual_seed(5))
+    stats = stats_of(x)
+    np.testing.assert_allclose(stats[:, STAT["var"]], reference(x).var(1), rtol=1e-5)
+
+
+def test_float64_inputs_beyond_float32_range_are_finite_values_not_nonfinite():
+    x = 1e300 * (1 + 0.01 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))
+    stats = stats_of(x)
+    ref = reference(x)
+    assert (stats[:, STAT["nonfinite"]] == 0).all()
+    assert (stats[:, STAT["count"]] == 64).all()
+    np.testing.assert_allclose(stats[:, STAT["mean"]], ref.mean(1), rtol=1e-12)
+    np.testing.assert_array_equal(stats[:, STAT["min"]], ref.min(1))
+    np.testing.assert_array_equal(stats[:, STAT["max"]], ref.max(1))
+    assert np.isfinite(stats[:, STAT["mean"]]).all()
+
+
+def test_float64_inputs_keep_float64_precision_in_the_moments():
+    x = 1e8 + torch.randn(1000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    stats = stats_of(x)
+    np.testing.assert_allclose(stats[:, STAT["var"]], reference(x).var(1), rtol=1e-6)
+
+
+def test_nan_and_inf_next_to_a_large_mean():
+    x = 1e4 + torch.randn(100, 2, generator=torch.Generator().manual_seed(8))
+    x[3, 0], x[7, 1] = float("nan"), float("-inf")
+    stats = stats_of(x)
+    ref = reference(x)
+    for c in range(2):
+        finite = ref[c][np.isfinite(ref[c])]
+        assert stats[c, STAT["nonfinite"]] == 1 and stats[c, STAT["count"]] == 99
+        np.testing.assert_allclose(stats[c, STAT["var"]], finite.var(), rtol=1e-3)
+
+
+def test_merging_calls_with_different_means_is_exact():
+    gen = torch.Generator().manual_seed(9)
+    a, b = 5e3 + torch.randn(300, 4, generator=gen), -2e3 + 3 * torch.randn(100, 4, generator=gen)
+    summarizer = Summarizer(10**9)
+    merged = finalize([merge([summarizer.summarize(a, 1), summarizer.summarize(b, 1)])]).stats.numpy()
+    ref = reference(torch.cat([a, b]))
+    np.testing.assert_allclose(merged[:, STAT["mean"]], ref.mean(1), rtol=1e-7)
+    np.testing.assert_allclose(merged[:, STAT["var"]], ref.var(1), rtol=1e-6)
+    np.testing.assert_array_equal(merged[:, STAT["count"]], 400)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dim"), [((0, 4), 1), ((0, 3, 8, 8), 1), ((0, 5), None), ((4, 0), 1), ((2, 0, 3), -1)]
+)
+def test_empty_inputs_are_no_record(shape, dim):
+    assert Summarizer().summarize(torch.empty(shape), dim) is None
