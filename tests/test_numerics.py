@@ -114,3 +114,40 @@ def test_merging_calls_with_different_means_is_exact():
 )
 def test_empty_inputs_are_no_record(shape, dim):
     assert Summarizer().summarize(torch.empty(shape), dim) is None
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_the_two_pass_path_off_the_cpu_matches_the_one_pass_path(with_nan):
+    """Devices other than the CPU always take the two-pass path: it agrees on ordinary inputs."""
+    from covshift.summary import _channel_view
+
+    x = torch.relu(torch.randn(16, 5, 6, 6, generator=torch.Generator().manual_seed(10)) + 0.2)
+    if with_nan:
+        x[2, 1, 3, 3] = float("nan")
+    summarizer = Summarizer(10**9)
+    two_pass = finalize([summarizer._summarize_two_pass(_channel_view(x, 1))])
+    ref = reference(x)
+    stats = two_pass.stats.numpy()
+    for c in range(5):
+        finite = ref[c][np.isfinite(ref[c])]
+        np.testing.assert_allclose(stats[c, STAT["mean"]], finite.mean(), rtol=1e-6)
+        np.testing.assert_allclose(stats[c, STAT["var"]], finite.var(), rtol=1e-5)
+        assert stats[c, STAT["min"]] == finite.min() and stats[c, STAT["max"]] == finite.max()
+    assert stats[1, STAT["nonfinite"]] == (1 if with_nan else 0)
+    np.testing.assert_array_equal(two_pass.quantiles.numpy(), summarize_quantiles(x))
+
+
+def summarize_quantiles(x: torch.Tensor) -> np.ndarray:
+    return finalize([Summarizer(10**9).summarize(x, 1)]).quantiles.numpy()
+
+
+def test_a_channel_with_no_finite_value_merges_without_poisoning_the_others():
+    summarizer = Summarizer(10**9)
+    a = torch.full((4, 2), float("nan"))
+    b = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    stats = finalize([merge([summarizer.summarize(a, 1), summarizer.summarize(b, 1)])]).stats.numpy()
+    np.testing.assert_array_equal(stats[:, STAT["min"]], [1.0, 2.0])
+    np.testing.assert_array_equal(stats[:, STAT["max"]], [3.0, 4.0])
+    np.testing.assert_array_equal(stats[:, STAT["nonfinite"]], [4, 4])
+    np.testing.assert_allclose(stats[:, STAT["mean"]], [2.0, 3.0])
+    np.testing.assert_allclose(stats[:, STAT["var"]], [1.0, 1.0])
