@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
 from torch import nn
@@ -27,8 +27,14 @@ LayerSpec = Union[
 ]
 
 
+#: Layers whose input is never floating point (indices), so never selected by default.
+INDEX_INPUT_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
 def is_default_layer(module: nn.Module) -> bool:
-    """A module that holds parameters of its own, or is a normalization layer."""
+    """A module that holds parameters of its own, or is a normalization layer, and takes float input."""
+    if isinstance(module, INDEX_INPUT_TYPES):
+        return False
     return isinstance(module, NORM_TYPES) or next(module.parameters(recurse=False), None) is not None
 
 
@@ -46,7 +52,8 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> dict[str, nn.Mo
     if not named:  # a single-module model watches itself
         named = [("", model)]
     if layers is None:
-        chosen = {name: module for name, module in named if is_default_layer(module)}
+        skipped = _functional_parts(model)
+        chosen = {name: module for name, module in named if is_default_layer(module) and name not in skipped}
     elif callable(layers) and not isinstance(layers, type):
         chosen = {name: module for name, module in named if layers(name, module)}
     else:
@@ -64,6 +71,18 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> dict[str, nn.Mo
     return chosen
 
 
+def _functional_parts(model: nn.Module) -> set[str]:
+    """Submodules their parent only uses through a functional path: their own forward never runs.
+
+    ``MultiheadAttention`` applies ``out_proj``'s weights in ``F.multi_head_attention_forward``.
+    """
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def _match(named: list[tuple[str, nn.Module]], spec: str | type) -> dict[str, nn.Module]:
     if isinstance(spec, type):
         return {name: module for name, module in named if isinstance(module, spec)}
@@ -74,14 +93,41 @@ def _match(named: list[tuple[str, nn.Module]], spec: str | type) -> dict[str, nn
     )
 
 
-def channel_axis(module: nn.Module, ndim: int) -> int | None:
-    """Channel axis of ``module``'s input of rank ``ndim`` (None: summarize the whole tensor).
+def declared_channels(module: nn.Module) -> int | None:
+    """The channel count a layer declares for its input (``in_channels``, ``in_features``, ...), if any."""
+    for attribute in ("in_channels", "in_features", "num_features", "num_channels", "embed_dim"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, (tuple, list)) and len(shape) == 1:
+        return int(shape[0])
+    return None
 
-    Dim 1 for convolution and batch/instance/group norm inputs (dim 0 when
-    unbatched), the last dim for everything else (Linear, LayerNorm, sequences).
+
+def channel_axis(module: nn.Module, shape: Sequence[int]) -> int | None:
+    """Channel axis of ``module``'s input of this ``shape`` (None: summarize the whole tensor).
+
+    By type: dim 1 for convolution and batch/instance/group norm inputs (dim 0
+    when unbatched), the last dim for everything else (Linear, LayerNorm,
+    sequences). Where that axis does not hold the channel count the layer
+    declares but dim 1 or the last dim does (a LayerNorm applied to NCHW input, as
+    ConvNeXt's LayerNorm2d does), that axis.
     """
+    ndim = len(shape)
     if ndim == 0:
         return None
+    axis = _axis_by_type(module, ndim)
+    declared = declared_channels(module)
+    if declared is None or shape[axis] == declared:
+        return axis
+    for other in (1, ndim - 1):
+        if 0 < other < ndim and shape[other] == declared:
+            return other
+    return axis
+
+
+def _axis_by_type(module: nn.Module, ndim: int) -> int:
     if isinstance(module, _ConvNd):
         spatial = len(module.kernel_size)
         return max(ndim - spatial - 1, 0)

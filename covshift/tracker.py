@@ -15,57 +15,33 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from covshift import context
 from covshift.checks import check_int
 from covshift.faults import CovshiftWarning
-from covshift.layers import LayerSpec, channel_axis, select_layers
+from covshift.layers import LayerSpec, channel_axis, declared_channels, select_layers
+from covshift.probe import HALVES, Probe, make_probe, preserved
 from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, Run
-from covshift.summary import (
-    DEFAULT_SAMPLE_SIZE,
-    N_BINS,
-    QUANTILE_LEVELS,
-    Partial,
-    Summarizer,
-    merge,
-)
+from covshift.summary import DEFAULT_SAMPLE_SIZE, N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
 
 ChannelDim = Literal["auto"] | int | None
 DEFAULT_PROBE_EVERY = 10
 #: Record one training step in this many by default: drift curves need hundreds of
 #: points, not every step, and non-recording steps cost almost nothing.
 DEFAULT_EVERY = 10
-
-#: ``torch.compiler.is_compiling`` where this torch has it. Inside code that
-#: torch.compile traces, every hook returns at once: the check is a constant to
-#: the compiler, so covshift adds no graph break and no recompilation.
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
-
-
-class _Forward(threading.local):
-    """What the current thread's forward is recording: per thread, so concurrent forwards never mix."""
-
-    def __init__(self) -> None:
-        self.active = False  # layer hooks record now
-        self.step = -1  # the step this forward records into
-        self.source = "train"
-        self.partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
-
-
-#: The tracker whose probe forward runs in this thread, if any: every other
-#: tracker on the model ignores that forward entirely.
-_probe = threading.local()
-
-
-def _probe_owner() -> Tracker | None:
-    return getattr(_probe, "owner", None)
+#: Layer names listed in one warning before "and N more".
+_NAMES_SHOWN = 8
 
 
 class Tracker:
     """Records per-channel summaries of selected layers' inputs while a model trains.
 
-    Create it with :func:`attach`. Each training-mode forward of the model is one
-    step (or, with ``step="manual"``, everything between two :meth:`step` calls).
-    Eval-mode forwards are not recorded. Use :meth:`detach`, or the tracker as a
-    context manager, to remove every hook and flush what is buffered.
+    Create it with :func:`attach`. Steps are optimizer steps when an optimizer is
+    given (every training forward between two ``optimizer.step()`` calls is one
+    record); else each training-mode forward of the model is one step (or, with
+    ``step="manual"``, everything between two :meth:`step` calls). Eval-mode
+    forwards and recomputations under activation checkpointing are not recorded.
+    Use :meth:`detach`, or the tracker as a context manager, to remove every hook
+    and flush what is buffered.
 
     A fault inside covshift never reaches the training loop: it is reported once
     as a :class:`~covshift.faults.CovshiftWarning` and covshift steps aside (a
@@ -82,6 +58,7 @@ class Tracker:
         sample_size: int = DEFAULT_SAMPLE_SIZE,
         store: str | Path | None = None,
         step: Literal["auto", "manual"] = "auto",
+        optimizer: torch.optim.Optimizer | None = None,
         outputs: bool = False,
         channel_dim: ChannelDim | dict[str, ChannelDim] = "auto",
         flush_every: int = DEFAULT_FLUSH_EVERY,
@@ -93,17 +70,23 @@ class Tracker:
         check_int("every", every)
         if step not in ("auto", "manual"):
             raise ValueError(f"step must be 'auto' or 'manual', got {step!r}")
+        if optimizer is not None and not hasattr(optimizer, "register_step_post_hook"):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None and step == "manual":
+            raise ValueError("give either optimizer= (steps follow optimizer.step()) or step='manual', not both")
         self.model = model
-        self.layers = select_layers(model, layers)
+        self.layers = select_layers(context.unwrap_compiled(model), layers)
         _check_channel_dims(channel_dim, self.layers)
         self.every = every
         self.manual = step == "manual"
+        self.optimizer = optimizer
+        self._per_forward = optimizer is None and not self.manual  # each training forward is a step
         self._channel_dims = channel_dim
         self._summarizer = Summarizer(sample_size)
         config = {
             "every": every,
             "sample_size": sample_size,
-            "step": step,
+            "step": "optimizer" if optimizer is not None else step,
             "outputs": outputs,
             "quantile_levels": list(QUANTILE_LEVELS),
             "n_bins": N_BINS,
@@ -112,7 +95,7 @@ class Tracker:
             store,
             {
                 "name": name,
-                "model": type(model).__name__,
+                "model": type(context.unwrap_compiled(model)).__name__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "config": config,
                 "versions": _versions(),
@@ -120,15 +103,18 @@ class Tracker:
             flush_every=flush_every,
             memory_budget=memory_budget,
         )
-        self._lock = threading.RLock()  # steps, the open manual step and the run
-        self._forward = _Forward()
-        self._step = -1  # index of the current (or last) step
-        self._open = False  # manual steps: a step has begun and not yet been written
-        self._manual_partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
-        self._probe_batch: tuple | None = None
-        self._probe_every = DEFAULT_PROBE_EVERY
+        self._lock = threading.RLock()  # steps, the open merged step and the run
+        self._forward = context.Forward()
+        # Index of the current step: in per-forward mode the last forward's (-1 before
+        # the first); in merged modes (manual, optimizer) the open step's.
+        self._step = -1 if self._per_forward else 0
+        self._recording = not self._per_forward  # merged modes: the open step is recorded
+        self._open = False  # merged modes: the open step has seen a forward
+        self._step_partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)  # merged steps
+        self._probe: Probe | None = None
         self._kinds: dict[str, tuple[str, int | None]] = {}  # record name -> (layer type, channel dim)
         self._described: set[str] = set()
+        self._called: set[str] = set()  # layers whose hook ran on a recorded step
         self._warned: set[str] = set()
         self._skipped: set[str] = set()  # layers that faulted: no longer recorded
         self._stopped = False  # a fault outside any one layer: nothing more is recorded
@@ -153,35 +139,43 @@ class Tracker:
     def step(self) -> None:
         """End the current step (``step="manual"`` only): its micro-batches form one record."""
         if not self.manual:
-            raise RuntimeError("tracker.step() is for attach(..., step='manual'); steps are counted automatically")
+            how = "they follow optimizer.step()" if self.optimizer is not None else "they are counted automatically"
+            raise RuntimeError(f"tracker.step() is for attach(..., step='manual'); {how}")
         with self._lock:
-            self._close_manual_step()
-            self._step += 1
+            self._close_merged_step()
+            self._set_open_step(self._step + 1)
 
-    def probe(self, batch: Any, every: int = DEFAULT_PROBE_EVERY) -> Tracker:
-        """Summarize a fixed ``batch`` every ``every`` steps, apart from training.
+    def set_step(self, index: int) -> None:
+        """Number the step in progress (or the next one) ``index``: to resume a run, or to match a
+        framework's step counter. Records already taken in an open step move with it."""
+        check_int("index", index, minimum=0)
+        with self._lock:
+            if self._per_forward:
+                self._step = index - 1
+            else:
+                self._set_open_step(index)
 
-        At the start of each such step the model runs the batch, split in two
-        halves along dim 0, under ``no_grad`` in its training mode; records are
-        stored as sources ``probe_a``, ``probe_b`` and their union ``probe``. Every
-        buffer (BatchNorm running statistics included) and the random number
-        generators are put back exactly as they were.
+    def probe(self, *args: Any, every: int = DEFAULT_PROBE_EVERY, **kwargs: Any) -> Tracker:
+        """Summarize a fixed batch every ``every`` steps, apart from training.
+
+        At the start of each such step the model runs ``model(*args, **kwargs)``
+        on each half of the batch (every batched tensor, also inside tuples, lists
+        and dicts, is split along dim 0), under ``no_grad`` in its training mode;
+        records are stored as sources ``probe_a``, ``probe_b`` and their union
+        ``probe``. Every buffer (BatchNorm running statistics included) and the
+        random number generators are put back exactly as they were.
+
+        For a forward that needs more than its inputs (a detection model in
+        training mode wants targets too), pass one function instead:
+        ``probe(fn)`` calls ``fn(0)`` and ``fn(1)``, each running the model on
+        its half of a fixed batch.
 
         Args:
-            batch: a tensor, or a tuple of positional arguments for the model.
+            args, kwargs: the model's arguments, or a single function of the half.
             every: probe once every this many steps.
         """
         check_int("every", every)
-        args = batch if isinstance(batch, tuple) else (batch,)
-        sizes = {a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.ndim > 0}
-        if not sizes:
-            raise ValueError("probe batch must contain a tensor with a batch dimension (dim 0)")
-        if len(sizes) > 1:
-            raise ValueError(f"probe tensors disagree on the batch size (dim 0): {sorted(sizes)}")
-        if min(sizes) < 2:
-            raise ValueError("probe batch needs at least 2 examples: it is split in halves for the noise floor")
-        self._probe_batch = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        self._probe_every = every
+        self._probe = make_probe(args, kwargs, every)
         return self
 
     def flush(self) -> None:
@@ -191,19 +185,20 @@ class Tracker:
     def detach(self) -> Run:
         """Remove every hook, write what is buffered and return the run. Safe to call twice.
 
-        Warns when fewer than two training steps were recorded: drift needs two.
+        Warns once about what the user would otherwise not see: fewer than two
+        recorded training steps, and selected layers that were never called.
         """
         was_attached = self.attached
         try:
             with self._lock:
-                if self.manual:
-                    self._close_manual_step()
+                if not self._per_forward:
+                    self._close_merged_step()
                 with self._guard("writing the last records"):
                     self.run.flush()
         finally:
             self._remove_hooks()
         if was_attached:
-            self._warn_if_short()
+            self._warn_about_gaps()
         return self.run
 
     def __enter__(self) -> Tracker:
@@ -220,6 +215,8 @@ class Tracker:
     def _install(self, outputs: bool) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start, prepend=True))
         self._handles.append(self.model.register_forward_hook(self._on_forward_end))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_step))
         for name, module in self.layers.items():
             self._handles.append(
                 module.register_forward_pre_hook(self._input_hook(name, module), with_kwargs=True)
@@ -233,69 +230,78 @@ class Tracker:
         self._handles.clear()
 
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
-        if _is_compiling() or _probe_owner() is not None or self._stopped:
+        if context.is_compiling() or context.probe_owner() is not None or self._stopped:
             return
         forward = self._forward
-        forward.active = False
-        forward.partials = defaultdict(list)  # a forward that raised never reached its end
-        if not module.training:
+        forward.take()  # a forward that raised never reached its end: drop what it took
+        if not module.training or context.in_backward():
             return
         with self._guard("starting a step"):
             with self._lock:
-                if not self.manual:
+                if self._per_forward:
                     self._step += 1
-                elif self._step < 0:
-                    self._step = 0
-                first = not (self.manual and self._open)
+                first = self._per_forward or not self._open
                 self._open = True
                 forward.step = self._step
-            if first and self._probe_batch is not None and forward.step % self._probe_every == 0:
+            if first and self._probe is not None and forward.step % self._probe.every == 0:
                 self._run_probe()
-            forward.active = forward.step % self.every == 0
+            forward.active = self._per_forward and forward.step % self.every == 0
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if _is_compiling() or _probe_owner() is not None:
+        if context.is_compiling() or context.probe_owner() is not None or not self._per_forward:
             return
-        forward = self._forward
-        partials, forward.partials = forward.partials, defaultdict(list)
-        forward.active = False
-        if not module.training or self._stopped:
-            return
+        partials = self._forward.take()
+        if module.training and not self._stopped and not context.in_backward():
+            with self._lock:
+                self._write_step(self._forward.step, partials)
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         with self._lock:
-            if self.manual:
-                for key, parts in partials.items():
-                    self._manual_partials[key].extend(parts)
-            else:
-                self._write_step(forward.step, partials)
+            self._close_merged_step()
+            self._set_open_step(self._step + 1)
+
+    def _set_open_step(self, index: int) -> None:
+        """Merged modes: the step now open is ``index`` (lock held)."""
+        self._step = index
+        self._recording = index % self.every == 0
+
+    def _records_now(self, module: nn.Module) -> bool:
+        """Whether a layer call records: inside a recorded forward (per-forward mode, probes), or in
+        merged modes any training-mode call on a recorded step that is not a recomputation."""
+        if context.is_compiling():
+            return False
+        if self._forward.active:
+            return True
+        return self._recording and module.training and not context.in_backward()
 
     def _input_hook(self, name: str, module: nn.Module):
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not _is_compiling() and self._forward.active:
-                self._observe(name, name, module, _first_tensor(args, kwargs))
+            if self._records_now(mod):
+                self._observe(name, name, module, context.first_tensor(args, kwargs))
 
         return hook
 
     def _output_hook(self, name: str, module: nn.Module):
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
-            if not _is_compiling() and self._forward.active:
-                self._observe(f"{name}:output", name, module, _first_tensor((output,), {}))
+            if self._records_now(mod):
+                self._observe(f"{name}:output", name, module, context.first_tensor((output,), {}))
 
         return hook
 
     def _observe(self, name: str, layer: str, module: nn.Module, x: torch.Tensor | None) -> None:
         """Summarize ``x`` as record ``name`` of ``layer`` (``name`` is ``layer`` or ``layer:output``)."""
-        owner = _probe_owner()
-        if name in self._skipped or (owner is not None and owner is not self):
+        owner = context.probe_owner()
+        if name in self._skipped or self._stopped or (owner is not None and owner is not self):
             return
+        self._called.add(layer)
         if x is None or not x.is_floating_point():
-            what = "no tensor" if x is None else f"a {x.dtype} tensor"
             self._warn_once(
                 name,
-                f"layer {name!r} ({type(module).__name__}) received {what}; "
+                f"layer {name!r} ({type(module).__name__}) received {context.describe(x)}; "
                 "only floating-point tensors are summarized, so it is not recorded",
             )
             return
-        if _is_transformed(x):
+        if context.is_transformed(x):
             self._warn_once(
                 "torch.func",
                 f"layer {name!r} ran under a torch.func transform (grad, vmap, ...); covshift does "
@@ -303,30 +309,50 @@ class Tracker:
             )
             return
         try:
-            dim = self._channel_dim(layer, module, x.ndim)
+            dim = self._channel_dim(layer, module, x.shape)
             partial = self._summarizer.summarize(x, dim)
         except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's forward
             self._skip(name, f"layer {name!r} ({type(module).__name__}) could not be summarized: {err}")
             return
-        if partial is not None:  # an empty input is no record
+        if partial is None:  # an empty input is no record
+            return
+        if name not in self._kinds:
             self._kinds[name] = (type(module).__name__, dim)
-            forward = self._forward
-            forward.partials[(forward.source, name)].append(partial)
+            self._check_declared(name, module, x.shape, dim)
+        key = (self._forward.source, name)
+        if self._per_forward or self._forward.source != "train":
+            self._forward.partials[key].append(partial)
+        else:
+            with self._lock:
+                self._open = True
+                self._step_partials[key].append(partial)
 
-    def _channel_dim(self, layer: str, module: nn.Module, ndim: int) -> int | None:
+    def _channel_dim(self, layer: str, module: nn.Module, shape: torch.Size) -> int | None:
         spec = self._channel_dims
         if isinstance(spec, dict):
             spec = spec.get(layer, "auto")
         if spec == "auto":
-            return channel_axis(module, ndim)
-        if spec is not None and not -ndim <= spec < ndim:
-            raise ValueError(f"channel_dim={spec} is out of range for the {ndim}-d input of layer {layer!r}")
+            return channel_axis(module, shape)
+        if spec is not None and not -len(shape) <= spec < len(shape):
+            raise ValueError(f"channel_dim={spec} is out of range for the {len(shape)}-d input of layer {layer!r}")
         return spec
 
+    def _check_declared(self, name: str, module: nn.Module, shape: torch.Size, dim: int | None) -> None:
+        """Warn once when a record's channel count differs from the size its layer declares."""
+        declared = declared_channels(module)
+        if name == f"{name.rsplit(':', 1)[0]}:output" or declared is None or dim is None or shape[dim] == declared:
+            return
+        self._warn_once(
+            f"{name}:channels",
+            f"layer {name!r} ({type(module).__name__}) declares {declared} channels but its input "
+            f"{tuple(shape)} has {shape[dim]} along dim {dim}, which is recorded; set channel_dim "
+            f"for it if that is not the channel axis",
+        )
+
     # -- steps and probes --------------------------------------------------------
-    def _close_manual_step(self) -> None:
-        """Write the open manual step: every forward since the last :meth:`step` call (lock held)."""
-        partials, self._manual_partials = self._manual_partials, defaultdict(list)
+    def _close_merged_step(self) -> None:
+        """Write the open step: every training forward since the last step ended (lock held)."""
+        partials, self._step_partials = self._step_partials, defaultdict(list)
         self._open = False
         if not self._stopped:
             self._write_step(self._step, partials)
@@ -358,31 +384,28 @@ class Tracker:
             self.run.end_step()
 
     def _run_probe(self) -> None:
-        saved_buffers = [(buffer, buffer.clone()) for buffer in self.model.buffers()]
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        size = next(a.shape[0] for a in self._probe_batch if isinstance(a, torch.Tensor) and a.ndim > 0)
-        half = size // 2
+        """Run the probe's halves as sources ``probe_a``/``probe_b``, then pool them as ``probe``."""
         forward = self._forward
-        _probe.owner, forward.active = self, True
+        context.set_probe_owner(self)
+        forward.active = True
         try:
-            with torch.no_grad():
-                for source, part in (("probe_a", slice(0, half)), ("probe_b", slice(half, size))):
+            with preserved(self.model):
+                for source in self._probe.run_halves(self.model):
                     forward.source = source
-                    self.model(*(_take(a, part) for a in self._probe_batch))
         finally:
-            for buffer, value in saved_buffers:
-                buffer.copy_(value)
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-            _probe.owner, forward.active, forward.source = None, False, "train"
+            context.set_probe_owner(None)
+            forward.active, forward.source = False, "train"
         partials = forward.partials
+        first, second = HALVES
         for (source, name), parts in list(partials.items()):
-            if source == "probe_a":
-                partials[("probe", name)] = parts + partials.get(("probe_b", name), [])
+            if source == first:
+                partials[("probe", name)] = parts + partials.get((second, name), [])
+        if not self._per_forward:  # merged modes: the probe's records join the open step
+            with self._lock:
+                for key, parts in forward.take().items():
+                    self._step_partials[key].extend(parts)
 
-    # -- faults ------------------------------------------------------------------
+    # -- faults and silences -----------------------------------------------------
     @contextlib.contextmanager
     def _guard(self, doing: str) -> Iterator[None]:
         """Turn a fault while ``doing`` into one warning; recording stops, training goes on."""
@@ -402,29 +425,48 @@ class Tracker:
         self._skipped.add(name)
         self._warn_once(name, f"{message}; it is no longer recorded")
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"covshift: {message}", CovshiftWarning, stacklevel=2)
+            warnings.warn(f"covshift: {message}", CovshiftWarning, stacklevel=stacklevel)
 
-    def _warn_if_short(self) -> None:
-        """Say why a run cannot show drift: no training step, or only one, was recorded."""
+    def _warn_about_gaps(self) -> None:
+        """At detach: say why a run cannot show drift, and which selected layers stayed empty."""
         recorded = len(self._train_steps)
-        if recorded == 0:
-            warnings.warn(
-                "covshift: no training step was recorded. Steps are training-mode forwards of the "
-                "model it was attached to: a model in eval mode, a loop that calls a submodule "
-                "directly, or a forward inside torch.compile or torch.func records nothing",
-                CovshiftWarning,
-                stacklevel=3,
+        if (self._step < 0) if self._per_forward else not self._called:
+            self._warn_once(
+                "nothing",
+                f"no training step was recorded: the {type(self.model).__name__} it was attached to never "
+                "ran a training-mode forward. Is the model in eval mode (from_pretrained() returns it so: "
+                "call model.train()), or does the training step call a submodule directly (attach to that "
+                "submodule)?",
+                stacklevel=4,
+            )
+        elif recorded == 0:
+            self._warn_once(
+                "nothing",
+                f"no training step was recorded in {self._step + 1} steps: forwards inside torch.compile "
+                "or torch.func transforms, and inputs that are not floating point, record nothing",
+                stacklevel=4,
             )
         elif recorded == 1:
             advice = "train longer" if self.every == 1 else f"record more often (every={self.every} now) or train longer"
-            warnings.warn(
-                f"covshift: only 1 training step was recorded (step {min(self._train_steps)} of "
+            self._warn_once(
+                "short",
+                f"only 1 training step was recorded (step {min(self._train_steps)} of "
                 f"{self._step + 1}): drift needs at least 2. To see drift, {advice}",
-                CovshiftWarning,
-                stacklevel=3,
+                stacklevel=4,
+            )
+        never = [name for name in self.layers if name not in self._called]
+        if recorded and never:
+            shown = ", ".join(repr(name) for name in never[:_NAMES_SHOWN])
+            more = f" and {len(never) - _NAMES_SHOWN} more" if len(never) > _NAMES_SHOWN else ""
+            self._warn_once(
+                "never called",
+                f"{len(never)} of {len(self.layers)} selected layers were never called on a recorded step, "
+                f"so they have no records: {shown}{more}. A layer used through a functional path (as "
+                "MultiheadAttention uses its out_proj) never runs its own forward",
+                stacklevel=4,
             )
 
 
@@ -436,6 +478,7 @@ def attach(
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     store: str | Path | None = None,
     step: Literal["auto", "manual"] = "auto",
+    optimizer: torch.optim.Optimizer | None = None,
     outputs: bool = False,
     channel_dim: ChannelDim | dict[str, ChannelDim] = "auto",
     flush_every: int = DEFAULT_FLUSH_EVERY,
@@ -456,6 +499,9 @@ def attach(
             a temporary directory until ``run.save()``.
         step: ``"auto"`` (each training-mode forward is a step) or ``"manual"``
             (call ``tracker.step()``, e.g. after gradient accumulation).
+        optimizer: steps follow this optimizer's ``step()`` (PyTorch's step hooks):
+            every training forward between two updates is one record, so
+            gradient accumulation and several forwards per update are right.
         outputs: also record each layer's output, as layer ``"<name>:output"``.
         channel_dim: ``"auto"`` (dim 1 for conv/norm inputs, last dim otherwise),
             an int, None to summarize each layer as a whole, or a dict per layer name.
@@ -486,6 +532,7 @@ def attach(
         sample_size=sample_size,
         store=store,
         step=step,
+        optimizer=optimizer,
         outputs=outputs,
         channel_dim=channel_dim,
         flush_every=flush_every,
@@ -503,28 +550,6 @@ def _check_channel_dims(spec: object, layers: dict[str, nn.Module]) -> None:
     unknown = sorted(set(spec) - set(layers)) if isinstance(spec, dict) else []
     if unknown:
         raise ValueError(f"channel_dim names layers that are not recorded: {unknown}; recorded: {list(layers)}")
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The first tensor among the arguments, looking one level into tuples and lists."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-        if isinstance(value, (tuple, list)):
-            for item in value:
-                if isinstance(item, torch.Tensor):
-                    return item
-    return None
-
-
-def _is_transformed(x: torch.Tensor) -> bool:
-    """Whether ``x`` is wrapped by a torch.func transform (its values are not plain memory)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    return functorch is not None and functorch.is_functorch_wrapped_tensor(x)
-
-
-def _take(value: Any, part: slice) -> Any:
-    return value[part] if isinstance(value, torch.Tensor) and value.ndim > 0 else value
 
 
 def _versions() -> dict[str, str]:

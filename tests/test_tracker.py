@@ -306,12 +306,14 @@ def test_non_float_and_missing_inputs_warn_once_per_layer():
     model = Mixed()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with covshift.attach(model, every=1) as tracker:
+        with covshift.attach(model, ["embed", "norm"], every=1) as tracker:
             for _ in range(3):
                 model(torch.randint(0, 10, (2, 5)))
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "'embed'" in messages[0] and "torch.int64" in messages[0]
     assert list(recorded(tracker.run).index) == ["norm"]
+    assert list(covshift.attach(model).detach().layers.layer) == []
+    assert list(covshift.attach(model).layers) == ["norm"]  # embeddings take indices: not selected by default
 
 
 def test_probe_restores_buffers_and_rng_bit_identically():
@@ -371,4 +373,4 @@ def test_bad_probe_batches_are_rejected(batch, message):
      (nn.Conv2d(2, 4, 3), 4, 1), (nn.Linear(3, 2), 3, 2)],
 )
 def test_auto_channel_axis_batched_and_unbatched(module, ndim, axis):
-    assert covshift.layers.channel_axis(module, ndim) == axis
+    assert covshift.layers.channel_axis(module, (2,) * ndim) == axis
