@@ -70,6 +70,7 @@ class Tracker:
         check_int("every", every)
         if step not in ("auto", "manual"):
             raise ValueError(f"step must be 'auto' or 'manual', got {step!r}")
+        optimizer = _unwrapped_optimizer(optimizer)
         if optimizer is not None and not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if optimizer is not None and step == "manual":
@@ -550,6 +551,14 @@ def _check_channel_dims(spec: object, layers: dict[str, nn.Module]) -> None:
     unknown = sorted(set(spec) - set(layers)) if isinstance(spec, dict) else []
     if unknown:
         raise ValueError(f"channel_dim names layers that are not recorded: {unknown}; recorded: {list(layers)}")
+
+
+def _unwrapped_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper (Lightning's LightningOptimizer,
+    accelerate's AcceleratedOptimizer): its ``step()`` runs only on real updates."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _versions() -> dict[str, str]:
