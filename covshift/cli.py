@@ -170,6 +170,8 @@ def _reference(text: str) -> str | int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"-o {args.out} is a file, not a directory; choose a directory for the report")
     from covshift.report import report
 
     path = report(args.runs, args.out, metrics=args.metric, layers=args.layers, reference=args.reference,

@@ -134,3 +134,13 @@ def test_bad_option_values_are_one_line_errors(run_dirs, capsys):
     err = capsys.readouterr().err
     assert err.startswith("covshift report: error: layers='nope' matches no recorded layer")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_report_out_that_is_a_file_names_the_problem(run_dirs, tmp_path, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    assert main(["report", str(run_dirs[0]), "-o", str(afile)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"covshift report: error: -o {afile} is a file, not a directory; "
+                           "choose a directory for the report")
+    assert afile.read_text() == "keep me"
