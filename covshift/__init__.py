@@ -23,6 +23,7 @@ _EXPORTS = {
     "drift_to_noise": "covshift.drift",
     "load": "covshift.run",
     "noise_floor": "covshift.drift",
+    "plot": "covshift.plotting",
     "report": "covshift.report",
 }
 
@@ -30,6 +31,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from covshift.drift import drift, drift_table, drift_to_noise, noise_floor
+    from covshift.plotting import plot
     from covshift.report import report
     from covshift.run import Run, load
     from covshift.tracker import Tracker, attach
