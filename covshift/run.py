@@ -213,6 +213,12 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r}, layers={len(self._meta['layers'])})"
 
+    def _repr_html_(self) -> str:
+        """Notebook display: name, store path, steps per source and layers."""
+        from covshift.display import run_html
+
+        return run_html(self)
+
 
 def load(path: str | Path) -> Run:
     """Open a stored run directory.
