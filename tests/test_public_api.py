@@ -7,7 +7,8 @@ import covshift
 
 def test_public_names_are_pinned():
     assert sorted(covshift.__all__) == [
-        "Run", "Tracker", "attach", "drift", "drift_table", "drift_to_noise", "load", "noise_floor", "report",
+        "Run", "Tracker", "attach", "drift", "drift_table", "drift_to_noise", "load", "noise_floor", "plot",
+        "report",
     ]
     for name in covshift.__all__:
         assert getattr(covshift, name).__doc__, f"covshift.{name} has no docstring"
@@ -17,7 +18,7 @@ def test_version_is_a_string():
     assert isinstance(covshift.__version__, str) and covshift.__version__.count(".") == 2
 
 
-@pytest.mark.parametrize("name", ["attach", "drift", "report", "load"])
+@pytest.mark.parametrize("name", ["attach", "drift", "report", "load", "plot"])
 def test_public_functions_are_annotated(name):
     annotations = getattr(covshift, name).__annotations__
     assert "return" in annotations and len(annotations) > 1

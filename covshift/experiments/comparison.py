@@ -128,8 +128,7 @@ def to_markdown(comparison: dict) -> str:
 
 def write_report(runs: list[covshift.Run], out_dir: Path, notice: str | None = None) -> Path:
     """Write the covshift drift report of ``runs``; put the data ``notice`` (if any) at the top of the page."""
-    banner = f"DATA NOTICE: offline fallback data in use.\n{notice}" if notice else None
-    return covshift.report(runs, out_dir, notice=banner)
+    return covshift.report(runs, out_dir, notice=notice)
 
 
 def _fmt(value: float | None) -> str:

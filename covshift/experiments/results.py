@@ -93,7 +93,7 @@ def render_markdown(content: dict, epochs: dict[str, pd.DataFrame]) -> str:
     data = content["data"]
     lines = ["# MNIST CNN with vs. without BatchNorm", ""]
     if data.get("notice"):
-        lines += ["**DATA NOTICE: offline fallback data in use.**", "", "```", data["notice"], "```", ""]
+        lines += ["```", data["notice"], "```", ""]
     lines += [
         "Command:",
         "",
@@ -103,8 +103,8 @@ def render_markdown(content: dict, epochs: dict[str, pd.DataFrame]) -> str:
         "",
         f"Data ({data['dataset']}):",
         "",
-        f"- train `{data['train']['split']}`: {data['train']['examples']:,} examples — {data['train']['source']}",
-        f"- test `{data['test']['split']}`: {data['test']['examples']:,} examples — {data['test']['source']}",
+        f"- train `{data['train']['split']}`: {data['train']['examples']:,} examples — {_source(data['train'])}",
+        f"- test `{data['test']['split']}`: {data['test']['examples']:,} examples — {_source(data['test'])}",
         "",
         "## Accuracy per epoch",
         "",
@@ -132,6 +132,11 @@ def render_markdown(content: dict, epochs: dict[str, pd.DataFrame]) -> str:
     for name, label in LABELS.items():
         lines += [f"{label} (`{name}/`):", "", "```", content["models"][name]["summary"], "```", ""]
     return "\n".join(lines)
+
+
+def _source(split: dict) -> str:
+    """Where a split came from; for the fallback without the reason, which the notice above gives."""
+    return split["source"].split(", because ", 1)[0]
 
 
 def _per_epoch_table(epochs: dict[str, pd.DataFrame]) -> str:
