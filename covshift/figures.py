@@ -68,6 +68,15 @@ def metric_label(metric: str) -> str:
     return label
 
 
+def as_written(name: object) -> str:
+    r"""``name`` for a matplotlib text, shown exactly as written: ``$`` escaped so it never starts mathtext.
+
+    >>> as_written("budget $5 to $10")
+    'budget \\$5 to \\$10'
+    """
+    return str(name).replace("$", r"\$")
+
+
 def run_colors(n: int) -> list[str]:
     """One colour per run, the same in every figure: ``C0, C1, …``."""
     return [f"C{i % 10}" for i in range(n)]
@@ -131,7 +140,7 @@ def percentiles_figure(
                 _not_recorded(ax)
             else:
                 plots.percentile_trajectory(part, ax=ax, color=color)
-            ax.set_title(f"{label} · layer {layer}", fontsize=10)
+            ax.set_title(f"{as_written(label)} · layer {as_written(layer)}", fontsize=10)
             if col == 0:
                 ax.set_ylabel("input value")
     for ax in axes[-1]:
@@ -167,14 +176,14 @@ def drift_figure(
                 floor = None
                 if noise is not None:
                     floor = _thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points)
-                plots.drift_line(part, ax=ax, color=color, label=label, noise=floor)
+                plots.drift_line(part, ax=ax, color=color, label=as_written(label), noise=floor)
                 drawn = True
             if not drawn:
                 _not_recorded(ax)
             if log:
                 ax.set_yscale("log", nonpositive="mask")
             header = f"{metric_label(metric)}\n" if row == 0 else ""
-            ax.set_title(f"{header}layer {layer}", fontsize=10)
+            ax.set_title(f"{header}layer {as_written(layer)}", fontsize=10)
             ax.set_ylabel("drift")
     for ax in axes[-1]:
         ax.set_xlabel("training step")
@@ -202,7 +211,8 @@ def heatmap_figure(
             plots.drift_heatmap(part, layers, ax=axes[row, col], norm=norm) for col, part in enumerate(parts)
         ]
         for col, label in enumerate(labels):
-            axes[row, col].set_title(f"{label}", fontsize=10)
+            axes[row, col].set_title(as_written(label), fontsize=10)
+            axes[row, col].set_yticks(np.arange(len(layers)), [as_written(layer) for layer in layers])
         axes[row, 0].set_ylabel("layer")
         fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric), shrink=0.9)
     for ax in axes[-1]:
@@ -233,11 +243,11 @@ def channels_figure(
             if present:
                 boxes = plots.channel_boxes([groups[layers[k]] for k in present], positions, ax=ax, color=color,
                                             width=box_width * 0.9)
-                boxes["boxes"][0].set_label(label)
+                boxes["boxes"][0].set_label(as_written(label))
             values.append(last["value"].to_numpy(dtype=float))
         if values and spans_decades(np.concatenate(values)):
             ax.set_yscale("log", nonpositive="mask")
-        ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers],
+        ax.set_xticks(range(len(layers)), [f"layer {as_written(layer)}" for layer in layers],
                       rotation=30 if len(layers) > 6 else 0, ha="right" if len(layers) > 6 else "center")
         ax.set_xlim(-0.6, len(layers) - 0.4)
         ax.set_ylabel(metric_label(metric), fontsize=9)
@@ -253,8 +263,9 @@ def curves_figure(curves: Sequence[pd.DataFrame], labels: Sequence[str]) -> Figu
     colors = run_colors(len(labels))
     for frame, label, color in zip(curves, labels, colors):
         for ax, kind in zip(axes[0], ("loss", "acc")):
-            plots.training_curve(frame, f"train_{kind}", ax=ax, color=color, label=f"{label} train")
-            plots.training_curve(frame, f"test_{kind}", ax=ax, color=color, label=f"{label} test", linestyle="--")
+            name = as_written(label)
+            plots.training_curve(frame, f"train_{kind}", ax=ax, color=color, label=f"{name} train")
+            plots.training_curve(frame, f"test_{kind}", ax=ax, color=color, label=f"{name} test", linestyle="--")
     loss_ax, acc_ax = axes[0]
     if spans_decades(np.concatenate([_column(f, c) for f in curves for c in ("train_loss", "test_loss")])):
         loss_ax.set_yscale("log")

@@ -14,7 +14,7 @@ import pytest
 import covshift
 from covshift.drift import METRICS as ALL_METRICS
 from covshift.figures import DPI, PANEL_SIZE
-from covshift.report import report, select_layers
+from covshift.report import ReportData, build_sections, report, select_layers
 
 METRICS = ("wasserstein", "mean_shift", "std_ratio")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -175,3 +175,43 @@ def test_report_draws_one_channel_on_request(runs, tmp_path):
     report(runs[0], tmp_path / "c0", metrics="ks", layers="fc", channel=0)
     drawn = [(tmp_path / c / "percentiles.png").read_bytes() for c in ("c3", "c0")]
     assert drawn[0] != drawn[1]  # another channel's percentiles are drawn
+
+
+def record_tiny(directory: Path, *, name: str, layer: str = "fc", steps: int = 4, every: int = 1) -> covshift.Run:
+    """A run of a one-layer network named ``layer``, trained ``steps`` SGD steps, recorded every ``every``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module(layer, nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with covshift.attach(model, every=every, store=directory, name=name):
+        for _ in range(steps):
+            loss = model(torch.randn(16, 4)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return covshift.load(directory)
+
+
+def test_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    from matplotlib.text import Text
+
+    run = record_tiny(tmp_path / "run", name="budget $5 to $10", layer=r"price $\foo$")
+    page = report(run, tmp_path / "out", metrics="wasserstein")  # raised "ValueError: Unknown symbol"
+    assert r"price $\foo$" in page.read_text() and "budget $5 to $10" in page.read_text()
+    data = ReportData.compute([run], ["wasserstein"], reference="initial", source="train",
+                                  channel=None)
+    sections = build_sections(data, ["budget $5 to $10"], [r"price $\foo$"], ["wasserstein"],
+                                reference="initial", max_points=50, channel=None, source="train")
+    for section in sections:
+        fig = section.figure
+        fig.canvas.draw()
+        # what matplotlib draws for each text: (string shown, drawn as mathtext?)
+        shown = [t._preprocess_math(t.get_text()) for t in fig.findobj(Text) if t.get_text()]
+        names = [(s, math) for s, math in shown if "price" in s or "budget" in s]
+        assert names, section.name
+        for s, math in names:
+            assert not math, (section.name, s)
+            assert r"price $\foo$" in s or "budget $5 to $10" in s, (section.name, s)
