@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import hashlib
 import html
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,8 @@ from covshift.run import Run, load
 #: Metrics drawn by default: normalized W1, mean shift and the std ratio.
 DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
 REPORT_FILE = "report.html"
-#: The figures a report can hold, in page order (``curves`` only when runs logged curves).
-FIGURE_NAMES = ("percentiles", "drift", "heatmap", "channels", "curves")
+#: Lists the files a report wrote into its directory; a later report removes only those (if unchanged).
+MANIFEST_FILE = ".covshift-report.json"
 
 
 @dataclass
@@ -60,7 +62,9 @@ def report(
 
     Args:
         runs: a run, a run directory, or a list of them (drawn side by side).
-        out_dir: directory to write to (created if needed; files are overwritten).
+        out_dir: directory to write to (created if needed). Files of the same names are overwritten;
+            of the other files, only those an earlier report wrote there (listed in
+            :data:`MANIFEST_FILE`) and nobody changed since are removed.
         metrics: drift metrics to draw, names as in :func:`covshift.drift`, or ``"all"``.
         layers: layer names or glob patterns to show (default: every layer of any run).
         reference: what drift is measured from (see :func:`covshift.drift`).
@@ -97,13 +101,15 @@ def report(
     table = summary_table(data.drifts, data.noises, labels, shown, metrics)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _read_manifest(out)
     for section in sections:
         section.figure.savefig(out / section.file, dpi=figures.DPI)
-    for stale in set(FIGURE_NAMES) - {section.name for section in sections}:
-        (out / f"{stale}.png").unlink(missing_ok=True)  # left by an earlier report into the same directory
     table.to_csv(out / "summary.csv", index=False)
     page = render_html(loaded, labels, sections, table, out, reference=reference, source=source, notice=notice)
     (out / REPORT_FILE).write_text(page, encoding="utf-8")
+    written = [section.file for section in sections] + ["summary.csv", REPORT_FILE]
+    _remove_stale(out, earlier, keep=set(written))
+    _write_manifest(out, written)
     return out / REPORT_FILE
 
 
@@ -352,6 +358,35 @@ def _notice_box(notice: str) -> str:
         '<div style="border:3px solid #c00;background:#fee;padding:0.6em 1em;margin:1em 0">'
         f"<strong>{html.escape(title)}</strong><pre style='white-space:pre-wrap'>{html.escape(text)}</pre></div>"
     )
+
+
+def _read_manifest(out: Path) -> dict[str, str]:
+    """``{file name: sha256}`` of the files an earlier report wrote into ``out`` (empty if none or unreadable)."""
+    try:
+        files = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
+def _remove_stale(out: Path, earlier: dict[str, str], keep: set[str]) -> None:
+    """Delete the files an earlier report wrote and this one did not, if still exactly as it wrote them."""
+    for name, digest in earlier.items():
+        path = out / name
+        if name in keep or Path(name).name != name or not path.is_file():
+            continue
+        if _sha256(path) == digest:  # a file changed or replaced since is not covshift's any more
+            path.unlink()
+
+
+def _write_manifest(out: Path, names: Sequence[str]) -> None:
+    files = {name: _sha256(out / name) for name in names}
+    (out / MANIFEST_FILE).write_text(json.dumps({"written_by": "covshift.report", "files": files}, indent=1),
+                                     encoding="utf-8")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _css_color(color: str) -> str:

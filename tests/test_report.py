@@ -215,3 +215,21 @@ def test_names_with_dollar_signs_are_drawn_as_written(tmp_path):
         for s, math in names:
             assert not math, (section.name, s)
             assert r"price $\foo$" in s or "budget $5 to $10" in s, (section.name, s)
+
+
+def test_report_never_deletes_a_file_it_did_not_write(runs, tmp_path):
+    (tmp_path / "curves.png").write_bytes(b"the user's own figure")
+    (tmp_path / "heatmap-2.png").write_bytes(b"another")
+    report(runs[1], tmp_path, metrics="wasserstein", layers="conv")  # this run logged no curves
+    assert (tmp_path / "curves.png").read_bytes() == b"the user's own figure"
+    assert (tmp_path / "heatmap-2.png").read_bytes() == b"another"
+
+
+def test_a_rerun_removes_only_the_figures_the_previous_report_wrote(runs, tmp_path):
+    report(runs[0], tmp_path, metrics="wasserstein", layers="conv")
+    assert (tmp_path / "curves.png").exists()
+    report(runs[1], tmp_path, metrics="wasserstein", layers="conv")  # no curves: the old figure goes
+    assert not (tmp_path / "curves.png").exists()
+    (tmp_path / "curves.png").write_bytes(b"the user's, written after")
+    report(runs[1], tmp_path, metrics="wasserstein", layers="conv")
+    assert (tmp_path / "curves.png").read_bytes() == b"the user's, written after"
