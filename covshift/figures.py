@@ -44,10 +44,11 @@ DEFAULT_MAX_POINTS = 400
 #: Positive values spanning more than this ratio are drawn on a log scale.
 LOG_SPAN = 100.0
 
+#: One name per metric, the same in every figure, table and the page's glossary.
 METRIC_LABELS = {
-    "wasserstein": "W1 distance",
-    "mean_shift": "mean shift |Δμ|",
-    "std_ratio": "std ratio |log σ/σ₀|",
+    "wasserstein": "W1",
+    "mean_shift": "mean shift",
+    "std_ratio": "std ratio |log σ/σ_ref|",
     "gaussian_w2": "Gaussian W2",
     "ks": "KS statistic",
     "psi": "PSI",
@@ -60,7 +61,7 @@ def metric_label(metric: str) -> str:
     """Axis label of a drift metric as the report draws it (normalized), with its unit.
 
     >>> metric_label("wasserstein")
-    'W1 distance (× σ_ref)'
+    'W1 (× σ_ref)'
     """
     label = METRIC_LABELS.get(metric, metric)
     if metric in _NORMALIZED:
@@ -127,6 +128,7 @@ def percentiles_figure(
     *,
     max_points: int = DEFAULT_MAX_POINTS,
     what: str = "mean over channels",
+    xlim: tuple[float, float] | None = None,
 ) -> Figure:
     """Percentile trajectories: one row per layer, one column per run, y shared along a row."""
     fig, axes = new_grid(len(layers), len(labels), sharex=True, sharey="row")
@@ -139,7 +141,8 @@ def percentiles_figure(
             if part.empty:
                 _not_recorded(ax)
             else:
-                plots.percentile_trajectory(part, ax=ax, color=color)
+                _mark_few(plots.percentile_trajectory(part, ax=ax, color=color)[1:])
+            _steps_axis(ax, xlim)
             ax.set_title(f"{as_written(label)} · layer {as_written(layer)}", fontsize=10)
             if col == 0:
                 ax.set_ylabel("input value")
@@ -159,32 +162,47 @@ def drift_figure(
     *,
     reference: str = "initial",
     max_points: int = DEFAULT_MAX_POINTS,
+    xlim: tuple[float, float] | None = None,
 ) -> Figure:
-    """Drift over steps: one row per layer, one column per metric, runs overlaid, noise floors dashed."""
-    fig, axes = new_grid(len(layers), len(metrics), sharex=True, sharey="col")
+    """Drift over steps: one row per layer, one column per metric, runs overlaid, noise floors dashed.
+
+    Each panel has its own y range (log when its values span decades), so no
+    layer is squashed by another's scale. Runs whose lines coincide are said to;
+    a run with fewer than 2 recorded steps has no drift, and its panels say so.
+    """
+    fig, axes = new_grid(len(layers), len(metrics), sharex=True, sharey=False)
     colors = run_colors(len(labels))
     for col, metric in enumerate(metrics):
-        values = [frame.loc[frame["metric"] == metric, "value"] for frame in drifts]
-        log = spans_decades(np.concatenate([np.asarray(v, dtype=float) for v in values]) if values else [])
         for row, layer in enumerate(layers):
             ax = axes[row, col]
-            drawn = False
+            drawn: list[tuple[str, pd.DataFrame, Line2D]] = []
+            notes = []
             for frame, noise, label, color in zip(drifts, noises, labels, colors):
                 part = _thinned(frame[(frame["metric"] == metric) & (frame["layer"] == layer)], max_points)
                 if part.empty:
                     continue
+                if part["step"].nunique() < 2:
+                    notes.append(f"{as_written(label)}: 1 recorded step, no drift")
+                    continue
                 floor = None
                 if noise is not None:
                     floor = _thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points)
-                plots.drift_line(part, ax=ax, color=color, label=as_written(label), noise=floor)
-                drawn = True
-            if not drawn:
+                line = plots.drift_line(part, ax=ax, color=color, label=as_written(label), noise=floor)[0]
+                _mark_few([line])
+                notes += _coinciding(drawn, label, part)
+                drawn.append((label, part, line))
+            if not drawn and not notes:
                 _not_recorded(ax)
-            if log:
+            if notes:
+                ax.text(0.02, 0.97, "\n".join(notes), transform=ax.transAxes, ha="left", va="top", fontsize=8,
+                        color="0.25", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+            if drawn and spans_decades(np.concatenate([p["value"].to_numpy(dtype=float) for _, p, _ in drawn])):
                 ax.set_yscale("log", nonpositive="mask")
-            header = f"{metric_label(metric)}\n" if row == 0 else ""
-            ax.set_title(f"{header}layer {as_written(layer)}", fontsize=10)
-            ax.set_ylabel("drift")
+            if row == 0:
+                ax.set_title(metric_label(metric), fontsize=10)
+            if col == 0:
+                ax.set_ylabel(f"layer {as_written(layer)}")
+            _steps_axis(ax, xlim)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     _legend(fig, _first_legend(axes), len(metrics))
@@ -193,32 +211,91 @@ def drift_figure(
     return fig
 
 
+def _coinciding(drawn: list[tuple[str, pd.DataFrame, Line2D]], label: str, part: pd.DataFrame) -> list[str]:
+    """Notes for the runs already drawn whose line ``part`` lies on; their line is widened to stay visible."""
+    notes = []
+    for other, earlier, line in drawn:
+        a, b = earlier["value"].to_numpy(dtype=float), part["value"].to_numpy(dtype=float)
+        same_steps = np.array_equal(earlier["step"].to_numpy(), part["step"].to_numpy())
+        scale = np.nanmax(np.abs(a)) if np.isfinite(a).any() else 0.0
+        if same_steps and np.allclose(a, b, rtol=0.0, atol=max(1e-3 * scale, 1e-12), equal_nan=True):
+            line.set(linewidth=4.5, alpha=0.45)
+            notes.append(f"{as_written(label)} and {as_written(other)} coincide")
+    return notes
+
+
 def heatmap_figure(
     drifts: Sequence[pd.DataFrame],
     labels: Sequence[str],
     layers: Sequence[str],
     metrics: Sequence[str],
     *,
-    reference: str = "initial",
+    reference: str | int = "initial",
     max_points: int = DEFAULT_MAX_POINTS,
+    xlim: tuple[float, float] | None = None,
 ) -> Figure:
-    """Layer × step heatmaps: one row per metric, one column per run, one colour scale per metric."""
+    """Layer × step heatmaps: one row per metric, one column per run, one colour scale per metric.
+
+    The reference step (0 by definition) is hatched, not coloured as the lowest drift.
+    """
     fig, axes = new_grid(len(metrics), len(labels), sharex=True, sharey=True)
     for row, metric in enumerate(metrics):
-        parts = [_thinned(frame[frame["metric"] == metric], max_points) for frame in drifts]
+        parts = [_without_reference(_thinned(frame[frame["metric"] == metric], max_points), reference)
+                 for frame in drifts]
         norm = _shared_norm(np.concatenate([p["value"].to_numpy(dtype=float) for p in parts]))
         meshes = [
             plots.drift_heatmap(part, layers, ax=axes[row, col], norm=norm) for col, part in enumerate(parts)
         ]
-        for col, label in enumerate(labels):
-            axes[row, col].set_title(as_written(label), fontsize=10)
-            axes[row, col].set_yticks(np.arange(len(layers)), [as_written(layer) for layer in layers])
+        for col, (label, part) in enumerate(zip(labels, parts)):
+            ax = axes[row, col]
+            ax.set_title(as_written(label), fontsize=10)
+            ax.set_yticks(np.arange(len(layers)), [as_written(layer) for layer in layers])
+            _hatch_reference(ax, drifts[col], reference)
+            if part["value"].notna().sum() == 0:
+                _not_recorded(ax, "fewer than 2 recorded steps: no drift")
+            _steps_axis(ax, xlim)
         axes[row, 0].set_ylabel("layer")
         fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric), shrink=0.9)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
-    _title(fig, f"Drift from the {reference_words(reference)}, layer × step", len(labels))
+    hatched = " (hatched: the reference itself, 0 by definition)" if _reference_step(reference) else ""
+    _title(fig, f"Drift from the {reference_words(reference)}, layer × step{hatched}", len(labels))
     return fig
+
+
+def _reference_step(reference: str | int) -> str | int | None:
+    """``"first"`` for ``initial``, the step for an int reference, None when no step is a reference itself."""
+    if reference == "initial":
+        return "first"
+    return reference if isinstance(reference, int) and not isinstance(reference, bool) else None
+
+
+def _without_reference(frame: pd.DataFrame, reference: str | int) -> pd.DataFrame:
+    """``frame`` with the reference step's values set to NaN (each layer's first step for ``initial``)."""
+    which = _reference_step(reference)
+    if which is None or frame.empty:
+        return frame
+    if which == "first":
+        at_reference = frame["step"] == frame.groupby("layer", observed=True)["step"].transform("min")
+    else:
+        at_reference = frame["step"] == which
+    return frame.assign(value=frame["value"].where(~at_reference))
+
+
+def _hatch_reference(ax: Axes, frame: pd.DataFrame, reference: str | int) -> None:
+    """Hatch the reference step's column (between the midpoints to its neighbour steps)."""
+    which = _reference_step(reference)
+    steps = np.unique(frame["step"].to_numpy()) if len(frame) else np.empty(0)
+    if which is None or not len(steps):
+        return
+    at = steps[0] if which == "first" else which
+    if at not in steps:
+        return
+    k = int(np.searchsorted(steps, at))
+    half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
+    left = (steps[k - 1] + at) / 2 if k > 0 else at - half
+    right = (steps[k + 1] + at) / 2 if k + 1 < len(steps) else at + half
+    ax.axvspan(left, right, facecolor="0.85", edgecolor="0.45", hatch="///", linewidth=0, zorder=3)
 
 
 def channels_figure(
@@ -233,9 +310,12 @@ def channels_figure(
     colors = run_colors(len(labels))
     box_width = 0.8 / max(len(labels), 1)
     for ax, metric in zip(fig.subplots(len(metrics), 1, squeeze=False)[:, 0], metrics):
-        values = []
+        values, short = [], []
         for i, (frame, label, color) in enumerate(zip(channel_drifts, labels, colors)):
             part = frame[frame["metric"] == metric]
+            if part["step"].nunique() < 2:
+                short.append(f"{as_written(label)}: fewer than 2 recorded steps, no drift")
+                continue
             last = part[part["step"] == part.groupby("layer", observed=True)["step"].transform("max")]
             groups = {str(layer): group["value"].to_numpy() for layer, group in last.groupby("layer", observed=True)}
             present = [k for k, layer in enumerate(layers) if layer in groups]
@@ -252,20 +332,27 @@ def channels_figure(
         ax.set_xlim(-0.6, len(layers) - 0.4)
         ax.set_ylabel(metric_label(metric), fontsize=9)
         ax.set_title(f"{METRIC_LABELS.get(metric, metric)} per channel at the last step", fontsize=10)
-        ax.legend(fontsize=8, loc="upper left")
+        if short:
+            _not_recorded(ax, "\n".join(short))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left")
     _title(fig, "Per-channel drift at the end of training (box: quartiles; dots: channels)", 2)
     return fig
 
 
-def curves_figure(curves: Sequence[pd.DataFrame], labels: Sequence[str]) -> Figure:
+def curves_figure(
+    curves: Sequence[pd.DataFrame], labels: Sequence[str], *, xlim: tuple[float, float] | None = None
+) -> Figure:
     """Training curves: loss (left) and accuracy (right), train solid and test dashed, one colour per run."""
     fig, axes = new_grid(1, 2, sharex=True, sharey=False)
     colors = run_colors(len(labels))
     for frame, label, color in zip(curves, labels, colors):
         for ax, kind in zip(axes[0], ("loss", "acc")):
             name = as_written(label)
-            plots.training_curve(frame, f"train_{kind}", ax=ax, color=color, label=f"{name} train")
-            plots.training_curve(frame, f"test_{kind}", ax=ax, color=color, label=f"{name} test", linestyle="--")
+            _mark_few(plots.training_curve(frame, f"train_{kind}", ax=ax, color=color, label=f"{name} train"))
+            _mark_few(plots.training_curve(frame, f"test_{kind}", ax=ax, color=color, label=f"{name} test",
+                                           linestyle="--"))
+            _steps_axis(ax, xlim)
     loss_ax, acc_ax = axes[0]
     if spans_decades(np.concatenate([_column(f, c) for f in curves for c in ("train_loss", "test_loss")])):
         loss_ax.set_yscale("log")
@@ -278,6 +365,25 @@ def curves_figure(curves: Sequence[pd.DataFrame], labels: Sequence[str]) -> Figu
             _not_recorded(ax, "not logged by these runs")
     _title(fig, "Training curves (solid: train, dashed: test)", 2)
     return fig
+
+
+#: Lines of at most this many points get a marker at each point.
+FEW_POINTS = 12
+
+
+def _mark_few(lines: Sequence[Artist]) -> None:
+    """A marker on every point of lines with few points (a line of 1 or 2 points is otherwise easy to miss)."""
+    for line in lines:
+        if isinstance(line, Line2D) and len(line.get_xdata()) <= FEW_POINTS:
+            line.set(marker="o", markersize=4)
+
+
+def _steps_axis(ax: Axes, xlim: tuple[float, float] | None) -> None:
+    """Put the step axis on the range every figure shares (a little margin either side)."""
+    if xlim is not None:
+        lo, hi = xlim
+        pad = (hi - lo) * 0.03 if hi > lo else 1.0
+        ax.set_xlim(lo - pad, hi + pad)
 
 
 def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
