@@ -32,6 +32,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from covshift import plots
 
@@ -384,6 +385,7 @@ def _steps_axis(ax: Axes, xlim: tuple[float, float] | None) -> None:
         lo, hi = xlim
         pad = (hi - lo) * 0.03 if hi > lo else 1.0
         ax.set_xlim(lo - pad, hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
 
 
 def _column(frame: pd.DataFrame, column: str) -> np.ndarray:

@@ -29,9 +29,11 @@ def fmt(value: object) -> str:
     >>> [fmt(v) for v in (0.5, 0.0421234, 23.71, 12345.6, float("nan"), None)]
     ['0.500', '0.0421', '23.7', '12,346', '–', '–']
     """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "–"
     number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        return "–" if math.isnan(number) else "∞" if number > 0 else "−∞"
     return f"{number:,.0f}" if abs(number) >= 1000 else f"{number:#.3g}"
 
 
@@ -151,18 +153,20 @@ def glossary(runs: Sequence[Run], labels: Sequence[str], metrics: Sequence[str],
 
 
 def _probe_sizes(runs: Sequence[Run], labels: Sequence[str]) -> str:
-    parts = []
+    """Each run's probe: how many probe steps, how often, how many values per channel; runs alike named together."""
+    said: dict[str, list[str]] = {}
     for run, label in zip(runs, labels):
         half = run.stats("probe_a")
         if half.empty:
-            parts.append(f"{label}: no probe (no noise floor)")
-            continue
-        steps = sorted(half["step"].unique())
-        every = f", one every {int(pd.Series(steps).diff().median())} steps" if len(steps) > 1 else ""
-        first = half[half["step"] == steps[0]]
-        parts.append(f"{label}: {len(steps)} probe steps{every}; each half ≥{int(first['count'].min()):,} values "
-                     "per channel (a Linear layer's count is the number of examples)")
-    return "Here: " + "; ".join(parts) + "."
+            text = "no probe (no noise floor)"
+        else:
+            steps = sorted(half["step"].unique())
+            every = f", one every {int(pd.Series(steps).diff().median())} steps" if len(steps) > 1 else ""
+            least = int(half.loc[half["step"] == steps[0], "count"].min())
+            text = (f"{len(steps)} probe steps{every}; each half ≥{least:,} values per channel "
+                    "(a Linear layer's count is the number of examples)")
+        said.setdefault(text, []).append(label)
+    return "Here: " + "; ".join(f"{', '.join(names)}: {text}" for text, names in said.items()) + "."
 
 
 def notice_box(notice: str) -> str:
@@ -190,6 +194,7 @@ def render_html(
     notice: str | None = None,
 ) -> str:
     """The page: notice, verdict, per-layer table, glossary, runs, figures, and all numbers last."""
+    table = _without_short_runs(table, labels, steps)
     metric = verdict_metric(metrics)
     name = figures.metric_label(metric)
     lines = verdict_lines(table, labels, steps, metric)
@@ -236,6 +241,15 @@ def render_html(
         "</body></html>",
     ]
     return "\n".join(part for part in parts if part)
+
+
+def _without_short_runs(table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int]) -> pd.DataFrame:
+    """``table`` with the drift of runs of fewer than :data:`MIN_STEPS` steps blanked (their 0 is no measurement)."""
+    short = {label for label, n in zip(labels, steps) if n < MIN_STEPS}
+    first = labels[0]
+    blank = [f"{label} {kind}" for label in short for kind in ("mean", "final")]
+    blank += [f"{label}/{first} {kind}" for label in labels[1:] if short & {label, first} for kind in ("mean", "final")]
+    return table.assign(**{c: float("nan") for c in blank if c in table.columns})
 
 
 def _runs_table(runs: Sequence[Run], labels: Sequence[str]) -> str:

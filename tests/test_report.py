@@ -301,7 +301,7 @@ def test_a_glossary_defines_each_word_and_unit_with_one_name_per_metric(two_run_
     for term in ("W1", "× σ_ref", "mean shift", "std ratio", "probe batch", "noise floor"):
         assert f" {term} " in text[text.index("Words on this page"):text.index("Runs")], term
     assert "standard deviation at the reference step" in text
-    assert "plain: 6 probe steps, one every 4 steps; each half ≥16 values per channel" in text
+    assert "Here: plain, bn: 6 probe steps, one every 4 steps; each half ≥16 values per channel" in text
     for metric in METRICS:  # the table names each metric as the figures do
         assert f" {metric_label(metric)} conv " in text, metric
     for old in ("W1 distance", "σ₀", "mean_shift", "std_ratio", "wasserstein"):
@@ -326,6 +326,7 @@ def test_a_run_with_one_recorded_step_warns_and_says_what_to_change(tmp_path):
         page = report(run, tmp_path / "out", metrics="wasserstein")
     text = _text(page.read_text())
     assert text.count("Record more often (a smaller every=") == 2  # under the verdict, and where drift would be
+    assert "<td>fc</td><td>–</td>" in page.read_text()  # its 0 at the one step is no measurement of drift
     assert not (tmp_path / "out" / "drift.png").exists() and not (tmp_path / "out" / "heatmap.png").exists()
     assert (tmp_path / "out" / "percentiles.png").exists()
 
