@@ -13,15 +13,15 @@ channels            metrics        2 (fixed)
 curves              1              2 (loss, accuracy)
 ==================  =============  ==============
 
-Runs keep one colour (``C0``, ``C1``, … of matplotlib's cycle) in every figure.
-Panels that compare runs share their axes; a metric's panels share the y axis
-and switch to a log scale when its positive values span more than two decades.
-Long runs are thinned to at most ``max_points`` steps for drawing only.
+Runs keep one colour (``C0``, ``C1``, … of matplotlib's cycle) in every figure,
+and every figure's step axis covers the same range. Panels that compare runs
+share their axes; each drift panel has its own y scale, logarithmic when its
+positive values span more than two decades. Long runs are thinned to at most
+``max_points`` steps for drawing only. The shared pieces live in :mod:`covshift.panels`.
 """
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,77 +32,26 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 
 from covshift import plots
-
-#: Width and height of one panel, inches.
-PANEL_SIZE = (4.0, 2.8)
-#: Resolution of the saved figures, dots per inch.
-DPI = 100
-#: Drawn steps per line or heatmap row at most (tables always use every step).
-DEFAULT_MAX_POINTS = 400
-#: Positive values spanning more than this ratio are drawn on a log scale.
-LOG_SPAN = 100.0
-
-#: One name per metric, the same in every figure, table and the page's glossary.
-METRIC_LABELS = {
-    "wasserstein": "W1",
-    "mean_shift": "mean shift",
-    "std_ratio": "std ratio |log σ/σ_ref|",
-    "gaussian_w2": "Gaussian W2",
-    "ks": "KS statistic",
-    "psi": "PSI",
-    "js": "JS divergence",
-}
-_NORMALIZED = {"wasserstein", "mean_shift", "gaussian_w2"}
-
-
-def metric_label(metric: str) -> str:
-    """Axis label of a drift metric as the report draws it (normalized), with its unit.
-
-    >>> metric_label("wasserstein")
-    'W1 (× σ_ref)'
-    """
-    label = METRIC_LABELS.get(metric, metric)
-    if metric in _NORMALIZED:
-        return f"{label} (× σ_ref)"
-    return label
-
-
-def as_written(name: object) -> str:
-    r"""``name`` for a matplotlib text, shown exactly as written: ``$`` escaped so it never starts mathtext.
-
-    >>> as_written("budget $5 to $10")
-    'budget \\$5 to \\$10'
-    """
-    return str(name).replace("$", r"\$")
-
-
-def run_colors(n: int) -> list[str]:
-    """One colour per run, the same in every figure: ``C0, C1, …``."""
-    return [f"C{i % 10}" for i in range(n)]
-
-
-def new_grid(
-    rows: int, cols: int, *, sharex: bool | str = True, sharey: bool | str = False
-) -> tuple[Figure, np.ndarray]:
-    """A constrained-layout Figure of ``rows × cols`` panels of :data:`PANEL_SIZE`; axes as a 2-D array."""
-    width, height = PANEL_SIZE
-    fig = Figure(figsize=(width * cols, height * rows), dpi=DPI, layout="constrained")
-    axes = fig.subplots(rows, cols, sharex=sharex, sharey=sharey, squeeze=False)
-    return fig, axes
-
-
-def spans_decades(values: np.ndarray | pd.Series) -> bool:
-    """Whether the positive finite ``values`` span more than :data:`LOG_SPAN` (max/min).
-
-    >>> spans_decades(np.array([0.0, 0.001, 1.0])), spans_decades(np.array([1.0, 5.0]))
-    (True, False)
-    """
-    values = np.asarray(values, dtype=float)
-    positive = values[np.isfinite(values) & (values > 0)]
-    return bool(len(positive) > 1 and positive.max() / positive.min() > LOG_SPAN)
+from covshift.panels import (  # noqa: F401 (DPI, PANEL_SIZE … are read as figures.*)
+    DEFAULT_MAX_POINTS,
+    DPI,
+    METRIC_LABELS,
+    PANEL_SIZE,
+    as_written,
+    legend,
+    mark_few,
+    metric_label,
+    new_grid,
+    not_recorded,
+    reference_words,
+    run_colors,
+    spans_decades,
+    steps_axis,
+    thinned,
+    title,
+)
 
 
 def layer_percentiles(stats: pd.DataFrame, channel: int | None = None) -> pd.DataFrame:
@@ -135,22 +84,22 @@ def percentiles_figure(
     fig, axes = new_grid(len(layers), len(labels), sharex=True, sharey="row")
     colors = run_colors(len(labels))
     for col, (frame, label, color) in enumerate(zip(percentiles, labels, colors)):
-        frame = _thinned(frame, max_points)
+        frame = thinned(frame, max_points)
         for row, layer in enumerate(layers):
             ax = axes[row, col]
             part = frame[frame["layer"] == layer]
             if part.empty:
-                _not_recorded(ax)
+                not_recorded(ax)
             else:
-                _mark_few(plots.percentile_trajectory(part, ax=ax, color=color)[1:])
-            _steps_axis(ax, xlim)
+                mark_few(plots.percentile_trajectory(part, ax=ax, color=color)[1:])
+            steps_axis(ax, xlim)
             ax.set_title(f"{as_written(label)} · layer {as_written(layer)}", fontsize=10)
             if col == 0:
                 ax.set_ylabel("input value")
     for ax in axes[-1]:
         ax.set_xlabel("training step")
-    _legend(fig, _percentile_key(), len(labels))
-    _title(fig, f"Percentiles of each layer's input ({what})", len(labels))
+    legend(fig, _percentile_key(), len(labels))
+    title(fig, f"Percentiles of each layer's input ({what})", len(labels))
     return fig
 
 
@@ -179,7 +128,7 @@ def drift_figure(
             drawn: list[tuple[str, pd.DataFrame, Line2D]] = []
             notes = []
             for frame, noise, label, color in zip(drifts, noises, labels, colors):
-                part = _thinned(frame[(frame["metric"] == metric) & (frame["layer"] == layer)], max_points)
+                part = thinned(frame[(frame["metric"] == metric) & (frame["layer"] == layer)], max_points)
                 if part.empty:
                     continue
                 if part["step"].nunique() < 2:
@@ -187,13 +136,13 @@ def drift_figure(
                     continue
                 floor = None
                 if noise is not None:
-                    floor = _thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points)
+                    floor = thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points)
                 line = plots.drift_line(part, ax=ax, color=color, label=as_written(label), noise=floor)[0]
-                _mark_few([line])
+                mark_few([line])
                 notes += _coinciding(drawn, label, part)
                 drawn.append((label, part, line))
             if not drawn and not notes:
-                _not_recorded(ax)
+                not_recorded(ax)
             if notes:
                 ax.text(0.02, 0.97, "\n".join(notes), transform=ax.transAxes, ha="left", va="top", fontsize=8,
                         color="0.25", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
@@ -203,11 +152,11 @@ def drift_figure(
                 ax.set_title(metric_label(metric), fontsize=10)
             if col == 0:
                 ax.set_ylabel(f"layer {as_written(layer)}")
-            _steps_axis(ax, xlim)
+            steps_axis(ax, xlim)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
-    _legend(fig, _first_legend(axes), len(metrics))
-    _title(fig, f"Drift of each layer's input from the {reference_words(reference)} (dashed: noise floor)",
+    legend(fig, _first_legend(axes), len(metrics))
+    title(fig, f"Drift of each layer's input from the {reference_words(reference)} (dashed: noise floor)",
            len(metrics))
     return fig
 
@@ -241,7 +190,7 @@ def heatmap_figure(
     """
     fig, axes = new_grid(len(metrics), len(labels), sharex=True, sharey=True)
     for row, metric in enumerate(metrics):
-        parts = [_without_reference(_thinned(frame[frame["metric"] == metric], max_points), reference)
+        parts = [_without_reference(thinned(frame[frame["metric"] == metric], max_points), reference)
                  for frame in drifts]
         norm = _shared_norm(np.concatenate([p["value"].to_numpy(dtype=float) for p in parts]))
         meshes = [
@@ -253,14 +202,14 @@ def heatmap_figure(
             ax.set_yticks(np.arange(len(layers)), [as_written(layer) for layer in layers])
             _hatch_reference(ax, drifts[col], reference)
             if part["value"].notna().sum() == 0:
-                _not_recorded(ax, "fewer than 2 recorded steps: no drift")
-            _steps_axis(ax, xlim)
+                not_recorded(ax, "fewer than 2 recorded steps: no drift")
+            steps_axis(ax, xlim)
         axes[row, 0].set_ylabel("layer")
         fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric), shrink=0.9)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     hatched = " (hatched: the reference itself, 0 by definition)" if _reference_step(reference) else ""
-    _title(fig, f"Drift from the {reference_words(reference)}, layer × step{hatched}", len(labels))
+    title(fig, f"Drift from the {reference_words(reference)}, layer × step{hatched}", len(labels))
     return fig
 
 
@@ -334,10 +283,10 @@ def channels_figure(
         ax.set_ylabel(metric_label(metric), fontsize=9)
         ax.set_title(f"{METRIC_LABELS.get(metric, metric)} per channel at the last step", fontsize=10)
         if short:
-            _not_recorded(ax, "\n".join(short))
+            not_recorded(ax, "\n".join(short))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="upper left")
-    _title(fig, "Per-channel drift at the end of training (box: quartiles; dots: channels)", 2)
+    title(fig, "Per-channel drift at the end of training (box: quartiles; dots: channels)", 2)
     return fig
 
 
@@ -350,10 +299,10 @@ def curves_figure(
     for frame, label, color in zip(curves, labels, colors):
         for ax, kind in zip(axes[0], ("loss", "acc")):
             name = as_written(label)
-            _mark_few(plots.training_curve(frame, f"train_{kind}", ax=ax, color=color, label=f"{name} train"))
-            _mark_few(plots.training_curve(frame, f"test_{kind}", ax=ax, color=color, label=f"{name} test",
+            mark_few(plots.training_curve(frame, f"train_{kind}", ax=ax, color=color, label=f"{name} train"))
+            mark_few(plots.training_curve(frame, f"test_{kind}", ax=ax, color=color, label=f"{name} test",
                                            linestyle="--"))
-            _steps_axis(ax, xlim)
+            steps_axis(ax, xlim)
     loss_ax, acc_ax = axes[0]
     if spans_decades(np.concatenate([_column(f, c) for f in curves for c in ("train_loss", "test_loss")])):
         loss_ax.set_yscale("log")
@@ -363,37 +312,13 @@ def curves_figure(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         else:
-            _not_recorded(ax, "not logged by these runs")
-    _title(fig, "Training curves (solid: train, dashed: test)", 2)
+            not_recorded(ax, "not logged by these runs")
+    title(fig, "Training curves (solid: train, dashed: test)", 2)
     return fig
-
-
-#: Lines of at most this many points get a marker at each point.
-FEW_POINTS = 12
-
-
-def _mark_few(lines: Sequence[Artist]) -> None:
-    """A marker on every point of lines with few points (a line of 1 or 2 points is otherwise easy to miss)."""
-    for line in lines:
-        if isinstance(line, Line2D) and len(line.get_xdata()) <= FEW_POINTS:
-            line.set(marker="o", markersize=4)
-
-
-def _steps_axis(ax: Axes, xlim: tuple[float, float] | None) -> None:
-    """Put the step axis on the range every figure shares (a little margin either side)."""
-    if xlim is not None:
-        lo, hi = xlim
-        pad = (hi - lo) * 0.03 if hi > lo else 1.0
-        ax.set_xlim(lo - pad, hi + pad)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
 
 
 def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
     return frame[column].to_numpy(dtype=float) if column in frame else np.empty(0)
-
-
-def _thinned(frame: pd.DataFrame, max_points: int) -> pd.DataFrame:
-    return frame[frame["step"].isin(plots.thin_steps(frame["step"], max_points))]
 
 
 def _shared_norm(values: np.ndarray) -> Normalize:
@@ -403,10 +328,6 @@ def _shared_norm(values: np.ndarray) -> Normalize:
         return LogNorm(vmin=np.percentile(positive, 1), vmax=positive.max(), clip=True)
     top = finite.max() if len(finite) else 1.0
     return Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
-
-
-def _not_recorded(ax: Axes, text: str = "not recorded in this run") -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.5", fontsize=9)
 
 
 def _percentile_key() -> list[Artist]:
@@ -427,24 +348,3 @@ def _first_legend(axes: np.ndarray) -> list[Artist]:
             seen.setdefault(name, handle)
     return list(seen.values())
 
-
-def _legend(fig: Figure, handles: list[Artist], cols: int) -> None:
-    """A figure legend below the panels, two entries per panel width at most per row."""
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=max(1, min(len(handles), 2 * cols)),
-                   fontsize=9)
-
-
-def _title(fig: Figure, text: str, cols: int) -> None:
-    """The figure title, wrapped to the figure's width (about 38 characters per panel)."""
-    fig.suptitle(textwrap.fill(text, width=int(cols * PANEL_SIZE[0] * 9.5)), fontsize=12)
-
-
-def reference_words(reference: object) -> str:
-    if reference == "initial":
-        return "first recorded step"
-    if reference == "previous":
-        return "previous recorded step"
-    if isinstance(reference, str) and reference.startswith("rolling:"):
-        return f"mean of the previous {reference.split(':', 1)[1]} recorded steps"
-    return f"step {reference}"
