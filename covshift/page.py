@@ -143,11 +143,11 @@ def glossary(runs: Sequence[Run], labels: Sequence[str], metrics: Sequence[str],
         ("noise floor", "the same metric between the two halves of the probe batch: the drift that sampling "
                         "alone produces. Drift ÷ floor above 1 (▲) is more change than sampling noise."),
     ]
-    extra = {"gaussian_w2": ("Gaussian W2", "the W2 distance of Gaussians with the two means and SDs."),
-             "ks": ("KS", "the largest gap between the two cumulative distribution functions (0–1)."),
-             "psi": ("PSI", "population stability index over bins cut at the reference's quantiles."),
-             "js": ("JS divergence", "Jensen–Shannon divergence over the same bins.")}
-    terms += [extra[m] for m in metrics if m in extra]
+    extra = {"gaussian_w2": "the W2 distance of Gaussians with the two means and SDs.",
+             "ks": "the largest gap between the two cumulative distribution functions (0–1).",
+             "psi": "population stability index over bins cut at the reference's quantiles.",
+             "js": "Jensen–Shannon divergence over bins cut at the reference's quantiles."}
+    terms += [(figures.METRIC_LABELS[m], extra[m]) for m in metrics if m in extra]
     items = "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(d)}</dd>" for t, d in terms)
     return f"<dl class=glossary>{items}</dl>"
 

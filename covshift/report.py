@@ -56,11 +56,16 @@ def report(
 ) -> Path:
     """Write the drift report of ``runs`` to ``out_dir``: PNG figures and ``report.html``.
 
-    Figures (see docs/guide.md, "Reading the report"): ``percentiles.png``,
-    ``drift.png``, ``heatmap.png``, ``channels.png`` and, when the runs logged
-    training curves, ``curves.png``; the per-layer summary table goes to
-    ``summary.csv`` and into the page. The HTML embeds every image as a data
-    URI and loads nothing from elsewhere: it opens offline.
+    The page leads with the verdict (:mod:`covshift.verdict`: each later run
+    against the first, or a one-line summary of one run) and a compact
+    per-layer table, then a glossary, the figures and all numbers. Figures (see
+    docs/guide.md, "Reading the report"): ``percentiles.png``, ``drift.png``
+    (``drift-2.png`` … past :data:`METRICS_PER_FIGURE` metrics), ``heatmap.png``,
+    ``channels.png`` and, when the runs logged training curves, ``curves.png``;
+    the summary table also goes to ``summary.csv``. A run with fewer than 2
+    recorded steps has no drift: a ``UserWarning`` and a note on the page say
+    what to change. The HTML embeds every image as a data URI and loads nothing
+    from elsewhere: it opens offline.
 
     Args:
         runs: a run, a run directory, or a list of them (drawn side by side).
