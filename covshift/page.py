@@ -162,11 +162,21 @@ def _probe_sizes(runs: Sequence[Run], labels: Sequence[str]) -> str:
         else:
             steps = sorted(half["step"].unique())
             every = f", one every {int(pd.Series(steps).diff().median())} steps" if len(steps) > 1 else ""
-            least = int(half.loc[half["step"] == steps[0], "count"].min())
-            text = (f"{len(steps)} probe steps{every}; each half ≥{least:,} values per channel "
-                    "(a Linear layer's count is the number of examples)")
+            text = f"{len(steps)} probe steps{every}; each half: {_half_size(run, half[half['step'] == steps[0]])}"
         said.setdefault(text, []).append(label)
     return "Here: " + "; ".join(f"{', '.join(names)}: {text}" for text, names in said.items()) + "."
+
+
+def _half_size(run: Run, records: pd.DataFrame) -> str:
+    """How big one probe half is: its examples where a Linear layer on flat input counts them, else its values."""
+    counts = records.groupby(records["layer"].astype(str), observed=True)["count"].min()
+    flat = run.layers[(run.layers["type"] == "Linear") & (run.layers["channel_dim"] == 1)]["layer"].astype(str)
+    examples = counts.reindex(flat).dropna()
+    if len(examples):
+        return f"{int(examples.iloc[0]):,} examples"
+    low, high = int(counts.min()), int(counts.max())
+    span = f"{low:,}" if low == high else f"{low:,}–{high:,}"
+    return f"{span} values per channel, depending on the layer (examples × positions)"
 
 
 def notice_box(notice: str) -> str:

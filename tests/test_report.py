@@ -301,7 +301,7 @@ def test_a_glossary_defines_each_word_and_unit_with_one_name_per_metric(two_run_
     for term in ("W1", "× σ_ref", "mean shift", "std ratio", "probe batch", "noise floor"):
         assert f" {term} " in text[text.index("Words on this page"):text.index("Runs")], term
     assert "standard deviation at the reference step" in text
-    assert "Here: plain, bn: 6 probe steps, one every 4 steps; each half ≥16 values per channel" in text
+    assert "Here: plain, bn: 6 probe steps, one every 4 steps; each half: 16 examples." in text  # 32 held out
     for metric in METRICS:  # the table names each metric as the figures do
         assert f" {metric_label(metric)} conv " in text, metric
     for old in ("W1 distance", "σ₀", "mean_shift", "std_ratio", "wasserstein"):
