@@ -134,6 +134,9 @@ def drift_figure(
                 if part["step"].nunique() < 2:
                     notes.append(f"{as_written(label)}: 1 recorded step, no drift")
                     continue
+                if not np.isfinite(part["value"].to_numpy(dtype=float)).any():
+                    notes.append(f"{as_written(label)}: no finite drift (constant or non-finite input)")
+                    continue
                 floor = None
                 if noise is not None:
                     floor = thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points)

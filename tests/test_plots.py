@@ -184,3 +184,10 @@ def test_layer_percentiles_average_channels_or_select_one():
 def test_report_and_cli_never_import_pyplot():
     code = "import sys, covshift.report, covshift.cli; sys.exit('matplotlib.pyplot' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_drift_panel_without_a_finite_value_says_so():
+    constant = _drift_frame({"a": np.full(4, np.nan)})
+    fig = figures.drift_figure([constant], [None], ["run"], ["a"], ["wasserstein"])
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["run: no finite drift (constant or non-finite input)"]
