@@ -165,14 +165,15 @@ def drift_figure(
 
 
 def _coinciding(drawn: list[tuple[str, pd.DataFrame, Line2D]], label: str, part: pd.DataFrame) -> list[str]:
-    """Notes for the runs already drawn whose line ``part`` lies on; their line is widened to stay visible."""
+    """Notes for the runs already drawn whose line ``part`` lies on; their line gets a wide halo to stay visible."""
     notes = []
     for other, earlier, line in drawn:
         a, b = earlier["value"].to_numpy(dtype=float), part["value"].to_numpy(dtype=float)
         same_steps = np.array_equal(earlier["step"].to_numpy(), part["step"].to_numpy())
         scale = np.nanmax(np.abs(a)) if np.isfinite(a).any() else 0.0
         if same_steps and np.allclose(a, b, rtol=0.0, atol=max(1e-3 * scale, 1e-12), equal_nan=True):
-            line.set(linewidth=4.5, alpha=0.45)
+            line.axes.plot(line.get_xdata(), line.get_ydata(), color=line.get_color(), linewidth=4.5, alpha=0.45,
+                           zorder=line.get_zorder() - 0.1, label="_nolegend_")  # a halo: the run underneath
             notes.append(f"{as_written(label)} and {as_written(other)} coincide")
     return notes
 

@@ -124,8 +124,10 @@ def test_drift_figure_says_when_two_runs_coincide_and_keeps_both_visible():
     fig = figures.drift_figure([same, moved], [None, None], ["plain", "bn"], ["a", "b"], ["wasserstein"])
     coinciding, apart = fig.axes
     assert [t.get_text() for t in coinciding.texts] == ["bn and plain coincide"]
-    under, over = coinciding.get_lines()
-    assert under.get_linewidth() > 2 * over.get_linewidth()  # the line underneath shows around the one on top
+    plain, bn, halo = coinciding.get_lines()
+    assert halo.get_color() == plain.get_color() and halo.get_linewidth() > 2 * bn.get_linewidth()
+    np.testing.assert_array_equal(halo.get_ydata(), plain.get_ydata())  # plain shows around bn, on top of it
+    assert halo.get_label() == "_nolegend_" and plain.get_linewidth() == bn.get_linewidth()
     assert apart.texts == [] or [t.get_text() for t in apart.texts] == []
 
 
