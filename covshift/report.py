@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import fnmatch
-import html
+import hashlib
+import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,16 @@ from pandas.core.groupby import SeriesGroupBy
 
 from covshift import figures
 from covshift.drift import METRICS, drift, has_probe, noise_floor
+from covshift.page import render_html, short_run_note
 from covshift.run import Run, load
 
 #: Metrics drawn by default: normalized W1, mean shift and the std ratio.
 DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
+#: Metrics per drift figure (columns); more metrics go to further figures, so text stays readable.
+METRICS_PER_FIGURE = 3
 REPORT_FILE = "report.html"
-#: The figures a report can hold, in page order (``curves`` only when runs logged curves).
-FIGURE_NAMES = ("percentiles", "drift", "heatmap", "channels", "curves")
+#: Lists the files a report wrote into its directory; a later report removes only those (if unchanged).
+MANIFEST_FILE = ".covshift-report.json"
 
 
 @dataclass
@@ -52,15 +56,22 @@ def report(
 ) -> Path:
     """Write the drift report of ``runs`` to ``out_dir``: PNG figures and ``report.html``.
 
-    Figures (see docs/guide.md, "Reading the report"): ``percentiles.png``,
-    ``drift.png``, ``heatmap.png``, ``channels.png`` and, when the runs logged
-    training curves, ``curves.png``; the per-layer summary table goes to
-    ``summary.csv`` and into the page. The HTML embeds every image as a data
-    URI and loads nothing from elsewhere: it opens offline.
+    The page leads with the verdict (:mod:`covshift.verdict`: each later run
+    against the first, or a one-line summary of one run) and a compact
+    per-layer table, then a glossary, the figures and all numbers. Figures (see
+    docs/guide.md, "Reading the report"): ``percentiles.png``, ``drift.png``
+    (``drift-2.png`` … past :data:`METRICS_PER_FIGURE` metrics), ``heatmap.png``,
+    ``channels.png`` and, when the runs logged training curves, ``curves.png``;
+    the summary table also goes to ``summary.csv``. A run with fewer than 2
+    recorded steps has no drift: a ``UserWarning`` and a note on the page say
+    what to change. The HTML embeds every image as a data URI and loads nothing
+    from elsewhere: it opens offline.
 
     Args:
         runs: a run, a run directory, or a list of them (drawn side by side).
-        out_dir: directory to write to (created if needed; files are overwritten).
+        out_dir: directory to write to (created if needed). Files of the same names are overwritten;
+            of the other files, only those an earlier report wrote there (listed in
+            :data:`MANIFEST_FILE`) and nobody changed since are removed.
         metrics: drift metrics to draw, names as in :func:`covshift.drift`, or ``"all"``.
         layers: layer names or glob patterns to show (default: every layer of any run).
         reference: what drift is measured from (see :func:`covshift.drift`).
@@ -68,7 +79,7 @@ def report(
         channel: draw percentiles of this channel instead of the mean over channels
             (layers with fewer channels show an empty panel).
         max_points: most steps drawn per line (the table uses every step).
-        notice: a warning shown in a red box at the top of the page (its first line as the title).
+        notice: a warning shown in a short amber box at the top of the page: its first line as the title, its other lines (banner rules and a repeat of the title dropped) as a list.
 
     Returns:
         The path of ``report.html``.
@@ -92,18 +103,24 @@ def report(
         if channel >= widest:
             raise ValueError(f"channel {channel} is out of range: the layers shown have at most {widest} channels")
     data = ReportData.compute(loaded, metrics, reference=reference, source=source, channel=channel)
+    short = short_run_note(labels, data.steps, source)
+    if short:
+        warnings.warn(short, UserWarning, stacklevel=2)
     sections = build_sections(data, labels, shown, metrics, reference=reference, max_points=max_points,
                               channel=channel, source=source)
     table = summary_table(data.drifts, data.noises, labels, shown, metrics)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _read_manifest(out)
     for section in sections:
         section.figure.savefig(out / section.file, dpi=figures.DPI)
-    for stale in set(FIGURE_NAMES) - {section.name for section in sections}:
-        (out / f"{stale}.png").unlink(missing_ok=True)  # left by an earlier report into the same directory
     table.to_csv(out / "summary.csv", index=False)
-    page = render_html(loaded, labels, sections, table, out, reference=reference, source=source, notice=notice)
+    page = render_html(loaded, labels, sections, table, out, metrics=metrics, steps=data.steps,
+                       reference=reference, source=source, notice=notice)
     (out / REPORT_FILE).write_text(page, encoding="utf-8")
+    written = [section.file for section in sections] + ["summary.csv", REPORT_FILE]
+    _remove_stale(out, earlier, keep=set(written))
+    _write_manifest(out, written)
     return out / REPORT_FILE
 
 
@@ -162,16 +179,25 @@ class ReportData:
     noises: list[pd.DataFrame | None]
     channel_drifts: list[pd.DataFrame]
     curves: list[pd.DataFrame]
+    steps: list[int] = field(default_factory=list)  # recorded steps of each run (of the drawn source)
+
+    @property
+    def xlim(self) -> tuple[float, float]:
+        """The step range every figure shares: the recorded steps and logged curves of all runs."""
+        steps = [frame["step"] for frame in (*self.percentiles, *self.curves) if len(frame)]
+        values = pd.concat(steps).to_numpy(dtype=float)
+        return float(values.min()), float(values.max())
 
     @classmethod
     def compute(
         cls, runs: Sequence[Run], metrics: Sequence[str], *, reference: str | int, source: str, channel: int | None
     ) -> ReportData:
-        data = cls([], [], [], [], [])
+        data = cls([], [], [], [], [], [])
         for run in runs:
             stats = run.stats(source=source)
             if stats.empty:
                 raise ValueError(f"run {run.name!r} ({run.directory}) has no records of source={source!r}")
+            data.steps.append(int(stats["step"].nunique()))
             data.percentiles.append(figures.layer_percentiles(stats, channel))
             channels = drift(run, metric=list(metrics), reference=reference, by="channel", source=source)
             data.channel_drifts.append(channels)
@@ -194,8 +220,14 @@ def build_sections(
     channel: int | None,
     source: str,
 ) -> list[Section]:
-    """The report's figures with their headings and captions, in page order."""
+    """The report's figures with their headings and captions, in page order.
+
+    The drift figure holds at most :data:`METRICS_PER_FIGURE` metrics (more go
+    to ``drift-2``, ``drift-3`` …); without 2 recorded steps in any run there is
+    no drift, and no drift figure.
+    """
     what = "mean over channels" if channel is None else f"channel {channel}"
+    xlim = data.xlim
     sections = [
         Section(
             "percentiles",
@@ -204,43 +236,52 @@ def build_sections(
             f"({what}, {source} batches), with the 1st–99th percentile band faint: the view of Figure 1 in the "
             "BatchNorm paper. Flat, steady bands mean a stable input distribution; bands that climb, widen or "
             "narrow are covariate shift. Runs are side by side, with the same y axis along each row.",
-            figures.percentiles_figure(data.percentiles, labels, layers, max_points=max_points, what=what),
-        ),
-        Section(
-            "drift",
-            "Drift over training",
-            "Each layer's drift (mean over its channels) from the reference, for each metric; runs overlaid in "
-            "their colours. The dashed line in the same colour is the noise floor: the same metric between the two "
-            "halves of the fixed probe batch, i.e. what sampling alone produces. Drift well above its floor is "
-            "real change of the input distribution.",
-            figures.drift_figure(data.drifts, data.noises, labels, layers, metrics, reference=reference,
-                                 max_points=max_points),
-        ),
-        Section(
-            "heatmap",
-            "Layer × step heatmap",
-            "Drift of every layer at every drawn step, one panel per run, with one colour scale per metric "
-            "shared by all runs: the same colour is the same amount of drift in every panel. Grey rows are layers "
-            "the run does not have.",
-            figures.heatmap_figure(data.drifts, labels, layers, metrics, reference=reference,
-                                   max_points=max_points),
-        ),
-        Section(
-            "channels",
-            "Per-channel drift at the end of training",
-            "The drift of every channel of each layer at the run's last recorded step: a box for the quartiles "
-            "(line: median) and a dot per channel. A tall box or stray dots mean a few channels moved much more "
-            "than the rest, which the layer mean hides.",
-            figures.channels_figure(data.channel_drifts, labels, layers, metrics),
+            figures.percentiles_figure(data.percentiles, labels, layers, max_points=max_points, what=what,
+                                       xlim=xlim),
         ),
     ]
+    if max(data.steps) >= 2:
+        chunks = [metrics[i:i + METRICS_PER_FIGURE] for i in range(0, len(metrics), METRICS_PER_FIGURE)]
+        for k, chunk in enumerate(chunks, start=1):
+            sections.append(Section(
+                "drift" if k == 1 else f"drift-{k}",
+                "Drift over training" + (f" ({k} of {len(chunks)})" if len(chunks) > 1 else ""),
+                "Each layer's drift (mean over its channels) from the reference, one row per layer and one column "
+                "per metric; runs overlaid in their colours, each panel on its own y scale. The dashed line in the "
+                "same colour is the noise floor. Drift well above its floor is real change of the input "
+                "distribution. Where two runs' lines coincide (e.g. the input layer, which reads the same data), "
+                "the panel says so and the line underneath is drawn wide.",
+                figures.drift_figure(data.drifts, data.noises, labels, layers, chunk, reference=reference,
+                                     max_points=max_points, xlim=xlim),
+            ))
+        sections += [
+            Section(
+                "heatmap",
+                "Layer × step heatmap",
+                "Drift of every layer at every drawn step, one panel per run, with one colour scale per metric "
+                "shared by all runs: the same colour is the same amount of drift in every panel. Grey rows are "
+                "layers the run does not have; the hatched column is the reference step itself (0 by definition, "
+                "so not a measurement of low drift).",
+                figures.heatmap_figure(data.drifts, labels, layers, metrics, reference=reference,
+                                       max_points=max_points, xlim=xlim),
+            ),
+            Section(
+                "channels",
+                "Per-channel drift at the end of training",
+                "The drift of every channel of each layer at the run's last recorded step: a box for the quartiles "
+                "(line: median) and a dot per channel. A tall box or stray dots mean a few channels moved much "
+                "more than the rest, which the layer mean hides.",
+                figures.channels_figure(data.channel_drifts, labels, layers, metrics),
+            ),
+        ]
     if any(not frame.empty for frame in data.curves):
         sections.append(
             Section(
                 "curves",
                 "Training curves",
-                "Loss and accuracy the runs logged with run.log(): train solid, test dashed.",
-                figures.curves_figure(data.curves, labels),
+                "Loss and accuracy the runs logged with run.log(): train solid, test dashed, on the same step axis "
+                "as the figures above.",
+                figures.curves_figure(data.curves, labels, xlim=xlim),
             )
         )
     return sections
@@ -277,57 +318,6 @@ def _by_metric_layer(frame: pd.DataFrame) -> SeriesGroupBy:
     return frame.groupby([frame["metric"], frame["layer"].astype(str)])["value"]
 
 
-def render_html(
-    runs: Sequence[Run],
-    labels: Sequence[str],
-    sections: Sequence[Section],
-    table: pd.DataFrame,
-    out_dir: Path,
-    *,
-    reference: str | int,
-    source: str,
-    notice: str | None = None,
-) -> str:
-    """The self-contained page: inline CSS, images as base64 data URIs, no links or scripts.
-
-    ``notice`` goes in a red box at the top (its first line as the title).
-    """
-    colors = figures.run_colors(len(runs))
-    run_rows = "".join(
-        f"<tr><td><span class=swatch style='background:{_css_color(color)}'></span>{html.escape(label)}</td>"
-        f"<td>{html.escape(str(run.directory))}</td><td>{len(run.layers)}</td>"
-        f"<td>{html.escape(str(run.meta.get('model', '')))}</td></tr>"
-        for run, label, color in zip(runs, labels, colors)
-    )
-    parts = [
-        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
-        "<title>covshift report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        _notice_box(notice) if notice else "",
-        "<h1>covshift drift report</h1>",
-        f"<p>Drift measured from the <b>{html.escape(figures.reference_words(reference))}</b> on "
-        f"<b>{html.escape(source)}</b> records.</p>",
-        "<table><tr><th>run</th><th>directory</th><th>layers</th><th>model</th></tr>",
-        run_rows,
-        "</table>",
-        "<h2>Summary per layer</h2>",
-        "<p>Per metric and layer: mean drift over all recorded steps, drift at the last step and the mean "
-        "noise floor (the same metric between the two halves of the probe batch; – without a probe)"
-        + (", and each run's value divided by the first run's (below 1: drifts less)." if len(runs) > 1 else ".")
-        + "</p>",
-        table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="summary"),
-    ]
-    for section in sections:
-        encoded = base64.b64encode((out_dir / section.file).read_bytes()).decode("ascii")
-        parts += [
-            f"<h2>{html.escape(section.title)}</h2>",
-            f"<p>{html.escape(section.caption)}</p>",
-            f"<img alt='{html.escape(section.title)}' src='data:image/png;base64,{encoded}'>",
-        ]
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def _metric_list(metrics: str | Sequence[str]) -> list[str]:
     names = [metrics] if isinstance(metrics, str) else list(metrics)
     if names == ["all"]:  # "all", or ["all"] from the command line
@@ -346,25 +336,30 @@ def _load_all(runs: Run | str | Path | Sequence[Run | str | Path]) -> list[Run]:
     return loaded
 
 
-def _notice_box(notice: str) -> str:
-    title, _, text = notice.strip().partition("\n")
-    return (
-        '<div style="border:3px solid #c00;background:#fee;padding:0.6em 1em;margin:1em 0">'
-        f"<strong>{html.escape(title)}</strong><pre style='white-space:pre-wrap'>{html.escape(text)}</pre></div>"
-    )
+def _read_manifest(out: Path) -> dict[str, str]:
+    """``{file name: sha256}`` of the files an earlier report wrote into ``out`` (empty if none or unreadable)."""
+    try:
+        files = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
 
 
-def _css_color(color: str) -> str:
-    from matplotlib.colors import to_hex
+def _remove_stale(out: Path, earlier: dict[str, str], keep: set[str]) -> None:
+    """Delete the files an earlier report wrote and this one did not, if still exactly as it wrote them."""
+    for name, digest in earlier.items():
+        path = out / name
+        if name in keep or Path(name).name != name or not path.is_file():
+            continue
+        if _sha256(path) == digest:  # a file changed or replaced since is not covshift's any more
+            path.unlink()
 
-    return to_hex(color)
+
+def _write_manifest(out: Path, names: Sequence[str]) -> None:
+    files = {name: _sha256(out / name) for name in names}
+    (out / MANIFEST_FILE).write_text(json.dumps({"written_by": "covshift.report", "files": files}, indent=1),
+                                     encoding="utf-8")
 
 
-_CSS = (
-    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
-    "td,th{border-bottom:1px solid #ddd;padding:3px 10px;text-align:right}"
-    "td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}"
-    "img{max-width:100%;display:block;margin:1em 0}"
-    ".swatch{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}"
-)
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

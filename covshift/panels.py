@@ -1,0 +1,134 @@
+"""Shared pieces of the report's figures: panel grid, names as text, metric names, scales, step axis, titles."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from covshift import plots
+
+#: Width and height of one panel, inches.
+PANEL_SIZE = (4.0, 2.8)
+#: Resolution of the saved figures, dots per inch.
+DPI = 100
+#: Drawn steps per line or heatmap row at most (tables always use every step).
+DEFAULT_MAX_POINTS = 400
+#: Positive values spanning more than this ratio are drawn on a log scale.
+LOG_SPAN = 100.0
+
+#: One name per metric, the same in every figure, table and the page's glossary.
+METRIC_LABELS = {
+    "wasserstein": "W1",
+    "mean_shift": "mean shift",
+    "std_ratio": "std ratio |log σ/σ_ref|",
+    "gaussian_w2": "Gaussian W2",
+    "ks": "KS statistic",
+    "psi": "PSI",
+    "js": "JS divergence",
+}
+_NORMALIZED = {"wasserstein", "mean_shift", "gaussian_w2"}
+
+
+def metric_label(metric: str) -> str:
+    """Axis label of a drift metric as the report draws it (normalized), with its unit.
+
+    >>> metric_label("wasserstein")
+    'W1 (× σ_ref)'
+    """
+    label = METRIC_LABELS.get(metric, metric)
+    if metric in _NORMALIZED:
+        return f"{label} (× σ_ref)"
+    return label
+
+
+def as_written(name: object) -> str:
+    r"""``name`` for a matplotlib text, shown exactly as written: ``$`` escaped so it never starts mathtext.
+
+    >>> as_written("budget $5 to $10")
+    'budget \\$5 to \\$10'
+    """
+    return str(name).replace("$", r"\$")
+
+
+def run_colors(n: int) -> list[str]:
+    """One colour per run, the same in every figure: ``C0, C1, …``."""
+    return [f"C{i % 10}" for i in range(n)]
+
+
+def new_grid(
+    rows: int, cols: int, *, sharex: bool | str = True, sharey: bool | str = False
+) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout Figure of ``rows × cols`` panels of :data:`PANEL_SIZE`; axes as a 2-D array."""
+    width, height = PANEL_SIZE
+    fig = Figure(figsize=(width * cols, height * rows), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, sharex=sharex, sharey=sharey, squeeze=False)
+    return fig, axes
+
+
+def spans_decades(values: np.ndarray | pd.Series) -> bool:
+    """Whether the positive finite ``values`` span more than :data:`LOG_SPAN` (max/min).
+
+    >>> spans_decades(np.array([0.0, 0.001, 1.0])), spans_decades(np.array([1.0, 5.0]))
+    (True, False)
+    """
+    values = np.asarray(values, dtype=float)
+    positive = values[np.isfinite(values) & (values > 0)]
+    return bool(len(positive) > 1 and positive.max() / positive.min() > LOG_SPAN)
+
+
+#: Lines of at most this many points get a marker at each point.
+FEW_POINTS = 12
+
+
+def mark_few(lines: Sequence[Artist]) -> None:
+    """A marker on every point of lines with few points (a line of 1 or 2 points is otherwise easy to miss)."""
+    for line in lines:
+        if isinstance(line, Line2D) and len(line.get_xdata()) <= FEW_POINTS:
+            line.set(marker="o", markersize=4)
+
+
+def steps_axis(ax: Axes, xlim: tuple[float, float] | None) -> None:
+    """Put the step axis on the range every figure shares (a little margin either side)."""
+    if xlim is not None:
+        lo, hi = xlim
+        pad = (hi - lo) * 0.03 if hi > lo else 1.0
+        ax.set_xlim(lo - pad, hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+
+
+def thinned(frame: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    return frame[frame["step"].isin(plots.thin_steps(frame["step"], max_points))]
+
+
+def not_recorded(ax: Axes, text: str = "not recorded in this run") -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.5", fontsize=9)
+
+
+def legend(fig: Figure, handles: list[Artist], cols: int) -> None:
+    """A figure legend below the panels, two entries per panel width at most per row."""
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=max(1, min(len(handles), 2 * cols)),
+                   fontsize=9)
+
+
+def title(fig: Figure, text: str, cols: int) -> None:
+    """The figure title, wrapped to the figure's width (about 38 characters per panel)."""
+    fig.suptitle(textwrap.fill(text, width=int(cols * PANEL_SIZE[0] * 9.5)), fontsize=12)
+
+
+def reference_words(reference: object) -> str:
+    if reference == "initial":
+        return "first recorded step"
+    if reference == "previous":
+        return "previous recorded step"
+    if isinstance(reference, str) and reference.startswith("rolling:"):
+        return f"mean of the previous {reference.split(':', 1)[1]} recorded steps"
+    return f"step {reference}"
