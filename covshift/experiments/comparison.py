@@ -9,6 +9,7 @@ import numpy as np
 
 import covshift
 from covshift.drift import drift_table
+from covshift.verdict import compare as compare_layers
 
 #: The measures of the table: (metric, reference, label).
 MEASURES: tuple[tuple[str, str, str], ...] = (
@@ -79,24 +80,19 @@ def verdict(measures: list[dict]) -> str:
     'BatchNorm reduced mean normalized W1 drift (vs the initial step) by 2.0× (2 of 2 hidden layers lower; per-layer BN/no-BN ratios 0.25–0.62). Input layer in, which reads the data itself: BN/no-BN 1.00.'
     """
     main = next(m for m in measures if m["metric"] == "wasserstein" and m["reference"] == "initial")
-    first, *hidden = main["rows"]
-    plain = np.array([row["plain"] for row in hidden], dtype=float)
-    bn = np.array([row["batchnorm"] for row in hidden], dtype=float)
-    factor = float(np.nanmean(plain) / np.nanmean(bn))
-    lower = int(np.sum(bn < plain))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = bn / plain
-    spread = f"per-layer BN/no-BN ratios {np.nanmin(ratios):.2f}–{np.nanmax(ratios):.2f}"
-    counted = f"{lower} of {len(hidden)} hidden layers lower; {spread}"
-    if factor > 1:
-        sentence = f"BatchNorm reduced mean normalized W1 drift (vs the initial step) by {factor:.1f}× ({counted})."
+    rows = main["rows"]
+    v = compare_layers(
+        [row["layer"] for row in rows], [row["plain"] for row in rows], [row["batchnorm"] for row in rows], "no BN", "BN"
+    )
+    counted = f"{v.lower} of {len(v.hidden)} hidden layers lower; per-layer BN/no-BN ratios {v.ratio_min:.2f}–{v.ratio_max:.2f}"
+    if v.factor > 1:
+        sentence = f"BatchNorm reduced mean normalized W1 drift (vs the initial step) by {v.factor:.1f}× ({counted})."
     else:
         sentence = (
             "BatchNorm did not reduce mean normalized W1 drift (vs the initial step): with BN it was "
-            f"{1 / factor:.1f}× the drift without ({counted})."
+            f"{1 / v.factor:.1f}× the drift without ({counted})."
         )
-    control = first["batchnorm"] / first["plain"] if first["plain"] else math.nan
-    return f"{sentence} Input layer {first['layer']}, which reads the data itself: BN/no-BN {control:.2f}."
+    return f"{sentence} Input layer {v.input_layer}, which reads the data itself: BN/no-BN {v.input_ratio:.2f}."
 
 
 def to_markdown(comparison: dict) -> str:
