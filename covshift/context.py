@@ -74,6 +74,14 @@ def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return original if isinstance(original, torch.nn.Module) else model
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper (Lightning's LightningOptimizer,
+    accelerate's AcceleratedOptimizer): its ``step()`` runs only on real updates."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def describe(value: Any) -> str:
     """A short description of a hook argument for warnings."""
     return "no tensor" if value is None else f"a {value.dtype} tensor"

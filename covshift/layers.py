@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
-from typing import Union
+from typing import Literal, Union
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -22,6 +22,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 #: Layers whose inputs are laid out (N, C, ...): channels on dim 1.
 CHANNEL_FIRST_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, _BatchNorm, _InstanceNorm, nn.GroupNorm)
 
+ChannelDim = Union[Literal["auto"], int, None]
 LayerSpec = Union[
     None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]
 ]
@@ -136,3 +137,27 @@ def _axis_by_type(module: nn.Module, ndim: int) -> int:
     if isinstance(module, CHANNEL_FIRST_TYPES):
         return 1 if ndim >= 2 else 0
     return ndim - 1
+
+
+def check_channel_dims(spec: object, layers: dict[str, nn.Module]) -> None:
+    """``channel_dim`` is "auto", None, an int, or a dict of those keyed by selected layer names."""
+    specs = spec.values() if isinstance(spec, dict) else [spec]
+    for value in specs:
+        if not (value == "auto" or value is None or (isinstance(value, int) and not isinstance(value, bool))):
+            raise ValueError(f"channel_dim must be 'auto', None or an int (or a dict of them), got {value!r}")
+    unknown = sorted(set(spec) - set(layers)) if isinstance(spec, dict) else []
+    if unknown:
+        raise ValueError(f"channel_dim names layers that are not recorded: {unknown}; recorded: {list(layers)}")
+
+
+def resolve_channel_dim(
+    spec: ChannelDim | dict[str, ChannelDim], layer: str, module: nn.Module, shape: Sequence[int]
+) -> int | None:
+    """The channel axis of ``layer``'s input of this ``shape`` under the ``channel_dim`` setting."""
+    if isinstance(spec, dict):
+        spec = spec.get(layer, "auto")
+    if spec == "auto":
+        return channel_axis(module, shape)
+    if spec is not None and not -len(shape) <= spec < len(shape):
+        raise ValueError(f"channel_dim={spec} is out of range for the {len(shape)}-d input of layer {layer!r}")
+    return spec

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import threading
-import warnings
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -17,19 +14,16 @@ from torch import nn
 
 from covshift import context
 from covshift.checks import check_int
-from covshift.faults import CovshiftWarning
-from covshift.layers import LayerSpec, channel_axis, declared_channels, select_layers
+from covshift.faults import Faults, gap_messages
+from covshift.layers import ChannelDim, LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
 from covshift.probe import HALVES, Probe, make_probe, preserved
 from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, Run
 from covshift.summary import DEFAULT_SAMPLE_SIZE, N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
 
-ChannelDim = Literal["auto"] | int | None
 DEFAULT_PROBE_EVERY = 10
 #: Record one training step in this many by default: drift curves need hundreds of
 #: points, not every step, and non-recording steps cost almost nothing.
 DEFAULT_EVERY = 10
-#: Layer names listed in one warning before "and N more".
-_NAMES_SHOWN = 8
 
 
 class Tracker:
@@ -70,14 +64,14 @@ class Tracker:
         check_int("every", every)
         if step not in ("auto", "manual"):
             raise ValueError(f"step must be 'auto' or 'manual', got {step!r}")
-        optimizer = _unwrapped_optimizer(optimizer)
+        optimizer = context.unwrap_optimizer(optimizer)
         if optimizer is not None and not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if optimizer is not None and step == "manual":
             raise ValueError("give either optimizer= (steps follow optimizer.step()) or step='manual', not both")
         self.model = model
         self.layers = select_layers(context.unwrap_compiled(model), layers)
-        _check_channel_dims(channel_dim, self.layers)
+        check_channel_dims(channel_dim, self.layers)
         self.every = every
         self.manual = step == "manual"
         self.optimizer = optimizer
@@ -116,9 +110,7 @@ class Tracker:
         self._kinds: dict[str, tuple[str, int | None]] = {}  # record name -> (layer type, channel dim)
         self._described: set[str] = set()
         self._called: set[str] = set()  # layers whose hook ran on a recorded step
-        self._warned: set[str] = set()
-        self._skipped: set[str] = set()  # layers that faulted: no longer recorded
-        self._stopped = False  # a fault outside any one layer: nothing more is recorded
+        self._faults = Faults()
         self._train_steps: set[int] = set()  # steps with training records
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
@@ -194,12 +186,21 @@ class Tracker:
             with self._lock:
                 if not self._per_forward:
                     self._close_merged_step()
-                with self._guard("writing the last records"):
+                with self._faults.guard("writing the last records", self.run.directory):
                     self.run.flush()
         finally:
             self._remove_hooks()
         if was_attached:
-            self._warn_about_gaps()
+            for key, message in gap_messages(
+                layers=list(self.layers),
+                called=self._called,
+                train_steps=self._train_steps,
+                steps=self._step + 1,
+                every=self.every,
+                ran_training=self._step >= 0 if self._per_forward else bool(self._called),
+                model=type(self.model).__name__,
+            ):
+                self._faults.warn_once(key, message, stacklevel=3)
         return self.run
 
     def __enter__(self) -> Tracker:
@@ -231,13 +232,13 @@ class Tracker:
         self._handles.clear()
 
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
-        if context.is_compiling() or context.probe_owner() is not None or self._stopped:
+        if context.is_compiling() or context.probe_owner() is not None or self._faults.stopped:
             return
         forward = self._forward
         forward.take()  # a forward that raised never reached its end: drop what it took
         if not module.training or context.in_backward():
             return
-        with self._guard("starting a step"):
+        with self._faults.guard("starting a step", self.run.directory):
             with self._lock:
                 if self._per_forward:
                     self._step += 1
@@ -252,7 +253,7 @@ class Tracker:
         if context.is_compiling() or context.probe_owner() is not None or not self._per_forward:
             return
         partials = self._forward.take()
-        if module.training and not self._stopped and not context.in_backward():
+        if module.training and not self._faults.stopped and not context.in_backward():
             with self._lock:
                 self._write_step(self._forward.step, partials)
 
@@ -292,28 +293,28 @@ class Tracker:
     def _observe(self, name: str, layer: str, module: nn.Module, x: torch.Tensor | None) -> None:
         """Summarize ``x`` as record ``name`` of ``layer`` (``name`` is ``layer`` or ``layer:output``)."""
         owner = context.probe_owner()
-        if name in self._skipped or self._stopped or (owner is not None and owner is not self):
+        if name in self._faults.skipped or self._faults.stopped or (owner is not None and owner is not self):
             return
         self._called.add(layer)
         if x is None or not x.is_floating_point():
-            self._warn_once(
+            self._faults.warn_once(
                 name,
                 f"layer {name!r} ({type(module).__name__}) received {context.describe(x)}; "
                 "only floating-point tensors are summarized, so it is not recorded",
             )
             return
         if context.is_transformed(x):
-            self._warn_once(
+            self._faults.warn_once(
                 "torch.func",
                 f"layer {name!r} ran under a torch.func transform (grad, vmap, ...); covshift does "
                 "not record forwards inside torch.func transforms, only ordinary ones",
             )
             return
         try:
-            dim = self._channel_dim(layer, module, x.shape)
+            dim = resolve_channel_dim(self._channel_dims, layer, module, x.shape)
             partial = self._summarizer.summarize(x, dim)
         except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's forward
-            self._skip(name, f"layer {name!r} ({type(module).__name__}) could not be summarized: {err}")
+            self._faults.skip(name, f"layer {name!r} ({type(module).__name__}) could not be summarized: {err}")
             return
         if partial is None:  # an empty input is no record
             return
@@ -328,22 +329,12 @@ class Tracker:
                 self._open = True
                 self._step_partials[key].append(partial)
 
-    def _channel_dim(self, layer: str, module: nn.Module, shape: torch.Size) -> int | None:
-        spec = self._channel_dims
-        if isinstance(spec, dict):
-            spec = spec.get(layer, "auto")
-        if spec == "auto":
-            return channel_axis(module, shape)
-        if spec is not None and not -len(shape) <= spec < len(shape):
-            raise ValueError(f"channel_dim={spec} is out of range for the {len(shape)}-d input of layer {layer!r}")
-        return spec
-
     def _check_declared(self, name: str, module: nn.Module, shape: torch.Size, dim: int | None) -> None:
         """Warn once when a record's channel count differs from the size its layer declares."""
         declared = declared_channels(module)
         if name == f"{name.rsplit(':', 1)[0]}:output" or declared is None or dim is None or shape[dim] == declared:
             return
-        self._warn_once(
+        self._faults.warn_once(
             f"{name}:channels",
             f"layer {name!r} ({type(module).__name__}) declares {declared} channels but its input "
             f"{tuple(shape)} has {shape[dim]} along dim {dim}, which is recorded; set channel_dim "
@@ -355,7 +346,7 @@ class Tracker:
         """Write the open step: every training forward since the last step ended (lock held)."""
         partials, self._step_partials = self._step_partials, defaultdict(list)
         self._open = False
-        if not self._stopped:
+        if not self._faults.stopped:
             self._write_step(self._step, partials)
 
     def _write_step(self, step: int, partials: dict[tuple[str, str], list[Partial]]) -> None:
@@ -364,16 +355,16 @@ class Tracker:
         for (source, name), parts in partials.items():
             channels = sorted({part.count.shape[0] for part in parts})
             if len(channels) > 1:
-                self._skip(
+                self._faults.skip(
                     name,
                     f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
                     "into one record, so they need the same channel count (set channel_dim for it)",
                 )
-            elif name not in self._skipped:
+            elif name not in self._faults.skipped:
                 merged[(source, name)] = merge(parts)
         if not merged:
             return
-        with self._guard("storing a step"):
+        with self._faults.guard("storing a step", self.run.directory):
             for (source, name), partial in merged.items():
                 if name not in self._described:
                     self._described.add(name)
@@ -405,70 +396,6 @@ class Tracker:
             with self._lock:
                 for key, parts in forward.take().items():
                     self._step_partials[key].extend(parts)
-
-    # -- faults and silences -----------------------------------------------------
-    @contextlib.contextmanager
-    def _guard(self, doing: str) -> Iterator[None]:
-        """Turn a fault while ``doing`` into one warning; recording stops, training goes on."""
-        try:
-            yield
-        except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's loop
-            self._stopped = True
-            self._forward.active = False
-            self._warn_once(
-                "stopped",
-                f"{doing} failed ({type(err).__name__}: {err}); covshift stops recording here and "
-                f"training goes on. Steps written before are kept in {self.run.directory}",
-            )
-
-    def _skip(self, name: str, message: str) -> None:
-        """Stop recording record ``name`` after a fault of its own, saying so once."""
-        self._skipped.add(name)
-        self._warn_once(name, f"{message}; it is no longer recorded")
-
-    def _warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"covshift: {message}", CovshiftWarning, stacklevel=stacklevel)
-
-    def _warn_about_gaps(self) -> None:
-        """At detach: say why a run cannot show drift, and which selected layers stayed empty."""
-        recorded = len(self._train_steps)
-        if (self._step < 0) if self._per_forward else not self._called:
-            self._warn_once(
-                "nothing",
-                f"no training step was recorded: the {type(self.model).__name__} it was attached to never "
-                "ran a training-mode forward. Is the model in eval mode (from_pretrained() returns it so: "
-                "call model.train()), or does the training step call a submodule directly (attach to that "
-                "submodule)?",
-                stacklevel=4,
-            )
-        elif recorded == 0:
-            self._warn_once(
-                "nothing",
-                f"no training step was recorded in {self._step + 1} steps: forwards inside torch.compile "
-                "or torch.func transforms, and inputs that are not floating point, record nothing",
-                stacklevel=4,
-            )
-        elif recorded == 1:
-            advice = "train longer" if self.every == 1 else f"record more often (every={self.every} now) or train longer"
-            self._warn_once(
-                "short",
-                f"only 1 training step was recorded (step {min(self._train_steps)} of "
-                f"{self._step + 1}): drift needs at least 2. To see drift, {advice}",
-                stacklevel=4,
-            )
-        never = [name for name in self.layers if name not in self._called]
-        if recorded and never:
-            shown = ", ".join(repr(name) for name in never[:_NAMES_SHOWN])
-            more = f" and {len(never) - _NAMES_SHOWN} more" if len(never) > _NAMES_SHOWN else ""
-            self._warn_once(
-                "never called",
-                f"{len(never)} of {len(self.layers)} selected layers were never called on a recorded step, "
-                f"so they have no records: {shown}{more}. A layer used through a functional path (as "
-                "MultiheadAttention uses its out_proj) never runs its own forward",
-                stacklevel=4,
-            )
 
 
 def attach(
@@ -540,25 +467,6 @@ def attach(
         memory_budget=memory_budget,
         name=name,
     )
-
-
-def _check_channel_dims(spec: object, layers: dict[str, nn.Module]) -> None:
-    """``channel_dim`` is "auto", None, an int, or a dict of those keyed by selected layer names."""
-    specs = spec.values() if isinstance(spec, dict) else [spec]
-    for value in specs:
-        if not (value == "auto" or value is None or (isinstance(value, int) and not isinstance(value, bool))):
-            raise ValueError(f"channel_dim must be 'auto', None or an int (or a dict of them), got {value!r}")
-    unknown = sorted(set(spec) - set(layers)) if isinstance(spec, dict) else []
-    if unknown:
-        raise ValueError(f"channel_dim names layers that are not recorded: {unknown}; recorded: {list(layers)}")
-
-
-def _unwrapped_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside a framework's wrapper (Lightning's LightningOptimizer,
-    accelerate's AcceleratedOptimizer): its ``step()`` runs only on real updates."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _versions() -> dict[str, str]:

@@ -23,3 +23,20 @@ def test_public_functions_are_annotated(name):
     annotations = getattr(covshift, name).__annotations__
     assert "return" in annotations and len(annotations) > 1
 
+
+
+def test_using_covshift_imports_no_optional_framework():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, covshift\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "with covshift.attach(model, every=1):\n"
+        "    model(torch.randn(4, 3)); model(torch.randn(4, 3))\n"
+        "loaded = [m for m in ('lightning', 'transformers', 'timm', 'tensorboard', 'wandb', 'duckdb', 'accelerate')"
+        " if m in sys.modules]\n"
+        "print(loaded)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
