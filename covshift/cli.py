@@ -183,6 +183,7 @@ def _report(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from covshift.drift import drift_table
     from covshift.figures import reference_words
+    from covshift.panels import metric_label
     from covshift.run import load
 
     run_a, run_b = load(args.run_a), load(args.run_b)
@@ -190,7 +191,7 @@ def _compare(args: argparse.Namespace) -> int:
                         match=args.match)
     if (table["layer_a"] == table["layer_b"]).all():
         table = table.drop(columns="layer_b").rename(columns={"layer_a": "layer"})
-    print(f"{args.metric} drift from the {reference_words(args.reference)} ({args.source} records): "
+    print(f"{metric_label(args.metric)} drift from the {reference_words(args.reference)} ({args.source} records): "
           f"A = {run_a.name} ({run_a.directory}), B = {run_b.name} ({run_b.directory})")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     return 0

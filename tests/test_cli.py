@@ -49,7 +49,7 @@ def test_compare_prints_a_per_layer_table(run_dirs):
     result = covshift_cmd("compare", *run_dirs, "--metric", "mean_shift")
     assert result.returncode == 0, result.stderr
     title, header, *rows = result.stdout.strip().splitlines()
-    assert title.startswith("mean_shift drift from the first recorded step")
+    assert title.startswith("mean shift (× σ_ref) drift from the first recorded step")
     assert "A = plain" in title and "B = bn" in title
     columns = header.split()
     assert columns[:6] == ["layer", "type", "mean_a", "mean_b", "mean_ratio", "final_a"]

@@ -18,14 +18,14 @@ def _measures(plain: list[float], bn: list[float]) -> list[dict]:
 def test_verdict_reports_the_reduction_factor_and_layer_count() -> None:
     text = comparison.verdict(_measures([0.5, 3.0, 1.0, 2.0], [0.5, 0.5, 1.5, 0.5]))
     # hidden layers: no BN mean 2.0, BN mean 0.8333 -> 2.4x; BN lower in 2 of 3
-    assert text.startswith("BatchNorm reduced mean normalized W1 drift (vs the initial step) by 2.4×")
+    assert text.startswith("BatchNorm reduced mean W1 (× σ_ref) drift (vs the initial step) by 2.4×")
     assert "2 of 3 hidden layers lower" in text and "ratios 0.17–1.50" in text
     assert "Input layer l0, which reads the data itself: BN/no-BN 1.00." in text
 
 
 def test_verdict_says_plainly_when_there_is_no_reduction() -> None:
     text = comparison.verdict(_measures([1.0, 1.0, 2.0], [1.0, 3.0, 3.0]))
-    assert text.startswith("BatchNorm did not reduce mean normalized W1 drift")
+    assert text.startswith("BatchNorm did not reduce mean W1 (× σ_ref) drift")
     assert "with BN it was 2.0× the drift without" in text and "0 of 2 hidden layers lower" in text
 
 

@@ -90,7 +90,7 @@ def test_drift_table_compares_the_convolutions_and_the_verdict_follows(finished:
     hidden = drift["measures"][0]["rows"][1:]
     factor = np.mean([r["plain"] for r in hidden]) / np.mean([r["batchnorm"] for r in hidden])
     lower = sum(r["batchnorm"] < r["plain"] for r in hidden)
-    expected = (f"reduced mean normalized W1 drift (vs the initial step) by {factor:.1f}×" if factor > 1
+    expected = (f"reduced mean W1 (× σ_ref) drift (vs the initial step) by {factor:.1f}×" if factor > 1
                 else f"it was {1 / factor:.1f}× the drift without")
     assert expected in drift["verdict"] and f"{lower} of 6 hidden layers lower" in drift["verdict"]
     assert f"**Verdict:** {drift['verdict']}" in (finished / "results.md").read_text()

@@ -13,10 +13,10 @@ from covshift.verdict import compare as compare_layers
 
 #: The measures of the table: (metric, reference, label).
 MEASURES: tuple[tuple[str, str, str], ...] = (
-    ("wasserstein", "initial", "normalized W1 vs the initial step"),
-    ("wasserstein", "previous", "normalized W1 step to step"),
-    ("mean_shift", "initial", "mean shift vs the initial step (in reference SDs)"),
-    ("std_ratio", "initial", "std ratio |log(σ_t/σ_0)| vs the initial step"),
+    ("wasserstein", "initial", "W1 (× σ_ref) vs the initial step"),
+    ("wasserstein", "previous", "W1 (× σ_ref) step to step"),
+    ("mean_shift", "initial", "mean shift (× σ_ref) vs the initial step"),
+    ("std_ratio", "initial", "std ratio |log σ/σ_ref| vs the initial step"),
 )
 #: Records the table is computed from.
 SOURCE = "train"
@@ -69,7 +69,7 @@ def compare(plain: covshift.Run, batchnorm: covshift.Run, source: str = SOURCE) 
 
 
 def verdict(measures: list[dict]) -> str:
-    """One sentence on normalized W1 vs the initial step over the hidden layers, from the numbers.
+    """One sentence on W1 (× σ_ref) vs the initial step over the hidden layers, from the numbers.
 
     The factor is the mean drift over hidden layers without BN divided by the
     same mean with BN. Above 1 BatchNorm reduced drift; otherwise the sentence says it did not.
@@ -77,7 +77,7 @@ def verdict(measures: list[dict]) -> str:
     >>> rows = [{"layer": "in", "plain": 1.0, "batchnorm": 1.0}, {"layer": "h1", "plain": 2.0, "batchnorm": 0.5},
     ...         {"layer": "h2", "plain": 4.0, "batchnorm": 2.5}]
     >>> verdict([{"metric": "wasserstein", "reference": "initial", "rows": rows}])
-    'BatchNorm reduced mean normalized W1 drift (vs the initial step) by 2.0× (2 of 2 hidden layers lower; per-layer BN/no-BN ratios 0.25–0.62). Input layer in, which reads the data itself: BN/no-BN 1.00.'
+    'BatchNorm reduced mean W1 (× σ_ref) drift (vs the initial step) by 2.0× (2 of 2 hidden layers lower; per-layer BN/no-BN ratios 0.25–0.62). Input layer in, which reads the data itself: BN/no-BN 1.00.'
     """
     main = next(m for m in measures if m["metric"] == "wasserstein" and m["reference"] == "initial")
     rows = main["rows"]
@@ -86,10 +86,10 @@ def verdict(measures: list[dict]) -> str:
     )
     counted = f"{v.lower} of {len(v.hidden)} hidden layers lower; per-layer BN/no-BN ratios {v.ratio_min:.2f}–{v.ratio_max:.2f}"
     if v.factor > 1:
-        sentence = f"BatchNorm reduced mean normalized W1 drift (vs the initial step) by {v.factor:.1f}× ({counted})."
+        sentence = f"BatchNorm reduced mean W1 (× σ_ref) drift (vs the initial step) by {v.factor:.1f}× ({counted})."
     else:
         sentence = (
-            "BatchNorm did not reduce mean normalized W1 drift (vs the initial step): with BN it was "
+            "BatchNorm did not reduce mean W1 (× σ_ref) drift (vs the initial step): with BN it was "
             f"{1 / v.factor:.1f}× the drift without ({counted})."
         )
     return f"{sentence} Input layer {v.input_layer}, which reads the data itself: BN/no-BN {v.input_ratio:.2f}."
