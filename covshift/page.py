@@ -204,7 +204,7 @@ def render_html(
     notice: str | None = None,
 ) -> str:
     """The page: notice, verdict, per-layer table, glossary, runs, figures, and all numbers last."""
-    table = _without_short_runs(table, labels, steps)
+    table = without_short_runs(table, labels, steps)
     metric = verdict_metric(metrics)
     name = figures.metric_label(metric)
     lines = verdict_lines(table, labels, steps, metric)
@@ -253,7 +253,7 @@ def render_html(
     return "\n".join(part for part in parts if part)
 
 
-def _without_short_runs(table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int]) -> pd.DataFrame:
+def without_short_runs(table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int]) -> pd.DataFrame:
     """``table`` with the drift of runs of fewer than :data:`MIN_STEPS` steps blanked (their 0 is no measurement)."""
     short = {label for label, n in zip(labels, steps) if n < MIN_STEPS}
     first = labels[0]

@@ -16,7 +16,7 @@ from pandas.core.groupby import SeriesGroupBy
 
 from covshift import figures
 from covshift.drift import METRICS, drift, has_probe, noise_floor
-from covshift.page import render_html, short_run_note
+from covshift.page import render_html, short_run_note, without_short_runs
 from covshift.run import Run, load
 
 #: Metrics drawn by default: normalized W1, mean shift and the std ratio.
@@ -108,7 +108,7 @@ def report(
         warnings.warn(short, UserWarning, stacklevel=2)
     sections = build_sections(data, labels, shown, metrics, reference=reference, max_points=max_points,
                               channel=channel, source=source)
-    table = summary_table(data.drifts, data.noises, labels, shown, metrics)
+    table = without_short_runs(summary_table(data.drifts, data.noises, labels, shown, metrics), labels, data.steps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     earlier = _read_manifest(out)

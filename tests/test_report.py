@@ -329,6 +329,9 @@ def test_a_run_with_one_recorded_step_warns_and_says_what_to_change(tmp_path):
     assert "<td>fc</td><td>–</td>" in page.read_text()  # its 0 at the one step is no measurement of drift
     assert not (tmp_path / "out" / "drift.png").exists() and not (tmp_path / "out" / "heatmap.png").exists()
     assert (tmp_path / "out" / "percentiles.png").exists()
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    drift_columns = [c for c in summary.columns if c.endswith((" mean", " final"))]
+    assert drift_columns and summary[drift_columns].isna().all().all()  # the CSV says what the page says
 
 
 def test_one_run_gets_a_one_line_summary_for_a_verdict(one_run_report):
