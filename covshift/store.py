@@ -85,15 +85,13 @@ def claim(directory: Path, meta: dict) -> None:
         )
     path = directory / META_FILE
     try:
-        handle = open(path, "x")
-    except FileExistsError:
-        raise FileExistsError(f"{directory} already holds a covshift run; choose a new directory") from None
-    try:
-        with handle:
+        with open(path, "x") as handle:  # fails if another run created it first
             handle.write(json.dumps(meta, indent=2))
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_dir(directory)
+    except FileExistsError:
+        raise FileExistsError(f"{directory} already holds a covshift run; choose a new directory") from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -1,6 +1,7 @@
 """Store hardening: interrupted flushes, racing writers, files covshift did not write, bit rot, full disks."""
 
 import errno
+import functools
 import json
 import multiprocessing
 import os
@@ -63,13 +64,15 @@ def test_ctrl_c_after_the_part_is_in_place_does_not_write_the_steps_twice(tmp_pa
         raise KeyboardInterrupt  # the part is renamed into place, the buffer not yet cleared
 
     model = mlp()
-    with pytest.raises(KeyboardInterrupt):
-        with covshift.attach(model, every=1, store=tmp_path / "r", flush_every=2):
-            model(torch.randn(8, 4))
-            monkeypatch.setattr(store, "write_part", write_then_interrupt)
-            model(torch.randn(8, 4))
+    with pytest.raises(KeyboardInterrupt), covshift.attach(model, every=1, store=tmp_path / "r", flush_every=2):
+        model(torch.randn(8, 4))
+        monkeypatch.setattr(store, "write_part", write_then_interrupt)
+        model(torch.randn(8, 4))
     assert sorted(steps_on_disk(tmp_path / "r")) == [0, 1]
     assert_clean(tmp_path / "r", must_hold=[0, 1], may_hold=[0, 1])
+
+
+_TRACED = (store.__file__, sys.modules["covshift.run"].__file__)
 
 
 class _InterruptAt:
@@ -78,14 +81,12 @@ class _InterruptAt:
     Lines building the table are skipped: an interrupt there is one before the write.
     """
 
-    FILES = {store.__file__, sys.modules["covshift.run"].__file__}
-
     def __init__(self, n):
         self.n, self.count, self.fired, self.on_disk = n, 0, False, None
 
     def __call__(self, frame, event, arg):
         code = frame.f_code
-        return self._local if code.co_filename in self.FILES and code.co_name != "_records_to_table" else None
+        return self._local if code.co_filename in _TRACED and code.co_name != "_records_to_table" else None
 
     def _local(self, frame, event, arg):
         if event == "line":
@@ -115,7 +116,7 @@ def test_ctrl_c_at_any_line_of_a_flush_loses_no_flushed_step_and_duplicates_none
         for _ in range(3):
             model(torch.randn(8, 4))  # steps 0-1 on disk, step 2 buffered
         interrupt = _InterruptAt(n)
-        step_3 = lambda: model(torch.randn(8, 4))  # noqa: E731 (its end flushes steps 2-3)
+        step_3 = functools.partial(model, torch.randn(8, 4))  # its end flushes steps 2-3
         try:
             interrupt.run(directory, tracker.detach if where == "detach" else step_3)
         except KeyboardInterrupt:
@@ -160,20 +161,20 @@ def test_of_two_processes_starting_a_run_at_once_exactly_one_wins(tmp_path):
         assert outcomes[1] == "won" and "already holds a covshift run" in outcomes[0], outcomes
 
 
+def _start_run_in_thread(directory, barrier, outcomes):
+    barrier.wait()
+    try:
+        Run(directory, {})
+        outcomes.append("won")
+    except FileExistsError:
+        outcomes.append("lost")
+
+
 def test_of_threads_starting_a_run_at_once_exactly_one_wins(tmp_path):
     for trial in range(50):
-        directory = tmp_path / f"r{trial}"
         barrier, outcomes = threading.Barrier(4), []
-
-        def start():
-            barrier.wait()
-            try:
-                Run(directory, {})
-                outcomes.append("won")
-            except FileExistsError:
-                outcomes.append("lost")
-
-        threads = [threading.Thread(target=start) for _ in range(4)]
+        args = (tmp_path / f"r{trial}", barrier, outcomes)
+        threads = [threading.Thread(target=_start_run_in_thread, args=args) for _ in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
