@@ -116,22 +116,21 @@ def read_meta(directory: Path) -> dict:
         raise RunFileError(f"{path} is corrupted: not valid JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RunFileError(f"{path} is not covshift run metadata (no format: {FORMAT!r})")
-    problem = _meta_problem(meta)
+    version = meta.get("format_version")
+    if type(version) is not int or version < 1:
+        raise RunFileError(f"{path} is corrupted: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise RunFileError(
+            f"{path} has format version {version}; this covshift reads up to {FORMAT_VERSION}: upgrade covshift"
+        )
+    problem = _meta_problem(meta, version)
     if problem:
         raise RunFileError(f"{path} is corrupted: {problem}")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise RunFileError(
-            f"{path} has format version {meta['format_version']}; this covshift reads "
-            f"up to {FORMAT_VERSION}: upgrade covshift"
-        )
     return meta
 
 
-def _meta_problem(meta: dict) -> str | None:
+def _meta_problem(meta: dict, version: int) -> str | None:
     """What is wrong with the fields of ``meta`` that covshift relies on, or None."""
-    version = meta.get("format_version")
-    if type(version) is not int or version < 1:
-        return f"format_version must be a positive integer, got {version!r}"
     if version >= 2 and not isinstance(meta.get("run_id"), str):
         return f"run_id must be a string, got {meta.get('run_id')!r}"
     if not isinstance(meta.get("name"), (str, type(None))):

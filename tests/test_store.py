@@ -316,6 +316,16 @@ def test_meta_with_missing_or_wrong_fields_is_named(tmp_path, change, problem):
         covshift.load(tmp_path / "r")
 
 
+def test_a_newer_format_asks_for_an_upgrade_whatever_its_fields(tmp_path):
+    record(tmp_path / "r", steps=1)
+    path = tmp_path / "r" / "meta.json"
+    meta = json.loads(path.read_text())
+    meta.update(format_version=3, layers={"fc": {}})
+    path.write_text(json.dumps(meta))
+    with pytest.raises(RunFileError, match="has format version 3; this covshift reads up to 2: upgrade covshift"):
+        covshift.load(tmp_path / "r")
+
+
 def test_a_part_with_foreign_columns_is_named(tmp_path):
     record(tmp_path / "r", steps=1)
     (part,) = store.part_paths(tmp_path / "r")
