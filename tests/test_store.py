@@ -18,6 +18,7 @@ from torch import nn
 
 import covshift
 from covshift import store
+from covshift.cli import main
 from covshift.run import Run
 from covshift.store import RunFileError, StoreWarning
 
@@ -466,3 +467,13 @@ def test_write_atomic_leaves_no_temporary_file_when_the_write_fails(tmp_path, mo
     with pytest.raises(OSError, match="No space left on device"):
         store.write_atomic(tmp_path / "f", b"data")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_names_a_broken_meta_without_a_traceback(tmp_path, capsys):
+    record(tmp_path / "r", steps=1)
+    path = tmp_path / "r" / "meta.json"
+    meta = json.loads(path.read_text())
+    del meta["layers"]
+    path.write_text(json.dumps(meta))
+    assert main(["stats", str(tmp_path / "r")]) == 1
+    assert f"{path} is corrupted: layers must be a list" in capsys.readouterr().err
