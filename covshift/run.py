@@ -98,7 +98,10 @@ class Run:
         self._meta_dirty = True
 
     def append(self, step: int, source: str, layer: str, partial: Partial) -> None:
-        """Buffer one layer's summary at the current step."""
+        """Buffer one layer's summary at the current step; :meth:`end_step` closes the step.
+
+        Summaries of an earlier step that never reached :meth:`end_step` (interrupted) are dropped.
+        """
         self._check_writable()
         if self._step_partials and self._step_partials[0][0] != step:
             self._step_partials = []  # an interrupted step that never ended: not stored
