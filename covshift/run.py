@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,6 +27,15 @@ DEFAULT_MEMORY_BUDGET = 64 * 2**20
 _INT_STATS = {"count", "nonfinite"}
 
 
+class _Step(NamedTuple):
+    """A finalized step waiting to be written: ``seq`` numbers the run's steps from 0."""
+
+    seq: int
+    keys: list[tuple[int, str, str, int]]
+    record: Record
+    nbytes: int
+
+
 class Run:
     """Summaries of one training run: a directory of Parquet parts plus a small buffer.
 
@@ -33,7 +44,8 @@ class Run:
     wait in memory until ``flush_every`` steps or ``memory_budget`` bytes have
     gathered, then go to disk as one atomically written part, so memory does not
     grow with the length of training and a crash loses only what was never
-    flushed.
+    flushed. A directory that cannot be written (disk full) warns once; the steps
+    stay buffered, within ``memory_budget``, until a later flush succeeds.
     """
 
     def __init__(
@@ -53,26 +65,29 @@ class Run:
         self.flush_every = flush_every
         self.memory_budget = memory_budget
         self._step_partials: list[tuple[int, str, str, Partial]] = []
-        self._pending: list[tuple[list[tuple[int, str, str, int]], Record]] = []
+        self._pending: list[_Step] = []
         self._pending_bytes = 0
+        self._seq = 0  # number of the next finalized step
+        self._retry_at: int | None = None  # after a failed write: retry when _seq reaches it
+        self._dropped = 0  # steps dropped while the directory could not be written
+        self._warned: set[str] = set()
+        self._curves_created = False
         self._tables: list[pa.Table] = []
-        self._parts_read = 0
+        self._parts_read: set[Path] = set()
         self._frames: dict[str | None, pd.DataFrame] = {}  # stats() per source
         self._frames_key: tuple | None = None
         self._meta_dirty = False
         if meta is None:  # opening a stored run
             self._meta = store.read_meta(self.directory)
+            self._run_id: str | None = self._meta.get("run_id")
             self._writable = False
             return
-        if self.directory.exists() and (self.directory / store.META_FILE).exists():
-            raise FileExistsError(
-                f"{self.directory} already holds a covshift run; choose a new directory"
-            )
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, **meta}
+        self._run_id = store.new_run_id()
+        self._meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, **meta, "run_id": self._run_id}
         self._meta.setdefault("layers", [])
+        store.claim(self.directory, self._meta)
         self._writable = True
-        store.write_meta(self.directory, self._meta)
 
     # -- writing -----------------------------------------------------------------
     def add_layer(self, name: str, type_name: str, channels: int, channel_dim: int | None) -> None:
@@ -83,8 +98,13 @@ class Run:
         self._meta_dirty = True
 
     def append(self, step: int, source: str, layer: str, partial: Partial) -> None:
-        """Buffer one layer's summary at the current step."""
+        """Buffer one layer's summary at the current step; :meth:`end_step` closes the step.
+
+        Summaries of an earlier step that never reached :meth:`end_step` (interrupted) are dropped.
+        """
         self._check_writable()
+        if self._step_partials and self._step_partials[0][0] != step:
+            self._step_partials = []  # an interrupted step that never ended: not stored
         self._step_partials.append((step, source, layer, partial))
 
     def end_step(self) -> None:
@@ -92,43 +112,116 @@ class Run:
 
         Parts therefore always hold whole steps. Finalizing here rather than at
         the flush frees each step's value samples at once: memory is reused from
-        step to step instead of piling up until the flush.
+        step to step instead of piling up until the flush. After a failed write
+        the flush is retried every ``flush_every`` steps, and meanwhile the oldest
+        buffered steps are dropped beyond ``memory_budget``.
         """
         self._finalize_step()
-        if len(self._pending) >= self.flush_every or self._pending_bytes >= self.memory_budget:
+        if self._retry_at is not None:
+            if self._seq >= self._retry_at:
+                self.flush()
+            self._drop_over_budget()
+        elif len(self._pending) >= self.flush_every or self._pending_bytes >= self.memory_budget:
             self.flush()
 
     def _finalize_step(self) -> None:
+        """Finalize the open step into the buffer (each assignment leaves a consistent state if interrupted)."""
         if not self._step_partials:
             return
-        record = finalize([partial for *_, partial in self._step_partials])
-        keys = [(step, source, layer, partial.count.shape[0]) for step, source, layer, partial in self._step_partials]
-        self._pending.append((keys, record))
-        self._pending_bytes += sum(t.nbytes for t in (record.stats, record.quantiles, record.binmeans))
-        self._step_partials.clear()
+        partials, self._step_partials = self._step_partials, []
+        record = finalize([partial for *_, partial in partials])
+        keys = [(step, source, layer, partial.count.shape[0]) for step, source, layer, partial in partials]
+        nbytes = sum(t.nbytes for t in (record.stats, record.quantiles, record.binmeans))
+        seq = self._seq
+        self._seq = seq + 1
+        self._pending.append(_Step(seq, keys, record, nbytes))
+        self._pending_bytes += nbytes
 
     def flush(self) -> None:
-        """Write buffered records to a new Parquet part (no-op when nothing is buffered)."""
+        """Write the ended steps to a Parquet part (no-op when none is buffered). Never raises OSError.
+
+        The part is named after its first step, so a flush interrupted after the
+        part was renamed into place (Ctrl-C) writes the same name again when
+        repeated: it replaces the part rather than adding a copy. When the
+        directory cannot be written, one :class:`~covshift.store.StoreWarning`
+        says why and the steps stay buffered for the next flush.
+        """
         if not self._writable:
             return
-        if self._meta_dirty:
-            store.write_meta(self.directory, self._meta)
-            self._meta_dirty = False
-        self._finalize_step()
-        if not self._pending:
+        try:
+            if self._meta_dirty:
+                store.write_meta(self.directory, self._meta)
+                self._meta_dirty = False
+            if self._pending:
+                path = store.part_path(self.directory, self._pending[0].seq, self._run_id)
+                store.write_part(path, _records_to_table(self._pending), self._run_id)
+                self._pending = []
+                self._pending_bytes = 0
+        except OSError as err:
+            self._retry_at = self._seq + self.flush_every
+            self._warn_once(
+                "write",
+                f"covshift: cannot write to {self.directory}: {err.strerror or err}; recording goes on and "
+                f"unwritten steps wait in memory (within memory_budget={self.memory_budget} bytes) "
+                "for a later flush",
+            )
             return
-        table = _records_to_table(self._pending)
-        index = len(store.part_paths(self.directory))
-        store.write_part(self.directory, index, table)
-        self._pending.clear()
-        self._pending_bytes = 0
+        if self._retry_at is not None:
+            self._recovered()
+
+    def _drop_over_budget(self) -> None:
+        """While the directory cannot be written, drop the oldest buffered steps beyond the memory budget."""
+        dropped = 0
+        while self._pending and self._pending_bytes > self.memory_budget:
+            self._pending_bytes -= self._pending.pop(0).nbytes
+            dropped += 1
+        self._dropped += dropped
+        if dropped:
+            self._warn_once(
+                "drop",
+                f"covshift: {self.directory} still cannot be written and the unwritten steps exceed "
+                f"memory_budget={self.memory_budget} bytes: dropped the oldest {dropped} "
+                f"step{'s' if dropped > 1 else ''}, and later ones are dropped the same way",
+            )
+
+    def _recovered(self) -> None:
+        """The directory takes writes again: say how many steps were lost meanwhile."""
+        self._retry_at = None
+        self._warned -= {"write", "drop"}
+        if self._dropped:
+            dropped, self._dropped = self._dropped, 0
+            warnings.warn(
+                f"covshift: {self.directory} takes writes again; {dropped} step{'s' if dropped > 1 else ''} "
+                "recorded while it could not were dropped (memory_budget) and are missing from the run",
+                store.StoreWarning,
+                stacklevel=3,
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, store.StoreWarning, stacklevel=3)
 
     def log(self, step: int, **values: float) -> None:
-        """Store scalars such as loss and accuracy at ``step`` (training curves)."""
+        """Store scalars such as loss and accuracy at ``step`` (training curves).
+
+        A curves file this run did not create, or a failing disk, warns once and the row is not stored.
+        """
         self._check_writable()
         row = {"step": int(step)}
         row.update({name: float(value) for name, value in values.items()})
-        store.append_curve(self.directory, row)
+        try:
+            store.append_curve(self.directory, row, create=not self._curves_created)
+            self._curves_created = True
+        except FileExistsError:
+            self._warn_once(
+                "curves",
+                f"covshift: {self.directory / store.CURVES_FILE} was not written by this run; "
+                "training curves are not logged to it",
+            )
+        except OSError as err:
+            self._curves_created = (self.directory / store.CURVES_FILE).exists()  # it may be, before the write failed
+            self._warn_once("write", f"covshift: cannot write to {self.directory}: {err.strerror or err}")
 
     def _check_writable(self) -> None:
         if not self._writable:
@@ -166,11 +259,16 @@ class Run:
         if source is not None:
             check_choice("source", source, SOURCES)
         self.flush()
-        for path in store.part_paths(self.directory)[self._parts_read :]:
-            self._tables.append(store.read_part(path))
-            self._parts_read += 1
+        paths = store.part_paths(self.directory)
+        if self._pending:  # unwritten steps: their part may be on disk already, to be rewritten
+            unfinished = store.part_path(self.directory, self._pending[0].seq, self._run_id)
+            paths = [path for path in paths if path != unfinished]
+        for path in paths:
+            if path not in self._parts_read:
+                self._tables.append(store.read_part(path, self._run_id, _SCHEMA))
+                self._parts_read.add(path)
         order = [layer["name"] for layer in self._meta["layers"]]
-        key = (self._parts_read, tuple(order))
+        key = (len(self._parts_read), tuple(order))
         if self._frames_key != key:
             self._frames, self._frames_key = {}, key
         if source not in self._frames:
@@ -200,7 +298,8 @@ class Run:
         """Copy the run to ``path`` (a new directory) and return it.
 
         With ``overwrite=True`` a covshift run already at ``path`` is replaced; a
-        directory holding anything else is never deleted.
+        directory holding anything else is never deleted. Steps that the run's own
+        directory could not take (disk full) are written to the copy.
         """
         self.flush()
         target = Path(path)
@@ -214,9 +313,13 @@ class Run:
                 raise FileExistsError(f"cannot overwrite {target}: it holds no covshift run (or holds this one)")
             shutil.rmtree(target)
         target.mkdir(parents=True, exist_ok=True)
-        for item in [store.META_FILE, store.CURVES_FILE, *[p.name for p in store.part_paths(self.directory)]]:
+        store.write_meta(target, self._meta)
+        for item in [store.CURVES_FILE, *[p.name for p in store.part_paths(self.directory)]]:
             if (self.directory / item).exists():
                 shutil.copy2(self.directory / item, target / item)
+        if self._pending:
+            part = store.part_path(target, self._pending[0].seq, self._run_id)
+            store.write_part(part, _records_to_table(self._pending), self._run_id)
         return target
 
     def __repr__(self) -> str:
@@ -238,14 +341,14 @@ def load(path: str | Path) -> Run:
     return Run(path)
 
 
-def _records_to_table(pending: list[tuple[list[tuple[int, str, str, int]], Record]]) -> pa.Table:
+def _records_to_table(pending: list[_Step]) -> pa.Table:
     """Columns of the buffered records: one device-to-host copy per kind of statistic."""
     if pending:
-        keys = [key for step_keys, _ in pending for key in step_keys]
+        keys = [key for step in pending for key in step.keys]
         channels = np.array([key[3] for key in keys])
-        stats = torch.cat([record.stats for _, record in pending]).cpu().numpy()
-        quantiles = torch.cat([record.quantiles for _, record in pending]).cpu().numpy()
-        binmeans = torch.cat([record.binmeans for _, record in pending]).cpu().numpy()
+        stats = torch.cat([step.record.stats for step in pending]).cpu().numpy()
+        quantiles = torch.cat([step.record.quantiles for step in pending]).cpu().numpy()
+        binmeans = torch.cat([step.record.binmeans for step in pending]).cpu().numpy()
         step = np.repeat([key[0] for key in keys], channels)
         source = np.repeat([key[1] for key in keys], channels)
         layer = np.repeat([key[2] for key in keys], channels)
@@ -269,3 +372,7 @@ def _records_to_table(pending: list[tuple[list[tuple[int, str, str, int]], Recor
     for i, name in enumerate(BINMEAN_COLUMNS):
         columns[name] = pa.array(binmeans[:, i], pa.float32())
     return pa.table(columns)
+
+
+#: Columns and types of every part.
+_SCHEMA = _records_to_table([]).schema

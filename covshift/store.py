@@ -1,37 +1,66 @@
-"""The on-disk run directory: ``meta.json``, append-only Parquet parts, ``curves.jsonl``.
+"""The on-disk run directory: ``meta.json``, Parquet parts, ``curves.jsonl``.
 
-Every file is written to a temporary name, flushed to disk and renamed into
-place, so a process killed at any moment leaves only complete files behind.
+Every file is written to a fresh temporary name, flushed to disk and renamed into
+place, so a process killed at any moment leaves only complete files behind. A run
+claims its directory by creating ``meta.json`` exclusively and writes no file
+that was there before it. Each part is tagged with the run's id, carries page
+checksums (verified on read) and is named after the first step it holds, so
+writing the same steps again replaces that part instead of adding a copy.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from covshift.faults import CovshiftWarning
+
 META_FILE = "meta.json"
 CURVES_FILE = "curves.jsonl"
 PART_GLOB = "part-*.parquet"
 FORMAT = "covshift-run"
-FORMAT_VERSION = 1
+#: 2: parts tagged with the run id of ``meta.json``, page checksums. 1: untagged parts.
+FORMAT_VERSION = 2
+RUN_ID_KEY = b"covshift.run_id"
+ROWS_KEY = b"covshift.rows"  # the footer's row counts are not checksummed: a flipped bit could cut a part short
+_LAYER_FIELDS = {"name": str, "type": str, "channels": int, "channel_dim": (int, type(None))}
 
 
 class RunFileError(ValueError):
     """A run directory or one of its files is missing or unreadable."""
 
 
+class StoreWarning(CovshiftWarning):
+    """The run directory could not be written; recording goes on, buffered in memory."""
+
+
+def new_run_id() -> str:
+    """A random id for a new run, stored in ``meta.json`` and in each of its parts."""
+    return secrets.token_hex(8)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    On any failure the temporary file is removed again.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except FileExistsError:  # not ours: leave it
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -41,6 +70,33 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def claim(directory: Path, meta: dict) -> None:
+    """Start a run in ``directory`` by creating ``meta.json``; of two runs started at once, one wins.
+
+    Raises:
+        FileExistsError: the directory holds a run, or files of the names covshift writes.
+    """
+    taken = [name for name in (META_FILE, CURVES_FILE) if (directory / name).exists()]
+    taken += [path.name for path in part_paths(directory)]
+    if taken and taken[0] != META_FILE:
+        raise FileExistsError(
+            f"{directory} already holds {', '.join(taken)}, which this run did not write; "
+            "choose a new directory"
+        )
+    path = directory / META_FILE
+    try:
+        with open(path, "x") as handle:  # fails if another run created it first
+            handle.write(json.dumps(meta, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(directory)
+    except FileExistsError:
+        raise FileExistsError(f"{directory} already holds a covshift run; choose a new directory") from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def write_meta(directory: Path, meta: dict) -> None:
@@ -62,12 +118,35 @@ def read_meta(directory: Path) -> dict:
         raise RunFileError(f"{path} is corrupted: not valid JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RunFileError(f"{path} is not covshift run metadata (no format: {FORMAT!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version")
+    if type(version) is not int or version < 1:
+        raise RunFileError(f"{path} is corrupted: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise RunFileError(
-            f"{path} has format version {meta['format_version']}; this covshift reads "
-            f"up to {FORMAT_VERSION}: upgrade covshift"
+            f"{path} has format version {version}; this covshift reads up to {FORMAT_VERSION}: upgrade covshift"
         )
+    problem = _meta_problem(meta, version)
+    if problem:
+        raise RunFileError(f"{path} is corrupted: {problem}")
     return meta
+
+
+def _meta_problem(meta: dict, version: int) -> str | None:
+    """What is wrong with the fields of ``meta`` that covshift relies on, or None."""
+    if version >= 2 and not isinstance(meta.get("run_id"), str):
+        return f"run_id must be a string, got {meta.get('run_id')!r}"
+    if not isinstance(meta.get("name"), (str, type(None))):
+        return f"name must be a string, got {meta['name']!r}"
+    layers = meta.get("layers")
+    if not isinstance(layers, list):
+        return f"layers must be a list of layer descriptions, got {layers!r}"
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or any(
+            type(layer.get(key)) is bool or not isinstance(layer.get(key), kind)
+            for key, kind in _LAYER_FIELDS.items()
+        ):
+            return f"layers[{i}] must have a name, type, channels and channel_dim, got {layer!r}"
+    return None
 
 
 def part_paths(directory: Path) -> list[Path]:
@@ -75,27 +154,63 @@ def part_paths(directory: Path) -> list[Path]:
     return sorted(directory.glob(PART_GLOB))
 
 
-def write_part(directory: Path, index: int, table: pa.Table) -> Path:
-    path = directory / f"part-{index:06d}.parquet"
+def part_path(directory: Path, first: int, run_id: str) -> Path:
+    """The part holding the buffered steps from number ``first`` on (steps numbered from 0 per run)."""
+    return directory / f"part-{first:09d}-{run_id}.parquet"
+
+
+def write_part(path: Path, table: pa.Table, run_id: str) -> None:
+    """Write ``table`` to ``path``, tagged with ``run_id`` and with page checksums."""
     sink = pa.BufferOutputStream()
+    table = table.replace_schema_metadata({RUN_ID_KEY: run_id.encode(), ROWS_KEY: str(table.num_rows).encode()})
     # Dictionary encoding only where values repeat: on float columns it is wasted work.
-    pq.write_table(table, sink, use_dictionary=["source", "layer"])
+    pq.write_table(table, sink, use_dictionary=["source", "layer"], write_page_checksum=True)
     write_atomic(path, sink.getvalue().to_pybytes())
-    return path
 
 
-def read_part(path: Path) -> pa.Table:
+def read_part(path: Path, run_id: str | None, schema: pa.Schema) -> pa.Table:
+    """Read a part and check its checksums, its run id (None: an untagged part) and its columns."""
     try:
-        return pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
+        table = pq.read_table(path, page_checksum_verification=True)
+        table.validate(full=True)
+        tags = table.schema.metadata or {}
+        tag = tags[RUN_ID_KEY].decode() if RUN_ID_KEY in tags else None
+        rows = int(tags.get(ROWS_KEY, table.num_rows))
+        names = table.schema.names
+    except (pa.ArrowException, OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         raise RunFileError(f"{path} is corrupted: not a readable Parquet file ({err})") from None
+    if rows != table.num_rows:
+        raise RunFileError(f"{path} is corrupted: it holds {table.num_rows} rows, {rows} were written")
+    if tag != run_id:
+        whose = f"run {tag}" if tag else "an untagged (format 1) run"
+        raise RunFileError(
+            f"{path} belongs to {whose}, not to this run ({run_id or 'untagged'}): "
+            "it was not written by this run; move it out of the run directory"
+        )
+    table = table.replace_schema_metadata(None)
+    if not table.schema.equals(schema):
+        missing = [name for name in schema.names if name not in names]
+        extra = [name for name in names if name not in schema.names]
+        detail = f"missing columns {missing}, unexpected columns {extra}" if missing or extra else "column types differ"
+        raise RunFileError(f"{path} does not hold covshift records: {detail}")
+    return table
 
 
-def append_curve(directory: Path, row: dict) -> None:
-    with open(directory / CURVES_FILE, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+def append_curve(directory: Path, row: dict, *, create: bool) -> None:
+    """Append ``row`` to the curves file; ``create``: it must not exist yet (FileExistsError).
+
+    A failed write is cut off again, so no partial line stays behind.
+    """
+    with open(directory / CURVES_FILE, "xb" if create else "ab", buffering=0) as handle:
+        end = handle.seek(0, os.SEEK_END)
+        try:
+            data = (json.dumps(row) + "\n").encode()
+            while data:
+                data = data[handle.write(data) :]
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.truncate(end)
+            raise
 
 
 def read_curves(directory: Path) -> list[dict]:

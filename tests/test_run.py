@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 import tracemalloc
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -159,12 +160,18 @@ TRAINER = textwrap.dedent(
 )
 
 
+def start_trainer(script, store, **kwargs):
+    """Run ``script`` in a new Python that imports the covshift under test, not another installed one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(covshift.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, str(script), str(store)], stdout=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
 @pytest.mark.parametrize("delay", [0.3, 0.77, 1.5])
 def test_sigkill_mid_training_leaves_every_flushed_step(tmp_path, delay):
     script = tmp_path / "train.py"
     script.write_text(TRAINER)
     store = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(script), str(store)], stdout=subprocess.PIPE, text=True)
+    proc = start_trainer(script, store)
     try:
         flushed = int(proc.stdout.readline())  # training is under way
         time.sleep(delay)
@@ -194,3 +201,42 @@ def test_stats_is_cached_but_callers_cannot_corrupt_it(tmp_path):
     model(torch.randn(8, 4))  # a new step reaches the cache
     assert sorted(tracker.run.stats("train").step.unique()) == [0, 1]
     tracker.detach()
+
+
+INTERRUPTED_TRAINER = textwrap.dedent(
+    """
+    import sys, torch, covshift
+    from torch import nn
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with covshift.attach(model, every=1, store=sys.argv[1], flush_every=1):
+        step = 0
+        while True:
+            model(torch.randn(16, 1, 8, 8)).sum().backward()
+            optimizer.step(); optimizer.zero_grad()
+            if step >= 1:  # flush_every=1: steps up to step-1 are on disk once step's forward ends
+                print(step - 1, flush=True)
+            step += 1
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.55, 1.1])
+def test_ctrl_c_mid_training_stores_every_step_once(tmp_path, delay):
+    script = tmp_path / "train.py"
+    script.write_text(INTERRUPTED_TRAINER)
+    store = tmp_path / "run"
+    proc = start_trainer(script, store, stderr=subprocess.PIPE)
+    try:
+        flushed = int(proc.stdout.readline())
+        time.sleep(delay)
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        rest, errors = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in errors
+    flushed = int(rest.split()[-1]) if rest.split() else flushed
+    stats = covshift.load(store).stats()
+    assert not stats.duplicated(["step", "source", "layer", "channel"]).any()
+    steps = sorted(stats.step.unique())
+    assert steps == list(range(len(steps))) and len(steps) > flushed
+    assert (stats.groupby("step").size() == 1 + 4 + 64).all()
