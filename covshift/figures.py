@@ -37,9 +37,11 @@ from covshift import plots
 from covshift.panels import (  # noqa: F401 (DPI, PANEL_SIZE … are read as figures.*)
     DEFAULT_MAX_POINTS,
     DPI,
+    INCH_PER_ROW,
     METRIC_LABELS,
     PANEL_SIZE,
     as_written,
+    label_inches,
     legend,
     mark_few,
     metric_label,
@@ -51,6 +53,7 @@ from covshift.panels import (  # noqa: F401 (DPI, PANEL_SIZE … are read as fig
     steps_axis,
     thinned,
     title,
+    wrapped_name,
 )
 
 
@@ -93,7 +96,7 @@ def percentiles_figure(
             else:
                 mark_few(plots.percentile_trajectory(part, ax=ax, color=color)[1:])
             steps_axis(ax, xlim)
-            ax.set_title(f"{as_written(label)} · layer {as_written(layer)}", fontsize=10)
+            ax.set_title(wrapped_name(f"{label} · layer {layer}", 48), fontsize=10)
             if col == 0:
                 ax.set_ylabel("input value")
     for ax in axes[-1]:
@@ -154,7 +157,7 @@ def drift_figure(
             if row == 0:
                 ax.set_title(metric_label(metric), fontsize=10)
             if col == 0:
-                ax.set_ylabel(f"layer {as_written(layer)}")
+                ax.set_ylabel(wrapped_name(f"layer {layer}"), fontsize=9)
             steps_axis(ax, xlim)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
@@ -192,7 +195,8 @@ def heatmap_figure(
 
     The reference step (0 by definition) is hatched, not coloured as the lowest drift.
     """
-    fig, axes = new_grid(len(metrics), len(labels), sharex=True, sharey=True)
+    fig, axes = new_grid(len(metrics), len(labels), sharex=True, sharey=True, margin=label_inches(layers),
+                         row_height=max(PANEL_SIZE[1], INCH_PER_ROW * len(layers) + 1.0))
     for row, metric in enumerate(metrics):
         parts = [_without_reference(thinned(frame[frame["metric"] == metric], max_points), reference)
                  for frame in drifts]

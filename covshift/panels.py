@@ -58,17 +58,51 @@ def as_written(name: object) -> str:
     return str(name).replace("$", r"\$")
 
 
+#: Characters per line of a layer name in an axis label; longer names wrap at their dots.
+NAME_WIDTH = 28
+#: Inches a character of a tick label takes (font size 10 at :data:`DPI`), to make room for names.
+INCH_PER_CHAR = 0.075
+#: Inches between two layer rows of a heatmap, so their names never overlap.
+INCH_PER_ROW = 0.17
+
+
+def wrapped_name(name: object, width: int = NAME_WIDTH) -> str:
+    """A layer name for an axis label, broken at its dots into lines of at most ``width`` characters.
+
+    >>> print(wrapped_name("bert.encoder.layer.0.attention.self.query", 20))
+    bert.encoder.layer.
+    0.attention.self.
+    query
+    """
+    lines = [""]
+    for piece in (f"{part}." for part in str(name).split(".")):
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return as_written("\n".join(lines)[:-1])
+
+
+def label_inches(names: Sequence[object]) -> float:
+    """Width the longest of ``names`` takes as a tick label, in inches."""
+    return INCH_PER_CHAR * max((len(str(name)) for name in names), default=0)
+
+
 def run_colors(n: int) -> list[str]:
     """One colour per run, the same in every figure: ``C0, C1, …``."""
     return [f"C{i % 10}" for i in range(n)]
 
 
 def new_grid(
-    rows: int, cols: int, *, sharex: bool | str = True, sharey: bool | str = False
+    rows: int, cols: int, *, sharex: bool | str = True, sharey: bool | str = False, margin: float = 0.0,
+    row_height: float | None = None,
 ) -> tuple[Figure, np.ndarray]:
-    """A constrained-layout Figure of ``rows × cols`` panels of :data:`PANEL_SIZE`; axes as a 2-D array."""
+    """A constrained-layout Figure of ``rows × cols`` panels of :data:`PANEL_SIZE`; axes as a 2-D array.
+
+    ``margin`` adds inches on the left for long tick labels; ``row_height`` overrides a panel's height.
+    """
     width, height = PANEL_SIZE
-    fig = Figure(figsize=(width * cols, height * rows), dpi=DPI, layout="constrained")
+    height = row_height or height
+    fig = Figure(figsize=(width * cols + margin, height * rows), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, cols, sharex=sharex, sharey=sharey, squeeze=False)
     return fig, axes
 

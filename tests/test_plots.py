@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from covshift import figures, plots
@@ -193,3 +194,24 @@ def test_a_drift_panel_without_a_finite_value_says_so():
     fig = figures.drift_figure([constant], [None], ["run"], ["a"], ["wasserstein"])
     (ax,) = fig.axes
     assert [t.get_text() for t in ax.texts] == ["run: no finite drift (constant or non-finite input)"]
+
+
+
+def test_long_layer_names_are_neither_clipped_nor_overlapping():
+    """Hugging Face names like ``bert.encoder.layer.0.attention.output.LayerNorm``, 19 of them, fit."""
+    names = [f"bert.encoder.layer.{i // 6}.attention.output.{kind}" for i, kind in
+             enumerate(["dense", "LayerNorm", "query", "key", "value", "intermediate.dense"] * 3)]
+    names.append("classifier")
+    frame = _drift_frame({name: np.linspace(0, 1, 5) for name in names})
+    heatmap = figures.heatmap_figure([frame], ["bert"], names, ["wasserstein"])
+    drift = figures.drift_figure([frame], [None], ["bert"], names[:4], ["wasserstein"])
+    for fig in (heatmap, drift):
+        FigureCanvasAgg(fig).draw()
+    renderer = heatmap.canvas.get_renderer()
+    ticks = [t.get_window_extent(renderer) for t in heatmap.axes[0].get_yticklabels()]
+    assert min(box.x0 for box in ticks) >= 0, "a layer name runs off the figure's left edge"
+    assert all(lower.y1 <= upper.y0 + 1 for lower, upper in zip(ticks[1:], ticks))  # top to bottom, no overlap
+    renderer = drift.canvas.get_renderer()
+    for ax in drift.axes:
+        label, panel = ax.yaxis.label.get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert label.height <= panel.height and label.x0 >= 0, ax.yaxis.label.get_text()
