@@ -82,9 +82,13 @@ def wrapped_name(name: object, width: int = NAME_WIDTH) -> str:
     return as_written("\n".join(lines)[:-1])
 
 
+#: Inches of tick label a panel of :data:`PANEL_SIZE` already has room for.
+LABEL_ROOM = 1.0
+
+
 def label_inches(names: Sequence[object]) -> float:
-    """Width the longest of ``names`` takes as a tick label, in inches."""
-    return INCH_PER_CHAR * max((len(str(name)) for name in names), default=0)
+    """Inches to add to a figure so that the longest of ``names`` fits as a tick label."""
+    return max(0.0, INCH_PER_CHAR * max((len(str(name)) for name in names), default=0) - LABEL_ROOM)
 
 
 def run_colors(n: int) -> list[str]:
