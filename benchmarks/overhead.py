@@ -43,6 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import covshift
+import covshift.layers
+import covshift.summary
+import covshift.tracker
 from covshift.experiments.models import reference_pair
 from covshift.summary import QUANTILE_LEVELS
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import covshift
+import covshift.tracker
 from covshift.experiments.models import reference_pair
 from overhead import steady_malloc  # benchmarks/overhead.py, next to this script
 
