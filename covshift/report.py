@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import html
 import json
 import warnings
 from collections.abc import Sequence
@@ -26,6 +27,14 @@ METRICS_PER_FIGURE = 3
 REPORT_FILE = "report.html"
 #: Lists the files a report wrote into its directory; a later report removes only those (if unchanged).
 MANIFEST_FILE = ".covshift-report.json"
+
+
+class ReportPage(type(Path())):  # type: ignore[misc]  # Path's concrete class: subclassable on Python 3.11
+    """The path of a written ``report.html``; in a notebook it shows the page itself."""
+
+    def _repr_html_(self) -> str:
+        page = html.escape(self.read_text(encoding="utf-8"), quote=True)
+        return f'<iframe srcdoc="{page}" style="width:100%;height:900px;border:0" title="covshift report"></iframe>'
 
 
 @dataclass
@@ -53,7 +62,7 @@ def report(
     channel: int | None = None,
     max_points: int = figures.DEFAULT_MAX_POINTS,
     notice: str | None = None,
-) -> Path:
+) -> ReportPage:
     """Write the drift report of ``runs`` to ``out_dir``: PNG figures and ``report.html``.
 
     The page leads with the verdict (:mod:`covshift.verdict`: each later run
@@ -82,7 +91,7 @@ def report(
         notice: a warning shown in a short amber box at the top of the page: its first line as the title, its other lines (banner rules and a repeat of the title dropped) as a list.
 
     Returns:
-        The path of ``report.html``.
+        The path of ``report.html`` (a :class:`pathlib.Path`); displayed in a notebook, the page itself.
 
     Raises:
         ValueError: no runs, an unknown metric, layers that match nothing, a
@@ -121,7 +130,7 @@ def report(
     written = [section.file for section in sections] + ["summary.csv", REPORT_FILE]
     _remove_stale(out, earlier, keep=set(written))
     _write_manifest(out, written)
-    return out / REPORT_FILE
+    return ReportPage(out / REPORT_FILE)
 
 
 def run_labels(runs: Sequence[Run]) -> list[str]:

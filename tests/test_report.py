@@ -371,3 +371,10 @@ def test_the_verdict_block_is_on_the_first_screen_of_a_browser(runs, tmp_path):
     assert where, f"chromium printed no layout (exit {done.returncode}): {done.stderr[-2000:]}"
     top, bottom, width, height = map(float, where.groups())
     assert width == 1280 and 0 < top < bottom <= min(height, 800), where.group(0)
+
+
+def test_report_returns_its_path_which_a_notebook_displays_as_the_page(two_run_report):
+    assert isinstance(two_run_report, Path) and two_run_report.name == "report.html"
+    shown = two_run_report._repr_html_()
+    assert shown.startswith("<iframe srcdoc=") and "verdict" in shown
+    assert "<section" not in shown  # the page is escaped into the frame, never mixed into the notebook's own
