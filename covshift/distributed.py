@@ -8,12 +8,17 @@ the end of a recorded forward), every rank takes part in one exchange:
    (source, name, channels, sample width, dtype, layer type, channel dim), so
    ranks may have called different layers, or a layer a different number of
    times, in that step;
-2. ``gather`` to rank 0 of the step's partials packed into one flat float64
-   tensor of ``channels * (6 + width)`` values per record (count, mean, m2, min,
-   max, nonfinite and the value sample), padded to the longest rank's length.
+2. ``gather`` to rank 0 of the step's partials packed into one flat byte
+   tensor, padded to the longest rank's length: per channel, count, nonfinite
+   (int64), mean, m2, min, max (float64) and the rank's value sample in its own
+   dtype (float32 unless the input was float64).
 
-The sample a rank sends is capped at ``sample_size`` values per channel, so a
-step costs at most ``6 + sample_size`` numbers per channel per rank. Rank 0
+A rank's sample is capped at ``ceil(sample_size / ranks)`` values per channel,
+so the pooled sample is no larger than one process's and a recorded step costs
+each rank at most ``48 + 4 * ceil(sample_size / ranks)`` bytes per channel (a
+layout tuple per record besides). Below the cap every value is sent: when
+``sample_size`` covers the channel's values in the whole job, quantiles are
+exact, as in one process. Rank 0
 merges the ranks' partials exactly as the core merges the calls of one step
 (:func:`covshift.summary.merge`: counts, moments by Chan's rule and extrema
 exact, samples pooled) and alone writes the run; the other ranks write nothing.
@@ -33,9 +38,10 @@ import torch.distributed as dist
 
 from covshift.summary import Partial, merge
 
-#: Numbers per channel besides the sample: count, mean, m2, min, max, nonfinite.
+#: Fields per channel besides the sample: count, nonfinite, mean, m2, min, max (8 bytes each).
 _MOMENTS = 6
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Sample dtypes by name (the summarizer keeps float64 and turns everything else into float32).
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class DistributedError(RuntimeError):
@@ -103,27 +109,30 @@ class Ranks:
 
         Every rank of the group must call this for the same steps, in the same
         order. ``kinds`` (record name -> layer type, channel dim) gains the
-        records only other ranks took. ``cap``: sample values per channel sent.
+        records only other ranks took. ``cap``: the sample values per channel of
+        one record in all ranks together (``sample_size``); each rank sends at
+        most ``ceil(cap / ranks)`` of them.
 
         Raises:
             DistributedError: a collective failed or timed out (the cause is chained).
         """
         if self.broken:
             return {}
-        local = {key: _capped(partial, cap) for key, partial in merged.items()}
+        share = -(-cap // self.size)
+        local = {key: _capped(partial, share) for key, partial in merged.items()}
         layout = [
             (source, name, p.count.shape[0], p.sample.shape[1], str(p.sample.dtype).removeprefix("torch."),
              *kinds.get(name, ("?", None)))
             for (source, name), p in local.items()
         ]
-        length = sum(channels * (_MOMENTS + width) for _, _, channels, width, *_ in layout)
+        length = sum(_nbytes(channels, width, dtype) for _, _, channels, width, dtype, *_ in layout)
         layouts: list[Any] = [None] * self.size
         try:
             dist.all_gather_object(layouts, layout, group=self.group)
-            longest = max(sum(c * (_MOMENTS + w) for _, _, c, w, *_ in rank_layout) for rank_layout in layouts)
+            longest = max(sum(_nbytes(c, w, d) for _, _, c, w, d, *_ in rank_layout) for rank_layout in layouts)
             if longest == 0:  # no rank took a record: every rank knows it, nothing more to send
                 return {}
-            flat = torch.zeros(longest, dtype=torch.float64, device=self.device)
+            flat = torch.zeros(longest, dtype=torch.uint8, device=self.device)
             if length:
                 flat[:length] = _pack(local.values(), self.device)
             received = [torch.empty_like(flat) for _ in range(self.size)] if self.is_writer else None
@@ -142,9 +151,9 @@ class Ranks:
         for rank_layout, data in zip(layouts, received):
             offset = 0
             for source, name, channels, width, dtype, kind, dim in rank_layout:
-                size = channels * (_MOMENTS + width)
+                size = _nbytes(channels, width, dtype)
                 pooled.setdefault((source, name), []).append(
-                    _unpack(data[offset : offset + size], channels, width, _DTYPES.get(dtype, torch.float32))
+                    _unpack(data[offset : offset + size], channels, width, _DTYPES[dtype])
                 )
                 offset += size
                 if kind != "?":
@@ -168,26 +177,33 @@ def _capped(partial: Partial, cap: int) -> Partial:
     )
 
 
+def _nbytes(channels: int, width: int, dtype: str) -> int:
+    """Bytes one packed partial takes: six 8-byte fields per channel, then the sample in its own dtype."""
+    return channels * (_MOMENTS * 8 + width * _DTYPES[dtype].itemsize)
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.uint8).reshape(-1)
+
+
 def _pack(partials: Any, device: torch.device) -> torch.Tensor:
-    """Partials as one flat float64 tensor: per partial, its six per-channel fields, then its sample row-major."""
+    """Partials as one flat byte tensor: per partial its per-channel fields (count, nonfinite as int64; mean,
+    m2, min, max as float64: exact), then its sample, row-major, in the sample's own dtype."""
     pieces = []
     for p in partials:
-        pieces.append(torch.stack([p.count.double(), p.mean.double(), p.m2.double(), p.min.double(),
-                                   p.max.double(), p.nonfinite.double()]).reshape(-1))
-        pieces.append(p.sample.double().reshape(-1))
+        pieces.append(_bytes(torch.stack([p.count, p.nonfinite]).long()))
+        pieces.append(_bytes(torch.stack([p.mean.double(), p.m2.double(), p.min.double(), p.max.double()])))
+        pieces.append(_bytes(p.sample))
     return torch.cat([piece.to(device) for piece in pieces])
 
 
 def _unpack(data: torch.Tensor, channels: int, width: int, dtype: torch.dtype) -> Partial:
-    """The inverse of :func:`_pack` for one partial."""
-    fields = data[: _MOMENTS * channels].view(_MOMENTS, channels)
-    sample = data[_MOMENTS * channels :].view(channels, width).to(dtype)
+    """The inverse of :func:`_pack` for one partial (``data``: its bytes)."""
+    data = data.clone()  # a fresh, aligned storage to view as wider types
+    ints = data[: 16 * channels].view(torch.int64).view(2, channels)
+    floats = data[16 * channels : 48 * channels].view(torch.float64).view(4, channels)
+    sample = data[48 * channels :].view(dtype).view(channels, width)
     return Partial(
-        count=fields[0].round().long(),
-        mean=fields[1].clone(),
-        m2=fields[2].clone(),
-        min=fields[3].to(dtype),
-        max=fields[4].to(dtype),
-        nonfinite=fields[5].round().long(),
-        sample=sample,
+        count=ints[0], nonfinite=ints[1], mean=floats[0], m2=floats[1],
+        min=floats[2].to(dtype), max=floats[3].to(dtype), sample=sample,
     )

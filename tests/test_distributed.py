@@ -250,11 +250,15 @@ def test_pack_unpack_round_trip_and_sample_cap():
     partial = Summarizer(64).summarize(torch.randn(10, 3, 4, 4), 1)
     capped = _capped(partial, 16)
     assert capped.sample.shape == (3, 16) and partial.sample.shape == (3, 64)
-    flat = _pack([capped], torch.device("cpu"))
-    assert flat.numel() == 3 * (6 + 16)
-    back = _unpack(flat, 3, 16, torch.float32)
-    for field in ("count", "mean", "m2", "min", "max", "nonfinite", "sample"):
-        torch.testing.assert_close(getattr(back, field), getattr(capped, field))
+    wide = Summarizer(5).summarize(torch.randn(3, 7).double(), 1)
+    for partial, dtype in ((capped, torch.float32), (wide, torch.float64)):
+        flat = _pack([partial], torch.device("cpu"))
+        channels, width = partial.sample.shape
+        assert flat.dtype == torch.uint8 and flat.numel() == channels * (48 + width * dtype.itemsize)
+        unaligned = torch.cat([torch.zeros(1, dtype=torch.uint8), flat])[1:]  # as at an odd offset of a gather
+        back = _unpack(unaligned, channels, width, dtype)
+        for field in ("count", "mean", "m2", "min", "max", "nonfinite", "sample"):
+            torch.testing.assert_close(getattr(back, field), getattr(partial, field), rtol=0, atol=0)
 
 
 def test_single_process_and_group_false_are_not_distributed():
