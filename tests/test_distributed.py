@@ -109,6 +109,12 @@ def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
             model = _model()
             net = nn.parallel.DistributedDataParallel(model)
             _train(model, net, rank, out, per_forward=scenario == "ddp_forward")
+        elif scenario == "fsdp":  # FSDP2: parameters sharded, every rank's activations whole
+            from torch.distributed.fsdp import fully_shard
+
+            model = _model()
+            fully_shard(model)
+            _train(model, model, rank, out, per_forward=False)
         elif scenario == "uneven":
             _uneven(rank, out)
         elif scenario == "dies":
@@ -203,8 +209,10 @@ def _one_run_written(out: Path) -> None:
     assert (out / "run-dir-1.txt").read_text() != str(out / "run")
 
 
-@pytest.mark.parametrize("scenario", ["ddp", "ddp_forward"])
-def test_ddp_run_equals_one_process_on_all_batches(tmp_path, scenario):
+@pytest.mark.parametrize("scenario", ["ddp", "ddp_forward", "fsdp"])
+def test_ddp_and_fsdp_run_equals_one_process_on_all_batches(tmp_path, scenario):
+    if scenario == "fsdp" and not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     out = tmp_path / "job"
     out.mkdir()
     _ok(_spawn(out, scenario))
