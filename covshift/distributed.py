@@ -31,10 +31,12 @@ instead of waiting, and takes part in no further exchange.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from covshift.summary import Partial, merge
 
@@ -163,6 +165,41 @@ class Ranks:
             if len({p.count.shape[0] for p in parts}) == 1:
                 out[key] = merge(parts)
         return out
+
+
+class JoinableSteps(Joinable):
+    """Lets ``torch.distributed.algorithms.Join`` close covshift's steps on ranks that ran out of batches.
+
+    Inside ``Join([ddp_model, tracker.joinable])`` a rank whose loader is
+    exhausted keeps shadowing the others' collectives: for each iteration they
+    still run (one forward of the DDP model), this closes one step on the joined
+    rank, with no records, so it takes part in the recorded steps' exchanges.
+    Hence one DDP forward per optimizer step, and the tracker after the model.
+    """
+
+    def __init__(self, ranks: Ranks, close_step: Callable[[], None]) -> None:
+        super().__init__()
+        self._ranks = ranks
+        self._close_step = close_step
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        return _ShadowSteps(self._close_step)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._ranks.device
+
+    @property
+    def join_process_group(self) -> Any:
+        return self._ranks.group
+
+
+class _ShadowSteps(JoinHook):
+    def __init__(self, close_step: Callable[[], None]) -> None:
+        self._close_step = close_step
+
+    def main_hook(self) -> None:
+        self._close_step()
 
 
 def _capped(partial: Partial, cap: int) -> Partial:

@@ -137,6 +137,22 @@ class Tracker:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def joinable(self) -> distributed.JoinableSteps:
+        """For uneven numbers of batches per rank: ``with Join([ddp_model, tracker.joinable]): ...``.
+
+        A rank that runs out of batches then closes one empty step per iteration
+        the others still run, so every rank takes part in every recorded step's
+        exchange. Needs ``optimizer=`` and one forward of the DDP model per
+        optimizer step; list the tracker after the model.
+        """
+        if self._ranks is None or self.optimizer is None:
+            raise RuntimeError(
+                "tracker.joinable is for torch.distributed jobs attached with optimizer=opt "
+                f"({'no process group was found' if self._ranks is None else 'this tracker has no optimizer'})"
+            )
+        return distributed.JoinableSteps(self._ranks, lambda: self._on_optimizer_step(self.optimizer, (), {}))
+
     def step(self) -> None:
         """End the current step (``step="manual"`` only): its micro-batches form one record."""
         if not self.manual:

@@ -85,6 +85,34 @@ def _uneven(rank: int, out: Path) -> None:
             opt.step()
 
 
+def _join(rank: int, out: Path) -> None:
+    """Uneven batches: rank r has 3 + 2r steps' worth, under Join (rank -1: one process, every batch).
+
+    The learning rate is 0, so the records depend on the data alone (under Join, DDP divides the
+    gradients by the initial world size, which one process cannot mimic).
+    """
+    from torch.distributed.algorithms.join import Join
+
+    model = _model()
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.randn(5, WORLD * BATCH, 2, 5, 5, generator=gen)
+    if rank < 0:
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with covshift.attach(model, every=1, store=out / "run", optimizer=opt):
+            for step, x in enumerate(xs):
+                model(x if step < 3 else x[BATCH:]).sum().backward()
+                opt.step()
+        return
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with covshift.attach(model, every=1, store=out / "run", optimizer=opt) as tracker:
+        with Join([net, tracker.joinable]):
+            for x in xs[: 3 + 2 * rank]:
+                net(x[rank * BATCH : (rank + 1) * BATCH]).sum().backward()
+                opt.step()
+                opt.zero_grad()
+
+
 def _dies(rank: int, out: Path) -> None:
     """Rank 1 raises in its second step; rank 0 trains on (no DDP: covshift's exchange is the only collective)."""
     model = _model()
@@ -117,6 +145,8 @@ def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
             _train(model, model, rank, out, per_forward=False)
         elif scenario == "uneven":
             _uneven(rank, out)
+        elif scenario == "join":
+            _join(rank, out)
         elif scenario == "dies":
             _dies(rank, out)
     except Exception as err:  # noqa: BLE001 - reported to the test through the file
@@ -175,6 +205,8 @@ def _single(out: Path, scenario: str) -> Path:
     out.mkdir()
     if scenario == "uneven":
         _uneven(-1, out)
+    elif scenario == "join":
+        _join(-1, out)
     else:
         model = _model()
         _train(model, model, -1, out, per_forward=scenario == "ddp_forward")
@@ -228,6 +260,15 @@ def test_uneven_forwards_and_layers_per_rank_merge_without_deadlock(tmp_path):
     out.mkdir()
     _ok(_spawn(out, "uneven"))
     _same_run(out / "run", _single(tmp_path / "single", "uneven"))
+
+
+def test_uneven_batches_under_join_record_every_step_without_deadlock(tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    _ok(_spawn(out, "join"))
+    _same_run(out / "run", _single(tmp_path / "single", "join"))
+    counts = covshift.load(out / "run").stats().query("layer == '0' and channel == 0")["count"].tolist()
+    assert counts == [2 * BATCH * 25] * 3 + [BATCH * 25] * 2  # steps 3 and 4: rank 1's batches alone
 
 
 def test_a_rank_that_dies_ends_the_other_with_an_error_not_a_hang(tmp_path):
