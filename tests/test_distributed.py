@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -113,6 +114,24 @@ def _join(rank: int, out: Path) -> None:
                 opt.zero_grad()
 
 
+def _stops(rank: int, out: Path) -> None:
+    """Rank 0's store fails at step 2 (per-forward steps): rank 0 stops recording, warns, and both train on."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, _ = _data()
+
+    def broken(*args: object) -> None:
+        raise OSError("disk full (on purpose)")
+
+    with covshift.attach(model, every=1, store=out / "run") as tracker:
+        for step in range(6):
+            if rank == 0 and step == 2:
+                tracker.run.append = broken
+            model(xs[step % STEPS, :BATCH]).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+
 def _dies(rank: int, out: Path) -> None:
     """Rank 1 raises in its second step; rank 0 trains on (no DDP: covshift's exchange is the only collective)."""
     model = _model()
@@ -147,6 +166,11 @@ def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
             _uneven(rank, out)
         elif scenario == "join":
             _join(rank, out)
+        elif scenario == "stops":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _stops(rank, out)
+            result["warnings"] = [str(w.message) for w in caught]
         elif scenario == "dies":
             _dies(rank, out)
     except Exception as err:  # noqa: BLE001 - reported to the test through the file
@@ -271,6 +295,15 @@ def test_uneven_batches_under_join_record_every_step_without_deadlock(tmp_path):
     assert counts == [2 * BATCH * 25] * 3 + [BATCH * 25] * 2  # steps 3 and 4: rank 1's batches alone
 
 
+def test_a_rank_whose_store_fails_stops_recording_and_the_others_train_on(tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    results = _spawn(out, "stops")
+    _ok(results)
+    assert any("disk full (on purpose)" in w and "stops recording" in w for w in results[0]["warnings"])
+    assert sorted(covshift.load(out / "run").stats()["step"].unique()) == [0, 1]
+
+
 def test_a_rank_that_dies_ends_the_other_with_an_error_not_a_hang(tmp_path):
     out = tmp_path / "job"
     out.mkdir()
@@ -316,6 +349,13 @@ def test_single_process_and_group_false_are_not_distributed():
     assert detect() is None and detect(False) is None
     with pytest.raises(ValueError, match="init_process_group"):
         detect(object())
+
+
+@pytest.mark.filterwarnings("ignore::covshift.faults.CovshiftWarning")  # no step recorded: not the point here
+def test_joinable_outside_a_distributed_job_says_why():
+    model = _model()
+    with covshift.attach(model) as tracker, pytest.raises(RuntimeError, match="no process group was found"):
+        tracker.joinable  # noqa: B018
 
 
 if __name__ == "__main__":  # one rank under torchrun
