@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
-from covshift.summary import Partial, merge
+from covshift.summary import Partial
 
 #: Fields per channel besides the sample: count, nonfinite, mean, m2, min, max (8 bytes each).
 _MOMENTS = 6
@@ -106,8 +106,9 @@ class Ranks:
         merged: dict[tuple[str, str], Partial],
         kinds: dict[str, tuple[str, int | None]],
         cap: int,
-    ) -> dict[tuple[str, str], Partial]:
-        """Every rank's records of ``step`` merged, on rank 0; an empty dict on the others.
+    ) -> dict[tuple[str, str], list[Partial]]:
+        """Every rank's records of ``step``, one partial per rank that took each, on rank 0; an empty dict on the
+        others. The caller merges them (:func:`covshift.summary.merge`) as it merges the calls of one step.
 
         Every rank of the group must call this for the same steps, in the same
         order. ``kinds`` (record name -> layer type, channel dim) gains the
@@ -160,11 +161,7 @@ class Ranks:
                 offset += size
                 if kind != "?":
                     kinds.setdefault(name, (kind, dim))
-        out = {}
-        for key, parts in pooled.items():
-            if len({p.count.shape[0] for p in parts}) == 1:
-                out[key] = merge(parts)
-        return out
+        return pooled
 
 
 class JoinableSteps(Joinable):

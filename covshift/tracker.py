@@ -378,23 +378,14 @@ class Tracker:
 
     def _write_step(self, step: int, partials: dict[tuple[str, str], list[Partial]]) -> None:
         """Hand one step's records to the run, the calls of each layer merged (lock held)."""
-        merged = {}
-        for (source, name), parts in partials.items():
-            channels = sorted({part.count.shape[0] for part in parts})
-            if len(channels) > 1:
-                self._faults.skip(
-                    name,
-                    f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
-                    "into one record, so they need the same channel count (set channel_dim for it)",
-                )
-            elif name not in self._faults.skipped:
-                merged[(source, name)] = merge(parts)
+        merged = self._merge_calls(partials)
         # -- torch.distributed: on a recorded step every rank sends its records, rank 0 merges and writes them
         if self._ranks is not None:
             if step % self.every == 0 or (self._probe is not None and step % self._probe.every == 0):
-                merged = self._ranks.gather(
+                pooled = self._ranks.gather(
                     step, {} if self._faults.stopped else merged, self._kinds, self._summarizer.sample_size
                 )
+                merged = self._merge_calls(pooled)  # rank 0: every rank's records, merged as calls are
                 self._called.update(name.removesuffix(":output") for _, name in merged)
             if not self._ranks.is_writer or self._faults.stopped:
                 return
@@ -411,6 +402,22 @@ class Tracker:
                 if source == "train":
                     self._train_steps.add(step)
             self.run.end_step()
+
+    def _merge_calls(self, partials: dict[tuple[str, str], list[Partial]]) -> dict[tuple[str, str], Partial]:
+        """Each record's calls (or ranks) in one step merged into one partial; a channel count that varies
+        skips the record, with a warning."""
+        merged = {}
+        for (source, name), parts in partials.items():
+            channels = sorted({part.count.shape[0] for part in parts})
+            if len(channels) > 1:
+                self._faults.skip(
+                    name,
+                    f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
+                    "into one record, so they need the same channel count (set channel_dim for it)",
+                )
+            elif name not in self._faults.skipped:
+                merged[(source, name)] = merge(parts)
+        return merged
 
     def _run_probe(self) -> None:
         """Run the probe's halves as sources ``probe_a``/``probe_b``, then pool them as ``probe``."""
