@@ -106,12 +106,11 @@ def _join(rank: int, out: Path) -> None:
         return
     net = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    with covshift.attach(model, every=1, store=out / "run", optimizer=opt) as tracker:
-        with Join([net, tracker.joinable]):
-            for x in xs[: 3 + 2 * rank]:
-                net(x[rank * BATCH : (rank + 1) * BATCH]).sum().backward()
-                opt.step()
-                opt.zero_grad()
+    with covshift.attach(model, every=1, store=out / "run", optimizer=opt) as tracker, Join([net, tracker.joinable]):
+        for x in xs[: 3 + 2 * rank]:
+            net(x[rank * BATCH : (rank + 1) * BATCH]).sum().backward()
+            opt.step()
+            opt.zero_grad()
 
 
 def _stops(rank: int, out: Path) -> None:
