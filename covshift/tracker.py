@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from covshift import context
+from covshift import context, distributed
 from covshift.checks import check_int
 from covshift.faults import Faults, gap_messages
 from covshift.layers import ChannelDim, LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
@@ -58,6 +58,7 @@ class Tracker:
         flush_every: int = DEFAULT_FLUSH_EVERY,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         name: str | None = None,
+        group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
@@ -86,6 +87,13 @@ class Tracker:
             "quantile_levels": list(QUANTILE_LEVELS),
             "n_bins": N_BINS,
         }
+        # -- torch.distributed: records merged across ranks, written by rank 0 alone (covshift/distributed.py)
+        self._ranks = distributed.detect(group)
+        if self._ranks is not None:
+            config["distributed"] = self._ranks.describe()
+            if not self._ranks.is_writer:
+                store = None  # a private temporary run that never receives a record
+        # --
         self.run = Run(
             store,
             {
@@ -128,6 +136,22 @@ class Tracker:
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    @property
+    def joinable(self) -> distributed.JoinableSteps:
+        """For uneven numbers of batches per rank: ``with Join([ddp_model, tracker.joinable]): ...``.
+
+        A rank that runs out of batches then closes one empty step per iteration
+        the others still run, so every rank takes part in every recorded step's
+        exchange. Needs ``optimizer=`` and one forward of the DDP model per
+        optimizer step; list the tracker after the model.
+        """
+        if self._ranks is None or self.optimizer is None:
+            raise RuntimeError(
+                "tracker.joinable is for torch.distributed jobs attached with optimizer=opt "
+                f"({'no process group was found' if self._ranks is None else 'this tracker has no optimizer'})"
+            )
+        return distributed.JoinableSteps(self._ranks, lambda: self._on_optimizer_step(self.optimizer, (), {}))
 
     def step(self) -> None:
         """End the current step (``step="manual"`` only): its micro-batches form one record."""
@@ -190,7 +214,7 @@ class Tracker:
                     self.run.flush()
         finally:
             self._remove_hooks()
-        if was_attached:
+        if was_attached and (self._ranks is None or (self._ranks.is_writer and not self._ranks.broken)):
             for key, message in gap_messages(
                 layers=list(self.layers),
                 called=self._called,
@@ -207,6 +231,8 @@ class Tracker:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is not None and self._ranks is not None:
+            self._ranks.abandon()  # leaving with an error: the other ranks are elsewhere, exchange nothing more
         self.detach()
 
     def __repr__(self) -> str:
@@ -232,7 +258,8 @@ class Tracker:
         self._handles.clear()
 
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
-        if context.is_compiling() or context.probe_owner() is not None or self._faults.stopped:
+        # A stopped tracker in a distributed job still counts steps: the other ranks wait for its exchanges.
+        if context.is_compiling() or context.probe_owner() is not None or (self._faults.stopped and self._ranks is None):
             return
         forward = self._forward
         forward.take()  # a forward that raised never reached its end: drop what it took
@@ -245,7 +272,7 @@ class Tracker:
                 first = self._per_forward or not self._open
                 self._open = True
                 forward.step = self._step
-            if first and self._probe is not None and forward.step % self._probe.every == 0:
+            if first and self._probe is not None and not self._faults.stopped and forward.step % self._probe.every == 0:
                 self._run_probe()
             forward.active = self._per_forward and forward.step % self.every == 0
 
@@ -253,7 +280,7 @@ class Tracker:
         if context.is_compiling() or context.probe_owner() is not None or not self._per_forward:
             return
         partials = self._forward.take()
-        if module.training and not self._faults.stopped and not context.in_backward():
+        if module.training and (not self._faults.stopped or self._ranks is not None) and not context.in_backward():
             with self._lock:
                 self._write_step(self._forward.step, partials)
 
@@ -346,22 +373,23 @@ class Tracker:
         """Write the open step: every training forward since the last step ended (lock held)."""
         partials, self._step_partials = self._step_partials, defaultdict(list)
         self._open = False
-        if not self._faults.stopped:
+        if not self._faults.stopped or self._ranks is not None:  # a stopped rank still takes part in exchanges
             self._write_step(self._step, partials)
 
     def _write_step(self, step: int, partials: dict[tuple[str, str], list[Partial]]) -> None:
         """Hand one step's records to the run, the calls of each layer merged (lock held)."""
-        merged = {}
-        for (source, name), parts in partials.items():
-            channels = sorted({part.count.shape[0] for part in parts})
-            if len(channels) > 1:
-                self._faults.skip(
-                    name,
-                    f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
-                    "into one record, so they need the same channel count (set channel_dim for it)",
+        merged = self._merge_calls(partials)
+        # -- torch.distributed: on a recorded step every rank sends its records, rank 0 merges and writes them
+        if self._ranks is not None:
+            if step % self.every == 0 or (self._probe is not None and step % self._probe.every == 0):
+                pooled = self._ranks.gather(
+                    step, {} if self._faults.stopped else merged, self._kinds, self._summarizer.sample_size
                 )
-            elif name not in self._faults.skipped:
-                merged[(source, name)] = merge(parts)
+                merged = self._merge_calls(pooled)  # rank 0: every rank's records, merged as calls are
+                self._called.update(name.removesuffix(":output") for _, name in merged)
+            if not self._ranks.is_writer or self._faults.stopped:
+                return
+        # --
         if not merged:
             return
         with self._faults.guard("storing a step", self.run.directory):
@@ -374,6 +402,22 @@ class Tracker:
                 if source == "train":
                     self._train_steps.add(step)
             self.run.end_step()
+
+    def _merge_calls(self, partials: dict[tuple[str, str], list[Partial]]) -> dict[tuple[str, str], Partial]:
+        """Each record's calls (or ranks) in one step merged into one partial; a channel count that varies
+        skips the record, with a warning."""
+        merged = {}
+        for (source, name), parts in partials.items():
+            channels = sorted({part.count.shape[0] for part in parts})
+            if len(channels) > 1:
+                self._faults.skip(
+                    name,
+                    f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
+                    "into one record, so they need the same channel count (set channel_dim for it)",
+                )
+            elif name not in self._faults.skipped:
+                merged[(source, name)] = merge(parts)
+        return merged
 
     def _run_probe(self) -> None:
         """Run the probe's halves as sources ``probe_a``/``probe_b``, then pool them as ``probe``."""
@@ -412,6 +456,7 @@ def attach(
     flush_every: int = DEFAULT_FLUSH_EVERY,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     name: str | None = None,
+    group: Any = None,
 ) -> Tracker:
     """Start recording the input distributions of ``model``'s layers.
 
@@ -436,6 +481,12 @@ def attach(
         flush_every: write to disk at least every this many recorded steps.
         memory_budget: bytes of buffered records (332 per channel per step) that trigger a write.
         name: label for reports (default: the store directory's name).
+        group: in a ``torch.distributed`` job, the process group whose ranks record
+            into one run (None: the default group when one is initialized with more
+            than one process; ``False``: each rank records on its own). Rank 0 of
+            the group merges every rank's records and writes the run; every rank
+            must attach alike and take the same steps (see "Several processes" in
+            docs/guide.md).
 
     Returns:
         The :class:`Tracker`; its ``run`` holds the records.
@@ -443,6 +494,9 @@ def attach(
     Raises:
         ValueError: a layer name or pattern matches nothing (the message lists
             the valid names), or a setting is out of range.
+        covshift.distributed.DistributedError: later, from a recorded step's
+            ``optimizer.step()`` (or forward), when exchanging records with the
+            other ranks fails: a rank died or the ranks are out of step.
 
     >>> import torch, covshift
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
@@ -466,6 +520,7 @@ def attach(
         flush_every=flush_every,
         memory_budget=memory_budget,
         name=name,
+        group=group,
     )
 
 
