@@ -132,13 +132,14 @@ def test_drift_scalars_reach_csv_and_tensorboard_loggers(tmp_path):
 
 def test_log_interval_and_no_logger(tmp_path):
     torch.manual_seed(0)
-    callback = CovshiftCallback(every=2, log_every_n_steps=4)
+    callback = CovshiftCallback(every=2, log_every_n_steps=4, per_layer=False)
     trainer = make_trainer(tmp_path, callback, max_steps=10)
     train, val = loaders()
     trainer.fit(Regressor(), train, val)
     metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     # at updates 4 and 8 the newest recorded steps (every=2) are 2 and 6; then 8 at the end
     assert metrics[["step", "covshift/wasserstein/layer_mean"]].dropna().step.tolist() == [2, 6, 8]
+    assert not [c for c in metrics if c.startswith("covshift/") and not c.endswith("layer_mean")]
     assert sorted(set(callback.run.stats("train").step)) == [0, 2, 4, 6, 8]
     # without a logger nothing is logged and the run goes to default_root_dir
     callback = CovshiftCallback(every=2)

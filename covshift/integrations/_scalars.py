@@ -37,8 +37,11 @@ class DriftScalars:
     logging stops; training never sees it.
     """
 
-    def __init__(self, metric: str | Sequence[str] = "wasserstein", reference: str | int = "initial") -> None:
+    def __init__(
+        self, metric: str | Sequence[str] = "wasserstein", reference: str | int = "initial", per_layer: bool = True
+    ) -> None:
         self.metrics = metric_names(metric)
+        self.per_layer = per_layer
         self.reference = reference
         self.last_step: int | None = None  # newest step already turned into scalars
         self.failed = False
@@ -73,8 +76,9 @@ class DriftScalars:
         scalars: dict[str, float] = {}
         for metric in self.metrics:
             values = rows[rows["metric"] == metric].dropna(subset=["value"])
-            for layer, value in zip(values["layer"].astype(str), values["value"]):
-                scalars[scalar_name(metric, layer)] = float(value)
+            if self.per_layer:
+                for layer, value in zip(values["layer"].astype(str), values["value"]):
+                    scalars[scalar_name(metric, layer)] = float(value)
             if len(values):
                 scalars[scalar_name(metric, LAYER_MEAN)] = float(values["value"].mean())
         return step, scalars

@@ -54,17 +54,25 @@ class CovshiftCallback(transformers.TrainerCallback):
     Args:
         metric: drift metric(s) to log (see :func:`covshift.drift`).
         reference: drift reference: ``"initial"``, ``"previous"``, a step or ``"rolling:K"``.
+        per_layer: log each layer's drift; False logs only ``layer_mean`` (a model of
+            hundreds of layers makes hundreds of charts, and long console lines
+            where logs are printed).
         attach_options: passed to :func:`covshift.attach` (``layers``, ``every``,
             ``sample_size``, ``store``, ``name``, ``channel_dim`` …); not ``optimizer``.
     """
 
     def __init__(
-        self, *, metric: str | Sequence[str] = "wasserstein", reference: str | int = "initial", **attach_options: Any
+        self,
+        *,
+        metric: str | Sequence[str] = "wasserstein",
+        reference: str | int = "initial",
+        per_layer: bool = True,
+        **attach_options: Any,
     ) -> None:
         if "optimizer" in attach_options or "step" in attach_options:
             raise TypeError("CovshiftCallback steps on the Trainer's optimizer: do not pass optimizer= or step=")
         self.attach_options = attach_options
-        self.scalars = DriftScalars(metric, reference)
+        self.scalars = DriftScalars(metric, reference, per_layer)
         self.tracker: covshift.Tracker | None = None
         self.run: covshift.Run | None = None
 

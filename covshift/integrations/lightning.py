@@ -47,6 +47,9 @@ class CovshiftCallback(pl.Callback):
     Args:
         metric: drift metric(s) to log (see :func:`covshift.drift`).
         reference: drift reference: ``"initial"``, ``"previous"``, a step or ``"rolling:K"``.
+        per_layer: log each layer's drift; False logs only ``layer_mean`` (a model of
+            hundreds of layers makes hundreds of charts, and long console lines
+            where logs are printed).
         log_every_n_steps: log every this many optimizer steps; None: the
             trainer's ``log_every_n_steps``; 0: never.
         probe: a fixed batch for :meth:`covshift.Tracker.probe`: a tensor, a tuple
@@ -66,6 +69,7 @@ class CovshiftCallback(pl.Callback):
         *,
         metric: str | Sequence[str] = "wasserstein",
         reference: str | int = "initial",
+        per_layer: bool = True,
         log_every_n_steps: int | None = None,
         probe: Any = None,
         probe_every: int = 10,
@@ -81,7 +85,7 @@ class CovshiftCallback(pl.Callback):
         self.probe = probe
         self.probe_every = probe_every
         self.module = module
-        self.scalars = DriftScalars(metric, reference)
+        self.scalars = DriftScalars(metric, reference, per_layer)
         self.tracker: covshift.Tracker | None = None
         self.run: covshift.Run | None = None
         self._last_global_step = -1
