@@ -12,16 +12,16 @@ from torch import nn
 import covshift
 
 transformers = pytest.importorskip("transformers")
-from covshift.integrations.huggingface import CovshiftCallback  # noqa: E402
+from covshift.integrations.huggingface import CovshiftCallback
 
 transformers.logging.set_verbosity_error()
 
 
 def training_args(tmp_path, **kwargs):
-    options = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=10,
-        report_to=[], use_cpu=True, logging_steps=5, save_strategy="no", disable_tqdm=True, learning_rate=1e-3,
-    )
+    options = {
+        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 10,
+        "report_to": [], "use_cpu": True, "logging_steps": 5, "save_strategy": "no", "disable_tqdm": True, "learning_rate": 1e-3,
+    }
     options.update(kwargs)
     return transformers.TrainingArguments(**options)
 
@@ -113,6 +113,16 @@ def test_bert_with_accumulation_and_evaluation(tmp_path):
     events = EventAccumulator(event_file)
     events.Reload()
     assert [e.step for e in events.Scalars("train/covshift/wasserstein/layer_mean")] == [5, 10]
+
+
+def test_log_false_records_without_logging(tmp_path):
+    rows = [{"x": torch.randn(4), "labels": torch.randn(1)} for _ in range(16)]
+    callback = CovshiftCallback(every=1, log=False, store=tmp_path / "run")
+    args = training_args(tmp_path, max_steps=4, logging_steps=2)
+    trainer = transformers.Trainer(model=TinyRegressor(), args=args, train_dataset=rows, callbacks=[callback])
+    trainer.train()
+    assert not any("covshift/step" in entry for entry in trainer.state.log_history)
+    assert sorted(set(covshift.load(tmp_path / "run").stats().step)) == [0, 1, 2, 3]
 
 
 def test_options_are_checked():

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import covshift
 
 lightning = pytest.importorskip("lightning")
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from covshift.integrations.lightning import CovshiftCallback  # noqa: E402
+from covshift.integrations.lightning import CovshiftCallback
 
 logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -64,12 +64,12 @@ def loaders():
 
 
 def make_trainer(tmp_path, callback, max_steps=20, loggers=None, **kwargs):
-    options = dict(
-        max_steps=max_steps, accumulate_grad_batches=2, default_root_dir=tmp_path, accelerator="cpu",
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        log_every_n_steps=5, val_check_interval=10, limit_val_batches=2, num_sanity_val_steps=2,
-        logger=loggers if loggers is not None else CSVLogger(tmp_path, name="csv"),
-    )
+    options = {
+        "max_steps": max_steps, "accumulate_grad_batches": 2, "default_root_dir": tmp_path, "accelerator": "cpu",
+        "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+        "log_every_n_steps": 5, "val_check_interval": 10, "limit_val_batches": 2, "num_sanity_val_steps": 2,
+        "logger": loggers if loggers is not None else CSVLogger(tmp_path, name="csv"),
+    }
     options.update(kwargs)
     return lightning.Trainer(callbacks=[callback], **options)
 

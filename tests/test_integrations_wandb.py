@@ -9,7 +9,7 @@ import pytest
 import torch
 
 wandb = pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2  # noqa: E402
+from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc, length, type, data) chunks
 HEADER = 7
@@ -49,11 +49,11 @@ def offline_wandb(tmp_path, monkeypatch):
 
 
 def test_lightning_wandb_logger_receives_drift(offline_wandb, tmp_path):
-    lightning = pytest.importorskip("lightning")
+    pytest.importorskip("lightning")
     from lightning.pytorch.loggers import WandbLogger
+    from test_integrations_lightning import Regressor, loaders, make_trainer
 
     from covshift.integrations.lightning import CovshiftCallback
-    from test_integrations_lightning import Regressor, loaders, make_trainer
 
     torch.manual_seed(0)
     callback = CovshiftCallback(every=1)
@@ -71,9 +71,9 @@ def test_lightning_wandb_logger_receives_drift(offline_wandb, tmp_path):
 def test_hugging_face_report_to_wandb_receives_drift(offline_wandb, tmp_path):
     pytest.importorskip("transformers")
     import transformers
+    from test_integrations_huggingface import tiny_bert, token_rows, training_args
 
     from covshift.integrations.huggingface import CovshiftCallback
-    from test_integrations_huggingface import tiny_bert, token_rows, training_args
 
     torch.manual_seed(0)
     callback = CovshiftCallback(every=1)

@@ -32,7 +32,9 @@ class DriftScalars:
     Only the steps the reference needs are passed to :func:`covshift.drift` (the
     layer's first step for ``"initial"``, the step before for ``"previous"``), so a
     logging call costs one step's drift, not the whole run's. Reading the
-    records (``run.stats``) flushes the buffered steps to the run directory.
+    records (``run.stats``) flushes the buffered steps to the run directory, and
+    builds the run's frame anew whenever a part was added: that read, not the
+    drift, is most of the cost on a long run (see the guide).
     A failure is reported once as a :class:`~covshift.faults.CovshiftWarning` and
     logging stops; training never sees it.
     """
@@ -89,9 +91,9 @@ class DriftScalars:
         reference = self.reference
         if isinstance(reference, int) and not isinstance(reference, bool):
             return steps | {reference}
-        per_layer = stats[["layer", "step"]].drop_duplicates().groupby("layer", observed=True)["step"]
         if reference == "initial":
-            return steps | {int(s) for s in per_layer.min()}
+            return steps | {int(s) for s in stats.groupby("layer", observed=True)["step"].min()}
+        per_layer = stats[["layer", "step"]].drop_duplicates().groupby("layer", observed=True)["step"]
         keep = 1 if reference == "previous" else None
         if isinstance(reference, str) and reference.startswith("rolling:") and reference[8:].isdigit():
             keep = int(reference[8:])

@@ -57,6 +57,8 @@ class CovshiftCallback(transformers.TrainerCallback):
         per_layer: log each layer's drift; False logs only ``layer_mean`` (a model of
             hundreds of layers makes hundreds of charts, and long console lines
             where logs are printed).
+        log: False records without logging drift (export it afterwards with
+            :func:`covshift.to_tensorboard`).
         attach_options: passed to :func:`covshift.attach` (``layers``, ``every``,
             ``sample_size``, ``store``, ``name``, ``channel_dim`` …); not ``optimizer``.
     """
@@ -67,12 +69,14 @@ class CovshiftCallback(transformers.TrainerCallback):
         metric: str | Sequence[str] = "wasserstein",
         reference: str | int = "initial",
         per_layer: bool = True,
+        log: bool = True,
         **attach_options: Any,
     ) -> None:
         if "optimizer" in attach_options or "step" in attach_options:
             raise TypeError("CovshiftCallback steps on the Trainer's optimizer: do not pass optimizer= or step=")
         self.attach_options = attach_options
         self.scalars = DriftScalars(metric, reference, per_layer)
+        self.log_drift = log
         self.tracker: covshift.Tracker | None = None
         self.run: covshift.Run | None = None
 
@@ -94,7 +98,7 @@ class CovshiftCallback(transformers.TrainerCallback):
             self.tracker.set_step(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs: Any) -> None:
-        if self.tracker is None or logs is None or any(key.startswith(_EVALUATION_PREFIXES) for key in logs):
+        if not self.log_drift or self.tracker is None or logs is None or any(key.startswith(_EVALUATION_PREFIXES) for key in logs):
             return
         newest = self.scalars.newest(self.tracker.run)
         if newest is None or not newest[1]:
@@ -131,11 +135,10 @@ class CovshiftCallback(transformers.TrainerCallback):
             if frame is None:
                 break
             handler = frame.f_locals.get("self")
-            if isinstance(handler, transformers.trainer_callback.CallbackHandler):
-                if self in handler.callbacks:
-                    handler.callbacks.remove(self)
-                    handler.callbacks.insert(0, self)
-                    return
+            if isinstance(handler, transformers.trainer_callback.CallbackHandler) and self in handler.callbacks:
+                handler.callbacks.remove(self)
+                handler.callbacks.insert(0, self)
+                return
             frame = frame.f_back
         warnings.warn(
             "covshift's CovshiftCallback could not find the Trainer's callback handler: its drift reaches "
