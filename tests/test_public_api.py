@@ -18,7 +18,7 @@ def test_version_is_a_string():
     assert isinstance(covshift.__version__, str) and covshift.__version__.count(".") == 2
 
 
-@pytest.mark.parametrize("name", ["attach", "drift", "report", "load", "plot"])
+@pytest.mark.parametrize("name", ["attach", "drift", "report", "load", "plot", "to_tensorboard"])
 def test_public_functions_are_annotated(name):
     annotations = getattr(covshift, name).__annotations__
     assert "return" in annotations and len(annotations) > 1

@@ -4,6 +4,10 @@ import importlib.util
 
 collect_ignore = [
     f"{module}.py"
-    for module, framework in (("lightning", "lightning"), ("huggingface", "transformers"), ("tensorboard", "tensorboard"))
+    for module, framework in (
+        ("lightning", "lightning"),
+        ("huggingface", "transformers"),
+        ("tensorboard", "tensorboard"),
+    )
     if importlib.util.find_spec(framework) is None
 ]

@@ -85,7 +85,8 @@ class CovshiftCallback(transformers.TrainerCallback):
         self._move_to_front()
         options = dict(self.attach_options)
         if options.get("store") is None:
-            options["store"] = unique_directory(Path(args.output_dir) / RUN_DIRECTORY) if state.is_world_process_zero else None
+            main = state.is_world_process_zero
+            options["store"] = unique_directory(Path(args.output_dir) / RUN_DIRECTORY) if main else None
         self.tracker = covshift.attach(model, optimizer=optimizer, **options)
         self.run = self.tracker.run
         self.tracker.set_step(state.global_step)
@@ -98,8 +99,10 @@ class CovshiftCallback(transformers.TrainerCallback):
             self.tracker.set_step(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs: Any) -> None:
-        if not self.log_drift or self.tracker is None or logs is None or any(key.startswith(_EVALUATION_PREFIXES) for key in logs):
+        if not (self.log_drift and state.is_world_process_zero) or self.tracker is None or logs is None:
             return
+        if any(key.startswith(_EVALUATION_PREFIXES) for key in logs):
+            return  # an evaluation's log: drift goes with the training loss
         newest = self.scalars.newest(self.tracker.run)
         if newest is None or not newest[1]:
             return
@@ -107,8 +110,10 @@ class CovshiftCallback(transformers.TrainerCallback):
         scalars[STEP_SCALAR] = step
         logs.update(scalars)
         history = state.log_history
-        if history and history[-1].get("step") == state.global_step and logs.keys() - scalars.keys() <= history[-1].keys():
-            history[-1].update(scalars)  # Trainer.log stored a copy of this log before the callbacks ran
+        # Trainer.log stored a copy of this log in the history before the callbacks ran
+        same = history and history[-1].get("step") == state.global_step
+        if same and logs.keys() - scalars.keys() <= history[-1].keys():
+            history[-1].update(scalars)
 
     def on_train_end(self, args, state, control, **kwargs: Any) -> None:
         self.detach()

@@ -141,6 +141,8 @@ class CovshiftCallback(pl.Callback):
         return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
 
     def _log(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:  # Lightning's loggers write on global zero only
+            return
         newest = self.scalars.newest(self.tracker.run)
         if newest is None or not newest[1]:
             return
