@@ -3,6 +3,7 @@
 
 import glob
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,21 @@ BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc, 
 HEADER = 7
 
 
-def wandb_history(run_dir):
+def finish_and_read(run_dir):
+    """Finish the run, wait (up to a minute) until its offline file ends with the exit record, read it."""
+    wandb.finish()
+    wandb.teardown()  # stops the service process once it has written everything
+    kinds = []
+    for _ in range(120):
+        kinds.clear()
+        rows = wandb_history(run_dir, kinds)
+        if "exit" in kinds:
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"the offline run file holds no exit record, only {kinds}")
+
+
+def wandb_history(run_dir, kinds=None):
     """Every ``run.log`` row stored in an offline run's ``.wandb`` file, as dicts."""
     (path,) = glob.glob(str(Path(run_dir) / "wandb" / "offline-run-*" / "run-*.wandb"))
     data = Path(path).read_bytes()
@@ -32,6 +47,8 @@ def wandb_history(run_dir):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
+            if kinds is not None:
+                kinds.append(record.WhichOneof("record_type"))
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows
@@ -61,8 +78,7 @@ def test_lightning_wandb_logger_receives_drift(offline_wandb, tmp_path):
     trainer = make_trainer(tmp_path, callback, max_steps=10, loggers=logger)
     train, val = loaders()
     trainer.fit(Regressor(), train, val)
-    wandb.finish()
-    rows = [row for row in wandb_history(tmp_path) if "covshift/wasserstein/layer_mean" in row]
+    rows = [row for row in finish_and_read(tmp_path) if "covshift/wasserstein/layer_mean" in row]
     assert [row["trainer/global_step"] for row in rows] == [4, 9]
     assert all(row["covshift/wasserstein/net.0"] > 0 for row in rows)
     assert callback.run.directory.exists()
@@ -82,7 +98,6 @@ def test_hugging_face_report_to_wandb_receives_drift(offline_wandb, tmp_path):
         callbacks=[callback],
     )
     trainer.train()
-    wandb.finish()
-    rows = [row for row in wandb_history(tmp_path) if "train/covshift/step" in row]
+    rows = [row for row in finish_and_read(tmp_path) if "train/covshift/step" in row]
     assert [(row["train/global_step"], row["train/covshift/step"]) for row in rows] == [(5, 4), (10, 9)]
     assert all(row["train/covshift/wasserstein/layer_mean"] > 0 for row in rows)
