@@ -25,6 +25,7 @@ _EXPORTS = {
     "noise_floor": "covshift.drift",
     "plot": "covshift.plotting",
     "report": "covshift.report",
+    "to_tensorboard": "covshift.integrations.tensorboard",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -32,6 +33,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from covshift.drift import drift, drift_table, drift_to_noise, noise_floor
     from covshift.plotting import plot
+    from covshift.integrations.tensorboard import to_tensorboard
     from covshift.report import report
     from covshift.run import Run, load
     from covshift.tracker import Tracker, attach

@@ -1,0 +1,130 @@
+"""`covshift.integrations.huggingface.CovshiftCallback` in real (tiny) Hugging Face Trainer runs on CPU."""
+
+import glob
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import covshift
+
+transformers = pytest.importorskip("transformers")
+from covshift.integrations.huggingface import CovshiftCallback
+
+transformers.logging.set_verbosity_error()
+
+
+def training_args(tmp_path, **kwargs):
+    options = {
+        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 10,
+        "report_to": [], "use_cpu": True, "logging_steps": 5, "save_strategy": "no", "disable_tqdm": True, "learning_rate": 1e-3,
+    }
+    options.update(kwargs)
+    return transformers.TrainingArguments(**options)
+
+
+class TinyRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x, labels=None):
+        out = self.fc(x)
+        return {"loss": F.mse_loss(out, labels), "logits": out}
+
+
+def test_covshift_step_n_is_the_forwards_at_global_step_n(tmp_path):
+    """The 1-based offset: covshift's step n holds the micro-batches run while state.global_step == n."""
+    torch.manual_seed(0)
+    rows = [{"x": torch.randn(4) * 3, "labels": torch.randn(1)} for _ in range(64)]
+    model, callback = TinyRegressor(), CovshiftCallback(every=1)
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=rows, callbacks=[callback])
+    seen = []  # (global_step, sum of x[:, 0], rows) of each training forward
+    model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((trainer.state.global_step, float(kw["x"][:, 0].sum()), len(kw["x"])))
+        if m.training else None,
+        with_kwargs=True,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 10 and callback.tracker is None
+    stats = callback.run.stats("train")
+    record = stats[(stats.layer == "fc") & (stats.channel == 0)].set_index("step")
+    forwards = pd.DataFrame(seen, columns=["step", "sum", "rows"]).groupby("step").sum()
+    assert record.index.tolist() == forwards.index.tolist() == list(range(10))
+    assert (record["count"] == 4).all()  # 2 micro-batches of 2
+    pd.testing.assert_series_equal(record["mean"], forwards["sum"] / forwards["rows"], check_names=False, rtol=1e-6)
+    # the log at the Trainer's step 5 carries covshift's step 4: the update that made global_step 5
+    logged = [entry for entry in trainer.state.log_history if "covshift/step" in entry]
+    assert [(entry["step"], entry["covshift/step"]) for entry in logged] == [(5, 4), (10, 9)]
+
+
+def tiny_bert():
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=2,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def token_rows(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (n, 8), generator=gen)
+    return [{"input_ids": i, "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(i[0] % 2)} for i in ids]
+
+
+def test_bert_with_accumulation_and_evaluation(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    callback = CovshiftCallback(every=1, metric=["wasserstein", "std_ratio"])
+    args = training_args(
+        tmp_path, eval_strategy="steps", eval_steps=5, per_device_eval_batch_size=3, report_to=["tensorboard"],
+    )
+    trainer = transformers.Trainer(
+        model=tiny_bert(), args=args, train_dataset=token_rows(64, 0), eval_dataset=token_rows(9, 1), callbacks=[callback],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 10
+    # the run is stored under output_dir and loads; one record per update, no evaluation batch in any
+    assert callback.run.directory == tmp_path / "out" / "covshift"
+    run = covshift.load(tmp_path / "out" / "covshift")
+    stats = run.stats("train")
+    query = stats[(stats.layer == "bert.encoder.layer.0.attention.self.query") & (stats.channel == 0)]
+    assert query.step.tolist() == list(range(10))
+    assert (query["count"] == 2 * 2 * 8).all()  # 2 micro-batches of 2 sequences of 8 tokens
+    assert set(run.stats().source) == {"train"}
+    # drift in the Trainer's own logs at its logging steps, equal to covshift.drift at covshift's step
+    history = trainer.state.log_history
+    assert any("eval_loss" in entry for entry in history)
+    assert not any("covshift/step" in entry for entry in history if "eval_loss" in entry)
+    logged = [entry for entry in history if "covshift/step" in entry]
+    assert [entry["step"] for entry in logged] == [5, 10] and all("loss" in entry for entry in logged)
+    expected = covshift.drift(run, ["wasserstein", "std_ratio"]).set_index(["metric", "layer", "step"]).value
+    for entry in logged:
+        for metric in ("wasserstein", "std_ratio"):
+            layer = "bert.encoder.layer.1.output.dense"
+            assert entry[f"covshift/{metric}/{layer}"] == pytest.approx(expected[metric, layer, entry["step"] - 1])
+            assert math.isfinite(entry[f"covshift/{metric}/layer_mean"])
+    # ... and in what report_to="tensorboard" wrote: the integration ran after covshift added them
+    (event_file,) = glob.glob(str(tmp_path / "out" / "**" / "events.out.tfevents.*"), recursive=True)
+    events = EventAccumulator(event_file)
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/covshift/wasserstein/layer_mean")] == [5, 10]
+
+
+def test_log_false_records_without_logging(tmp_path):
+    rows = [{"x": torch.randn(4), "labels": torch.randn(1)} for _ in range(16)]
+    callback = CovshiftCallback(every=1, log=False, store=tmp_path / "run")
+    args = training_args(tmp_path, max_steps=4, logging_steps=2)
+    trainer = transformers.Trainer(model=TinyRegressor(), args=args, train_dataset=rows, callbacks=[callback])
+    trainer.train()
+    assert not any("covshift/step" in entry for entry in trainer.state.log_history)
+    assert sorted(set(covshift.load(tmp_path / "run").stats().step)) == [0, 1, 2, 3]
+
+
+def test_options_are_checked():
+    with pytest.raises(TypeError, match="optimizer"):
+        CovshiftCallback(optimizer=None)

@@ -1,0 +1,201 @@
+"""`covshift.integrations.lightning.CovshiftCallback` in real (tiny) Lightning fits on CPU."""
+
+import logging
+import math
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import covshift
+
+lightning = pytest.importorskip("lightning")
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from covshift.integrations.lightning import CovshiftCallback
+
+logging.getLogger("lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LightningModule.*has parameters in training mode.*")
+
+BATCH = 4
+
+
+class Regressor(lightning.LightningModule):
+    """Calls ``self.net`` in training_step (or ``self`` with ``via_forward``); notes each training
+    batch with the global step it ran at; validation batches are of another size."""
+
+    def __init__(self, via_forward=False, fail_at=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.via_forward, self.fail_at = via_forward, fail_at
+        self.seen = []  # (global_step, sum of x[:, 0], rows)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, index):
+        x, y = batch
+        if self.fail_at is not None and self.trainer.global_step == self.fail_at:
+            raise RuntimeError("boom")
+        self.seen.append((self.trainer.global_step, float(x[:, 0].sum()), len(x)))
+        out = self(x) if self.via_forward else self.net(x)
+        loss = F.mse_loss(out, y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, index):
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def loaders():
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(200, 4, generator=gen) * 2 + 1, torch.randn(200, 1, generator=gen))
+    return DataLoader(data, batch_size=BATCH), DataLoader(data, batch_size=3)
+
+
+def make_trainer(tmp_path, callback, max_steps=20, loggers=None, **kwargs):
+    options = {
+        "max_steps": max_steps, "accumulate_grad_batches": 2, "default_root_dir": tmp_path, "accelerator": "cpu",
+        "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+        "log_every_n_steps": 5, "val_check_interval": 10, "limit_val_batches": 2, "num_sanity_val_steps": 2,
+        "logger": loggers if loggers is not None else CSVLogger(tmp_path, name="csv"),
+    }
+    options.update(kwargs)
+    return lightning.Trainer(callbacks=[callback], **options)
+
+
+def per_step(run, layer="net.0"):
+    stats = run.stats("train")
+    rows = stats[(stats.layer == layer) & (stats.channel == 0)]
+    return rows.set_index("step")[["count", "mean"]]
+
+
+def test_steps_are_optimizer_steps_and_nothing_else_is_recorded(tmp_path):
+    torch.manual_seed(0)
+    module, callback = Regressor(), CovshiftCallback(every=1)
+    trainer = make_trainer(tmp_path, callback)
+    train, val = loaders()
+    trainer.fit(module, train, val)
+    assert trainer.global_step == 20 and not callback.tracker and callback.run is not None
+    # the run is stored in the trainer's log dir and loads
+    assert callback.run.directory == tmp_path / "csv" / "version_0" / "covshift" == tmp_path / trainer.log_dir / "covshift"
+    run = covshift.load(callback.run.directory)
+    rows = per_step(run)
+    # one record per optimizer step, each the 2 accumulated micro-batches (no validation or sanity-check
+    # batch of 3 rows in any of them), numbered with the global step their forwards ran at
+    assert rows.index.tolist() == list(range(20))
+    assert (rows["count"] == 2 * BATCH).all()
+    seen = pd.DataFrame(module.seen, columns=["step", "sum", "rows"]).groupby("step").sum()
+    assert seen.index.tolist() == list(range(20))
+    pd.testing.assert_series_equal(rows["mean"], seen["sum"] / seen["rows"], check_names=False, rtol=1e-6)
+    assert set(run.stats().source) == {"train"}
+
+
+def test_drift_scalars_reach_csv_and_tensorboard_loggers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    callback = CovshiftCallback(every=1, metric=["wasserstein", "mean_shift"])
+    csv, tb = CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, callback, loggers=[tb, csv], max_steps=12)
+    train, val = loaders()
+    trainer.fit(Regressor(), train, val)
+    expected = covshift.drift(callback.run, ["wasserstein", "mean_shift"])
+    # logged every 5 updates (the newest step then: 4, 9) and at the end of training (11)
+    metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
+    for metric in ("wasserstein", "mean_shift"):
+        for layer in ("net.0", "net.2"):
+            column = metrics[["step", f"covshift/{metric}/{layer}"]].dropna()
+            assert column.step.tolist() == [4, 9, 11]
+            want = expected[(expected.metric == metric) & (expected.layer == layer)].set_index("step").value
+            assert column.iloc[:, 1].tolist() == pytest.approx(want.loc[[4, 9, 11]].tolist(), rel=1e-6)
+        mean = metrics[["step", f"covshift/{metric}/layer_mean"]].dropna()
+        assert mean.step.tolist() == [4, 9, 11] and (mean.iloc[:, 1] > 0).all()
+    assert "train_loss" in metrics  # the module's own logging is untouched
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    events.Reload()
+    assert "covshift/wasserstein/net.0" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("covshift/wasserstein/layer_mean")] == [4, 9, 11]
+    # the run went to the first logger's directory
+    assert callback.run.directory == tmp_path / "tb" / "version_0" / "covshift"
+
+
+def test_log_interval_and_no_logger(tmp_path):
+    torch.manual_seed(0)
+    callback = CovshiftCallback(every=2, log_every_n_steps=4, per_layer=False)
+    trainer = make_trainer(tmp_path, callback, max_steps=10)
+    train, val = loaders()
+    trainer.fit(Regressor(), train, val)
+    metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
+    # at updates 4 and 8 the newest recorded steps (every=2) are 2 and 6; then 8 at the end
+    assert metrics[["step", "covshift/wasserstein/layer_mean"]].dropna().step.tolist() == [2, 6, 8]
+    assert not [c for c in metrics if c.startswith("covshift/") and not c.endswith("layer_mean")]
+    assert sorted(set(callback.run.stats("train").step)) == [0, 2, 4, 6, 8]
+    # without a logger nothing is logged and the run goes to default_root_dir
+    callback = CovshiftCallback(every=2)
+    trainer = make_trainer(tmp_path / "plain", callback, max_steps=4, logger=False)
+    trainer.fit(Regressor(), train, val)
+    assert callback.run.directory == tmp_path / "plain" / "covshift"
+
+
+def test_resumed_fit_goes_on_numbering_and_takes_a_new_directory(tmp_path):
+    torch.manual_seed(0)
+    train, val = loaders()
+    first = CovshiftCallback(every=1)
+    trainer = make_trainer(tmp_path, first, max_steps=6, enable_checkpointing=True, logger=False)
+    module = Regressor()
+    trainer.fit(module, train, val)
+    trainer.save_checkpoint(tmp_path / "six.ckpt")
+    second = CovshiftCallback(every=1, store=tmp_path / "resumed")
+    trainer = make_trainer(tmp_path, second, max_steps=10, logger=False)
+    trainer.fit(Regressor(), train, val, ckpt_path=tmp_path / "six.ckpt")
+    assert per_step(first.run).index.tolist() == list(range(6))
+    assert per_step(second.run).index.tolist() == list(range(6, 10))
+    assert second.run.directory == tmp_path / "resumed"
+    # a second fit in the same log dir does not overwrite the first run
+    third = CovshiftCallback(every=1)
+    make_trainer(tmp_path, third, max_steps=2, logger=False).fit(Regressor(), train, val)
+    assert first.run.directory == tmp_path / "covshift" and third.run.directory == tmp_path / "covshift_1"
+
+
+def test_exception_detaches_and_keeps_the_steps_so_far(tmp_path):
+    torch.manual_seed(0)
+    module, callback = Regressor(fail_at=3), CovshiftCallback(every=1)
+    trainer = make_trainer(tmp_path, callback, logger=False)
+    train, val = loaders()
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, train, val)
+    assert callback.tracker is None
+    assert not any(m._forward_pre_hooks for m in module.modules())
+    assert per_step(covshift.load(callback.run.directory)).index.tolist() == [0, 1, 2]
+
+
+def test_probe_runs_with_the_module_forward(tmp_path):
+    torch.manual_seed(0)
+    probe = torch.randn(16, 4)
+    module, callback = Regressor(via_forward=True), CovshiftCallback(every=1, probe=probe, probe_every=3)
+    trainer = make_trainer(tmp_path, callback, max_steps=7, logger=False)
+    train, val = loaders()
+    trainer.fit(module, train, val)
+    probes = callback.run.stats("probe")
+    assert sorted(set(probes.step)) == [0, 3, 6]
+    assert (probes[probes.layer == "net.0"]["count"] == 16).all()
+    assert math.isfinite(covshift.noise_floor(callback.run).value.iloc[0])
+    assert per_step(callback.run).index.tolist() == list(range(7))
+
+
+def test_options_are_checked():
+    with pytest.raises(TypeError, match="optimizer"):
+        CovshiftCallback(optimizer=None)
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        CovshiftCallback(log_every_n_steps=-1)
