@@ -112,9 +112,9 @@ class Tracker:
         # the first); in merged modes (manual, optimizer) the open step's.
         self._step = -1 if self._per_forward else 0
         self._recording = not self._per_forward  # merged modes: the open step is recorded
-        self._open = False  # merged modes: the open step has seen a forward
         self._step_partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)  # merged steps
         self._probe: Probe | None = None
+        self._probed = -1  # the last step whose probe ran
         self._kinds: dict[str, tuple[str, int | None]] = {}  # record name -> (layer type, channel dim)
         self._described: set[str] = set()
         self._called: set[str] = set()  # layers whose hook ran on a recorded step
@@ -158,9 +158,7 @@ class Tracker:
         if not self.manual:
             how = "they follow optimizer.step()" if self.optimizer is not None else "they are counted automatically"
             raise RuntimeError(f"tracker.step() is for attach(..., step='manual'); {how}")
-        with self._lock:
-            self._close_merged_step()
-            self._set_open_step(self._step + 1)
+        self._on_optimizer_step(None, (), {})
 
     def set_step(self, index: int) -> None:
         """Number the step in progress (or the next one) ``index``: to resume a run, or to match a
@@ -175,7 +173,9 @@ class Tracker:
     def probe(self, *args: Any, every: int = DEFAULT_PROBE_EVERY, **kwargs: Any) -> Tracker:
         """Summarize a fixed batch every ``every`` steps, apart from training.
 
-        At the start of each such step the model runs ``model(*args, **kwargs)``
+        At the start of each such step (when steps follow updates, as soon as the
+        update that opens it is done, and for the step open now at this call if
+        the model is in training mode) the model runs ``model(*args, **kwargs)``
         on each half of the batch (every batched tensor, also inside tuples, lists
         and dicts, is split along dim 0), under ``no_grad`` in its training mode;
         records are stored as sources ``probe_a``, ``probe_b`` and their union
@@ -193,6 +193,8 @@ class Tracker:
         """
         check_int("every", every)
         self._probe = make_probe(args, kwargs, every)
+        if not self._per_forward and self.model.training and not self._step_partials:
+            self._maybe_probe(self._step)  # steps follow updates: the open step starts now
         return self
 
     def flush(self) -> None:
@@ -269,11 +271,8 @@ class Tracker:
             with self._lock:
                 if self._per_forward:
                     self._step += 1
-                first = self._per_forward or not self._open
-                self._open = True
                 forward.step = self._step
-            if first and self._probe is not None and not self._faults.stopped and forward.step % self._probe.every == 0:
-                self._run_probe()
+            self._maybe_probe(forward.step)
             forward.active = self._per_forward and forward.step % self.every == 0
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -284,10 +283,14 @@ class Tracker:
             with self._lock:
                 self._write_step(self._forward.step, partials)
 
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer | None, args: tuple, kwargs: dict) -> None:
+        """End the open step and open the next (an update, or ``tracker.step()``)."""
         with self._lock:
             self._close_merged_step()
             self._set_open_step(self._step + 1)
+        if self.model.training and not context.is_compiling():
+            with self._faults.guard("running the probe", self.run.directory):
+                self._maybe_probe(self._step)  # the step opens now, whether or not the model's own forward runs
 
     def _set_open_step(self, index: int) -> None:
         """Merged modes: the step now open is ``index`` (lock held)."""
@@ -353,7 +356,6 @@ class Tracker:
             self._forward.partials[key].append(partial)
         else:
             with self._lock:
-                self._open = True
                 self._step_partials[key].append(partial)
 
     def _check_declared(self, name: str, module: nn.Module, shape: torch.Size, dim: int | None) -> None:
@@ -372,7 +374,6 @@ class Tracker:
     def _close_merged_step(self) -> None:
         """Write the open step: every training forward since the last step ended (lock held)."""
         partials, self._step_partials = self._step_partials, defaultdict(list)
-        self._open = False
         if not self._faults.stopped or self._ranks is not None:  # a stopped rank still takes part in exchanges
             self._write_step(self._step, partials)
 
@@ -418,6 +419,13 @@ class Tracker:
             elif name not in self._faults.skipped:
                 merged[(source, name)] = merge(parts)
         return merged
+
+    def _maybe_probe(self, step: int) -> None:
+        """Run the probe at the start of ``step`` if it is a probe step and its probe has not run yet."""
+        if self._probe is None or self._faults.stopped or step % self._probe.every or self._probed == step:
+            return
+        self._probed = step
+        self._run_probe()
 
     def _run_probe(self) -> None:
         """Run the probe's halves as sources ``probe_a``/``probe_b``, then pool them as ``probe``."""

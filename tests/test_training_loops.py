@@ -249,3 +249,25 @@ def test_compiled_model_layers_keep_their_names():
     tracker = covshift.attach(compiled)
     assert list(tracker.layers) == ["0", "2"]
     tracker.detach()
+
+
+def test_probe_runs_when_the_training_step_never_calls_the_root():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x)
+
+    wrapper = Wrapper()
+    opt = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    tracker = covshift.attach(wrapper, optimizer=opt, every=1).probe(torch.randn(6, 4), every=2)
+    for x, y in batches(5):
+        F.mse_loss(wrapper.net(x), y).backward()  # as a Lightning training_step calling self.net(x)
+        opt.step()
+    stats = tracker.detach().stats()
+    probe = stats[(stats.source == "probe") & (stats.layer == "net.0") & (stats.channel == 0)]
+    assert sorted(probe.step) == [0, 2, 4] and (probe["count"] == 6).all()
+    train = stats[(stats.source == "train") & (stats.layer == "net.0") & (stats.channel == 0)]
+    assert sorted(train.step) == [0, 1, 2, 3, 4] and (train["count"] == 5).all()
