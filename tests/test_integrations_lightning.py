@@ -180,10 +180,11 @@ def test_exception_detaches_and_keeps_the_steps_so_far(tmp_path):
     assert per_step(covshift.load(callback.run.directory)).index.tolist() == [0, 1, 2]
 
 
-def test_probe_runs_with_the_module_forward(tmp_path):
+@pytest.mark.parametrize("via_forward", [True, False], ids=["self(x)", "self.net(x)"])
+def test_probe_runs_whichever_forward_the_training_step_calls(tmp_path, via_forward):
     torch.manual_seed(0)
     probe = torch.randn(16, 4)
-    module, callback = Regressor(via_forward=True), CovshiftCallback(every=1, probe=probe, probe_every=3)
+    module, callback = Regressor(via_forward=via_forward), CovshiftCallback(every=1, probe=probe, probe_every=3)
     trainer = make_trainer(tmp_path, callback, max_steps=7, logger=False)
     train, val = loaders()
     trainer.fit(module, train, val)

@@ -55,8 +55,8 @@ class CovshiftCallback(pl.Callback):
         probe: a fixed batch for :meth:`covshift.Tracker.probe`: a tensor, a tuple
             of positional arguments, a dict of keyword arguments, or a function
             of the half (0 or 1). Tensors are moved to the module's device. The
-            probe runs when the module's own forward starts a step, so
-            ``training_step`` must call ``self(...)`` (or give ``module=``).
+            probe runs as each probe step opens (at the update before it), whether
+            ``training_step`` calls ``self(...)`` or a submodule.
         probe_every: probe every this many steps.
         module: attach to this submodule of the LightningModule (an attribute
             path such as ``"net"``) instead of the whole module.
