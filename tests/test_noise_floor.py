@@ -58,7 +58,7 @@ def test_the_input_layer_reads_its_null_for_every_metric(trained):
 
 
 def test_null_rows_are_stored_and_vary_with_the_weights(trained):
-    run, null = trained
+    run, _ = trained
     stored = load_null_floor(run.directory)
     assert (run.directory / NULL_FILE).exists()
     assert sorted(set(stored["step"])) == [0, 20]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covshift.experiments.bn_paper import Config, NoisyBatchNorm, run_experiment as _run
+from covshift.experiments.bn_paper import Config, NoisyBatchNorm
+from covshift.experiments.bn_paper import run_experiment as _run
 
 VARIANTS = ("plain", "batchnorm", "noisy")
 
-__all__ = ["Config", "NoisyBatchNorm", "VARIANTS", "run_experiment"]
+__all__ = ["VARIANTS", "Config", "NoisyBatchNorm", "run_experiment"]
 
 
 def run_experiment(config: Config | None = None, **settings: object) -> Path:
