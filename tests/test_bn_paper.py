@@ -59,6 +59,7 @@ def test_noisy_bn_trains_three_networks_and_states_each_view(noisy_out: Path) ->
     md = (noisy_out / "results.md").read_text()
     assert "by the channel median" in md and "Gradient ICS" in md and "Calibration" in md
     assert (noisy_out / "figure1.png").stat().st_size > 10_000
+    assert (noisy_out / "gradient_ics.png").stat().st_size > 10_000
 
 
 def test_bn_paper_records_the_last_sigmoid_units_and_shares_initial_weights(data_dir: Path, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ VARIANTS = ("plain", "batchnorm", "noisy")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 FIGURE = "figure1.png"
+GRADIENT_FIGURE = "gradient_ics.png"
 HIDDEN = 3
 
 
@@ -354,6 +355,7 @@ def write_results(out: Path) -> dict:
     summary = summarize(out)
     (out / RESULTS_JSON).write_text(json.dumps(summary, indent=2))
     figure(out, summary["variants"]).savefig(out / FIGURE, dpi=110)
+    gradient_figure(out, summary["variants"]).savefig(out / GRADIENT_FIGURE, dpi=110)
     (out / RESULTS_MD).write_text(to_markdown(summary))
     return summary
 
@@ -385,6 +387,25 @@ def figure(out: Path, variants: list[str]) -> object:
     return fig
 
 
+def gradient_figure(out: Path, variants: list[str]) -> object:
+    """Gradient ICS ‖G − G'‖/‖G‖ per layer against steps, one panel per variant, a shared y axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from covshift.gradients import load_gradient_ics, plot_gradient_ics
+
+    fig = Figure(figsize=(4 * len(variants), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]
+    for ax, name in zip(axes, variants):
+        frame = load_gradient_ics(out / name)
+        plot_gradient_ics(frame[frame["layer"].astype(str) != "fc1"], "relative", ax=ax)
+        ax.set_title(f"{name}: gradient ICS")
+        ax.set_yscale("log")
+    return fig
+
+
 def to_markdown(summary: dict) -> str:
     c = summary["config"]
     lines = [
@@ -398,6 +419,8 @@ def to_markdown(summary: dict) -> str:
         f"gradient ICS every {c['ics_every']}.",
         "",
         f"![Figure 1]({FIGURE})",
+        "",
+        f"![Gradient ICS]({GRADIENT_FIGURE})",
         "",
         "| variant | final test acc | best test acc | at step |",
         "| --- | --- | --- | --- |",
