@@ -61,6 +61,28 @@ _EXPERIMENT_EPILOG = """\
 examples:
   covshift experiment mnist-bn --help
   covshift experiment mnist-bn --out runs/mnist-bn
+  covshift experiment bn-paper --steps 2000 --out runs/bn-paper
+  covshift experiment noisy-bn --steps 2000 --out runs/noisy-bn
+"""
+
+_BN_PAPER_EPILOG = """\
+examples:
+  covshift experiment bn-paper --out runs/bn-paper                  # 50,000 steps, as in the paper
+  covshift experiment bn-paper --steps 2000 --out runs/quick
+  covshift experiment bn-paper --data-dir DIR --train-split 'test[:8000]' --test-split 'test[8000:]'
+
+Figure 1 of Ioffe & Szegedy (2015): a 784-100-100-100-10 sigmoid MLP, batch 60, with and
+without BatchNorm before each sigmoid; drift, a null noise floor and gradient ICS
+(Santurkar et al. 2018) recorded; writes results.md, results.json and figure1.png.
+"""
+
+_NOISY_BN_EPILOG = """\
+examples:
+  covshift experiment noisy-bn --steps 2000 --out runs/noisy-bn
+
+The bn-paper network three ways: plain, BatchNorm, and BatchNorm followed by noise whose
+per-unit shift ~ U(-a, a) and scale ~ U(1, b) are redrawn every step (Santurkar et al.
+2018, §2.1; --noise-mean a, --noise-scale b).
 """
 
 _MNIST_BN_EPILOG = """\
@@ -134,8 +156,31 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mnist.set_defaults(handler=_experiment)
+    paper = experiments.add_parser(
+        "bn-paper",
+        help="the BatchNorm paper's Figure 1: sigmoid MLP with and without BN, three views of ICS",
+        description="Train the Figure 1 MLP of Ioffe & Szegedy (2015) with and without BatchNorm, recording "
+                    "drift, a null noise floor and gradient ICS.",
+        epilog=_BN_PAPER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    paper.set_defaults(handler=_bn_paper)
+    noisy = experiments.add_parser(
+        "noisy-bn",
+        help="the bn-paper MLP plain, with BN, and with noisy BN (Santurkar et al. 2018)",
+        description="Train the bn-paper MLP without BN, with BN and with noisy BN, recording drift, a null "
+                    "noise floor and gradient ICS.",
+        epilog=_NOISY_BN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    noisy.set_defaults(handler=_bn_paper)
     if with_experiments:
         _mnist_bn().add_arguments(mnist)
+        from covshift.experiments import bn_paper
+
+        bn_paper.add_arguments(paper)
+        bn_paper.add_arguments(noisy, variants=("plain", "batchnorm", "noisy"))
+        noisy.set_defaults(out="runs/noisy-bn")
     return parser
 
 
@@ -235,6 +280,13 @@ def run_overview(run: Run) -> str:
 
 def _experiment(args: argparse.Namespace) -> int:
     _mnist_bn().run_from_args(args)
+    return 0
+
+
+def _bn_paper(args: argparse.Namespace) -> int:
+    from covshift.experiments import bn_paper
+
+    bn_paper.run_from_args(args)
     return 0
 
 

@@ -4,6 +4,12 @@ One computation for every place that states it: the report's first screen and
 the BatchNorm experiment's ``results.md``. The first layer reads the data
 itself (the same input in both networks) and is only a control; the verdict is
 over the others, the hidden layers.
+
+Robust aggregation: a layer's drift is an aggregate over its channels, and the
+channel mean is dominated by outliers (one channel at 243 beside a median of
+1.19 turns a 7.7× verdict into 20.1×). Give :func:`compare` the channel-median
+drift too (``baseline_median``/``other_median``, or use :func:`compare_runs`,
+which computes both) and the headline states both factors, naming each.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +42,8 @@ class Verdict:
     lower: int
     ratio_min: float
     ratio_max: float
+    median_factor: float | None = None
+    median_lower: int | None = None
 
     @property
     def headline(self) -> str:
@@ -46,9 +55,14 @@ class Verdict:
         if not self.hidden or not math.isfinite(self.factor) or self.factor <= 0:
             return f"{self.other} and {self.baseline}: no hidden layer of both with finite drift to compare"
         counted = f"{self.lower} of {len(self.hidden)} hidden layers lower"
-        if self.factor > 1:
-            return f"{self.other} drifts {self.factor:.1f}× less than {self.baseline}: {counted}"
-        return f"{self.other} drifts {1 / self.factor:.1f}× more than {self.baseline}: {counted}"
+        if self.median_factor is None:
+            if self.factor > 1:
+                return f"{self.other} drifts {self.factor:.1f}× less than {self.baseline}: {counted}"
+            return f"{self.other} drifts {1 / self.factor:.1f}× more than {self.baseline}: {counted}"
+        median = _times(self.median_factor)
+        counted_median = f"{self.median_lower} of {len(self.hidden)}"
+        return (f"{self.other} drifts {_times(self.factor)} than {self.baseline} by the channel mean "
+                f"({counted}), {median} by the channel median ({counted_median} lower)")
 
     @property
     def details(self) -> str:
@@ -68,6 +82,8 @@ def compare(
     other: Sequence[float],
     baseline_name: str = "no BN",
     other_name: str = "BN",
+    baseline_median: Sequence[float] | None = None,
+    other_median: Sequence[float] | None = None,
 ) -> Verdict:
     """The verdict from each layer's drift in two runs (e.g. mean normalized W1 over training).
 
@@ -77,6 +93,9 @@ def compare(
         other: the compared run's drift of each layer.
         baseline_name: the baseline run's name in sentences.
         other_name: the compared run's name in sentences.
+        baseline_median: optionally, each layer's drift in the baseline run with channels
+            aggregated by their median (``baseline`` then holds the channel means).
+        other_median: the same for the compared run; give both or neither.
 
     Raises:
         ValueError: no layers, or lengths that differ.
@@ -92,6 +111,12 @@ def compare(
         finite = hidden_ratios[np.isfinite(hidden_ratios)]
         both = ~np.isnan(base[1:]) & ~np.isnan(comp[1:])  # a layer without a value in one run is left out
         factor = _nanmean(base[1:][both]) / _nanmean(comp[1:][both])
+    median_factor = median_lower = None
+    if (baseline_median is None) != (other_median is None):
+        raise ValueError("compare takes channel-median drift for both runs or for neither")
+    if baseline_median is not None:
+        median = compare(layers, baseline_median, other_median, baseline_name, other_name)
+        median_factor, median_lower = median.factor, median.lower
     return Verdict(
         baseline=baseline_name,
         other=other_name,
@@ -102,7 +127,40 @@ def compare(
         lower=int(np.sum(comp[1:] < base[1:])),
         ratio_min=float(finite.min()) if len(finite) else math.nan,
         ratio_max=float(finite.max()) if len(finite) else math.nan,
+        median_factor=median_factor,
+        median_lower=median_lower,
     )
+
+
+def compare_runs(
+    baseline: Any,
+    other: Any,
+    baseline_name: str = "no BN",
+    other_name: str = "BN",
+    metric: str = "wasserstein",
+    reference: str | int = "initial",
+    source: str = "train",
+    match: str = "name",
+) -> Verdict:
+    """The verdict of two :class:`~covshift.Run` objects, by the channel mean and the channel median.
+
+    Each layer's drift is its ``metric`` against ``reference``, aggregated over
+    channels (mean, then median) and averaged over recorded steps, for the layers
+    both runs have (:func:`covshift.drift_table`).
+    """
+    from covshift.drift import drift_table
+
+    tables = {agg: drift_table(baseline, other, metric, reference, source, match, agg=agg) for agg in ("mean", "median")}
+    mean, median = tables["mean"], tables["median"]
+    return compare(list(mean["layer_a"]), mean["mean_a"].tolist(), mean["mean_b"].tolist(), baseline_name, other_name,
+                   median["mean_a"].tolist(), median["mean_b"].tolist())
+
+
+def _times(factor: float) -> str:
+    """``2.0× less`` or ``1.5× more`` for a factor baseline / other."""
+    if not math.isfinite(factor) or factor <= 0:
+        return "an undefined factor"
+    return f"{factor:.1f}× less" if factor > 1 else f"{1 / factor:.1f}× more"
 
 
 def _nanmean(values: np.ndarray) -> float:

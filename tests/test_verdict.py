@@ -38,3 +38,36 @@ def test_missing_values_are_skipped_and_no_hidden_layer_is_named():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="one drift value per layer in each run, got 2 layers, 2 and 1 values"):
         compare(["a", "b"], [1.0, 2.0], [1.0])
+
+
+def test_the_headline_states_the_channel_mean_and_median_when_both_are_given():
+    # one outlier channel inflates the plain run's channel mean in h1
+    v = compare(["in", "h1", "h2"], [1.0, 40.0, 2.0], [1.0, 1.0, 1.0], "plain", "bn",
+                baseline_median=[1.0, 3.0, 2.0], other_median=[1.0, 1.0, 1.0])
+    assert v.factor == pytest.approx(21.0) and v.median_factor == pytest.approx(2.5)
+    assert v.headline == ("bn drifts 21.0× less than plain by the channel mean (2 of 2 hidden layers lower), "
+                          "2.5× less by the channel median (2 of 2 lower)")
+    more = compare(["in", "h1"], [1.0, 1.0], [1.0, 3.0], "a", "b", [1.0, 1.0], [1.0, 0.5])
+    assert more.headline == ("b drifts 3.0× more than a by the channel mean (0 of 1 hidden layers lower), "
+                             "2.0× less by the channel median (1 of 1 lower)")
+    with pytest.raises(ValueError, match="both runs or for neither"):
+        compare(["in", "h1"], [1.0, 1.0], [1.0, 3.0], "a", "b", baseline_median=[1.0, 1.0])
+
+
+def test_compare_runs_computes_both_aggregates_from_runs():
+    import torch
+
+    import covshift
+    from covshift.verdict import compare_runs
+
+    runs = []
+    for scale in (1.0, 0.2):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        with covshift.attach(model, every=1) as tracker:
+            for step in range(4):
+                model(torch.randn(64, 4) * (1 + scale * step))
+        runs.append(tracker.run)
+    v = compare_runs(runs[0], runs[1], "wide", "narrow")
+    assert v.median_factor is not None and v.factor > 1 and v.median_factor > 1
+    assert "by the channel median" in v.headline
