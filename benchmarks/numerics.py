@@ -44,7 +44,7 @@ def worst_errors(x: torch.Tensor) -> dict[str, float]:
 def main() -> None:
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(SHAPE, generator=generator)
-    cases = {f"mean/sd = {ratio:g}": ratio + noise for ratio in (0, 1, 10, 1e2, 1e3, 1e4, 1e5)}
+    cases = {f"mean/sd = {ratio:g}": ratio + noise for ratio in (0, 1, 9.9, 10, 1e2, 1e3, 1e4, 1e5)}
     cases["uniform ±1e37"] = (torch.rand(SHAPE, generator=generator) * 2 - 1) * 1e37
     cases["sd 1e20, mean 0"] = noise * 1e20
     rows = {name: worst_errors(x) for name, x in cases.items()}

@@ -97,7 +97,7 @@ class Summarizer:
         view = _channel_view(x, channel_dim)
         if x.device.type == "cpu":
             # On the CPU a check costs nothing: take the one-pass path when its
-            # sums are finite and its variance cannot have cancelled.
+            # sums are finite (no NaN, Inf or overflow).
             total = _reduce(view, torch.sum)
             if bool(torch.isfinite(total).all()):
                 partial = self._summarize_one_pass(view, total)
@@ -107,23 +107,35 @@ class Summarizer:
         return self._summarize_two_pass(view)
 
     def _summarize_one_pass(self, view: torch.Tensor, total: torch.Tensor) -> Partial | None:
-        """Moments from plain sums of values and squares, or None where those lose precision.
+        """Moments of finite values from sums, shifted by the mean where plain sums would cancel.
 
         ``m2 = Σx² − (Σx)²/n`` loses about ``Σx²/m2`` ulps to cancellation: it is
-        kept only where that factor is at most :data:`_CANCELLATION_LIMIT` (in
-        float32, a relative variance error near 1e-6), which holds for ordinary
-        activations; large means, constants and overflow take the two-pass path.
+        kept where that factor is at most :data:`_CANCELLATION_LIMIT` (in float32,
+        a relative variance error below about 1e-4), as for ordinary activations.
+        Past it (a large mean next to a small spread, a constant) the sums are
+        taken again around the mean: one more pass, no cancellation. None where a
+        square overflows: the two-pass path scales first.
         """
-        total_sq = _sum_of_squares(view)
         n = view.shape[0] * view.shape[2]
-        total, total_sq = total.double(), total_sq.double()
-        m2 = total_sq - total * total / n
-        if not bool((torch.isfinite(total_sq) & (m2 * _CANCELLATION_LIMIT[view.dtype] >= total_sq)).all()):
+        total_sq = _sum_of_squares(view).double()
+        total = total.double()
+        mean = total / n
+        m2 = total_sq - total * mean
+        if not bool(torch.isfinite(total_sq).all()):
             return None
+        if not bool((m2 * _CANCELLATION_LIMIT[view.dtype] >= total_sq).all()):
+            pilot = mean.to(view.dtype)
+            centred = view - pilot.view(1, -1, 1)
+            s1 = _reduce(centred, torch.sum).double()
+            s2 = _sum_of_squares(centred).double()
+            if not bool(torch.isfinite(s2).all()):
+                return None
+            mean = pilot.double() + s1 / n
+            m2 = (s2 - s1 * s1 / n).clamp_min(0.0)
         count = torch.full_like(total, n, dtype=torch.int64)
         return Partial(
             count=count,
-            mean=total / n,
+            mean=mean,
             m2=m2,
             min=_reduce(view, torch.amin),
             max=_reduce(view, torch.amax),
@@ -201,9 +213,10 @@ class Summarizer:
         return torch.arange(channels)[:, None] * after + offsets[None, :]
 
 
-#: Largest ``Σx²/m2`` the one-pass moments accept, per input dtype (see
-#: :meth:`Summarizer._summarize_one_pass`; float64 carries 29 more bits).
-_CANCELLATION_LIMIT = {torch.float32: 16.0, torch.float64: 1e6}
+#: Largest ``Σx²/m2`` (1 + mean²/variance) the plain one-pass moments accept, per
+#: input dtype (see :meth:`Summarizer._summarize_one_pass`; float64 carries 29 more
+#: bits). Post-ReLU activations reach 20-30; a mean 10 sd from zero gives 101.
+_CANCELLATION_LIMIT = {torch.float32: 100.0, torch.float64: 1e9}
 
 
 def _accumulator(device: torch.device) -> torch.dtype:
