@@ -50,10 +50,12 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def is_transformed(x: torch.Tensor) -> bool:
     """Whether ``x`` is wrapped by a torch.func transform (its values are not plain memory)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    return functorch is not None and functorch.is_functorch_wrapped_tensor(x)
+    return _is_functorch_wrapped is not None and _is_functorch_wrapped(x)
 
 
 def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -23,11 +23,13 @@ class Faults:
         self.skipped: set[str] = set()  # records that faulted: no longer taken
         self.stopped = False  # a fault outside any one record: nothing more is taken
 
-    def warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:
+    def warn_once(
+        self, key: str, message: str, stacklevel: int = 4, category: type[CovshiftWarning] = CovshiftWarning
+    ) -> None:
         """Warn ``covshift: message`` unless a warning under ``key`` was already given."""
         if key not in self.warned:
             self.warned.add(key)
-            warnings.warn(f"covshift: {message}", CovshiftWarning, stacklevel=stacklevel)
+            warnings.warn(f"covshift: {message}", category, stacklevel=stacklevel)
 
     def skip(self, name: str, message: str) -> None:
         """Stop taking record ``name`` after a fault of its own, saying so once."""
@@ -53,7 +55,8 @@ def gap_messages(
     *,
     layers: list[str],
     called: set[str],
-    train_steps: set[int],
+    recorded: int,
+    first_recorded: int | None,
     steps: int,
     every: int,
     ran_training: bool,
@@ -62,7 +65,6 @@ def gap_messages(
     """What a detached run lacks that the user would not otherwise notice, as (key, message) pairs:
     no training forward at all, no or one recorded step, selected layers never called."""
     messages = []
-    recorded = len(train_steps)
     if not ran_training:
         messages.append((
             "nothing",
@@ -80,7 +82,7 @@ def gap_messages(
         advice = "train longer" if every == 1 else f"record more often (every={every} now) or train longer"
         messages.append((
             "short",
-            f"only 1 training step was recorded (step {min(train_steps)} of {steps}): drift needs at "
+            f"only 1 training step was recorded (step {first_recorded} of {steps}): drift needs at "
             f"least 2. To see drift, {advice}",
         ))
     never = [name for name in layers if name not in called]

@@ -17,6 +17,7 @@ import torch
 
 from covshift import store
 from covshift.checks import check_choice, check_int
+from covshift.faults import Faults
 from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Partial, Record, finalize
 
 #: Sources a record can come from: training batches, the probe batch, and its two halves.
@@ -70,7 +71,7 @@ class Run:
         self._seq = 0  # number of the next finalized step
         self._retry_at: int | None = None  # after a failed write: retry when _seq reaches it
         self._dropped = 0  # steps dropped while the directory could not be written
-        self._warned: set[str] = set()
+        self._faults = Faults()  # the store's warnings, each said once until writes work again
         self._curves_created = False
         self._tables: list[pa.Table] = []
         self._parts_read: set[Path] = set()
@@ -161,7 +162,7 @@ class Run:
             self._retry_at = self._seq + self.flush_every
             self._warn_once(
                 "write",
-                f"covshift: cannot write to {self.directory}: {err.strerror or err}; recording goes on and "
+                f"cannot write to {self.directory}: {err.strerror or err}; recording goes on and "
                 f"unwritten steps wait in memory (within memory_budget={self.memory_budget} bytes) "
                 "for a later flush",
             )
@@ -179,7 +180,7 @@ class Run:
         if dropped:
             self._warn_once(
                 "drop",
-                f"covshift: {self.directory} still cannot be written and the unwritten steps exceed "
+                f"{self.directory} still cannot be written and the unwritten steps exceed "
                 f"memory_budget={self.memory_budget} bytes: dropped the oldest {dropped} "
                 f"step{'s' if dropped > 1 else ''}, and later ones are dropped the same way",
             )
@@ -187,7 +188,7 @@ class Run:
     def _recovered(self) -> None:
         """The directory takes writes again: say how many steps were lost meanwhile."""
         self._retry_at = None
-        self._warned -= {"write", "drop"}
+        self._faults.warned -= {"write", "drop"}
         if self._dropped:
             dropped, self._dropped = self._dropped, 0
             warnings.warn(
@@ -196,11 +197,6 @@ class Run:
                 store.StoreWarning,
                 stacklevel=3,
             )
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, store.StoreWarning, stacklevel=3)
 
     def log(self, step: int, **values: float) -> None:
         """Store scalars such as loss and accuracy at ``step`` (training curves).
@@ -216,12 +212,15 @@ class Run:
         except FileExistsError:
             self._warn_once(
                 "curves",
-                f"covshift: {self.directory / store.CURVES_FILE} was not written by this run; "
+                f"{self.directory / store.CURVES_FILE} was not written by this run; "
                 "training curves are not logged to it",
             )
         except OSError as err:
             self._curves_created = (self.directory / store.CURVES_FILE).exists()  # it may be, before the write failed
-            self._warn_once("write", f"covshift: cannot write to {self.directory}: {err.strerror or err}")
+            self._warn_once("write", f"cannot write to {self.directory}: {err.strerror or err}")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        self._faults.warn_once(key, message, stacklevel=4, category=store.StoreWarning)
 
     def _check_writable(self) -> None:
         if not self._writable:

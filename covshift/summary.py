@@ -96,17 +96,15 @@ class Summarizer:
             return None
         view = _channel_view(x, channel_dim)
         if x.device.type == "cpu":
-            # On the CPU a check costs nothing: take the one-pass path when its
-            # sums are finite (no NaN, Inf or overflow).
-            total = _reduce(view, torch.sum)
-            if bool(torch.isfinite(total).all()):
-                partial = self._summarize_one_pass(view, total)
-                if partial is not None:
-                    return partial
+            # On the CPU a check costs nothing: sums first, the two-pass path only
+            # where they hold NaN, Inf or an overflow.
+            partial = self._summarize_one_pass(view)
+            if partial is not None:
+                return partial
         # Off the CPU a check would cost a host sync, so the two-pass path always runs there.
         return self._summarize_two_pass(view)
 
-    def _summarize_one_pass(self, view: torch.Tensor, total: torch.Tensor) -> Partial | None:
+    def _summarize_one_pass(self, view: torch.Tensor) -> Partial | None:
         """Moments of finite values from sums, shifted by the mean where plain sums would cancel.
 
         ``m2 = Σx² − (Σx)²/n`` loses about ``Σx²/m2`` ulps to cancellation: it is
@@ -115,15 +113,20 @@ class Summarizer:
         Past it (a large mean next to a small spread, a constant) the sums are
         taken again around the mean: one more pass, no cancellation. None where a
         square overflows: the two-pass path scales first.
+
+        One check decides the common case: NaN or Inf anywhere makes ``Σx²``
+        non-finite, and a finite ``Σx²`` bounds ``|Σx|``, so a finite ``Σx²`` with
+        little cancellation is all the one-pass moments need.
         """
         n = view.shape[0] * view.shape[2]
+        total = _reduce(view, torch.sum).double()
         total_sq = _sum_of_squares(view).double()
-        total = total.double()
         mean = total / n
         m2 = total_sq - total * mean
-        if not bool(torch.isfinite(total_sq).all()):
-            return None
-        if not bool((m2 * _CANCELLATION_LIMIT[view.dtype] >= total_sq).all()):
+        finite = torch.isfinite(total_sq)
+        if not bool((finite & (m2 * _CANCELLATION_LIMIT[view.dtype] >= total_sq)).all()):
+            if not bool(finite.all()):
+                return None
             pilot = mean.to(view.dtype)
             centred = view - pilot.view(1, -1, 1)
             s1 = _reduce(centred, torch.sum).double()

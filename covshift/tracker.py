@@ -119,7 +119,8 @@ class Tracker:
         self._described: set[str] = set()
         self._called: set[str] = set()  # layers whose hook ran on a recorded step
         self._faults = Faults()
-        self._train_steps: set[int] = set()  # steps with training records
+        self._train_steps = 0  # steps stored with training records
+        self._first_train_step: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
             self._install(outputs)
@@ -220,7 +221,8 @@ class Tracker:
             for key, message in gap_messages(
                 layers=list(self.layers),
                 called=self._called,
-                train_steps=self._train_steps,
+                recorded=self._train_steps,
+                first_recorded=self._first_train_step,
                 steps=self._step + 1,
                 every=self.every,
                 ran_training=self._step >= 0 if self._per_forward else bool(self._called),
@@ -259,9 +261,14 @@ class Tracker:
             handle.remove()
         self._handles.clear()
 
+    @property
+    def _counting(self) -> bool:
+        """Whether steps are still counted and closed: while recording, and after a fault in a
+        distributed job too, where the other ranks wait for this rank's exchanges."""
+        return not self._faults.stopped or self._ranks is not None
+
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
-        # A stopped tracker in a distributed job still counts steps: the other ranks wait for its exchanges.
-        if context.is_compiling() or context.probe_owner() is not None or (self._faults.stopped and self._ranks is None):
+        if context.is_compiling() or context.probe_owner() is not None or not self._counting:
             return
         forward = self._forward
         forward.take()  # a forward that raised never reached its end: drop what it took
@@ -279,7 +286,7 @@ class Tracker:
         if context.is_compiling() or context.probe_owner() is not None or not self._per_forward:
             return
         partials = self._forward.take()
-        if module.training and (not self._faults.stopped or self._ranks is not None) and not context.in_backward():
+        if module.training and self._counting and not context.in_backward():
             with self._lock:
                 self._write_step(self._forward.step, partials)
 
@@ -343,14 +350,15 @@ class Tracker:
         try:
             dim = resolve_channel_dim(self._channel_dims, layer, module, x.shape)
             partial = self._summarizer.summarize(x, dim)
+            if partial is not None and name not in self._kinds:
+                self._kinds[name] = (type(module).__name__, dim)
+                if name == layer:  # an input: its channels should be the layer's declared size
+                    self._check_declared(name, module, x.shape, dim)
         except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's forward
             self._faults.skip(name, f"layer {name!r} ({type(module).__name__}) could not be summarized: {err}")
             return
         if partial is None:  # an empty input is no record
             return
-        if name not in self._kinds:
-            self._kinds[name] = (type(module).__name__, dim)
-            self._check_declared(name, module, x.shape, dim)
         key = (self._forward.source, name)
         if self._per_forward or self._forward.source != "train":
             self._forward.partials[key].append(partial)
@@ -359,9 +367,9 @@ class Tracker:
                 self._step_partials[key].append(partial)
 
     def _check_declared(self, name: str, module: nn.Module, shape: torch.Size, dim: int | None) -> None:
-        """Warn once when a record's channel count differs from the size its layer declares."""
+        """Warn once when an input's channel count differs from the size its layer declares."""
         declared = declared_channels(module)
-        if name == f"{name.rsplit(':', 1)[0]}:output" or declared is None or dim is None or shape[dim] == declared:
+        if declared is None or dim is None or shape[dim] == declared:
             return
         self._faults.warn_once(
             f"{name}:channels",
@@ -374,24 +382,30 @@ class Tracker:
     def _close_merged_step(self) -> None:
         """Write the open step: every training forward since the last step ended (lock held)."""
         partials, self._step_partials = self._step_partials, defaultdict(list)
-        if not self._faults.stopped or self._ranks is not None:  # a stopped rank still takes part in exchanges
+        if self._counting:
             self._write_step(self._step, partials)
 
     def _write_step(self, step: int, partials: dict[tuple[str, str], list[Partial]]) -> None:
-        """Hand one step's records to the run, the calls of each layer merged (lock held)."""
-        merged = self._merge_calls(partials)
+        """Hand one step's records to the run, the calls of each layer merged (lock held).
+
+        Every part is guarded but the exchange between ranks, whose failure (a rank died) is the user's to see.
+        """
+        merged: dict[tuple[str, str], Partial] = {}
+        with self._faults.guard("merging a step", self.run.directory):
+            merged = self._merge_calls(partials)
         # -- torch.distributed: on a recorded step every rank sends its records, rank 0 merges and writes them
         if self._ranks is not None:
             if step % self.every == 0 or (self._probe is not None and step % self._probe.every == 0):
                 pooled = self._ranks.gather(
                     step, {} if self._faults.stopped else merged, self._kinds, self._summarizer.sample_size
                 )
-                merged = self._merge_calls(pooled)  # rank 0: every rank's records, merged as calls are
-                self._called.update(name.removesuffix(":output") for _, name in merged)
+                with self._faults.guard("merging the ranks' records", self.run.directory):
+                    merged = self._merge_calls(pooled)  # rank 0: every rank's records, merged as calls are
+                    self._called.update(name.removesuffix(":output") for _, name in merged)
             if not self._ranks.is_writer or self._faults.stopped:
                 return
         # --
-        if not merged:
+        if not merged or self._faults.stopped:
             return
         with self._faults.guard("storing a step", self.run.directory):
             for (source, name), partial in merged.items():
@@ -400,9 +414,11 @@ class Tracker:
                     kind, dim = self._kinds[name]
                     self.run.add_layer(name, kind, partial.count.shape[0], dim)
                 self.run.append(step, source, name, partial)
-                if source == "train":
-                    self._train_steps.add(step)
             self.run.end_step()
+            if any(source == "train" for source, _ in merged):
+                self._train_steps += 1
+                if self._first_train_step is None:
+                    self._first_train_step = step
 
     def _merge_calls(self, partials: dict[tuple[str, str], list[Partial]]) -> dict[tuple[str, str], Partial]:
         """Each record's calls (or ranks) in one step merged into one partial; a channel count that varies

@@ -236,3 +236,22 @@ def test_detach_warns_when_fewer_than_two_steps_were_recorded():
     with pytest.warns(CovshiftWarning, match="no training step was recorded.*eval mode"):
         with covshift.attach(model):
             model(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_a_failing_merge_warns_and_neither_forward_nor_update_raises(monkeypatch, optimizer):
+    import covshift.tracker
+
+    def broken(parts):
+        raise RuntimeError("merge broke")
+
+    monkeypatch.setattr(covshift.tracker, "merge", broken)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = covshift.attach(model, every=1, optimizer=opt if optimizer else None)
+    with pytest.warns(CovshiftWarning, match="merge broke"):
+        for _ in range(3):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+        tracker.detach()
+    assert tracker.run.stats().empty
