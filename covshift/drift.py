@@ -129,6 +129,18 @@ def noise_floor(
     return _tidy(half_a, layers, cur, values, ok, "probe halves", by, agg)
 
 
+def _join_nearest_step(layer_drift: pd.DataFrame, floor: pd.DataFrame, floor_step: str) -> pd.DataFrame:
+    """``layer_drift`` beside the ``floor`` row of the same layer and metric at the nearest step.
+
+    ``floor`` has its step in the column ``floor_step``, dropped from the result; layers come out as strings.
+    """
+    layer_drift = layer_drift.assign(layer=layer_drift["layer"].astype(str)).sort_values("step")
+    floor = floor.assign(layer=floor["layer"].astype(str)).sort_values(floor_step)
+    return pd.merge_asof(
+        layer_drift, floor, left_on="step", right_on=floor_step, by=["layer", "metric"], direction="nearest"
+    ).drop(columns=floor_step)
+
+
 def drift_to_noise(
     run: RunLike,
     metric: str | Sequence[str] = "wasserstein",
@@ -146,17 +158,7 @@ def drift_to_noise(
     layer_drift = drift(run, metric, reference, normalize, "layer", agg, source)
     floor = noise_floor(run, metric, normalize, "layer", agg)
     floor = floor[["step", "layer", "metric", "value"]].rename(columns={"value": "noise", "step": "probe_step"})
-    keys = ["layer", "metric"]
-    layer_drift["layer"] = layer_drift["layer"].astype(str)
-    floor["layer"] = floor["layer"].astype(str)
-    joined = pd.merge_asof(
-        layer_drift.sort_values("step"),
-        floor.sort_values("probe_step"),
-        left_on="step",
-        right_on="probe_step",
-        by=keys,
-        direction="nearest",
-    ).drop(columns="probe_step")
+    joined = _join_nearest_step(layer_drift, floor, "probe_step")
     with np.errstate(divide="ignore", invalid="ignore"):
         joined["ratio"] = joined["value"] / joined["noise"]
     joined["layer"] = pd.Categorical(joined["layer"], categories=_layer_order(run))

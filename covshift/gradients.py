@@ -51,9 +51,7 @@ a :class:`GradientICS`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +62,7 @@ from torch import nn
 
 from covshift import context
 from covshift.checks import check_int
+from covshift.store import append_jsonl, read_jsonl
 
 #: The file a measurement appends to, in the run directory (or any directory) it is given.
 GRADIENTS_FILE = "gradients.jsonl"
@@ -190,7 +189,7 @@ class GradientICS:
         self.rows.extend(rows)
         if self.directory is not None:
             try:
-                _append_rows(self.directory / GRADIENTS_FILE, rows)
+                append_jsonl(self.directory / GRADIENTS_FILE, rows)
             except OSError as err:
                 self._fail(err)
 
@@ -268,14 +267,6 @@ def _row(step: int, layer: str, g: torch.Tensor, g_prime: torch.Tensor) -> dict[
             "relative": ics / grad_norm if grad_norm > 0 else math.nan, "cosine": cosine}
 
 
-def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows as JSON lines and fsync: a crash loses at most the line being written."""
-    with open(path, "a") as handle:
-        handle.write("".join(json.dumps(row) + "\n" for row in rows))
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _to_frame(rows: list[dict[str, Any]]) -> Any:
     import pandas as pd
 
@@ -295,16 +286,7 @@ def load_gradient_ics(directory: str | Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: record gradient ICS with "
                                 f"covshift.gradients.GradientICS(..., directory={str(directory)!r})")
-    lines = path.read_text().splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path} is corrupted at line {number}: not valid JSON") from None
-    return _to_frame(rows)
+    return _to_frame(read_jsonl(path, ValueError))
 
 
 def plot_gradient_ics(frame: Any, value: str = "ics_norm", ax: Any = None) -> Any:

@@ -23,8 +23,6 @@ every N steps, like the probe) or at a point you choose with
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from covshift import context
 from covshift.checks import check_choice, check_int
 from covshift.layers import channel_axis, select_layers
 from covshift.probe import preserved
+from covshift.store import append_jsonl, read_jsonl
 from covshift.summary import (
     BINMEAN_COLUMNS,
     DEFAULT_SAMPLE_SIZE,
@@ -218,10 +217,7 @@ class NullFloor:
         rows = summary.to_dict("records")
         self.rows.extend(rows)
         if self.directory is not None:
-            with open(self.directory / NULL_FILE, "a") as handle:
-                handle.write("".join(json.dumps(_plain(row)) + "\n" for row in rows))
-                handle.flush()
-                os.fsync(handle.fileno())
+            append_jsonl(self.directory / NULL_FILE, [_plain(row) for row in rows])
         return summary
 
     def frame(self) -> pd.DataFrame:
@@ -260,15 +256,7 @@ def load_null_floor(directory: str | Path) -> pd.DataFrame:
     path = Path(directory) / NULL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: record one with covshift.noise.NullFloor(..., directory=...)")
-    rows = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines):
-                raise ValueError(f"{path} is corrupted at line {number}: not valid JSON") from None
-    return pd.DataFrame(rows)
+    return pd.DataFrame(read_jsonl(path, ValueError))
 
 
 def drift_to_null(
@@ -287,13 +275,10 @@ def drift_to_null(
     (true at about 5% of steps for pure noise). ``null`` is a :class:`NullFloor` frame or
     :func:`load_null_floor`; its metric, agg and normalize must match these.
     """
-    layer_drift = drift_ = d.drift(run, metric, reference, normalize, "layer", agg, source)
+    layer_drift = d.drift(run, metric, reference, normalize, "layer", agg, source)
     floor = null[["step", "layer", "metric", *NULL_COLUMNS]].rename(columns={"step": "null_step"})
-    floor = floor.assign(layer=floor["layer"].astype(str)).sort_values("null_step")
-    categories = drift_["layer"].cat.categories
-    layer_drift = layer_drift.assign(layer=layer_drift["layer"].astype(str)).sort_values("step")
-    joined = pd.merge_asof(layer_drift, floor, left_on="step", right_on="null_step", by=["layer", "metric"],
-                           direction="nearest").drop(columns="null_step")
+    categories = layer_drift["layer"].cat.categories
+    joined = d._join_nearest_step(layer_drift, floor, "null_step")
     with np.errstate(divide="ignore", invalid="ignore"):
         joined["ratio"] = joined["value"] / joined["null_mean"]
         joined["ratio_q95"] = joined["value"] / joined["null_q95"]

@@ -196,15 +196,15 @@ def read_part(path: Path, run_id: str | None, schema: pa.Schema) -> pa.Table:
     return table
 
 
-def append_curve(directory: Path, row: dict, *, create: bool) -> None:
-    """Append ``row`` to the curves file; ``create``: it must not exist yet (FileExistsError).
+def append_jsonl(path: Path, rows: list[dict], *, create: bool = False) -> None:
+    """Append ``rows`` to ``path`` as JSON lines and fsync; ``create``: it must not exist yet (FileExistsError).
 
     A failed write is cut off again, so no partial line stays behind.
     """
-    with open(directory / CURVES_FILE, "xb" if create else "ab", buffering=0) as handle:
+    with open(path, "xb" if create else "ab", buffering=0) as handle:
         end = handle.seek(0, os.SEEK_END)
         try:
-            data = (json.dumps(row) + "\n").encode()
+            data = "".join(json.dumps(row) + "\n" for row in rows).encode()
             while data:
                 data = data[handle.write(data) :]
             os.fsync(handle.fileno())
@@ -213,11 +213,16 @@ def append_curve(directory: Path, row: dict, *, create: bool) -> None:
             raise
 
 
-def read_curves(directory: Path) -> list[dict]:
-    """Logged rows; a last line cut short by a crash is dropped, any other bad line is an error."""
-    path = directory / CURVES_FILE
-    if not path.exists():
-        return []
+def append_curve(directory: Path, row: dict, *, create: bool) -> None:
+    """Append ``row`` to the curves file; ``create``: it must not exist yet (FileExistsError).
+
+    A failed write is cut off again, so no partial line stays behind.
+    """
+    append_jsonl(directory / CURVES_FILE, [row], create=create)
+
+
+def read_jsonl(path: Path, error: type[Exception] = RunFileError) -> list[dict]:
+    """The rows of a JSON-lines file; a last line cut short by a crash is dropped, any other bad line raises ``error``."""
     lines = path.read_text().splitlines()
     rows = []
     for number, line in enumerate(lines, start=1):
@@ -226,5 +231,13 @@ def read_curves(directory: Path) -> list[dict]:
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            raise RunFileError(f"{path} is corrupted at line {number}: not valid JSON") from None
+            raise error(f"{path} is corrupted at line {number}: not valid JSON") from None
     return rows
+
+
+def read_curves(directory: Path) -> list[dict]:
+    """Logged rows; a last line cut short by a crash is dropped, any other bad line is an error."""
+    path = directory / CURVES_FILE
+    if not path.exists():
+        return []
+    return read_jsonl(path)

@@ -7,6 +7,7 @@ import lightning
 import torch
 import torch.nn.functional as F
 import transformers
+from tiny_regression import TinyRegressor, regression_rows
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -67,19 +68,9 @@ class Attach(transformers.TrainerCallback):
         self.tracker = covshift.attach(model, optimizer=optimizer, every=1)
 
 
-class TinyRegressor(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 1)
-
-    def forward(self, x, labels=None):
-        out = self.fc(x)
-        return {"loss": F.mse_loss(out, labels), "logits": out}
-
-
 def test_hugging_face_trainer_with_accumulation(tmp_path):
     torch.manual_seed(0)
-    rows = [{"x": torch.randn(4), "labels": torch.randn(1)} for _ in range(32)]
+    rows = regression_rows(32)
     callback = Attach()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,

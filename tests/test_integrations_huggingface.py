@@ -6,8 +6,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+from tiny_regression import TinyRegressor, regression_rows
 
 import covshift
 
@@ -24,16 +23,6 @@ def training_args(tmp_path, **kwargs):
     }
     options.update(kwargs)
     return transformers.TrainingArguments(**options)
-
-
-class TinyRegressor(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 1)
-
-    def forward(self, x, labels=None):
-        out = self.fc(x)
-        return {"loss": F.mse_loss(out, labels), "logits": out}
 
 
 def test_covshift_step_n_is_the_forwards_at_global_step_n(tmp_path):
@@ -116,7 +105,7 @@ def test_bert_with_accumulation_and_evaluation(tmp_path):
 
 
 def test_log_false_records_without_logging(tmp_path):
-    rows = [{"x": torch.randn(4), "labels": torch.randn(1)} for _ in range(16)]
+    rows = regression_rows(16)
     callback = CovshiftCallback(every=1, log=False, store=tmp_path / "run")
     args = training_args(tmp_path, max_steps=4, logging_steps=2)
     trainer = transformers.Trainer(model=TinyRegressor(), args=args, train_dataset=rows, callbacks=[callback])

@@ -26,6 +26,12 @@ def metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def check_attach_options(attach_options: dict[str, Any], trainer: str) -> None:
+    """Refuse a callback's ``attach_options`` naming ``optimizer`` or ``step``: the ``trainer``'s optimizer steps."""
+    if "optimizer" in attach_options or "step" in attach_options:
+        raise TypeError(f"CovshiftCallback steps on the {trainer}'s optimizer: do not pass optimizer= or step=")
+
+
 class DriftScalars:
     """Drift of the newest recorded training step as flat ``{name: value}`` scalars, each step once.
 

@@ -19,7 +19,11 @@ import transformers
 
 import covshift
 from covshift.faults import CovshiftWarning
-from covshift.integrations._scalars import DriftScalars, unique_directory
+from covshift.integrations._scalars import (
+    DriftScalars,
+    check_attach_options,
+    unique_directory,
+)
 
 #: Directory of the run inside ``args.output_dir``.
 RUN_DIRECTORY = "covshift"
@@ -72,8 +76,7 @@ class CovshiftCallback(transformers.TrainerCallback):
         log: bool = True,
         **attach_options: Any,
     ) -> None:
-        if "optimizer" in attach_options or "step" in attach_options:
-            raise TypeError("CovshiftCallback steps on the Trainer's optimizer: do not pass optimizer= or step=")
+        check_attach_options(attach_options, "Trainer")
         self.attach_options = attach_options
         self.scalars = DriftScalars(metric, reference, per_layer)
         self.log_drift = log

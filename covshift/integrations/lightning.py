@@ -16,7 +16,11 @@ from typing import Any
 import lightning.pytorch as pl
 
 import covshift
-from covshift.integrations._scalars import DriftScalars, unique_directory
+from covshift.integrations._scalars import (
+    DriftScalars,
+    check_attach_options,
+    unique_directory,
+)
 
 #: Directory of the run inside the trainer's log dir.
 RUN_DIRECTORY = "covshift"
@@ -76,8 +80,7 @@ class CovshiftCallback(pl.Callback):
         module: str | None = None,
         **attach_options: Any,
     ) -> None:
-        if "optimizer" in attach_options or "step" in attach_options:
-            raise TypeError("CovshiftCallback steps on the trainer's optimizer: do not pass optimizer= or step=")
+        check_attach_options(attach_options, "trainer")
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 0):
             raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}")
         self.attach_options = attach_options
