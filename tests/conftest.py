@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -80,3 +82,27 @@ def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def runs(run_dirs: tuple[Path, Path]) -> tuple[covshift.Run, covshift.Run]:
     return covshift.load(run_dirs[0]), covshift.load(run_dirs[1])
+
+
+@pytest.fixture(scope="session")
+def quadrant_mnist(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], Path]:
+    """Write a torchvision-layout MNIST folder of ``train`` and ``test`` digits; the label is the bright quadrant."""
+    from covshift.experiments.data import SPLIT_FILES, write_idx
+
+    def make(train: int, test: int) -> Path:
+        root = tmp_path_factory.mktemp("data")
+        raw = root / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for split, n in (("train", train), ("test", test)):
+            labels = rng.integers(0, 4, size=n).astype(np.uint8)
+            images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+            for quadrant in range(4):
+                rows, cols = divmod(quadrant, 2)
+                images[labels == quadrant, rows * 14 : rows * 14 + 14, cols * 14 : cols * 14 + 14] += 180
+            image_file, label_file = SPLIT_FILES[split]
+            write_idx(raw / f"{image_file}.gz", images)
+            write_idx(raw / f"{label_file}.gz", labels)
+        return root
+
+    return make

@@ -3,35 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import covshift
 from covshift.cli import main
-from covshift.experiments import bn_paper, data, noisy_bn
-from covshift.experiments.data import write_idx
+from covshift.experiments import bn_paper, noisy_bn
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_dir(quadrant_mnist: Callable[[int, int], Path]) -> Path:
     """A torchvision-layout MNIST folder with 160 train and 40 test digits: the label is the bright quadrant."""
-    root = tmp_path_factory.mktemp("data")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 160), ("test", 40)):
-        labels = rng.integers(0, 4, size=n).astype(np.uint8)
-        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-        for quadrant in range(4):
-            rows, cols = divmod(quadrant, 2)
-            images[labels == quadrant, rows * 14 : rows * 14 + 14, cols * 14 : cols * 14 + 14] += 180
-        image_file, label_file = data.SPLIT_FILES[split]
-        write_idx(raw / f"{image_file}.gz", images)
-        write_idx(raw / f"{label_file}.gz", labels)
-    return root
+    return quadrant_mnist(160, 40)
 
 
 def tiny(data_dir: Path, out: Path) -> list[str]:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import runpy
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +15,15 @@ import pytest
 
 import covshift
 from covshift.experiments import data, mnist_bn, results
-from covshift.experiments.data import write_idx
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_bn_vs_nobn.py"
 CONVS = ["block1.conv", "block2.conv", "transition.conv", "block3.conv", "block4.conv", "block5.conv", "classifier"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_dir(quadrant_mnist: Callable[[int, int], Path]) -> Path:
     """A torchvision-layout MNIST folder with 128 train and 32 test digits: the label is the bright quadrant."""
-    root = tmp_path_factory.mktemp("data")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 128), ("test", 32)):
-        labels = rng.integers(0, 4, size=n).astype(np.uint8)
-        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-        for quadrant in range(4):
-            rows, cols = divmod(quadrant, 2)
-            images[labels == quadrant, rows * 14 : rows * 14 + 14, cols * 14 : cols * 14 + 14] += 180
-        image_file, label_file = data.SPLIT_FILES[split]
-        write_idx(raw / f"{image_file}.gz", images)
-        write_idx(raw / f"{label_file}.gz", labels)
-    return root
+    return quadrant_mnist(128, 32)
 
 
 def tiny(data_dir: Path, out: Path, **changes: object) -> mnist_bn.Config:

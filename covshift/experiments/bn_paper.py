@@ -39,8 +39,13 @@ from torch import nn
 
 import covshift
 from covshift.checks import check_int
-from covshift.experiments.data import DATASETS, load_splits, normalize
-from covshift.experiments.mnist_bn import data_notice, evaluate
+from covshift.experiments.data import DATASETS, normalize
+from covshift.experiments.mnist_bn import (
+    EXPERIMENT_FILE,
+    add_data_arguments,
+    evaluate,
+    prepare,
+)
 
 VARIANTS = ("plain", "batchnorm", "noisy")
 RESULTS_JSON = "results.json"
@@ -170,13 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser, variants: tuple[str, ...] = (
     parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (default %(default)s)")
     parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="weights, data order, noise (default %(default)s)")
-    parser.add_argument("--out", default=d.out, help="output directory, must not hold runs yet (default %(default)s)")
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset, help="default %(default)s")
-    parser.add_argument("--data-dir", default=None, help="folder with the IDX files (as for mnist-bn)")
-    parser.add_argument("--cache-dir", default=None, help="where missing files are downloaded")
-    parser.add_argument("--no-download", dest="download", action="store_false", help="never try to download")
-    parser.add_argument("--train-split", default=d.train_split, help="e.g. train, test[:8000]")
-    parser.add_argument("--test-split", default=d.test_split, help="e.g. test, test[8000:]")
+    add_data_arguments(parser, d, data_dir_help="folder with the IDX files (as for mnist-bn)",
+                       cache_dir_help="where missing files are downloaded", train_split_help="e.g. train, test[:8000]")
     parser.add_argument("--every", type=int, default=d.every, help="record one step in N (default %(default)s)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
                         help="test accuracy and the probe every N steps (default %(default)s)")
@@ -204,15 +204,7 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
     config.variants = tuple(config.variants)
     config.check()
     out = Path(config.out)
-    for name in config.variants:
-        if (out / name).exists():
-            raise FileExistsError(f"out={str(out)!r} already holds a run ({out / name}); choose a new --out")
-    train, test = load_splits(config.dataset, config.train_split, config.test_split, config.data_dir,
-                              cache_dir=config.cache_dir, download=config.download)
-    notice = data_notice(train, test)
-    if notice:
-        print(notice, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    train, test, notice = prepare(config, config.variants)
     train_x = normalize(train.images, config.dataset).flatten(1)
     test_x = normalize(test.images, config.dataset).flatten(1)
     probe = train_x[: config.probe_size]
@@ -225,7 +217,7 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
         started = time.perf_counter()
         train_model(model, name, (train_x, train.labels), (test_x, test.labels), probe, config, out / name)
         experiment["seconds"][name] = round(time.perf_counter() - started, 1)
-    (out / "experiment.json").write_text(json.dumps(experiment, indent=2))
+    (out / EXPERIMENT_FILE).write_text(json.dumps(experiment, indent=2))
     write_results(out)
     print(f"results: {out / RESULTS_MD}", flush=True)
     return out
@@ -301,7 +293,7 @@ def summarize(out: Path) -> dict:
     from covshift.noise import drift_to_null, load_null_floor
     from covshift.verdict import compare_runs
 
-    experiment = json.loads((out / "experiment.json").read_text())
+    experiment = json.loads((out / EXPERIMENT_FILE).read_text())
     variants = experiment["config"]["variants"]
     runs = {name: covshift.load(out / name) for name in variants}
     summary: dict = {"variants": variants, "accuracy": {}, "drift": {}, "calibration": {}, "gradient_ics": {}}
@@ -438,20 +430,20 @@ def to_markdown(summary: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{ratios[m]:.2f}" for m in sorted(ratios)) + " |")
     lines += ["", "## Gradient ICS per layer: mean ‖G − G'‖/‖G‖ (cos∠(G, G'))", "",
               "| layer | " + " | ".join(summary["variants"]) + " |", "| --- |" + " --- |" * len(summary["variants"])]
-    layers = list(next(iter(summary["gradient_ics"].values())))
-    for layer in layers:
-        cells = []
-        for name in summary["variants"]:
-            g = summary["gradient_ics"][name].get(layer)
-            cells.append(f"{g['relative']:.3g} ({g['cosine']:.3f})" if g else "–")
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines += _layer_rows(list(next(iter(summary["gradient_ics"].values()))), summary["variants"],
+                         summary["gradient_ics"], lambda g: f"{g['relative']:.3g} ({g['cosine']:.3f})")
     lines += ["", "## Drift of hidden layers: mean W1 (× σ_ref) and mean W1 / null 95th percentile", "",
               "| layer | " + " | ".join(summary["variants"]) + " |", "| --- |" + " --- |" * len(summary["variants"])]
     all_layers = list(dict.fromkeys(layer for name in summary["variants"] for layer in summary["drift"][name]))
-    for layer in all_layers:
-        cells = []
-        for name in summary["variants"]:
-            row = summary["drift"][name].get(layer)
-            cells.append(f"{row['w1']:.3g} ({row['w1_to_null_q95']:.2f}×)" if row else "–")
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines += _layer_rows(all_layers, summary["variants"], summary["drift"],
+                         lambda row: f"{row['w1']:.3g} ({row['w1_to_null_q95']:.2f}×)")
     return "\n".join(lines) + "\n"
+
+
+def _layer_rows(layers: list[str], variants: list[str], table: dict, cell: object) -> list[str]:
+    """One markdown row per layer: ``cell(table[variant][layer])`` per variant, "–" where the layer is missing."""
+    rows = []
+    for layer in layers:
+        values = [table[name].get(layer) for name in variants]
+        rows.append(f"| {layer} | " + " | ".join(cell(v) if v else "–" for v in values) + " |")
+    return rows

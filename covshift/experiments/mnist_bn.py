@@ -78,20 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (default %(default)s)")
     parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order (default %(default)s)")
-    parser.add_argument("--out", default=d.out, help="output directory, must not hold runs yet (default %(default)s)")
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset, help="default %(default)s")
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder with the IDX files, in torchvision's layout (DIR/MNIST/raw/) or flat; train and test "
-             "must both be there (no download, no fallback)",
+    add_data_arguments(
+        parser, d,
+        data_dir_help="folder with the IDX files, in torchvision's layout (DIR/MNIST/raw/) or flat; train and test "
+                      "must both be there (no download, no fallback)",
+        cache_dir_help="where missing files are downloaded (default ~/.cache/covshift/datasets)",
+        train_split_help="e.g. train, train[:10%%], test[:8000]",
     )
-    parser.add_argument(
-        "--cache-dir", default=None, help="where missing files are downloaded (default ~/.cache/covshift/datasets)"
-    )
-    parser.add_argument("--no-download", dest="download", action="store_false", help="never try to download")
-    parser.add_argument("--train-split", default=d.train_split, help="e.g. train, train[:10%%], test[:8000]")
-    parser.add_argument("--test-split", default=d.test_split, help="e.g. test, test[8000:]")
     parser.add_argument("--every", type=int, default=d.every, help="record one training step in N (default %(default)s)")
     parser.add_argument(
         "--probe-every", type=int, default=d.probe_every, help="run the fixed probe batch every N steps (default %(default)s)"
@@ -106,6 +99,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not train: recompute results.md, results.json and the report from the runs in --out",
     )
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser, d: object, *, data_dir_help: str, cache_dir_help: str, train_split_help: str
+) -> None:
+    """The output and data options, ``--out`` to ``--test-split``, with defaults from the config ``d``."""
+    parser.add_argument("--out", default=d.out, help="output directory, must not hold runs yet (default %(default)s)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset, help="default %(default)s")
+    parser.add_argument("--data-dir", default=None, help=data_dir_help)
+    parser.add_argument("--cache-dir", default=None, help=cache_dir_help)
+    parser.add_argument("--no-download", dest="download", action="store_false", help="never try to download")
+    parser.add_argument("--train-split", default=d.train_split, help=train_split_help)
+    parser.add_argument("--test-split", default=d.test_split, help="e.g. test, test[8000:]")
 
 
 def run_from_args(args: argparse.Namespace) -> Path:
@@ -143,15 +149,7 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out={str(out)!r} is a file; choose a directory for the results")
-    for name in MODELS:
-        if (out / name).exists():
-            raise FileExistsError(f"out={str(out)!r} already holds a run ({out / name}); choose a new --out")
-    train, test = load_splits(config.dataset, config.train_split, config.test_split, config.data_dir,
-                              cache_dir=config.cache_dir, download=config.download)
-    notice = data_notice(train, test)
-    if notice:
-        print(notice, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    train, test, notice = prepare(config, MODELS)
     train_x, test_x = normalize(train.images, config.dataset), normalize(test.images, config.dataset)
     probe = train_x[: min(config.probe_size, len(train))]
     models = dict(zip(MODELS, reference_pair(seed=config.seed)))
@@ -176,6 +174,24 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
     reminder = " (trained on offline fallback data: read the notice at its top)" if notice else ""
     print(f"results: {out / results.RESULTS_MD}{reminder}", flush=True)
     return out
+
+
+def prepare(config: object, names: tuple[str, ...]) -> tuple[Split, Split, str | None]:
+    """Refuse an out dir that holds a run in ``names``, load the splits, print the fallback notice, make the dir.
+
+    ``config`` is an experiment config with ``out`` and the data settings; returns train, test and the notice.
+    """
+    out = Path(config.out)
+    for name in names:
+        if (out / name).exists():
+            raise FileExistsError(f"out={str(out)!r} already holds a run ({out / name}); choose a new --out")
+    train, test = load_splits(config.dataset, config.train_split, config.test_split, config.data_dir,
+                              cache_dir=config.cache_dir, download=config.download)
+    notice = data_notice(train, test)
+    if notice:
+        print(notice, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return train, test, notice
 
 
 def train_model(

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covshift.experiments.bn_paper import Config, NoisyBatchNorm
+from covshift.experiments.bn_paper import VARIANTS, Config, NoisyBatchNorm
 from covshift.experiments.bn_paper import run_experiment as _run
-
-VARIANTS = ("plain", "batchnorm", "noisy")
 
 __all__ = ["VARIANTS", "Config", "NoisyBatchNorm", "run_experiment"]
 
