@@ -66,7 +66,7 @@ def main() -> None:
         def tracked() -> None:
             tracker = covshift.attach(model)
             for index, (x, y) in enumerate(batches):
-                kind = "first recorded" if index == 0 else "recorded" if index % tracker.every == 0 else "idle"
+                kind = "first recorded" if index == 0 else "recorded" if tracker.schedule.records(index) else "idle"
                 block[kind].append(step_ms(x, y))
             start = time.perf_counter()
             tracker.detach()

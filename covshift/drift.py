@@ -24,6 +24,8 @@ from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, QUANTILE_LEVELS
 
 #: Metric names, in the order ``metric="all"`` returns them.
 METRICS = ("mean_shift", "std_ratio", "wasserstein", "gaussian_w2", "ks", "psi", "js")
+#: Metrics read from the quantiles and bin means: only a layer's sketched channels have them.
+SKETCH_METRICS = ("wasserstein", *m.CDF_METRICS)
 AGGREGATES = ("mean", "median", "max")
 BY = ("layer", "channel")
 MATCHES = ("name", "type")
@@ -67,7 +69,9 @@ def drift(
         Tidy rows ``step, layer, [channel], metric, reference, value``; with
         ``by="layer"`` also ``channels`` (channels aggregated) and ``excluded``
         (channels left out because they, or their reference, have zero variance:
-        constant, e.g. a dead ReLU, or empty; their ``by="channel"`` value is NaN).
+        constant, e.g. a dead ReLU, or empty; and for the quantile metrics
+        ``wasserstein, ks, psi, js``, channels outside the layer's sketched subset,
+        see ``attach(sketch_channels=)``; their ``by="channel"`` value is NaN).
 
     Raises:
         ValueError: an unknown metric, reference, by, agg or source, or a run
@@ -244,6 +248,7 @@ class _Summaries:
     constant: np.ndarray  # zero variance or no finite value
     knots: _Columns | None  # quantile-function knots: min, quantiles, max
     binmeans: _Columns | None  # the 32 bin means
+    sketched: np.ndarray | bool = True  # records with quantiles and bin means (a layer's sketched channels)
 
 
 def _summaries(
@@ -288,6 +293,9 @@ def _summaries(
     count = frame["count"].to_numpy(np.float64)[order]
     perm = None if isinstance(order, slice) else order
     knots = binmeans = None
+    sketched: np.ndarray | bool = True
+    if set(names) & set(SKETCH_METRICS):
+        sketched = frame[QUANTILE_COLUMNS[0]].notna().to_numpy()[order]
     if set(names) & set(m.CDF_METRICS):
         knots = _Columns([frame[c].to_numpy() for c in ["min", *QUANTILE_COLUMNS, "max"]], perm)
     if "wasserstein" in names:
@@ -301,6 +309,7 @@ def _summaries(
         constant=~((count > 0) & (high > low) & (var > 0)),
         knots=knots,
         binmeans=binmeans,
+        sketched=sketched,
     )
     return summaries, layers
 
@@ -452,10 +461,12 @@ def _compute(
     refs: list[np.ndarray],
     names: tuple[str, ...],
     normalize: bool,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Each metric for rows ``cur`` of ``cur_s`` against the mean of rows ``refs`` of ``ref_s``.
 
-    Returns the values (NaN where excluded) and the mask of rows not excluded.
+    Returns the values (NaN where excluded) and, per metric, the mask of rows not
+    excluded: channels of zero variance, and for :data:`SKETCH_METRICS` channels
+    outside their layer's sketched subset.
     """
     values = {name: np.full(len(cur), np.nan) for name in names}
     ok = np.zeros(len(cur), dtype=bool)
@@ -490,9 +501,11 @@ def _compute(
                 values[name][part] = result
 
     _run_chunks(compute_chunk, range(0, len(cur), CHUNK_ROWS))
-    for array in values.values():
-        array[~ok] = np.nan
-    return values, ok
+    sketched = np.asarray(cur_s.sketched)[cur] if np.ndim(cur_s.sketched) else True
+    oks = {name: ok & sketched if name in SKETCH_METRICS else ok for name in names}
+    for name, array in values.items():
+        array[~oks[name]] = np.nan
+    return values, oks
 
 
 def _run_chunks(work: Callable[[int], None], starts: range) -> None:
@@ -524,33 +537,33 @@ def _tidy(
     layers: list[str],
     cur: np.ndarray,
     values: dict[str, np.ndarray],
-    ok: np.ndarray,
+    oks: dict[str, np.ndarray],
     label: str,
     by: str,
     agg: str,
 ) -> pd.DataFrame:
     """Rows in (metric, step, layer[, channel]) order, channels aggregated when ``by="layer"``."""
     order = np.argsort(cur, kind="stable")  # back to (step, layer, channel) order
-    rows, ok = cur[order], ok[order]
+    rows = cur[order]
     step, layer = s.step[rows], s.layer[rows]
     if by == "channel":
         base = {"step": step, "layer": layer, "channel": s.channel[rows]}
-        blocks = {name: v[order] for name, v in values.items()}
-        sizes = None
     else:
         new_group = np.r_[True, (step[1:] != step[:-1]) | (layer[1:] != layer[:-1])][: len(rows)]
         starts = np.flatnonzero(new_group)
         sizes = np.diff(np.r_[starts, len(rows)])
-        used = np.add.reduceat(ok.astype(np.int64), starts) if len(rows) else np.zeros(0, np.int64)
         base = {"step": step[starts], "layer": layer[starts]}
-        blocks = {name: _aggregate(v[order], ok, starts, used, agg) for name, v in values.items()}
     frames = []
-    for name, value in blocks.items():
+    for name, value in values.items():
         frame = dict(base)
         frame["layer"] = pd.Categorical.from_codes(base["layer"], categories=layers)
-        frame.update(metric=name, reference=label, value=value)
-        if sizes is not None:
-            frame.update(channels=used, excluded=sizes - used)
+        if by == "channel":
+            frame.update(metric=name, reference=label, value=value[order])
+        else:
+            ok = oks[name][order]
+            used = np.add.reduceat(ok.astype(np.int64), starts) if len(rows) else np.zeros(0, np.int64)
+            aggregated = _aggregate(value[order], ok, starts, used, agg)
+            frame.update(metric=name, reference=label, value=aggregated, channels=used, excluded=sizes - used)
         frames.append(pd.DataFrame(frame))
     return pd.concat(frames, ignore_index=True)
 

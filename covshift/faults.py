@@ -7,6 +7,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from covshift.schedule import Schedule
+
 #: Layer names listed in one warning before "and N more".
 NAMES_SHOWN = 8
 
@@ -58,7 +60,7 @@ def gap_messages(
     recorded: int,
     first_recorded: int | None,
     steps: int,
-    every: int,
+    schedule: Schedule,
     ran_training: bool,
     model: str,
 ) -> list[tuple[str, str]]:
@@ -79,7 +81,7 @@ def gap_messages(
             "transforms, and inputs that are not floating point, record nothing",
         ))
     elif recorded == 1:
-        advice = "train longer" if every == 1 else f"record more often (every={every} now) or train longer"
+        advice = "train longer" if schedule.records(1) else f"record more often ({schedule} now) or train longer"
         messages.append((
             "short",
             f"only 1 training step was recorded (step {first_recorded} of {steps}): drift needs at "

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from covshift.schedule import Schedule
+
 #: Sources of the two halves of a probe, in the order they run.
 HALVES = ("probe_a", "probe_b")
 
@@ -21,7 +23,7 @@ class Probe:
     args: tuple
     kwargs: dict
     fn: Callable[[int], Any] | None
-    every: int
+    schedule: Schedule
 
     def run_halves(self, model: nn.Module) -> Iterator[str]:
         """Run each half in turn, yielding its source name just before it runs."""
@@ -36,14 +38,14 @@ class Probe:
             model(*_take(self.args, part), **_take(self.kwargs, part))
 
 
-def make_probe(args: tuple, kwargs: dict, every: int) -> Probe:
+def make_probe(args: tuple, kwargs: dict, schedule: Schedule) -> Probe:
     """Check and hold a probe's inputs: tensors are detached, and batched ones agree on dim 0.
 
     A single callable argument is a probe function: it is called as ``fn(0)`` and
     ``fn(1)`` and runs the model's forward on that half of its fixed batch itself.
     """
     if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], torch.Tensor):
-        return Probe((), {}, args[0], every)
+        return Probe((), {}, args[0], schedule)
     args, kwargs = _detached(args), _detached(kwargs)
     sizes = _batch_sizes((args, kwargs))
     if not sizes:
@@ -55,7 +57,7 @@ def make_probe(args: tuple, kwargs: dict, every: int) -> Probe:
         raise ValueError(f"probe tensors disagree on the batch size (dim 0): {sorted(sizes)}")
     if min(sizes) < 2:
         raise ValueError("probe batch needs at least 2 examples: it is split in halves for the noise floor")
-    return Probe(args, kwargs, None, every)
+    return Probe(args, kwargs, None, schedule)
 
 
 @contextlib.contextmanager

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import shutil
 import tempfile
 import warnings
 import weakref
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +27,10 @@ from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Part
 SOURCES = ("train", "probe", "probe_a", "probe_b")
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
+#: Channels per layer that keep quantiles and bin means (evenly spaced); every channel keeps its moments.
+DEFAULT_SKETCH_CHANNELS = 64
+#: Columns every stats() frame has, whatever ``columns`` asks for.
+KEY_COLUMNS = ("step", "source", "layer", "channel")
 
 _INT_STATS = {"count", "nonfinite"}
 
@@ -56,13 +63,18 @@ class Run:
         *,
         flush_every: int = DEFAULT_FLUSH_EVERY,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS,
     ) -> None:
         if directory is None:
             directory = tempfile.mkdtemp(prefix="covshift-run-")
             weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
         check_int("flush_every", flush_every)
         check_int("memory_budget", memory_budget)
+        if sketch_channels is not None:
+            check_int("sketch_channels", sketch_channels)
         self.directory = Path(directory)
+        self.sketch_channels = sketch_channels
+        self._sketch_rows: dict[int, torch.Tensor | None] = {}  # channel count -> sketched channels
         self.flush_every = flush_every
         self.memory_budget = memory_budget
         self._step_partials: list[tuple[int, str, str, Partial]] = []
@@ -130,13 +142,22 @@ class Run:
         if not self._step_partials:
             return
         partials, self._step_partials = self._step_partials, []
-        record = finalize([partial for *_, partial in partials])
+        record = finalize(
+            [partial for *_, partial in partials],
+            [self._sketched(partial.count.shape[0]) for *_, partial in partials],
+        )
         keys = [(step, source, layer, partial.count.shape[0]) for step, source, layer, partial in partials]
         nbytes = sum(t.nbytes for t in (record.stats, record.quantiles, record.binmeans))
         seq = self._seq
         self._seq = seq + 1
         self._pending.append(_Step(seq, keys, record, nbytes))
         self._pending_bytes += nbytes
+
+    def _sketched(self, channels: int) -> torch.Tensor | None:
+        """The channels of a ``channels``-wide record that keep quantiles and bin means (None: all)."""
+        if channels not in self._sketch_rows:
+            self._sketch_rows[channels] = sketch_rows(channels, self.sketch_channels)
+        return self._sketch_rows[channels]
 
     def flush(self) -> None:
         """Write the ended steps to a Parquet part (no-op when none is buffered). Never raises OSError.
@@ -243,50 +264,98 @@ class Run:
         layers = pd.DataFrame(self._meta["layers"], columns=["name", "type", "channels", "channel_dim"])
         return layers.rename(columns={"name": "layer"})
 
-    def stats(self, source: str | None = None) -> pd.DataFrame:
-        """Every record as a DataFrame, one row per (source, step, layer, channel).
+    def stats(
+        self,
+        source: str | None = None,
+        *,
+        layers: str | Sequence[str] | None = None,
+        steps: int | Iterable[int] | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        """Records as a DataFrame, one row per (step, source, layer, channel), in that order.
 
         Columns: ``step, source, layer, channel, count, mean, var, min, max,
         nonfinite, zero_frac``, the quantiles ``q0.01 … q0.99`` and the bin means
-        ``binmean_00 …``. ``source`` selects ``"train"``, ``"probe"``, ``"probe_a"``
-        or ``"probe_b"``; None keeps all.
+        ``binmean_00 …`` (NaN for channels outside a layer's sketched subset).
 
-        Frames are built once per source until new records arrive; each call
-        returns a shallow copy (copy-on-write), so changing it leaves the run's
-        copy intact.
+        Args:
+            source: ``"train"``, ``"probe"``, ``"probe_a"`` or ``"probe_b"``; None keeps all.
+            layers: a layer name or a list of them; None keeps all.
+            steps: a step, an iterable of steps (a ``range`` too); None keeps all.
+            columns: the columns to read besides ``step, source, layer, channel``; None reads all.
+
+        Filters are pushed down to the Parquet parts: only the row groups that
+        can hold the layers and steps asked for are read, so one layer of a long
+        run is read in a fraction of the time and memory of the whole. The whole
+        run, unfiltered, is built once per source until new records arrive; each
+        call returns a shallow copy (copy-on-write), so changing it leaves the
+        run's copy intact.
         """
         if source is not None:
             check_choice("source", source, SOURCES)
+        filters = [] if source is None else [pc.field("source") == source]
+        if layers is not None:
+            filters.append(pc.field("layer").isin(self._known_layers(layers)))
+        if steps is not None:
+            filters.append(_steps_filter(steps))
+        if columns is not None:
+            columns = _checked_columns(columns)
+        paths = self._readable_parts()
+        if layers is None and steps is None and columns is None:
+            return self._whole(source, paths)
+        expression = functools.reduce(operator.and_, filters) if filters else None
+        tables = [store.read_part(path, self._run_id, _SCHEMA, columns=columns, filters=expression) for path in paths]
+        empty = _records_to_table([]).select(columns or _SCHEMA.names)
+        return self._to_frame(pa.concat_tables([empty, *tables]))
+
+    def _known_layers(self, layers: str | Sequence[str]) -> list[str]:
+        """``layers`` as a list of recorded layer names; an unknown one raises ValueError naming the valid ones."""
+        names = [layers] if isinstance(layers, str) else list(layers)
+        known = [layer["name"] for layer in self._meta["layers"]]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(f"no recorded layer {', '.join(map(repr, unknown))}; recorded layers: {', '.join(known)}")
+        return names
+
+    def _readable_parts(self) -> list[Path]:
+        """The parts on disk after a flush, but a part about to be rewritten with the steps still buffered."""
         self.flush()
         paths = store.part_paths(self.directory)
         if self._pending:  # unwritten steps: their part may be on disk already, to be rewritten
             unfinished = store.part_path(self.directory, self._pending[0].seq, self._run_id)
             paths = [path for path in paths if path != unfinished]
+        return paths
+
+    def _whole(self, source: str | None, paths: list[Path]) -> pd.DataFrame:
+        """Every record of ``source`` (None: all), read once and kept until new parts arrive."""
         for path in paths:
             if path not in self._parts_read:
                 self._tables.append(store.read_part(path, self._run_id, _SCHEMA))
                 self._parts_read.add(path)
-        order = [layer["name"] for layer in self._meta["layers"]]
-        key = (len(self._parts_read), tuple(order))
+        key = (len(self._parts_read), len(self._meta["layers"]))
         if self._frames_key != key:
             self._frames, self._frames_key = {}, key
         if source not in self._frames:
-            self._frames[source] = self._frame(source, order)
+            table = pa.concat_tables(self._tables) if self._tables else _records_to_table([])
+            if source is not None:
+                keep = pc.equal(table["source"], source)
+                if pc.all(keep).as_py() and None in self._frames:  # every record is of this source
+                    self._frames[source] = self._frames[None]
+                    return self._frames[source].copy(deep=False)
+                table = table.filter(keep)
+            self._frames[source] = self._to_frame(table)
         return self._frames[source].copy(deep=False)
 
-    def _frame(self, source: str | None, order: list[str]) -> pd.DataFrame:
-        """Records of ``source`` (None: all) as a DataFrame: the cached one of all when they are the same."""
-        table = pa.concat_tables(self._tables) if self._tables else _records_to_table([])
-        if source is not None:
-            keep = pc.equal(table["source"], source)
-            if pc.all(keep).as_py():  # every record is of this source
-                if None in self._frames:
-                    return self._frames[None]
-            else:
-                table = table.filter(keep)
+    def _to_frame(self, table: pa.Table) -> pd.DataFrame:
+        """``table`` as a DataFrame with categorical layers in recording order, rows sorted by step, source, layer, channel."""
         frame = table.to_pandas()
+        order = [layer["name"] for layer in self._meta["layers"]]
         frame["layer"] = pd.Categorical(frame["layer"].astype(str), categories=order)
         frame["source"] = frame["source"].astype(str)
+        rows = np.lexsort((frame["channel"].to_numpy(), frame["layer"].cat.codes.to_numpy(),
+                           frame["source"].to_numpy(), frame["step"].to_numpy()))
+        if (rows != np.arange(len(rows))).any():
+            frame = frame.take(rows).reset_index(drop=True)
         return frame
 
     def curves(self) -> pd.DataFrame:
@@ -331,6 +400,33 @@ class Run:
         return run_html(self)
 
 
+def _steps_filter(steps: int | Iterable[int]) -> pc.Expression:
+    """A Parquet filter keeping ``steps``: a range of step 1 as bounds (row groups skipped by their statistics)."""
+    step = pc.field("step")
+    if isinstance(steps, range) and steps.step == 1:
+        return (step >= steps.start) & (step < steps.stop)
+    wanted = [steps] if isinstance(steps, (int, np.integer)) else list(steps)
+    if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in wanted):
+        raise TypeError(f"steps must be an int or an iterable of ints, got {steps!r}")
+    return step.isin([int(value) for value in wanted])
+
+
+def _checked_columns(columns: Sequence[str]) -> list[str]:
+    """The key columns and ``columns``, in stored order; an unknown column raises ValueError."""
+    names = [columns] if isinstance(columns, str) else list(columns)
+    unknown = [name for name in names if name not in _SCHEMA.names]
+    if unknown:
+        raise ValueError(f"no column {', '.join(map(repr, unknown))}; columns: {', '.join(_SCHEMA.names)}")
+    return [name for name in _SCHEMA.names if name in KEY_COLUMNS or name in names]
+
+
+def sketch_rows(channels: int, limit: int | None) -> torch.Tensor | None:
+    """``limit`` evenly spaced channels of ``channels`` (first and last included); None when all are kept."""
+    if limit is None or channels <= limit:
+        return None
+    return torch.linspace(0, channels - 1, limit, dtype=torch.float64).round().long().unique()
+
+
 def load(path: str | Path) -> Run:
     """Open a stored run directory.
 
@@ -341,21 +437,30 @@ def load(path: str | Path) -> Run:
 
 
 def _records_to_table(pending: list[_Step]) -> pa.Table:
-    """Columns of the buffered records: one device-to-host copy per kind of statistic."""
+    """Columns of the buffered records, sorted by layer, source, step and channel.
+
+    One device-to-host copy per kind of statistic; the quantiles and bin means
+    of channels outside a layer's sketched subset are null.
+    """
     if pending:
         keys = [key for step in pending for key in step.keys]
         channels = np.array([key[3] for key in keys])
         stats = torch.cat([step.record.stats for step in pending]).cpu().numpy()
-        quantiles = torch.cat([step.record.quantiles for step in pending]).cpu().numpy()
-        binmeans = torch.cat([step.record.binmeans for step in pending]).cpu().numpy()
+        sketched = np.concatenate([_sketch_mask(step.record) for step in pending])
+        quantiles = _spread(torch.cat([step.record.quantiles for step in pending]).cpu().numpy(), sketched)
+        binmeans = _spread(torch.cat([step.record.binmeans for step in pending]).cpu().numpy(), sketched)
         step = np.repeat([key[0] for key in keys], channels)
         source = np.repeat([key[1] for key in keys], channels)
         layer = np.repeat([key[2] for key in keys], channels)
         channel = np.concatenate([np.arange(c) for c in channels])
+        order = np.lexsort((channel, step, source, layer))
+        stats, quantiles, binmeans, sketched = stats[order], quantiles[order], binmeans[order], sketched[order]
+        step, source, layer, channel = step[order], source[order], layer[order], channel[order]
     else:
         stats = np.empty((0, len(STAT_NAMES)))
         quantiles = np.empty((0, len(QUANTILE_COLUMNS)), dtype=np.float32)
         binmeans = np.empty((0, len(BINMEAN_COLUMNS)), dtype=np.float32)
+        sketched = np.empty(0, dtype=bool)
         step, source, layer, channel = (np.empty(0, dtype=t) for t in (np.int64, str, str, np.int64))
     columns = {
         "step": pa.array(step, pa.int64()),
@@ -366,11 +471,28 @@ def _records_to_table(pending: list[_Step]) -> pa.Table:
     for i, name in enumerate(STAT_NAMES):
         kind = pa.int64() if name in _INT_STATS else pa.float64()
         columns[name] = pa.array(stats[:, i].astype(kind.to_pandas_dtype()), kind)
+    missing = None if sketched.all() else ~sketched
     for i, name in enumerate(QUANTILE_COLUMNS):
-        columns[name] = pa.array(quantiles[:, i], pa.float32())
+        columns[name] = pa.array(quantiles[:, i], pa.float32(), mask=missing)
     for i, name in enumerate(BINMEAN_COLUMNS):
-        columns[name] = pa.array(binmeans[:, i], pa.float32())
+        columns[name] = pa.array(binmeans[:, i], pa.float32(), mask=missing)
     return pa.table(columns)
+
+
+def _sketch_mask(record: Record) -> np.ndarray:
+    """Which of a record's rows hold quantiles and bin means."""
+    if record.sketched is None:
+        return np.ones(record.stats.shape[0], dtype=bool)
+    return record.sketched.numpy()
+
+
+def _spread(values: np.ndarray, sketched: np.ndarray) -> np.ndarray:
+    """The sketched rows' ``values`` placed at their rows of a full-height array (NaN elsewhere)."""
+    if sketched.all():
+        return values
+    full = np.full((sketched.shape[0], values.shape[1]), np.nan, dtype=values.dtype)
+    full[sketched] = values
+    return full
 
 
 #: Columns and types of every part.

@@ -16,6 +16,7 @@ import secrets
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from covshift.faults import CovshiftWarning
@@ -24,8 +25,12 @@ META_FILE = "meta.json"
 CURVES_FILE = "curves.jsonl"
 PART_GLOB = "part-*.parquet"
 FORMAT = "covshift-run"
-#: 2: parts tagged with the run id of ``meta.json``, page checksums. 1: untagged parts.
-FORMAT_VERSION = 2
+#: 3: quantiles and bin means may be null (channels outside a layer's sketched subset), rows sorted
+#: by layer in row groups of ROW_GROUP_ROWS, zstd. 2: parts tagged with the run id of ``meta.json``,
+#: page checksums. 1: untagged parts. This covshift reads all three.
+FORMAT_VERSION = 3
+#: Rows per Parquet row group: small enough that reading one layer skips most of a part.
+ROW_GROUP_ROWS = 16384
 RUN_ID_KEY = b"covshift.run_id"
 ROWS_KEY = b"covshift.rows"  # the footer's row counts are not checksummed: a flipped bit could cut a part short
 _LAYER_FIELDS = {"name": str, "type": str, "channels": int, "channel_dim": (int, type(None))}
@@ -160,40 +165,69 @@ def part_path(directory: Path, first: int, run_id: str) -> Path:
 
 
 def write_part(path: Path, table: pa.Table, run_id: str) -> None:
-    """Write ``table`` to ``path``, tagged with ``run_id`` and with page checksums."""
+    """Write ``table`` to ``path``, tagged with ``run_id`` and with page checksums.
+
+    Rows are expected sorted by layer (then source, step, channel): row groups of
+    :data:`ROW_GROUP_ROWS` rows then hold few layers each, and their statistics
+    let a read of some layers skip the others' row groups.
+    """
     sink = pa.BufferOutputStream()
     table = table.replace_schema_metadata({RUN_ID_KEY: run_id.encode(), ROWS_KEY: str(table.num_rows).encode()})
-    # Dictionary encoding only where values repeat: on float columns it is wasted work.
-    pq.write_table(table, sink, use_dictionary=["source", "layer"], write_page_checksum=True)
+    floats = [field.name for field in table.schema if pa.types.is_floating(field.type)]
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=ROW_GROUP_ROWS,
+        compression="zstd",
+        use_dictionary=["source", "layer"],  # where values repeat; on float columns it is wasted work
+        use_byte_stream_split=floats,  # float bytes split by significance: zstd then finds the repeats
+        write_page_checksum=True,
+    )
     write_atomic(path, sink.getvalue().to_pybytes())
 
 
-def read_part(path: Path, run_id: str | None, schema: pa.Schema) -> pa.Table:
-    """Read a part and check its checksums, its run id (None: an untagged part) and its columns."""
+def read_part(
+    path: Path,
+    run_id: str | None,
+    schema: pa.Schema,
+    *,
+    columns: list[str] | None = None,
+    filters: pc.Expression | None = None,
+) -> pa.Table:
+    """Read a part, or its ``columns`` and rows matching ``filters``, and check it.
+
+    Checks the page checksums of what is read, the part's run id (None: an
+    untagged part), its row count and its columns; row groups whose statistics
+    rule out ``filters`` are not read at all.
+    """
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
-        table.validate(full=True)
-        tags = table.schema.metadata or {}
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        stored = parquet.schema_arrow
+        tags = stored.metadata or {}
         tag = tags[RUN_ID_KEY].decode() if RUN_ID_KEY in tags else None
-        rows = int(tags.get(ROWS_KEY, table.num_rows))
-        names = table.schema.names
-    except (pa.ArrowException, OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        rows = int(tags.get(ROWS_KEY, parquet.metadata.num_rows))
+        groups = sum(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
+    except (pa.ArrowException, OSError, ValueError, KeyError) as err:  # UnicodeDecodeError is a ValueError
         raise RunFileError(f"{path} is corrupted: not a readable Parquet file ({err})") from None
-    if rows != table.num_rows:
-        raise RunFileError(f"{path} is corrupted: it holds {table.num_rows} rows, {rows} were written")
+    if rows != groups:
+        raise RunFileError(f"{path} is corrupted: it holds {groups} rows, {rows} were written")
     if tag != run_id:
         whose = f"run {tag}" if tag else "an untagged (format 1) run"
         raise RunFileError(
             f"{path} belongs to {whose}, not to this run ({run_id or 'untagged'}): "
             "it was not written by this run; move it out of the run directory"
         )
-    table = table.replace_schema_metadata(None)
-    if not table.schema.equals(schema):
-        missing = [name for name in schema.names if name not in names]
-        extra = [name for name in names if name not in schema.names]
+    if not stored.remove_metadata().equals(schema):
+        missing = [name for name in schema.names if name not in stored.names]
+        extra = [name for name in stored.names if name not in schema.names]
         detail = f"missing columns {missing}, unexpected columns {extra}" if missing or extra else "column types differ"
         raise RunFileError(f"{path} does not hold covshift records: {detail}")
-    return table
+    try:
+        table = pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise RunFileError(f"{path} is corrupted: not a readable Parquet file ({err})") from None
+    return table.replace_schema_metadata(None)
 
 
 def append_jsonl(path: Path, rows: list[dict], *, create: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,9 @@ class Record:
     """Final statistics, one row per channel of each partial finalized together."""
 
     stats: torch.Tensor  # (rows, len(STAT_NAMES)) float64
-    quantiles: torch.Tensor  # (rows, len(QUANTILE_LEVELS)) float32
-    binmeans: torch.Tensor  # (rows, N_BINS) float32
+    quantiles: torch.Tensor  # (sketched rows, len(QUANTILE_LEVELS)) float32
+    binmeans: torch.Tensor  # (sketched rows, N_BINS) float32
+    sketched: torch.Tensor | None = None  # (rows,) bool: the rows with quantiles and bin means; None: all
 
 
 class Summarizer:
@@ -285,19 +287,24 @@ def merge(partials: list[Partial]) -> Partial:
 BLOCK_VALUES = 1 << 18
 
 
-def finalize(partials: list[Partial]) -> Record:
+def finalize(partials: list[Partial], sketch: Sequence[torch.Tensor | None] | None = None) -> Record:
     """Stored statistics of many partials at once, their channels stacked in order.
 
     Runs once per recorded step, over all of its layers, a block of samples at
     a time: one sort per block instead of one per layer. Samples of different
     widths are padded with +inf, which counts as no value.
+
+    Args:
+        partials: the step's records.
+        sketch: per partial, the channel indices that get quantiles and bin means
+            (None: every channel); moments, extrema and the zero fraction are
+            kept for every channel. None: every channel of every partial.
     """
     count = torch.cat([p.count for p in partials]).double()
     nonfinite = torch.cat([p.nonfinite for p in partials]).double()
     mean = torch.where(count > 0, torch.cat([p.mean for p in partials]).double(), float("nan"))
     var = torch.cat([p.m2 for p in partials]).double() / count  # NaN where no value was finite
-    blocks = [_sample_statistics(_padded_samples(block)) for block in _blocks(partials)]
-    quantiles, binmeans, zero_frac = (torch.cat(parts) for parts in zip(*blocks))
+    zero_frac = torch.cat([_zero_fraction(p.sample) for p in partials])
     stats = torch.stack(
         [
             count,
@@ -306,53 +313,70 @@ def finalize(partials: list[Partial]) -> Record:
             torch.cat([p.min for p in partials]).double(),
             torch.cat([p.max for p in partials]).double(),
             nonfinite,
-            zero_frac.double(),
+            zero_frac,
         ],
         dim=1,
     )
-    return Record(stats=stats, quantiles=quantiles, binmeans=binmeans)
+    sketched = None
+    samples = [p.sample for p in partials]
+    if sketch is not None and any(rows is not None for rows in sketch):
+        sketched = torch.cat([_row_mask(p.sample, rows) for p, rows in zip(partials, sketch)])
+        samples = [p.sample if rows is None else p.sample[rows.to(p.sample.device)] for p, rows in zip(partials, sketch)]
+    blocks = [_sample_statistics(_padded_samples(block)) for block in _blocks(samples)]
+    quantiles, binmeans = (torch.cat(parts) for parts in zip(*blocks))
+    return Record(stats=stats, quantiles=quantiles, binmeans=binmeans, sketched=sketched)
 
 
-def _blocks(partials: list[Partial]) -> list[list[Partial]]:
-    """Consecutive runs of partials holding about :data:`BLOCK_VALUES` sample values each."""
-    blocks: list[list[Partial]] = []
+def _blocks(samples: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive runs of samples holding about :data:`BLOCK_VALUES` values each."""
+    blocks: list[list[torch.Tensor]] = []
     values = BLOCK_VALUES
-    for partial in partials:
-        if values + partial.sample.numel() > BLOCK_VALUES:
+    for sample in samples:
+        if values + sample.numel() > BLOCK_VALUES:
             blocks.append([])
             values = 0
-        blocks[-1].append(partial)
-        values += partial.sample.numel()
+        blocks[-1].append(sample)
+        values += sample.numel()
     return blocks
 
 
-def _padded_samples(partials: list[Partial]) -> torch.Tensor:
-    """The samples of ``partials`` as one new (rows, width) tensor, short rows padded with +inf."""
-    width = max(p.sample.shape[1] for p in partials)
+def _padded_samples(samples: list[torch.Tensor]) -> torch.Tensor:
+    """``samples`` as one new (rows, width) tensor, short rows padded with +inf."""
+    width = max(sample.shape[1] for sample in samples)
     return torch.cat(
         [
-            p.sample if p.sample.shape[1] == width
-            else torch.nn.functional.pad(p.sample, (0, width - p.sample.shape[1]), value=float("inf"))
-            for p in partials
+            sample if sample.shape[1] == width
+            else torch.nn.functional.pad(sample, (0, width - sample.shape[1]), value=float("inf"))
+            for sample in samples
         ]
     )
 
 
-def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantiles (linear interpolation), equal-mass bin means and zero fraction of each row's finite values.
+def _zero_fraction(sample: torch.Tensor) -> torch.Tensor:
+    """Per row, the fraction of the finite sampled values that are exactly zero (float64; NaN for none)."""
+    finite = (sample < float("inf")).sum(1)
+    return (sample == 0).sum(1).double() / finite
+
+
+def _row_mask(sample: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """A (C,) bool mask of ``rows`` (None: all) among ``sample``'s rows, on the CPU."""
+    mask = torch.zeros(sample.shape[0], dtype=torch.bool)
+    mask[slice(None) if rows is None else rows.cpu()] = True
+    return mask
+
+
+def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantiles (linear interpolation) and equal-mass bin means of each row's finite values.
 
     Sorts ``sample`` in place.
     """
     ordered = _sort_rows_(sample)  # float32; +inf (non-finite, padding) sorts last
     rows, width = ordered.shape
-    zero = ordered.new_zeros(rows, 1)
-    zeros = (torch.searchsorted(ordered, zero, right=True) - torch.searchsorted(ordered, zero)).squeeze(1)
     # On the CPU, check for the common case: every row full and finite (+inf sorts last).
     if ordered.device.type == "cpu" and width % N_BINS == 0 and bool(ordered[:, -1].isfinite().all()):
         quantiles, binmeans = _full_row_statistics(ordered)
-        return quantiles.float(), binmeans.float(), zeros / width
+        return quantiles.float(), binmeans.float()
     valid = (ordered < float("inf")).sum(1, keepdim=True)  # (C, 1)
-    zero_frac = zeros / valid.squeeze(1)
     last = (valid - 1).clamp_min(0)
     position = _levels_on(sample.device)[None, :] * last
     lo = position.floor().long()
@@ -379,7 +403,7 @@ def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     empty = valid == 0
     quantiles = torch.where(empty, float("nan"), quantiles)
     binmeans = torch.where(empty, float("nan"), binmeans)
-    return quantiles.float(), binmeans.float(), zero_frac
+    return quantiles.float(), binmeans.float()
 
 
 def _full_row_statistics(ordered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

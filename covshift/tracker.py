@@ -12,18 +12,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from covshift import context, distributed
+from covshift import context, distributed, schedule
 from covshift.checks import check_int
 from covshift.faults import Faults, gap_messages
 from covshift.layers import ChannelDim, LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
 from covshift.probe import HALVES, Probe, make_probe, preserved
-from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, Run
+from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, DEFAULT_SKETCH_CHANNELS, Run
 from covshift.summary import DEFAULT_SAMPLE_SIZE, N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
 
-DEFAULT_PROBE_EVERY = 10
-#: Record one training step in this many by default: drift curves need hundreds of
-#: points, not every step, and non-recording steps cost almost nothing.
-DEFAULT_EVERY = 10
+#: Record on a log-spaced schedule by default (:mod:`covshift.schedule`): every step
+#: at first, then 40 per decade, so drift curves get their points where drift is
+#: fastest and a long run's store grows with the logarithm of its length.
+DEFAULT_EVERY = "log"
 
 
 class Tracker:
@@ -48,8 +48,9 @@ class Tracker:
         model: nn.Module,
         layers: LayerSpec = None,
         *,
-        every: int = DEFAULT_EVERY,
+        every: int | str | schedule.Schedule = DEFAULT_EVERY,
         sample_size: int = DEFAULT_SAMPLE_SIZE,
+        sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS,
         store: str | Path | None = None,
         step: Literal["auto", "manual"] = "auto",
         optimizer: torch.optim.Optimizer | None = None,
@@ -62,7 +63,7 @@ class Tracker:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-        check_int("every", every)
+        self.schedule = schedule.parse(every)
         if step not in ("auto", "manual"):
             raise ValueError(f"step must be 'auto' or 'manual', got {step!r}")
         optimizer = context.unwrap_optimizer(optimizer)
@@ -73,15 +74,16 @@ class Tracker:
         self.model = model
         self.layers = select_layers(context.unwrap_compiled(model), layers)
         check_channel_dims(channel_dim, self.layers)
-        self.every = every
         self.manual = step == "manual"
         self.optimizer = optimizer
         self._per_forward = optimizer is None and not self.manual  # each training forward is a step
         self._channel_dims = channel_dim
         self._summarizer = Summarizer(sample_size)
         config = {
-            "every": every,
+            "every": every if isinstance(every, (int, str)) else str(self.schedule),
+            "schedule": self.schedule.describe(),
             "sample_size": sample_size,
+            "sketch_channels": sketch_channels,
             "step": "optimizer" if optimizer is not None else step,
             "outputs": outputs,
             "quantile_levels": list(QUANTILE_LEVELS),
@@ -105,6 +107,7 @@ class Tracker:
             },
             flush_every=flush_every,
             memory_budget=memory_budget,
+            sketch_channels=sketch_channels,
         )
         self._lock = threading.RLock()  # steps, the open merged step and the run
         self._forward = context.Forward()
@@ -171,8 +174,8 @@ class Tracker:
             else:
                 self._set_open_step(index)
 
-    def probe(self, *args: Any, every: int = DEFAULT_PROBE_EVERY, **kwargs: Any) -> Tracker:
-        """Summarize a fixed batch every ``every`` steps, apart from training.
+    def probe(self, *args: Any, every: int | str | schedule.Schedule | None = None, **kwargs: Any) -> Tracker:
+        """Summarize a fixed batch at the recorded steps (or on a schedule of its own), apart from training.
 
         At the start of each such step (when steps follow updates, as soon as the
         update that opens it is done, and for the step open now at this call if
@@ -190,10 +193,11 @@ class Tracker:
 
         Args:
             args, kwargs: the model's arguments, or a single function of the half.
-            every: probe once every this many steps.
+            every: None to probe at the steps that record training (``attach``'s
+                ``every``); else an int N (every N-th step), ``"log"`` or a
+                :class:`~covshift.schedule.Schedule`.
         """
-        check_int("every", every)
-        self._probe = make_probe(args, kwargs, every)
+        self._probe = make_probe(args, kwargs, self.schedule if every is None else schedule.parse(every))
         if not self._per_forward and self.model.training and not self._step_partials:
             self._maybe_probe(self._step)  # steps follow updates: the open step starts now
         return self
@@ -224,7 +228,7 @@ class Tracker:
                 recorded=self._train_steps,
                 first_recorded=self._first_train_step,
                 steps=self._step + 1,
-                every=self.every,
+                schedule=self.schedule,
                 ran_training=self._step >= 0 if self._per_forward else bool(self._called),
                 model=type(self.model).__name__,
             ):
@@ -241,7 +245,7 @@ class Tracker:
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
-        return f"Tracker({len(self.layers)} layers, every={self.every}, step={self._step}, {state})"
+        return f"Tracker({len(self.layers)} layers, {self.schedule}, step={self._step}, {state})"
 
     # -- hooks -------------------------------------------------------------------
     def _install(self, outputs: bool) -> None:
@@ -280,7 +284,7 @@ class Tracker:
                     self._step += 1
                 forward.step = self._step
             self._maybe_probe(forward.step)
-            forward.active = self._per_forward and forward.step % self.every == 0
+            forward.active = self._per_forward and self.schedule.records(forward.step)
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         if context.is_compiling() or context.probe_owner() is not None or not self._per_forward:
@@ -302,7 +306,7 @@ class Tracker:
     def _set_open_step(self, index: int) -> None:
         """Merged modes: the step now open is ``index`` (lock held)."""
         self._step = index
-        self._recording = index % self.every == 0
+        self._recording = self.schedule.records(index)
 
     def _records_now(self, module: nn.Module) -> bool:
         """Whether a layer call records: inside a recorded forward (per-forward mode, probes), or in
@@ -395,7 +399,7 @@ class Tracker:
             merged = self._merge_calls(partials)
         # -- torch.distributed: on a recorded step every rank sends its records, rank 0 merges and writes them
         if self._ranks is not None:
-            if step % self.every == 0 or (self._probe is not None and step % self._probe.every == 0):
+            if self.schedule.records(step) or (self._probe is not None and self._probe.schedule.records(step)):
                 pooled = self._ranks.gather(
                     step, {} if self._faults.stopped else merged, self._kinds, self._summarizer.sample_size
                 )
@@ -438,7 +442,7 @@ class Tracker:
 
     def _maybe_probe(self, step: int) -> None:
         """Run the probe at the start of ``step`` if it is a probe step and its probe has not run yet."""
-        if self._probe is None or self._faults.stopped or step % self._probe.every or self._probed == step:
+        if self._probe is None or self._faults.stopped or not self._probe.schedule.records(step) or self._probed == step:
             return
         self._probed = step
         self._run_probe()
@@ -470,8 +474,9 @@ def attach(
     model: nn.Module,
     layers: LayerSpec = None,
     *,
-    every: int = DEFAULT_EVERY,
+    every: int | str | schedule.Schedule = DEFAULT_EVERY,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
+    sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS,
     store: str | Path | None = None,
     step: Literal["auto", "manual"] = "auto",
     optimizer: torch.optim.Optimizer | None = None,
@@ -489,9 +494,15 @@ def attach(
         layers: None for every layer with parameters of its own or normalization
             layer; else names or glob patterns (``"features.*"``), module types, a
             list of those, or a predicate ``(name, module) -> bool``.
-        every: record one training step in ``every`` (steps 0, every, 2·every, …).
+        every: which training steps record: ``"log"`` (default: steps 0–22, then
+            40 per decade, 168 records in 100,000 steps; see :mod:`covshift.schedule`),
+            an int N (steps 0, N, 2N, …) or a :class:`~covshift.schedule.Schedule`.
         sample_size: values per channel the quantiles come from (exact at or above
             the channel's value count); moments and extrema always use every value.
+        sketch_channels: channels per layer that keep quantiles and bin means
+            (evenly spaced, first and last included; None: all); moments, extrema
+            and the zero fraction are kept for every channel. Wide layers cost
+            far less to store and report this way (docs/performance.md).
         store: a new directory to stream the run to (crash-safe); None keeps it in
             a temporary directory until ``run.save()``.
         step: ``"auto"`` (each training-mode forward is a step) or ``"manual"``
@@ -536,6 +547,7 @@ def attach(
         layers,
         every=every,
         sample_size=sample_size,
+        sketch_channels=sketch_channels,
         store=store,
         step=step,
         optimizer=optimizer,

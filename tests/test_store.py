@@ -321,9 +321,9 @@ def test_a_newer_format_asks_for_an_upgrade_whatever_its_fields(tmp_path):
     record(tmp_path / "r", steps=1)
     path = tmp_path / "r" / "meta.json"
     meta = json.loads(path.read_text())
-    meta.update(format_version=3, layers={"fc": {}})
+    meta.update(format_version=store.FORMAT_VERSION + 1, layers={"fc": {}})
     path.write_text(json.dumps(meta))
-    with pytest.raises(RunFileError, match="has format version 3; this covshift reads up to 2: upgrade covshift"):
+    with pytest.raises(RunFileError, match=f"has format version {store.FORMAT_VERSION + 1}; this covshift reads up to {store.FORMAT_VERSION}: upgrade"):
         covshift.load(tmp_path / "r")
 
 
@@ -350,7 +350,7 @@ def test_a_part_of_another_run_is_named_not_duplicated(tmp_path):
 def test_each_part_is_tagged_with_the_run_id_of_meta(tmp_path):
     run = record(tmp_path / "r", steps=4, flush_every=2)
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
-    assert meta["format_version"] == store.FORMAT_VERSION == 2 and meta["run_id"] == run.meta["run_id"]
+    assert meta["format_version"] == store.FORMAT_VERSION == 3 and meta["run_id"] == run.meta["run_id"]
     parts = store.part_paths(tmp_path / "r")
     assert len(parts) == 2
     assert {pq.read_schema(p).metadata[b"covshift.run_id"].decode() for p in parts} == {meta["run_id"]}

@@ -180,10 +180,24 @@ def test_blocks_of_rows_give_the_same_statistics_as_one(monkeypatch):
     partials = [summarizer.summarize(torch.randn(10, c, 7), 1) for c in (3, 5, 2, 4)]
     whole = finalize(partials)
     monkeypatch.setattr(summary_module, "BLOCK_VALUES", 100)  # about 3 rows of 32 per block
-    assert len(summary_module._blocks(partials)) == 4
+    assert len(summary_module._blocks([p.sample for p in partials])) == 4
     blocked = finalize(partials)
     for field in ("stats", "quantiles", "binmeans"):
         torch.testing.assert_close(getattr(blocked, field), getattr(whole, field))
+
+
+def test_sketching_a_subset_of_channels_keeps_their_sketches_and_every_channels_moments():
+    summarizer = Summarizer(64)
+    x = torch.randn(16, 6, 8)
+    x[:, 4] = torch.relu(x[:, 4])
+    partials = [summarizer.summarize(x, 1), summarizer.summarize(torch.randn(16, 3), 1)]
+    whole = finalize(partials)
+    subset = finalize(partials, [torch.tensor([0, 4]), None])
+    torch.testing.assert_close(subset.stats, whole.stats)  # moments, extrema and zero fraction of every channel
+    assert subset.sketched.tolist() == [True, False, False, False, True, False, True, True, True]
+    torch.testing.assert_close(subset.quantiles, whole.quantiles[subset.sketched])
+    torch.testing.assert_close(subset.binmeans, whole.binmeans[subset.sketched])
+    assert whole.sketched is None
 
 
 def test_bad_sample_size_is_rejected():

@@ -228,10 +228,13 @@ def test_torch_func_grad_and_vmap_skip_wrapped_tensors_with_one_warning():
 # -- warnings where the user would otherwise get silence -------------------------
 def test_detach_warns_when_fewer_than_two_steps_were_recorded():
     model = mlp()
-    with pytest.warns(CovshiftWarning, match=r"only 1 training step was recorded.*every=10"):
-        with covshift.attach(model):
+    with pytest.warns(CovshiftWarning, match=r"only 1 training step was recorded.*every=10 now"):
+        with covshift.attach(model, every=10):
             for _ in range(8):
                 model(torch.randn(3, 4))
+    with pytest.warns(CovshiftWarning, match=r"only 1 training step was recorded \(step 0 of 1\).*train longer$"):
+        with covshift.attach(model):  # the default schedule records every early step
+            model(torch.randn(3, 4))
     model.eval()
     with pytest.warns(CovshiftWarning, match="no training step was recorded.*eval mode"):
         with covshift.attach(model):

@@ -244,8 +244,9 @@ def train_model(
     order = torch.randperm(len(labels), generator=order_rng)
     position = 0
     started = time.perf_counter()
+    # Every unit keeps its percentiles (sketch_channels=None): the paper's view is of single units.
     with covshift.attach(model, optimizer=optimizer, layers=recorded, every=config.every, store=store,
-                         name=name) as tracker:
+                         sketch_channels=None, name=name) as tracker:
         tracker.probe(probe, every=config.eval_every)
         null = NullFloor(model, probe, optimizer=optimizer, every=config.null_every, directory=store,
                          layers=recorded, size=config.batch_size, splits=config.null_splits)

@@ -211,7 +211,9 @@ def train_model(
     images, labels = train
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     order_rng = torch.Generator().manual_seed(config.seed)
-    with covshift.attach(model, layers=nn.Conv2d, every=config.every, store=store, name=name) as tracker:
+    # A small model: every channel keeps its quantiles (sketch_channels=None), as in the published results.
+    with covshift.attach(model, layers=nn.Conv2d, every=config.every, store=store, sketch_channels=None,
+                         name=name) as tracker:
         tracker.probe(probe, every=config.probe_every)
         for epoch in range(1, config.epochs + 1):
             model.train()

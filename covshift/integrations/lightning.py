@@ -61,7 +61,7 @@ class CovshiftCallback(pl.Callback):
             of the half (0 or 1). Tensors are moved to the module's device. The
             probe runs as each probe step opens (at the update before it), whether
             ``training_step`` calls ``self(...)`` or a submodule.
-        probe_every: probe every this many steps.
+        probe_every: None (default) to probe at the steps that record training; else an int N or "log".
         module: attach to this submodule of the LightningModule (an attribute
             path such as ``"net"``) instead of the whole module.
         attach_options: passed to :func:`covshift.attach` (``layers``, ``every``,
@@ -76,7 +76,7 @@ class CovshiftCallback(pl.Callback):
         per_layer: bool = True,
         log_every_n_steps: int | None = None,
         probe: Any = None,
-        probe_every: int = 10,
+        probe_every: int | str | None = None,
         module: str | None = None,
         **attach_options: Any,
     ) -> None:

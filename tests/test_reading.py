@@ -1,0 +1,120 @@
+"""Filtered, out-of-core reads of a run; compact rows; runs written by older covshift."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import covshift
+from covshift import store
+from covshift.run import sketch_rows
+from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS
+
+FORMAT_2 = Path(__file__).parent / "data" / "run-format-2"
+
+
+def _wide_run(directory, sketch_channels=4, steps=6, flush_every=100):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3), torch.nn.Linear(3, 2))
+    tracker = covshift.attach(model, every=1, store=directory, sketch_channels=sketch_channels,
+                              sample_size=64, flush_every=flush_every)
+    for step in range(steps):
+        model(torch.randn(32, 10) + step)
+    return tracker.detach()
+
+
+def test_filters_give_the_rows_of_the_whole_frame(tmp_path):
+    run = _wide_run(tmp_path / "r", flush_every=2)
+    whole = run.stats()
+    some = run.stats(layers=["2", "0"], steps=[1, 4, 5])
+    expected = whole[whole.layer.isin(["0", "2"]) & whole.step.isin([1, 4, 5])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(some, expected)
+    ranged = run.stats(layers="3", steps=range(2, 5), columns=["mean", "q0.5"])
+    assert list(ranged.columns) == ["step", "source", "layer", "channel", "mean", "q0.5"]
+    expected = whole[(whole.layer == "3") & whole.step.between(2, 4)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(ranged, expected[list(ranged.columns)])
+    assert list(ranged.layer.cat.categories) == ["0", "2", "3"]  # recording order, as the whole frame's
+
+
+def test_rows_come_step_by_step_in_recording_order_of_layers(tmp_path):
+    stats = _wide_run(tmp_path / "r", flush_every=2).stats()
+    keys = list(zip(stats.step, stats.layer.cat.codes, stats.channel))
+    assert keys == sorted(keys)
+
+
+def test_bad_filters_name_what_is_valid(tmp_path):
+    run = _wide_run(tmp_path / "r", steps=2)
+    with pytest.raises(ValueError, match="no recorded layer 'fc'; recorded layers: 0, 2, 3"):
+        run.stats(layers="fc")
+    with pytest.raises(ValueError, match="no column 'median'; columns: step, source"):
+        run.stats(columns=["median"])
+    with pytest.raises(TypeError, match="steps must be an int or an iterable of ints"):
+        run.stats(steps=["1"])
+    assert run.stats(steps=99).empty
+
+
+def test_a_layer_read_skips_the_row_groups_of_other_layers(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "ROW_GROUP_ROWS", 12)  # one row group per layer and step here
+    run = _wide_run(tmp_path / "r", steps=3)
+    (part,) = store.part_paths(run.directory)
+    metadata = pq.ParquetFile(part).metadata
+    assert metadata.num_row_groups > 3
+    read = []
+    real = pq.read_table
+
+    def counting(*args, **kwargs):
+        table = real(*args, **kwargs)
+        read.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(pq, "read_table", counting)
+    assert len(run.stats(layers="3")) == 3 * 3
+    assert read == [9]
+
+
+def test_wide_layers_keep_moments_for_every_channel_and_sketches_for_an_even_subset(tmp_path):
+    compact = _wide_run(tmp_path / "compact", sketch_channels=4).stats()
+    full = _wide_run(tmp_path / "full", sketch_channels=None).stats()
+    moments = ["count", "mean", "var", "min", "max", "nonfinite", "zero_frac"]
+    pd.testing.assert_frame_equal(compact[moments], full[moments])
+    sketched = compact["q0.5"].notna()
+    kept = compact[sketched]
+    assert set(kept[kept.layer == "2"].channel) == {0, 4, 7, 11}  # 12 channels: 4 evenly spaced
+    assert set(kept[kept.layer == "3"].channel) == {0, 1, 2}  # 3 channels: all of them
+    assert set(kept[kept.layer == "0"].channel) == set(sketch_rows(10, 4).tolist()) == {0, 3, 6, 9}
+    columns = list(QUANTILE_COLUMNS + BINMEAN_COLUMNS)
+    np.testing.assert_array_equal(kept[columns].to_numpy(), full[sketched][columns].to_numpy())
+    assert compact.loc[~sketched, columns].isna().all().all()
+
+
+def test_a_compact_wide_run_is_smaller_on_disk(tmp_path):
+    def size(run):
+        return sum(p.stat().st_size for p in store.part_paths(run.directory))
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+    runs = {}
+    for label, limit in (("compact", 16), ("full", None)):
+        torch.manual_seed(0)
+        tracker = covshift.attach(model, every=1, store=tmp_path / label, sketch_channels=limit)
+        for _ in range(4):
+            model(torch.randn(64, 256))
+        runs[label] = tracker.detach()
+    assert size(runs["compact"]) < size(runs["full"]) / 3
+
+
+def test_a_format_2_run_loads_and_reports_drift(tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(FORMAT_2, copy)
+    run = covshift.load(copy)
+    assert run.meta["format_version"] == 2
+    stats = run.stats()
+    assert sorted(stats.step.unique()) == [0, 1, 2] and set(stats["count"]) == {16}
+    assert stats.loc[stats.layer == "0", "mean"].groupby(stats.step).mean().diff().dropna().gt(0.5).all()
+    assert len(run.stats(layers="2", steps=[2])) == 3  # Linear(3, 2): 3 input channels
+    drift = covshift.drift(run, metric="mean_shift")
+    assert set(drift.step) == {0, 1, 2}
+    assert not any(copy.glob(".*"))  # reading wrote nothing
