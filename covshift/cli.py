@@ -55,6 +55,7 @@ the last one, noise_* its mean noise floor (NaN without a probe); *_a is RUN_A,
 _STATS_EPILOG = """\
 examples:
   covshift stats runs/plain
+  covshift stats runs/plain --layer conv1 fc      only these layers' rows are read
 """
 
 _EXPERIMENT_EPILOG = """\
@@ -145,6 +146,12 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
     stats = _command(commands, "stats", "show what a run holds: layers, channels, steps, sources, size",
                      _STATS_EPILOG, _stats)
     stats.add_argument("run", metavar="RUN", help="a run directory")
+    stats.add_argument("--layer", nargs="+", metavar="NAME", default=None,
+                       help="print these layers' records per step instead (channels aggregated: "
+                            "mean of the means and of the standard deviations, extrema, zero fraction); "
+                            "only their rows are read")
+    stats.add_argument("--source", default="train", choices=("train", "probe", "probe_a", "probe_b"),
+                       help="with --layer: the records' source (default %(default)s)")
 
     experiment = _command(commands, "experiment", "run a reference experiment", _EXPERIMENT_EPILOG, None)
     experiments = experiment.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
@@ -246,13 +253,27 @@ def _stats(args: argparse.Namespace) -> int:
     from covshift.run import load
 
     run = load(args.run)
-    print(run_overview(run))
+    print(run_overview(run) if args.layer is None else layer_overview(run, args.layer, args.source))
     return 0
+
+
+def layer_overview(run: Run, layers: list[str], source: str) -> str:
+    """Per layer and step: channels, mean of the channel means and standard deviations, extrema, zero fraction."""
+    import numpy as np
+
+    stats = run.stats(source, layers=layers, columns=["mean", "var", "min", "max", "zero_frac"])
+    if stats.empty:
+        return f"no {source} records of {', '.join(layers)} in {run.directory}"
+    stats = stats.assign(sd=np.sqrt(stats["var"]))
+    table = stats.groupby(["layer", "step"], observed=True).agg(
+        channels=("channel", "size"), mean=("mean", "mean"), sd=("sd", "mean"),
+        min=("min", "min"), max=("max", "max"), zero_frac=("zero_frac", "mean"))
+    return table.to_string(float_format=lambda v: f"{v:.4g}")
 
 
 def run_overview(run: Run) -> str:
     """A few lines that say what a run holds: layers, channels, steps per source, curves, size on disk."""
-    stats = run.stats()
+    sources = run.sources()
     files = [p for p in Path(run.directory).iterdir() if p.is_file()]
     size = sum(p.stat().st_size for p in files)
     lines = [
@@ -262,12 +283,10 @@ def run_overview(run: Run) -> str:
         f"size on disk: {_size(size)} in {len(files)} files",
         "",
     ]
-    if stats.empty:
+    if sources.empty:
         lines.append("no records")
     else:
-        per_source = stats.groupby("source")["step"].agg(["nunique", "min", "max", "size"])
-        per_source.columns = ["steps", "first step", "last step", "rows"]
-        lines += [per_source.to_string(), ""]
+        lines += [sources.to_string(), ""]
     layers = run.layers.set_index("layer")
     lines.append(f"{len(layers)} layers, {int(layers['channels'].sum())} channels")
     lines.append(layers.to_string())

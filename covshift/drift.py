@@ -10,7 +10,7 @@ accuracy and conventions: ``docs/metrics.md``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,6 +30,8 @@ AGGREGATES = ("mean", "median", "max")
 BY = ("layer", "channel")
 MATCHES = ("name", "type")
 REFERENCE_FORMS = "'initial', 'previous', an int step or 'rolling:K'"
+#: Records read at a time by :func:`drift` from a stored run (a few hundred MB with every column).
+BATCH_ROWS = 2**20
 #: Records per vectorized chunk: bounds the temporary memory (about 50 MB per
 #: worker thread) and gives every core several chunks.
 CHUNK_ROWS = 65536
@@ -91,12 +93,67 @@ def drift(
     label, _ = _parse_reference(reference)
     check_choice("by", by, BY)
     check_choice("agg", agg, AGGREGATES)
-    summaries, layers = _summaries(run, source, names)
+    if not isinstance(run, Run):
+        return _drift_of(_summaries(run, source, names), names, reference, normalize, label, by, agg)
+    parts = [
+        _drift_of(_summaries(frame, source, names, order=_layer_order(run)), names, reference, normalize, label, by, agg)
+        for frame in _layer_batches(run, source, names)
+    ]
+    if not parts:
+        _summaries(run, source, names)  # raises: no records of source
+    frame = pd.concat(parts, ignore_index=True)
+    keys = [frame["channel"].to_numpy()] if by == "channel" else []
+    rank = frame["metric"].map({name: i for i, name in enumerate(names)}).to_numpy()
+    rows = np.lexsort((*keys, frame["layer"].cat.codes.to_numpy(), frame["step"].to_numpy(), rank))
+    return frame.take(rows).reset_index(drop=True)
+
+
+def _drift_of(
+    found: tuple[_Summaries, list[str]],
+    names: tuple[str, ...],
+    reference: str | int,
+    normalize: bool,
+    label: str,
+    by: str,
+    agg: str,
+) -> pd.DataFrame:
+    """:func:`drift` of summaries already read."""
+    summaries, layers = found
     cur, refs = _reference_rows(summaries, reference)
     order = np.argsort(cur, kind="stable")  # records in stored order: contiguous blocks
     cur, refs = cur[order], [r[order] for r in refs]
     values, ok = _compute(summaries, summaries, cur, refs, names, normalize)
     return _tidy(summaries, layers, cur, values, ok, label, by, agg)
+
+
+def _layer_batches(run: Run, source: str, names: tuple[str, ...]) -> Iterator[pd.DataFrame]:
+    """``source``'s records of ``run``, a few layers at a time (about :data:`BATCH_ROWS` rows), with
+    only the columns ``names`` need: memory stays flat however long the run. Layers without records are skipped."""
+    columns = [*_NEEDED_COLUMNS]
+    if set(names) & set(SKETCH_METRICS):
+        columns.append(QUANTILE_COLUMNS[0])
+    if set(names) & set(m.CDF_METRICS):
+        columns += QUANTILE_COLUMNS
+    if "wasserstein" in names:
+        columns += BINMEAN_COLUMNS
+    layers = run.layers
+    channels = dict(zip(layers["layer"], layers["channels"]))
+    pending = list(layers["layer"])
+    rows_per_channel = None
+    while pending:
+        if rows_per_channel is None:  # the first layer alone, to learn how many rows a channel has
+            batch = pending[:1]
+        else:
+            budget, batch = BATCH_ROWS, []
+            while pending[len(batch):] and (not batch or budget >= channels[pending[len(batch)]] * rows_per_channel):
+                budget -= channels[pending[len(batch)]] * rows_per_channel
+                batch.append(pending[len(batch)])
+        pending = pending[len(batch):]
+        frame = run.stats(source, layers=batch, columns=list(dict.fromkeys(columns)))
+        if rows_per_channel is None:
+            rows_per_channel = max(1, len(frame) // max(1, channels[batch[0]]))
+        if not frame.empty:
+            yield frame
 
 
 def noise_floor(
@@ -252,9 +309,12 @@ class _Summaries:
 
 
 def _summaries(
-    run: RunLike, source: str, names: tuple[str, ...] = METRICS, hint: str = ""
+    run: RunLike, source: str, names: tuple[str, ...] = METRICS, hint: str = "", order: list[str] | None = None
 ) -> tuple[_Summaries, list[str]]:
-    """``source``'s records as arrays; quantiles and bin means only when ``names`` need them."""
+    """``source``'s records as arrays; quantiles and bin means only when ``names`` need them.
+
+    ``order``: the layer order, when ``run`` is a DataFrame of some of a run's layers.
+    """
     check_choice("source", source, SOURCES)
     if isinstance(run, Run):
         frame = run.stats(source)
@@ -274,7 +334,7 @@ def _summaries(
             f"the run has no records of source={source!r}; it has {present or 'no records'}"
             + (f" ({hint})" if hint else "")
         )
-    layers, codes = _layer_codes(frame["layer"], _layer_order(run) if isinstance(run, Run) else None)
+    layers, codes = _layer_codes(frame["layer"], _layer_order(run) if isinstance(run, Run) else order)
     step = frame["step"].to_numpy(np.int64)
     channel = frame["channel"].to_numpy(np.int64)
     order = np.lexsort((channel, codes, step))
@@ -491,14 +551,21 @@ def _compute(
                 values["std_ratio"][part] = m.std_ratio(sd_t, sd_r)
             if "gaussian_w2" in names:
                 values["gaussian_w2"][part] = m.gaussian_w2(mu_t, sd_t, mu_r, sd_r, normalize)
-            if "wasserstein" in names:
-                values["wasserstein"][part] = m.wasserstein(
-                    cur_s.binmeans.take(rows).T, _mean_of(ref_s.binmeans, ref_rows).T, scale
+        if not ("wasserstein" in names or cdf_names):
+            return
+        # The quantile metrics only where the layer keeps sketches (all rows unless sketch_channels was set).
+        keep = slice(None) if np.ndim(cur_s.sketched) == 0 else np.flatnonzero(cur_s.sketched[rows])
+        rows, ref_rows = rows[keep], [r[keep] for r in ref_rows]
+        if "wasserstein" in names:
+            with np.errstate(all="ignore"):
+                values["wasserstein"][part][keep] = m.wasserstein(
+                    cur_s.binmeans.take(rows).T, _mean_of(ref_s.binmeans, ref_rows).T,
+                    None if scale is None else scale[keep],
                 )
         if cdf_names:
             found = m.cdf_metrics(cur_s.knots.take(rows).T, _mean_of(ref_s.knots, ref_rows).T, levels, cdf_names)
             for name, result in found.items():
-                values[name][part] = result
+                values[name][part][keep] = result
 
     _run_chunks(compute_chunk, range(0, len(cur), CHUNK_ROWS))
     sketched = np.asarray(cur_s.sketched)[cur] if np.ndim(cur_s.sketched) else True

@@ -29,6 +29,8 @@ DEFAULT_FLUSH_EVERY = 100
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 #: Channels per layer that keep quantiles and bin means (evenly spaced); every channel keeps its moments.
 DEFAULT_SKETCH_CHANNELS = 64
+#: Layer names an error message lists before "and N more".
+LAYERS_SHOWN = 12
 #: Columns every stats() frame has, whatever ``columns`` asks for.
 KEY_COLUMNS = ("step", "source", "layer", "channel")
 
@@ -304,9 +306,26 @@ class Run:
         if layers is None and steps is None and columns is None:
             return self._whole(source, paths)
         expression = functools.reduce(operator.and_, filters) if filters else None
-        tables = [store.read_part(path, self._run_id, _SCHEMA, columns=columns, filters=expression) for path in paths]
+        wanted = None if layers is None else self._known_layers(layers)
+        tables = [
+            store.read_part(path, self._run_id, _SCHEMA, columns=columns, filters=expression, layers=wanted)
+            for path in paths
+        ]
         empty = _records_to_table([]).select(columns or _SCHEMA.names)
         return self._to_frame(pa.concat_tables([empty, *tables]))
+
+    def sources(self) -> pd.DataFrame:
+        """Per source: recorded ``steps``, ``first step``, ``last step`` and ``rows``; only two columns are read."""
+        tables = [store.read_part(path, self._run_id, _SCHEMA, columns=["step", "source"])
+                  for path in self._readable_parts()]
+        table = pa.concat_tables([_records_to_table([]).select(["step", "source"]), *tables])
+        table = table.set_column(1, "source", table["source"].cast(pa.string()))
+        grouped = table.group_by("source").aggregate(
+            [("step", "count_distinct"), ("step", "min"), ("step", "max"), ("step", "count")])
+        frame = grouped.to_pandas().set_index("source").sort_index()
+        frame.columns = [{"step_count_distinct": "steps", "step_min": "first step", "step_max": "last step",
+                          "step_count": "rows"}[c] for c in frame.columns]
+        return frame[["steps", "first step", "last step", "rows"]]
 
     def _known_layers(self, layers: str | Sequence[str]) -> list[str]:
         """``layers`` as a list of recorded layer names; an unknown one raises ValueError naming the valid ones."""
@@ -314,7 +333,8 @@ class Run:
         known = [layer["name"] for layer in self._meta["layers"]]
         unknown = [name for name in names if name not in known]
         if unknown:
-            raise ValueError(f"no recorded layer {', '.join(map(repr, unknown))}; recorded layers: {', '.join(known)}")
+            shown = ", ".join(known[:LAYERS_SHOWN]) + (f" and {len(known) - LAYERS_SHOWN} more" if len(known) > LAYERS_SHOWN else "")
+            raise ValueError(f"no recorded layer {', '.join(map(repr, unknown))}; recorded layers: {shown} (run.layers lists them)")
         return names
 
     def _readable_parts(self) -> list[Path]:

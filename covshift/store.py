@@ -193,12 +193,13 @@ def read_part(
     *,
     columns: list[str] | None = None,
     filters: pc.Expression | None = None,
+    layers: list[str] | None = None,
 ) -> pa.Table:
     """Read a part, or its ``columns`` and rows matching ``filters``, and check it.
 
     Checks the page checksums of what is read, the part's run id (None: an
-    untagged part), its row count and its columns; row groups whose statistics
-    rule out ``filters`` are not read at all.
+    untagged part), its row count and its columns. With ``layers``, only the
+    row groups whose statistics can hold one of them are read.
     """
     try:
         parquet = pq.ParquetFile(path, page_checksum_verification=True)
@@ -223,11 +224,30 @@ def read_part(
         detail = f"missing columns {missing}, unexpected columns {extra}" if missing or extra else "column types differ"
         raise RunFileError(f"{path} does not hold covshift records: {detail}")
     try:
-        table = pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
+        groups = _row_groups(parquet, layers)
+        table = parquet.read_row_groups(groups, columns=columns) if groups else stored.empty_table().select(columns or stored.names)
+        if filters is not None:
+            table = table.filter(filters)
         table.validate(full=True)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise RunFileError(f"{path} is corrupted: not a readable Parquet file ({err})") from None
     return table.replace_schema_metadata(None)
+
+
+def _row_groups(parquet: pq.ParquetFile, layers: list[str] | None) -> list[int]:
+    """The row groups of ``parquet`` whose ``layer`` statistics can hold one of ``layers`` (None: all)."""
+    metadata = parquet.metadata
+    if layers is None:
+        return list(range(metadata.num_row_groups))
+    column = parquet.schema_arrow.get_field_index("layer")
+    groups = []
+    for index in range(metadata.num_row_groups):
+        statistics = metadata.row_group(index).column(column).statistics
+        if statistics is None or not statistics.has_min_max or any(
+            statistics.min <= name <= statistics.max for name in layers
+        ):
+            groups.append(index)
+    return groups
 
 
 def append_jsonl(path: Path, rows: list[dict], *, create: bool = False) -> None:

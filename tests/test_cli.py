@@ -45,6 +45,20 @@ def test_stats_describes_the_run(run_dirs, runs):
     assert "probe_a" in out and "size on disk:" in out and "training curves: " in out
 
 
+def test_stats_of_one_layer_prints_it_per_step(run_dirs, runs):
+    result = covshift_cmd("stats", run_dirs[0], "--layer", "fc")
+    assert result.returncode == 0, result.stderr
+    header, _, *rows = result.stdout.strip().splitlines()
+    assert header.split() == ["channels", "mean", "sd", "min", "max", "zero_frac"]
+    stats = runs[0].stats(source="train")
+    fc = stats[stats.layer == "fc"]
+    assert len(rows) == fc.step.nunique()
+    first = rows[0].split()
+    assert first[:3] == ["fc", str(fc.step.min()), str((fc.step == fc.step.min()).sum())]
+    assert float(first[3]) == pytest.approx(fc[fc.step == fc.step.min()]["mean"].mean(), rel=1e-3)
+    assert_one_line_error(covshift_cmd("stats", run_dirs[0], "--layer", "nope"), "no recorded layer 'nope'", "conv")
+
+
 def test_compare_prints_a_per_layer_table(run_dirs):
     result = covshift_cmd("compare", *run_dirs, "--metric", "mean_shift")
     assert result.returncode == 0, result.stderr
