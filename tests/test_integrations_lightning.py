@@ -252,6 +252,8 @@ def ddp_rank_script(out: Path) -> None:
         reading = str(err)
     result = {"directory": str(callback.run.directory), "warnings": caught, "seen": module.seen, "reading": reading}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # else gloo's threads may abort the exit (pytorch/pytorch#190489)
+        torch.distributed.destroy_process_group()
 
 
 def test_ddp_fit_writes_one_run_equal_to_one_process_on_both_ranks_batches(tmp_path):
