@@ -21,7 +21,9 @@ layout tuple per record besides). Below the cap every value is sent: when
 exact, as in one process. Rank 0
 merges the ranks' partials exactly as the core merges the calls of one step
 (:func:`covshift.summary.merge`: counts, moments by Chan's rule and extrema
-exact, samples pooled) and alone writes the run; the other ranks write nothing.
+exact, samples pooled) and alone writes the run. The other ranks write
+nothing, anywhere: their ``tracker.run`` is a :class:`NonWriterRun`, a
+:class:`~covshift.run.Run` with no directory.
 
 Nothing is communicated on steps that do not record. The collectives run under
 the process group's own timeout; when one fails (a rank died, left the loop, or
@@ -32,12 +34,15 @@ instead of waiting, and takes part in no further exchange.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
+from covshift.checks import check_int
+from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, Run
 from covshift.summary import Partial
 
 #: Fields per channel besides the sample: count, nonfinite, mean, m2, min, max (8 bytes each).
@@ -162,6 +167,88 @@ class Ranks:
                 if kind != "?":
                     kinds.setdefault(name, (kind, dim))
         return pooled
+
+
+class NonWriterRun(Run):
+    """``tracker.run`` (and what ``detach()`` returns) on the ranks that do not write the run.
+
+    A :class:`~covshift.run.Run` with no directory (``directory`` is None): it
+    creates no file, ``flush()`` and ``log()`` do nothing (rank 0 logs the
+    job's curves), ``meta`` holds the configuration, and reading the records
+    (``stats()``, ``sources()``, ``layers``, ``curves()``, ``save()``) raises a RuntimeError
+    that says they are on rank 0 of the process group.
+
+    >>> run = NonWriterRun({"name": "job"}, rank=1, size=2)
+    >>> run, run.directory
+    (Run(no directory: rank 1 of 2 writes nothing, rank 0 writes the run), None)
+    """
+
+    def __init__(
+        self,
+        meta: dict,
+        *,
+        rank: int,
+        size: int,
+        store: str | Path | None = None,
+        flush_every: int = DEFAULT_FLUSH_EVERY,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        check_int("flush_every", flush_every)  # the same settings are refused on every rank
+        check_int("memory_budget", memory_budget)
+        self.directory = None  # type: ignore[assignment]
+        self.flush_every, self.memory_budget = flush_every, memory_budget
+        self._meta = {**meta, "layers": []}
+        self._rank, self._size = rank, size
+        self._store = store
+
+    def flush(self) -> None:
+        """Nothing to write."""
+
+    def log(self, step: int, **values: float) -> None:
+        """Nothing is stored: rank 0 logs the job's curves (so a loop may call this on every rank)."""
+
+    def add_layer(self, name: str, type_name: str, channels: int, channel_dim: int | None) -> None:
+        raise self._elsewhere()
+
+    def append(self, step: int, source: str, layer: str, partial: Partial) -> None:
+        raise self._elsewhere()
+
+    def end_step(self) -> None:
+        raise self._elsewhere()
+
+    @property
+    def name(self) -> str:
+        return self._meta.get("name") or f"rank {self._rank} of {self._size}"
+
+    @property
+    def layers(self) -> Any:
+        raise self._elsewhere()
+
+    def stats(self, source: str | None = None, **filters: Any) -> Any:
+        raise self._elsewhere()
+
+    def sources(self) -> Any:
+        raise self._elsewhere()
+
+    def curves(self) -> Any:
+        raise self._elsewhere()
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        raise self._elsewhere()
+
+    def __repr__(self) -> str:
+        return f"Run(no directory: rank {self._rank} of {self._size} writes nothing, rank 0 writes the run)"
+
+    def _repr_html_(self) -> str:
+        return repr(self)
+
+    def _elsewhere(self) -> RuntimeError:
+        where = f" to {self._store}" if self._store is not None else ""
+        return RuntimeError(
+            f"covshift: rank {self._rank} of {self._size} holds no records: rank 0 of the process group merges "
+            f"every rank's records and writes the run{where}; read it there "
+            "(e.g. under `if torch.distributed.get_rank() == 0:`)"
+        )
 
 
 class JoinableSteps(Joinable):

@@ -39,16 +39,20 @@ class Faults:
         self.warn_once(name, f"{message}; it is no longer recorded")
 
     @contextlib.contextmanager
-    def guard(self, doing: str, store: Path) -> Iterator[None]:
-        """Turn a fault while ``doing`` into one warning; recording stops, training goes on."""
+    def guard(self, doing: str, store: Path | None) -> Iterator[None]:
+        """Turn a fault while ``doing`` into one warning; recording stops, training goes on.
+
+        ``store``: the run's directory, named in the warning (None on a rank that writes none).
+        """
         try:
             yield
         except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's loop
             self.stopped = True
+            kept = f" Steps written before are kept in {store}" if store is not None else ""
             self.warn_once(
                 "stopped",
                 f"{doing} failed ({type(err).__name__}: {err}); covshift stops recording here and "
-                f"training goes on. Steps written before are kept in {store}",
+                f"training goes on.{kept}",
                 stacklevel=5,
             )
 

@@ -93,22 +93,22 @@ class Tracker:
         self._ranks = distributed.detect(group)
         if self._ranks is not None:
             config["distributed"] = self._ranks.describe()
-            if not self._ranks.is_writer:
-                store = None  # a private temporary run that never receives a record
         # --
-        self.run = Run(
-            store,
-            {
-                "name": name,
-                "model": type(context.unwrap_compiled(model)).__name__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "config": config,
-                "versions": _versions(),
-            },
-            flush_every=flush_every,
-            memory_budget=memory_budget,
-            sketch_channels=sketch_channels,
-        )
+        meta = {
+            "name": name,
+            "model": type(context.unwrap_compiled(model)).__name__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": config,
+            "versions": _versions(),
+        }
+        if self._ranks is not None and not self._ranks.is_writer:  # a run with no directory: it writes nothing
+            self.run: Run = distributed.NonWriterRun(
+                meta, rank=self._ranks.rank, size=self._ranks.size, store=store,
+                flush_every=flush_every, memory_budget=memory_budget,
+            )
+        else:
+            self.run = Run(store, meta, flush_every=flush_every, memory_budget=memory_budget,
+                           sketch_channels=sketch_channels)
         self._lock = threading.RLock()  # steps, the open merged step and the run
         self._forward = context.Forward()
         # Index of the current step: in per-forward mode the last forward's (-1 before
@@ -208,6 +208,10 @@ class Tracker:
 
     def detach(self) -> Run:
         """Remove every hook, write what is buffered and return the run. Safe to call twice.
+
+        In a ``torch.distributed`` job, ranks other than rank 0 of the group get a
+        :class:`~covshift.distributed.NonWriterRun`: a run with no directory,
+        whose reading methods raise an error saying the records are on rank 0.
 
         Warns once about what the user would otherwise not see: fewer than two
         recorded training steps, and selected layers that were never called.

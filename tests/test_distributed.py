@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 import covshift
+from covshift import store
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -171,6 +173,9 @@ def _dies(rank: int, out: Path) -> None:
 def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
     """One rank: run ``scenario``, write ``rank{rank}.json`` (error type and message, if any)."""
     out = Path(out)
+    tempfile.tempdir = str(out / f"tmp-{rank}")  # each rank's own temporary directory: what it writes there shows
+    Path(tempfile.tempdir).mkdir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out / f"tmp-{rank}-inductor")  # torch's, made by importing DDP
     result: dict = {"error": None}
     try:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=PG_TIMEOUT)
@@ -282,11 +287,16 @@ def _same_run(distributed: Path, single: Path) -> None:
 
 
 def _one_run_written(out: Path) -> None:
-    """Only rank 0's run is in ``out`` (besides the workers' result files); rank 1 kept a private temporary one."""
-    written = sorted(p.name for p in out.iterdir() if not p.name.startswith(("rank", "run-dir", "rendezvous")))
+    """Only rank 0's run is in ``out`` (besides the workers' result files), and rank 1 wrote nothing anywhere:
+    not in its temporary directory, and its run has no directory."""
+    names = ("rank", "run-dir", "rendezvous", "tmp-")
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith(names))
     assert written == ["run"]
     assert (out / "run-dir-0.txt").read_text() == str(out / "run")
-    assert (out / "run-dir-1.txt").read_text() != str(out / "run")
+    assert (out / "run-dir-1.txt").read_text() == "None"
+    assert list((out / "tmp-1").iterdir()) == []
+    run_id, parts = covshift.load(out / "run").meta["run_id"], store.part_paths(out / "run")
+    assert parts and all(run_id in part.name for part in parts)  # every part is rank 0's run's
 
 
 @pytest.mark.parametrize("scenario", ["ddp", "ddp_forward", "fsdp"])
@@ -394,6 +404,23 @@ def test_single_process_and_group_false_are_not_distributed():
     assert detect() is None and detect(False) is None
     with pytest.raises(ValueError, match="init_process_group"):
         detect(object())
+
+
+def test_a_non_writer_run_writes_nothing_and_says_where_the_records_are(tmp_path, monkeypatch):
+    from covshift.distributed import NonWriterRun
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run = NonWriterRun({"name": None, "config": {"every": 1}}, rank=1, size=2, store="runs/job")
+    assert isinstance(run, covshift.Run) and run.directory is None and run.meta["config"] == {"every": 1}
+    run.flush()
+    run.log(0, loss=1.0)  # a loop may log on every rank: rank 0 keeps the curves
+    assert run.name == "rank 1 of 2" and "rank 1 of 2 writes nothing" in repr(run)
+    for read in (lambda: run.stats(), lambda: run.layers, run.curves, lambda: run.save(tmp_path / "copy")):
+        with pytest.raises(RuntimeError, match=r"rank 1 of 2 holds no records: rank 0 .* writes the run to runs/job"):
+            read()
+    with pytest.raises(ValueError, match="flush_every"):
+        NonWriterRun({}, rank=1, size=2, flush_every=0)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.filterwarnings("ignore::covshift.faults.CovshiftWarning")  # no step recorded: not the point here

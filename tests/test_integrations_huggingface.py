@@ -1,7 +1,17 @@
-"""`covshift.integrations.huggingface.CovshiftCallback` in real (tiny) Hugging Face Trainer runs on CPU."""
+"""`covshift.integrations.huggingface.CovshiftCallback` in real (tiny) Hugging Face Trainer runs on CPU.
+
+This file is also the script of the two-process run:
+``torchrun --standalone --nproc_per_node=2 tests/test_integrations_huggingface.py OUT``.
+"""
 
 import glob
+import json
 import math
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +21,7 @@ from tiny_regression import TinyRegressor, regression_rows
 import covshift
 
 transformers = pytest.importorskip("transformers")
+from covshift.faults import CovshiftWarning
 from covshift.integrations.huggingface import CovshiftCallback
 
 transformers.logging.set_verbosity_error()
@@ -117,3 +128,75 @@ def test_log_false_records_without_logging(tmp_path):
 def test_options_are_checked():
     with pytest.raises(TypeError, match="optimizer"):
         CovshiftCallback(optimizer=None)
+
+
+# -- torchrun: two processes, one run ---------------------------------------------------
+TORCHRUN_STEPS = 3  # updates, each of 2 micro-batches of 2 rows per rank
+
+
+def torchrun_rank(out: Path) -> None:
+    """One rank of a Trainer run under torchrun (gloo on the CPU): writes ``rank{r}.json`` with the rows of
+    each training forward, covshift's warnings and where its run is."""
+    rank = int(os.environ["RANK"])
+    tempfile.tempdir = str(out / f"tmp-{rank}")  # what this rank writes in its temporary directory shows
+    Path(tempfile.tempdir).mkdir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out / f"tmp-{rank}-inductor")  # torch's own, made by importing DDP
+    torch.manual_seed(0)
+    rows = regression_rows(64)
+    model, callback = TinyRegressor(), CovshiftCallback(every=1)
+    args = training_args(out, max_steps=TORCHRUN_STEPS, logging_steps=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback])
+    seen = []  # (global_step, rows of x) of each training forward
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((trainer.state.global_step, kw["x"].tolist())) if m.training else None,
+        with_kwargs=True,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    try:
+        callback.run.stats()
+        reading = None
+    except RuntimeError as err:
+        reading = str(err)
+    logged = [(e["step"], e["covshift/step"]) for e in trainer.state.log_history if "covshift/step" in e]
+    result = {
+        "directory": str(callback.run.directory), "seen": seen, "reading": reading, "logged": logged,
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, CovshiftWarning)],
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # else gloo's threads may abort the exit (pytorch/pytorch#190489)
+        torch.distributed.destroy_process_group()
+
+
+def test_torchrun_trainer_writes_one_run_of_the_union_over_ranks(tmp_path):
+    from jobs import run_job, torchrun
+
+    out = tmp_path / "job"
+    out.mkdir()
+    run_job(torchrun(__file__, str(out)), cwd=out, timeout=150)
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    # one run, written by rank 0; rank 1 wrote nothing and says where the records are
+    directory = out / "out" / "covshift"
+    assert [str(p.parent) for p in out.rglob("meta.json")] == [ranks[0]["directory"]] == [str(directory)]
+    assert ranks[1]["directory"] == "None" and "rank 0" in ranks[1]["reading"] and ranks[0]["reading"] is None
+    assert list((out / "tmp-1").iterdir()) == [] == list((out / "tmp-0").iterdir())
+    assert [r["warnings"] for r in ranks] == [[], []]
+    run = covshift.load(directory)
+    assert run.meta["config"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    # each step's record is the union of the rows both ranks' forwards took at that step
+    stats = run.stats("train").query("layer == 'fc'")
+    assert sorted(set(stats.step)) == list(range(TORCHRUN_STEPS))
+    for step in range(TORCHRUN_STEPS):
+        union = torch.tensor([row for r in ranks for s, x in r["seen"] if s == step for row in x], dtype=torch.float64)
+        assert union.shape == (2 * 2 * 2, 4)  # 2 ranks x 2 micro-batches x 2 rows
+        record = stats[stats.step == step].sort_values("channel")
+        assert record["count"].tolist() == [len(union)] * 4
+        for column, want in (("mean", union.mean(0)), ("var", union.var(0, unbiased=False)),
+                             ("min", union.min(0).values), ("max", union.max(0).values)):
+            torch.testing.assert_close(torch.tensor(record[column].to_numpy()), want, rtol=1e-5, atol=1e-6)
+    assert ranks[0]["logged"] == [[2, 1], [3, 2]] and ranks[1]["logged"] == []  # drift logged on rank 0 only
+
+
+if __name__ == "__main__":  # one rank under torchrun
+    torchrun_rank(Path(sys.argv[1]))

@@ -1,8 +1,17 @@
-"""`covshift.integrations.lightning.CovshiftCallback` in real (tiny) Lightning fits on CPU."""
+"""`covshift.integrations.lightning.CovshiftCallback` in real (tiny) Lightning fits on CPU.
 
+This file is also the script of the two-process ``strategy="ddp"`` fit:
+``python tests/test_integrations_lightning.py OUT`` (Lightning's launcher starts it again for rank 1).
+"""
+
+import json
 import logging
 import math
+import os
+import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,6 +25,7 @@ import covshift
 lightning = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from covshift.faults import CovshiftWarning
 from covshift.integrations.lightning import CovshiftCallback
 
 logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -200,3 +210,84 @@ def test_options_are_checked():
         CovshiftCallback(optimizer=None)
     with pytest.raises(ValueError, match="log_every_n_steps"):
         CovshiftCallback(log_every_n_steps=-1)
+
+
+# -- strategy="ddp": two processes, one run ---------------------------------------------
+DDP_STEPS = 3  # optimizer steps, each of 2 accumulated micro-batches of BATCH rows per rank
+
+
+def ddp_rows() -> TensorDataset:
+    """Rows for DDP_STEPS steps of 2 micro-batches of BATCH rows on each of 2 ranks."""
+    gen = torch.Generator().manual_seed(4)
+    n = 2 * 2 * BATCH * DDP_STEPS
+    return TensorDataset(torch.randn(n, 4, generator=gen) * 2 + 1, torch.randn(n, 1, generator=gen))
+
+
+def ddp_fit(out: Path, devices: int, batch: int, order: list[int] | None = None):
+    """Fit on ``ddp_rows()`` (in ``order``, if given) with covshift on every step; return the module,
+    the callback and covshift's warnings. With 2 devices Lightning gives each rank a shuffled
+    ``DistributedSampler`` (seed 0): rank r takes rows ``randperm[r::2]``."""
+    torch.manual_seed(0)
+    module, callback = Regressor(), CovshiftCallback(every=1)
+    strategy = {"strategy": "ddp"} if devices > 1 else {}
+    trainer = make_trainer(out, callback, max_steps=DDP_STEPS, devices=devices, num_sanity_val_steps=0,
+                           log_every_n_steps=2, limit_val_batches=0, **strategy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, DataLoader(ddp_rows(), batch_size=batch, sampler=order))
+    return module, callback, [str(w.message) for w in caught if issubclass(w.category, CovshiftWarning)]
+
+
+def ddp_rank_script(out: Path) -> None:
+    """One rank of the ddp fit (rank 0 launches rank 1): writes ``rank{r}.json``."""
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    tempfile.tempdir = str(out / f"tmp-{rank}")  # what this rank writes in its temporary directory shows
+    Path(tempfile.tempdir).mkdir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out / f"tmp-{rank}-inductor")  # torch's own, made by importing DDP
+    module, callback, caught = ddp_fit(out, devices=2, batch=BATCH)
+    try:
+        callback.run.stats()
+        reading = None
+    except RuntimeError as err:
+        reading = str(err)
+    result = {"directory": str(callback.run.directory), "warnings": caught, "seen": module.seen, "reading": reading}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # else gloo's threads may abort the exit (pytorch/pytorch#190489)
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_fit_writes_one_run_equal_to_one_process_on_both_ranks_batches(tmp_path):
+    from jobs import python_script, run_job
+
+    out = tmp_path / "job"
+    out.mkdir()
+    run_job(python_script(__file__, str(out)), cwd=out, timeout=150)
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    # one run, written by rank 0; rank 1 wrote nothing and says where the records are
+    directory = out / "csv" / "version_0" / "covshift"
+    assert [str(p.parent) for p in out.rglob("meta.json")] == [ranks[0]["directory"]] == [str(directory)]
+    assert ranks[1]["directory"] == "None" and "rank 0" in ranks[1]["reading"] and ranks[0]["reading"] is None
+    assert list((out / "tmp-1").iterdir()) == [] == list((out / "tmp-0").iterdir())
+    assert [r["warnings"] for r in ranks] == [[], []]
+    run = covshift.load(directory)
+    assert run.meta["config"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    # every record is the union of both ranks' micro-batches: as one process on batches twice as large
+    rows = pd.DataFrame(ranks[0]["seen"] + ranks[1]["seen"], columns=["step", "sum", "rows"]).groupby("step").sum()
+    assert per_step(run)["count"].tolist() == rows["rows"].tolist() == [2 * 2 * BATCH] * DDP_STEPS
+    # the DistributedSampler's permutation: its rows 2kB … 2kB+2B-1 are both ranks' k-th micro-batches
+    order = torch.randperm(len(ddp_rows()), generator=torch.Generator().manual_seed(0)).tolist()
+    _, single, _ = ddp_fit(tmp_path / "single", devices=1, batch=2 * BATCH, order=order)
+    got, want = (r.stats().sort_values(["step", "layer", "channel"]).reset_index(drop=True) for r in (run, single.run))
+    assert len(got) == len(want) == DDP_STEPS * (4 + 8)  # two layers of 4 and 8 channels
+    for column in ("step", "source", "layer", "channel", "count", "nonfinite"):
+        assert got[column].astype(str).tolist() == want[column].astype(str).tolist(), column
+    numbers = [c for c in got.columns if c not in ("step", "source", "layer", "channel")]
+    torch.testing.assert_close(torch.tensor(got[numbers].to_numpy(dtype=float)),
+                               torch.tensor(want[numbers].to_numpy(dtype=float)), rtol=1e-5, atol=1e-5)
+    # drift logged through rank 0's logger
+    metrics = pd.read_csv(out / "csv" / "version_0" / "metrics.csv")
+    assert metrics["covshift/wasserstein/layer_mean"].notna().any()
+
+
+if __name__ == "__main__":  # one rank of the ddp fit
+    ddp_rank_script(Path(sys.argv[1]))

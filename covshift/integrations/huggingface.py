@@ -49,6 +49,10 @@ class CovshiftCallback(transformers.TrainerCallback):
       W&B …) receive it with the loss. The callback moves itself to the front of
       the Trainer's callbacks at the start of training so that those
       integrations see the values it adds. Only that step's drift is computed.
+    - Under ``torchrun`` (or ``accelerate launch``) the process group exists
+      when training begins, so every rank attaches to it and each record is the
+      union of all ranks' micro-batches, written by world process zero alone;
+      on the other ranks :attr:`run` has no directory.
     - The run is stored in ``<output_dir>/covshift`` (``covshift_1`` … when
       taken) unless ``store=`` says where; at the end of training the hooks are
       removed and :attr:`run` holds it. (The Trainer has no exception event: if

@@ -47,6 +47,11 @@ class CovshiftCallback(pl.Callback):
     - The run is stored in ``<trainer.log_dir>/covshift`` (``covshift_1`` … when
       taken) unless ``store=`` says where; after the fit (or an exception) the
       hooks are gone and :attr:`run` holds it.
+    - Several processes (``strategy="ddp"``, FSDP …): the process group exists at
+      ``on_train_start``, so every rank attaches to it and each record is the
+      union of all ranks' batches, written by global rank zero alone; on the
+      other ranks :attr:`run` has no directory (read it where
+      ``trainer.is_global_zero``).
 
     Args:
         metric: drift metric(s) to log (see :func:`covshift.drift`).
