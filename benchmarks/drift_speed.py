@@ -28,8 +28,9 @@ def write_run(directory: Path, steps: int, layers: int, channels: int, steps_per
     """A run whose channels are normals drifting in location and scale, written part by part."""
     rng = np.random.default_rng(0)
     names = [f"layer{i}" for i in range(layers)]
+    run_id = store.new_run_id()
     store.write_meta(directory, {
-        "format": store.FORMAT, "format_version": store.FORMAT_VERSION, "name": "synthetic",
+        "format": store.FORMAT, "format_version": store.FORMAT_VERSION, "name": "synthetic", "run_id": run_id,
         "config": {"every": 1, "sample_size": 1024, "quantile_levels": list(QUANTILE_LEVELS), "n_bins": N_BINS},
         "layers": [{"name": n, "type": "Conv2d", "channels": channels, "channel_dim": 1} for n in names],
     })
@@ -37,15 +38,15 @@ def write_run(directory: Path, steps: int, layers: int, channels: int, steps_per
     sample = np.sort(rng.standard_normal(2**20))
     z_quantiles = np.quantile(sample, QUANTILE_LEVELS)
     z_binmeans = sample.reshape(N_BINS, -1).mean(axis=1)
-    for index, first in enumerate(range(0, steps, steps_per_part)):
+    for first in range(0, steps, steps_per_part):
         step = np.arange(first, min(first + steps_per_part, steps))
         rows = len(step) * layers * channels
         loc = (rng.standard_normal(rows) * 0.05 + np.repeat(step, layers * channels) / steps)[:, None]
         scale = np.exp(rng.standard_normal(rows) * 0.05)[:, None]
         columns = {
             "step": pa.array(np.repeat(step, layers * channels), pa.int64()),
-            "source": pa.array(np.full(rows, "train")).dictionary_encode(),
-            "layer": pa.array(np.tile(np.repeat(names, channels), len(step))).dictionary_encode(),
+            "source": pa.array(np.full(rows, "train")),
+            "layer": pa.array(np.tile(np.repeat(names, channels), len(step))),
             "channel": pa.array(np.tile(np.arange(channels), len(step) * layers), pa.int32()),
         }
         stats = {
@@ -59,7 +60,10 @@ def write_run(directory: Path, steps: int, layers: int, channels: int, steps_per
             columns[name] = pa.array((loc[:, 0] + scale[:, 0] * z).astype(np.float32))
         for name, z in zip(BINMEAN_COLUMNS, z_binmeans):
             columns[name] = pa.array((loc[:, 0] + scale[:, 0] * z).astype(np.float32))
-        store.write_part(directory, index, pa.table(columns))
+        table = pa.table(columns).sort_by([("layer", "ascending"), ("step", "ascending"), ("channel", "ascending")])
+        for key in ("source", "layer"):  # as covshift writes them: sorted by layer, dictionary-encoded
+            table = table.set_column(table.schema.get_field_index(key), key, table[key].dictionary_encode())
+        store.write_part(store.part_path(directory, first, run_id), table, run_id)
 
 
 def best_of(repeats: int, fn) -> float:
