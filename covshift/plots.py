@@ -122,7 +122,7 @@ def drift_line(
         steps = [*null["step"], max(null["step"].iloc[-1], frame["step"].max() if len(frame) else 0)]
         values = [*null["null_q95"], null["null_q95"].iloc[-1]]
         lines += ax.plot(steps, values, color=color, linewidth=1.2, linestyle=":", drawstyle="steps-post",
-                         label=None if label is None else f"{label} null 95th percentile")
+                         label=None if label is None else f"{label} null 95th pct")
     return lines
 
 
