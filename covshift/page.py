@@ -293,17 +293,25 @@ def render_html(
 def detail_note(ranked: Sequence[str], detail: Sequence[str], total: int, name: str) -> str:
     """Which layers the table lists and which got detail figures, and why; where the others are.
 
-    >>> detail_note(["fc", "conv"], ["conv", "fc"], 2, "W1")
-    'All 2 layers, by mean W1 drift over the recorded steps (the largest of the runs), most first; each has detail figures.'
-    >>> print(detail_note(["c", "b"], ["a", "b", "c"], 5, "W1"))
-    The 2 of 5 layers that drift most by mean W1 drift over the recorded steps (the largest of the runs), most first. Detail figures are drawn for the layers listed and the layers asked for with layers= (a); the other 2 layers are in the heatmap and under All numbers.
+    >>> import textwrap
+    >>> print(textwrap.fill(detail_note(["fc", "conv"], ["conv", "fc"], 2, "W1"), 100))
+    All 2 layers, by mean W1 drift over the recorded steps (the largest of the runs), most first; each
+    has detail figures.
+    >>> print(textwrap.fill(detail_note(["c", "b"], ["a", "b", "c"], 5, "W1"), 100))
+    The 2 of 5 layers that drift most by mean W1 drift over the recorded steps (the largest of the
+    runs), most first. Detail figures are drawn for the layers listed and the layers asked for with
+    layers= (a); the other 2 layers are in the heatmap and under All numbers.
     """
     by = f"by mean {name} drift over the recorded steps (the largest of the runs)"
     asked = [layer for layer in detail if layer not in ranked]
     if len(ranked) == total and not asked:
         return f"All {total} layers, {by}, most first; each has detail figures."
     listed = f"The {len(ranked)} of {total} layers that drift most {by}, most first." if ranked else "No layer listed (top=0)."
-    why = ["the layers listed"] * bool(ranked) + [f"the layers asked for with layers= ({', '.join(asked)})"] * bool(asked)
+    why = []
+    if ranked:
+        why.append("the layers listed")
+    if asked:
+        why.append(f"the layers asked for with layers= ({', '.join(asked)})")
     if not why:
         return f"{listed} No detail figures: every layer is in the heatmap and under All numbers."
     others = total - len(detail)
