@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 # (a test checks they agree):
 DEFAULT_MAX_POINTS = 400
 DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
+DEFAULT_TOP = 8
+PROGRESS_LAYERS = 30
 
 _MAIN_EPILOG = """\
 examples:
@@ -37,9 +39,15 @@ examples:
   covshift report runs/plain -o report/
   covshift report runs/plain runs/bn -o report/ --metric wasserstein ks
   covshift report runs/plain runs/bn -o report/ --layers 'conv*' fc1 --reference previous
+  covshift report runs/resnet50 -o report/ --top 12 --layers 'layer4.*'
 
 writes report.html (self-contained: open it offline in any browser), one PNG per
-figure and summary.csv into the output directory.
+figure and summary.csv into the output directory. The page leads with the verdict,
+the --top layers that drift most and a layer × step heatmap of every layer; the
+per-layer figures (percentiles, drift, channels) are drawn for those top layers and
+the --layers asked for. No PNG is taller than 4,000 pixels: more layers go to
+further pages (heatmap-2.png, drift-2.png, ...). Gradient ICS and a null noise
+floor are drawn when the runs hold them.
 """
 
 _COMPARE_EPILOG = """\
@@ -128,11 +136,17 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
     drawing.add_argument("runs", nargs="+", metavar="RUN", help="run directories (drawn side by side)")
     drawing.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if needed)")
     _drift_options(drawing, metric_nargs="+")
-    drawing.add_argument("--layers", nargs="+", metavar="NAME", help="layer names or glob patterns to show")
+    drawing.add_argument("--layers", nargs="+", metavar="NAME",
+                         help="layer names or glob patterns that get per-layer figures besides the --top ones")
+    drawing.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K",
+                         help="the K most drifting layers get per-layer figures; 0: only --layers "
+                              "(default: %(default)s)")
     drawing.add_argument("--channel", type=int, metavar="C",
                          help="draw percentiles of channel C instead of the mean over channels")
     drawing.add_argument("--max-points", type=int, default=DEFAULT_MAX_POINTS, metavar="N",
                          help="most steps drawn per line; tables use every step (default: %(default)s)")
+    drawing.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                         help=f"no progress bar (default: one on stderr for runs of {PROGRESS_LAYERS} layers or more)")
 
     compare = _command(commands, "compare", "print a per-layer drift table of two runs, with ratios",
                        _COMPARE_EPILOG, _compare)
@@ -226,8 +240,9 @@ def _report(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"-o {args.out} is a file, not a directory; choose a directory for the report")
     from covshift.report import report
 
-    path = report(args.runs, args.out, metrics=args.metric, layers=args.layers, reference=args.reference,
-                  source=args.source, channel=args.channel, max_points=args.max_points)
+    path = report(args.runs, args.out, metrics=args.metric, layers=args.layers, top=args.top,
+                  reference=args.reference, source=args.source, channel=args.channel, max_points=args.max_points,
+                  progress=args.progress)
     print(f"wrote {path}")
     return 0
 

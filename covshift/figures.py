@@ -8,13 +8,18 @@ figure              rows           columns
 ==================  =============  ==============
 percentiles         layers         runs
 drift               layers         metrics
-heatmap             metrics        runs
 channels            metrics        2 (fixed)
 curves              1              2 (loss, accuracy)
+gradient ICS        2              runs
 ==================  =============  ==============
 
+The report gives a figure at most :data:`covshift.panels.ROWS_PER_PAGE` layers,
+so that no PNG is taller than :data:`covshift.panels.MAX_HEIGHT_PX`; the
+layer × step heatmap is in :mod:`covshift.overview`.
+
 Runs keep one colour (``C0``, ``C1``, … of matplotlib's cycle) in every figure,
-and every figure's step axis covers the same range. Panels that compare runs
+and every figure's step axis covers the same range, on the same (linear or
+symlog, see :class:`~covshift.panels.StepAxis`) scale. Panels that compare runs
 share their axes; each drift panel has its own y scale, logarithmic when its
 positive values span more than two decades. Long runs are thinned to at most
 ``max_points`` steps for drawing only. The shared pieces live in :mod:`covshift.panels`.
@@ -27,8 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.artist import Artist
-from matplotlib.axes import Axes
-from matplotlib.colors import LogNorm, Normalize
+from matplotlib.cm import viridis
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -37,11 +41,10 @@ from covshift import plots
 from covshift.panels import (  # noqa: F401 (DPI, PANEL_SIZE … are read as figures.*)
     DEFAULT_MAX_POINTS,
     DPI,
-    INCH_PER_ROW,
     METRIC_LABELS,
     PANEL_SIZE,
+    StepAxis,
     as_written,
-    label_inches,
     legend,
     mark_few,
     metric_label,
@@ -81,13 +84,13 @@ def percentiles_figure(
     *,
     max_points: int = DEFAULT_MAX_POINTS,
     what: str = "mean over channels",
-    xlim: tuple[float, float] | None = None,
+    xlim: StepAxis | tuple[float, float] | None = None,
 ) -> Figure:
     """Percentile trajectories: one row per layer, one column per run, y shared along a row."""
     fig, axes = new_grid(len(layers), len(labels), sharex=True, sharey="row")
     colors = run_colors(len(labels))
     for col, (frame, label, color) in enumerate(zip(percentiles, labels, colors)):
-        frame = thinned(frame, max_points)
+        frame = thinned(frame, max_points, xlim)
         for row, layer in enumerate(layers):
             ax = axes[row, col]
             part = frame[frame["layer"] == layer]
@@ -115,23 +118,28 @@ def drift_figure(
     *,
     reference: str = "initial",
     max_points: int = DEFAULT_MAX_POINTS,
-    xlim: tuple[float, float] | None = None,
+    xlim: StepAxis | tuple[float, float] | None = None,
+    nulls: Sequence[pd.DataFrame | None] | None = None,
 ) -> Figure:
     """Drift over steps: one row per layer, one column per metric, runs overlaid, noise floors dashed.
 
     Each panel has its own y range (log when its values span decades), so no
     layer is squashed by another's scale. Runs whose lines coincide are said to;
     a run with fewer than 2 recorded steps has no drift, and its panels say so.
+    ``nulls`` (a :func:`covshift.noise.load_null_floor` frame per run, or None)
+    adds each run's null 95th percentile, dotted.
     """
     fig, axes = new_grid(len(layers), len(metrics), sharex=True, sharey=False)
     colors = run_colors(len(labels))
+    nulls = list(nulls) if nulls is not None else [None] * len(labels)
     for col, metric in enumerate(metrics):
         for row, layer in enumerate(layers):
             ax = axes[row, col]
+            steps_axis(ax, xlim)
             drawn: list[tuple[str, pd.DataFrame, Line2D]] = []
             notes = []
-            for frame, noise, label, color in zip(drifts, noises, labels, colors):
-                part = thinned(frame[(frame["metric"] == metric) & (frame["layer"] == layer)], max_points)
+            for frame, noise, null, label, color in zip(drifts, noises, nulls, labels, colors):
+                part = thinned(frame[(frame["metric"] == metric) & (frame["layer"] == layer)], max_points, xlim)
                 if part.empty:
                     continue
                 if part["step"].nunique() < 2:
@@ -140,10 +148,13 @@ def drift_figure(
                 if not np.isfinite(part["value"].to_numpy(dtype=float)).any():
                     notes.append(f"{as_written(label)}: no finite drift (constant or non-finite input)")
                     continue
-                floor = None
+                floor = null_floor = None
                 if noise is not None:
-                    floor = thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points)
-                line = plots.drift_line(part, ax=ax, color=color, label=as_written(label), noise=floor)[0]
+                    floor = thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points, xlim)
+                if null is not None:
+                    null_floor = null[(null["metric"] == metric) & (null["layer"].astype(str) == str(layer))]
+                line = plots.drift_line(part, ax=ax, color=color, label=as_written(label), noise=floor,
+                                        null=null_floor)[0]
                 mark_few([line])
                 notes += _coinciding(drawn, label, part)
                 drawn.append((label, part, line))
@@ -158,12 +169,11 @@ def drift_figure(
                 ax.set_title(metric_label(metric), fontsize=10)
             if col == 0:
                 ax.set_ylabel(wrapped_name(f"layer {layer}"), fontsize=9)
-            steps_axis(ax, xlim)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     legend(fig, _first_legend(axes), len(metrics))
-    title(fig, f"Drift of each layer's input from the {reference_words(reference)} (dashed: noise floor)",
-           len(metrics))
+    floors = "dashed: noise floor" + ("; dotted: null 95th percentile" if any(n is not None for n in nulls) else "")
+    title(fig, f"Drift of each layer's input from the {reference_words(reference)} ({floors})", len(metrics))
     return fig
 
 
@@ -181,100 +191,31 @@ def _coinciding(drawn: list[tuple[str, pd.DataFrame, Line2D]], label: str, part:
     return notes
 
 
-def heatmap_figure(
-    drifts: Sequence[pd.DataFrame],
-    labels: Sequence[str],
-    layers: Sequence[str],
-    metrics: Sequence[str],
-    *,
-    reference: str | int = "initial",
-    max_points: int = DEFAULT_MAX_POINTS,
-    xlim: tuple[float, float] | None = None,
-) -> Figure:
-    """Layer × step heatmaps: one row per metric, one column per run, one colour scale per metric.
-
-    The reference step (0 by definition) is hatched, not coloured as the lowest drift.
-    """
-    fig, axes = new_grid(len(metrics), len(labels), sharex=True, sharey=True, margin=label_inches(layers),
-                         row_height=max(PANEL_SIZE[1], INCH_PER_ROW * len(layers) + 1.0))
-    for row, metric in enumerate(metrics):
-        parts = [_without_reference(thinned(frame[frame["metric"] == metric], max_points), reference)
-                 for frame in drifts]
-        norm = _shared_norm(np.concatenate([p["value"].to_numpy(dtype=float) for p in parts]))
-        meshes = [
-            plots.drift_heatmap(part, layers, ax=axes[row, col], norm=norm) for col, part in enumerate(parts)
-        ]
-        for col, (label, part) in enumerate(zip(labels, parts)):
-            ax = axes[row, col]
-            ax.set_title(as_written(label), fontsize=10)
-            ax.set_yticks(np.arange(len(layers)), [as_written(layer) for layer in layers])
-            _hatch_reference(ax, drifts[col], reference)
-            if part["value"].notna().sum() == 0:
-                not_recorded(ax, "fewer than 2 recorded steps: no drift")
-            steps_axis(ax, xlim)
-        axes[row, 0].set_ylabel("layer")
-        fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric), shrink=0.9)
-    for ax in axes[-1]:
-        ax.set_xlabel("training step")
-    hatched = " (hatched: the reference itself, 0 by definition)" if _reference_step(reference) else ""
-    title(fig, f"Drift from the {reference_words(reference)}, layer × step{hatched}", len(labels))
-    return fig
-
-
-def _reference_step(reference: str | int) -> str | int | None:
-    """``"first"`` for ``initial``, the step for an int reference, None when no step is a reference itself."""
-    if reference == "initial":
-        return "first"
-    return reference if isinstance(reference, int) and not isinstance(reference, bool) else None
-
-
-def _without_reference(frame: pd.DataFrame, reference: str | int) -> pd.DataFrame:
-    """``frame`` with the reference step's values set to NaN (each layer's first step for ``initial``)."""
-    which = _reference_step(reference)
-    if which is None or frame.empty:
-        return frame
-    if which == "first":
-        at_reference = frame["step"] == frame.groupby("layer", observed=True)["step"].transform("min")
-    else:
-        at_reference = frame["step"] == which
-    return frame.assign(value=frame["value"].where(~at_reference))
-
-
-def _hatch_reference(ax: Axes, frame: pd.DataFrame, reference: str | int) -> None:
-    """Hatch the reference step's column (between the midpoints to its neighbour steps)."""
-    which = _reference_step(reference)
-    steps = np.unique(frame["step"].to_numpy()) if len(frame) else np.empty(0)
-    if which is None or not len(steps):
-        return
-    at = steps[0] if which == "first" else which
-    if at not in steps:
-        return
-    k = int(np.searchsorted(steps, at))
-    half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
-    left = (steps[k - 1] + at) / 2 if k > 0 else at - half
-    right = (steps[k + 1] + at) / 2 if k + 1 < len(steps) else at + half
-    ax.axvspan(left, right, facecolor="0.85", edgecolor="0.45", hatch="///", linewidth=0, zorder=3)
-
-
 def channels_figure(
-    channel_drifts: Sequence[pd.DataFrame],
+    last_drifts: Sequence[pd.DataFrame],
     labels: Sequence[str],
     layers: Sequence[str],
     metrics: Sequence[str],
+    steps: Sequence[int],
 ) -> Figure:
-    """Per-channel drift at each run's last step: one box per (layer, run), one row per metric."""
+    """Per-channel drift at each run's last step: one box per (layer, run), one row per metric.
+
+    Args:
+        last_drifts: per run, :func:`covshift.drift` rows ``by="channel"`` of each layer's last recorded step.
+        labels, layers, metrics: the runs' names, the layers (x axis) and the metrics (rows).
+        steps: each run's number of recorded steps; a run with fewer than 2 has no drift, and says so.
+    """
     width, height = PANEL_SIZE
     fig = Figure(figsize=(2 * width, height * len(metrics)), dpi=DPI, layout="constrained")
     colors = run_colors(len(labels))
     box_width = 0.8 / max(len(labels), 1)
     for ax, metric in zip(fig.subplots(len(metrics), 1, squeeze=False)[:, 0], metrics):
         values, short = [], []
-        for i, (frame, label, color) in enumerate(zip(channel_drifts, labels, colors)):
-            part = frame[frame["metric"] == metric]
-            if part["step"].nunique() < 2:
+        for i, (frame, label, color, n) in enumerate(zip(last_drifts, labels, colors, steps)):
+            if n < 2:
                 short.append(f"{as_written(label)}: fewer than 2 recorded steps, no drift")
                 continue
-            last = part[part["step"] == part.groupby("layer", observed=True)["step"].transform("max")]
+            last = frame[frame["metric"] == metric]
             groups = {str(layer): group["value"].to_numpy() for layer, group in last.groupby("layer", observed=True)}
             present = [k for k, layer in enumerate(layers) if layer in groups]
             positions = [k + (i - (len(labels) - 1) / 2) * box_width for k in present]
@@ -298,8 +239,50 @@ def channels_figure(
     return fig
 
 
+#: Gradient ICS panels with more layers than this show no legend (colour runs from the first to the last layer).
+ICS_LEGEND_LAYERS = 10
+
+
+def gradient_ics_figure(
+    frames: Sequence[pd.DataFrame | None],
+    labels: Sequence[str],
+    *,
+    xlim: StepAxis | tuple[float, float] | None = None,
+) -> Figure:
+    """Gradient ICS per layer against steps: ‖G − G'‖ (top) and cos∠(G, G') (bottom), one column per run.
+
+    ``frames`` are :func:`covshift.gradients.load_gradient_ics` frames (None: not recorded).
+    Each panel is drawn by :func:`covshift.gradients.plot_gradient_ics`; ‖G − G'‖ rows share a y axis.
+    """
+    from covshift.gradients import plot_gradient_ics
+
+    fig, axes = new_grid(2, len(labels), sharex=True, sharey="row")
+    norms = np.concatenate([f["ics_norm"].to_numpy(dtype=float) for f in frames if f is not None] or [np.empty(0)])
+    if spans_decades(norms):
+        axes[0, 0].set_yscale("log", nonpositive="mask")  # the row shares its y axis
+    for col, (frame, label) in enumerate(zip(frames, labels)):
+        for row, value in enumerate(("ics_norm", "cosine")):
+            ax = axes[row, col]
+            steps_axis(ax, xlim)
+            if frame is None or frame.empty:
+                not_recorded(ax, "no gradient ICS recorded")
+                continue
+            layers = frame["layer"].astype(str).unique()
+            ax.set_prop_cycle(color=[viridis(k / max(len(layers) - 1, 1)) for k in range(len(layers))])
+            plot_gradient_ics(frame, value, ax=ax)
+            ax.set_title(as_written(label), fontsize=10)
+            ax.set_xlabel("training step" if row == 1 else "")
+            if len(layers) > ICS_LEGEND_LAYERS:
+                ax.get_legend().remove()
+            else:
+                ax.legend(title="layer", fontsize=7, title_fontsize=8)
+    title(fig, "Gradient ICS (Santurkar et al. 2018): how much each layer's gradient moves when the layers "
+               "before it take their step", len(labels))
+    return fig
+
+
 def curves_figure(
-    curves: Sequence[pd.DataFrame], labels: Sequence[str], *, xlim: tuple[float, float] | None = None
+    curves: Sequence[pd.DataFrame], labels: Sequence[str], *, xlim: StepAxis | tuple[float, float] | None = None
 ) -> Figure:
     """Training curves: loss (left) and accuracy (right), train solid and test dashed, one colour per run."""
     fig, axes = new_grid(1, 2, sharex=True, sharey=False)
@@ -327,15 +310,6 @@ def curves_figure(
 
 def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
     return frame[column].to_numpy(dtype=float) if column in frame else np.empty(0)
-
-
-def _shared_norm(values: np.ndarray) -> Normalize:
-    finite = values[np.isfinite(values)]
-    if spans_decades(finite):
-        positive = finite[finite > 0]
-        return LogNorm(vmin=np.percentile(positive, 1), vmax=positive.max(), clip=True)
-    top = finite.max() if len(finite) else 1.0
-    return Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
 
 
 def _percentile_key() -> list[Artist]:

@@ -16,6 +16,8 @@ import pandas as pd
 from matplotlib.colors import to_hex
 
 from covshift import figures
+from covshift.gradients import GRADIENTS_FILE
+from covshift.noise import NULL_FILE
 from covshift.run import Run
 from covshift.verdict import compare
 
@@ -57,46 +59,63 @@ def verdict_metric(metrics: Sequence[str]) -> str:
 
 
 def verdict_lines(
-    table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int], metric: str
+    table: pd.DataFrame,
+    labels: Sequence[str],
+    steps: Sequence[int],
+    metric: str,
+    medians: Sequence[pd.Series] | None = None,
 ) -> list[tuple[str, str]]:
     """The verdict as (headline, details): each later run against the first, or a summary of one run.
 
     From ``metric``'s rows of the summary table (mean drift over the recorded
-    steps); runs with fewer than :data:`MIN_STEPS` steps get none.
+    steps, channels aggregated by their mean) and, when given, each run's
+    ``medians`` (per layer, the same with channels aggregated by their median):
+    the verdict then states both (:func:`covshift.verdict.compare`). Runs with
+    fewer than :data:`MIN_STEPS` steps get none.
     """
     rows = table[table["metric"] == metric]
     name = figures.metric_label(metric)
     if len(labels) == 1:
-        return [_one_run_line(rows, labels[0], name)] if steps[0] >= MIN_STEPS else []
+        median = medians[0] if medians is not None else None
+        return [_one_run_line(rows, labels[0], name, median)] if steps[0] >= MIN_STEPS else []
     lines = []
     base = labels[0]
-    for label, n in zip(labels[1:], steps[1:]):
+    for k, (label, n) in enumerate(zip(labels[1:], steps[1:]), start=1):
         if n < MIN_STEPS or steps[0] < MIN_STEPS:
             continue
         both = rows.dropna(subset=[f"{base} mean", f"{label} mean"])
         if both.empty:
             lines.append((f"{label} and {base} share no layer: no verdict", ""))
             continue
-        v = compare(list(both["layer"]), both[f"{base} mean"].tolist(), both[f"{label} mean"].tolist(), base, label)
+        layers = list(both["layer"])
+        by_median = {}
+        if medians is not None:
+            by_median = {"baseline_median": medians[0].reindex(layers).tolist(),
+                         "other_median": medians[k].reindex(layers).tolist()}
+        v = compare(layers, both[f"{base} mean"].tolist(), both[f"{label} mean"].tolist(), base, label, **by_median)
         lines.append((v.headline, v.details))
     return lines
 
 
-def _one_run_line(rows: pd.DataFrame, label: str, name: str) -> tuple[str, str]:
+def _one_run_line(rows: pd.DataFrame, label: str, name: str, median: pd.Series | None) -> tuple[str, str]:
     drift = rows.set_index("layer")[f"{label} mean"].dropna()
     if drift.empty:
         return f"{label}: no drift measured", ""
-    line = (f"{label}: mean {name} drift {fmt(drift.mean())} over {len(drift)} layers; "
-            f"most in layer {drift.idxmax()} ({fmt(drift.max())})")
+    line = f"{label}: mean {name} drift {fmt(drift.mean())} over {len(drift)} layers"
+    if median is not None:
+        line += f" by the channel mean, {fmt(median.reindex(drift.index).mean())} by the channel median"
+    line += f"; most in layer {drift.idxmax()} ({fmt(drift.max())})"
     ratio = (rows.set_index("layer")[f"{label} mean"] / rows.set_index("layer")[f"{label} noise"]).dropna()
     if len(ratio):
         line += f"; {int((ratio > 1).sum())} of {len(ratio)} layers above their noise floor"
     return line, ""
 
 
-def layer_table(table: pd.DataFrame, labels: Sequence[str], metric: str) -> str:
-    """The compact per-layer table of ``metric``: drift, drift ÷ noise floor, ratio to the first run, a flag."""
+def layer_table(table: pd.DataFrame, labels: Sequence[str], metric: str, layers: Sequence[str]) -> str:
+    """The compact table of ``metric`` for ``layers``, in that order: drift, drift ÷ noise floor, ratio to the
+    first run, a flag."""
     rows = table[table["metric"] == metric].set_index("layer")
+    rows = rows.loc[[layer for layer in layers if layer in rows.index]]
     floors = [label for label in labels if rows[f"{label} noise"].notna().any()]
     head = ["layer"]
     for label in labels:
@@ -142,7 +161,17 @@ def glossary(runs: Sequence[Run], labels: Sequence[str], metrics: Sequence[str],
                         "without training on it, in two halves. " + _probe_sizes(runs, labels)),
         ("noise floor", "the same metric between the two halves of the probe batch: the drift that sampling "
                         "alone produces. Drift ÷ floor above 1 (▲) is more change than sampling noise."),
+        ("channel median", "the layer's drift with its channels aggregated by their median instead of their "
+                           "mean: one channel that moves far cannot dominate it. The verdict states both."),
     ]
+    if any((Path(run.directory) / NULL_FILE).is_file() for run in runs):
+        terms.append(("null 95th percentile", "the null noise floor (covshift.noise.NullFloor): the metric between "
+                      "two random disjoint subsets of the probe batch, each of the training batch size, over many "
+                      "random splits; 95% of the drift that sampling alone produces lies below this line. Drawn "
+                      "dotted on the drift figures, as measured at each null step."))
+    if any((Path(run.directory) / GRADIENTS_FILE).is_file() for run in runs):
+        terms.append(("gradient ICS", "‖G − G'‖, how much a layer's gradient G changes when only the layers before "
+                      "it take their optimizer step (G'), and cos∠(G, G') (Santurkar et al. 2018)."))
     extra = {"gaussian_w2": "the W2 distance of Gaussians with the two means and SDs.",
              "ks": "the largest gap between the two cumulative distribution functions (0–1).",
              "psi": "population stability index over bins cut at the reference's quantiles.",
@@ -201,18 +230,25 @@ def render_html(
     steps: Sequence[int],
     reference: str | int,
     source: str,
+    ranked: Sequence[str],
+    detail: Sequence[str],
+    medians: Sequence[pd.Series] | None = None,
     notice: str | None = None,
 ) -> str:
-    """The page: notice, verdict, per-layer table, glossary, runs, figures, and all numbers last."""
+    """The page: notice, verdict, the most drifting layers, glossary, runs, figures, and all numbers last.
+
+    ``ranked`` are the layers the table lists (most drifting first), ``detail`` those with detail figures.
+    """
     table = without_short_runs(table, labels, steps)
     metric = verdict_metric(metrics)
     name = figures.metric_label(metric)
-    lines = verdict_lines(table, labels, steps, metric)
+    lines = verdict_lines(table, labels, steps, metric, medians)
     short = short_run_note(labels, steps, source)
     verdict = "".join(
         f"<p class=headline>{html.escape(head)}</p>" + (f"<p>{html.escape(more)}</p>" if more else "")
         for head, more in lines
     )
+    total = len(set(table["layer"]))
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         "<title>covshift report</title>",
@@ -222,10 +258,11 @@ def render_html(
         "<section id=verdict>",
         verdict,
         f"<p class=short>{html.escape(short)}</p>" if short else "",
-        f"<p class=basis>Drift: mean {html.escape(name)} of each layer's input (mean over channels) from the "
-        f"{html.escape(figures.reference_words(reference))}, averaged over the recorded steps of the "
-        f"{html.escape(source)} records.</p>",
-        layer_table(table, labels, metric),
+        f"<p class=basis>Drift: mean {html.escape(name)} of each layer's input (mean over channels; the verdict "
+        f"also by the channel median) from the {html.escape(figures.reference_words(reference))}, averaged over "
+        f"the recorded steps of the {html.escape(source)} records.</p>",
+        layer_table(table, labels, metric, ranked),
+        f"<p class=basis>{html.escape(detail_note(ranked, detail, total, name))}</p>",
         "</section>",
         "<h2>Words on this page</h2>",
         glossary(runs, labels, metrics, reference),
@@ -251,6 +288,35 @@ def render_html(
         "</body></html>",
     ]
     return "\n".join(part for part in parts if part)
+
+
+def detail_note(ranked: Sequence[str], detail: Sequence[str], total: int, name: str) -> str:
+    """Which layers the table lists and which got detail figures, and why; where the others are.
+
+    >>> import textwrap
+    >>> print(textwrap.fill(detail_note(["fc", "conv"], ["conv", "fc"], 2, "W1"), 100))
+    All 2 layers, by mean W1 drift over the recorded steps (the largest of the runs), most first; each
+    has detail figures.
+    >>> print(textwrap.fill(detail_note(["c", "b"], ["a", "b", "c"], 5, "W1"), 100))
+    The 2 of 5 layers that drift most by mean W1 drift over the recorded steps (the largest of the
+    runs), most first. Detail figures are drawn for the layers listed and the layers asked for with
+    layers= (a); the other 2 layers are in the heatmap and under All numbers.
+    """
+    by = f"by mean {name} drift over the recorded steps (the largest of the runs)"
+    asked = [layer for layer in detail if layer not in ranked]
+    if len(ranked) == total and not asked:
+        return f"All {total} layers, {by}, most first; each has detail figures."
+    listed = f"The {len(ranked)} of {total} layers that drift most {by}, most first." if ranked else "No layer listed (top=0)."
+    why = []
+    if ranked:
+        why.append("the layers listed")
+    if asked:
+        why.append(f"the layers asked for with layers= ({', '.join(asked)})")
+    if not why:
+        return f"{listed} No detail figures: every layer is in the heatmap and under All numbers."
+    others = total - len(detail)
+    return (f"{listed} Detail figures are drawn for {' and '.join(why)}; the other {others} layers are in the "
+            "heatmap and under All numbers.")
 
 
 def without_short_runs(table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int]) -> pd.DataFrame:

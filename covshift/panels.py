@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,10 @@ DPI = 100
 DEFAULT_MAX_POINTS = 400
 #: Positive values spanning more than this ratio are drawn on a log scale.
 LOG_SPAN = 100.0
+#: Recorded steps spanning more than this ratio (last / first positive step) get a log step axis.
+STEP_LOG_SPAN = 1000.0
+#: The tallest figure the report writes, in pixels; figures of more layers are split into pages.
+MAX_HEIGHT_PX = 4000
 
 #: One name per metric, the same in every figure, table and the page's glossary.
 METRIC_LABELS = {
@@ -64,6 +69,23 @@ NAME_WIDTH = 28
 INCH_PER_CHAR = 0.075
 #: Inches between two layer rows of a heatmap, so their names never overlap.
 INCH_PER_ROW = 0.17
+#: Inches a heatmap panel adds to its rows (title, step axis).
+HEATMAP_EXTRA = 1.0
+#: Layer rows per page of a figure with a panel per layer (percentiles, drift) within :data:`MAX_HEIGHT_PX`.
+ROWS_PER_PAGE = int(MAX_HEIGHT_PX // (PANEL_SIZE[1] * DPI))
+#: Layers per heatmap page within :data:`MAX_HEIGHT_PX`.
+HEATMAP_ROWS_PER_PAGE = int((MAX_HEIGHT_PX / DPI - HEATMAP_EXTRA) / INCH_PER_ROW)
+
+T = TypeVar("T")
+
+
+def paged(items: Sequence[T], size: int) -> list[list[T]]:
+    """``items`` cut into pages of at most ``size`` (one empty page for no items).
+
+    >>> paged("abcde", 2)
+    [['a', 'b'], ['c', 'd'], ['e']]
+    """
+    return [list(items[i:i + size]) for i in range(0, len(items), size)] or [[]]
 
 
 def wrapped_name(name: object, width: int = NAME_WIDTH) -> str:
@@ -111,15 +133,43 @@ def new_grid(
     return fig, axes
 
 
-def spans_decades(values: np.ndarray | pd.Series) -> bool:
-    """Whether the positive finite ``values`` span more than :data:`LOG_SPAN` (max/min).
+def spans_decades(values: np.ndarray | pd.Series, span: float = LOG_SPAN) -> bool:
+    """Whether the positive finite ``values`` span more than ``span`` (max/min).
 
     >>> spans_decades(np.array([0.0, 0.001, 1.0])), spans_decades(np.array([1.0, 5.0]))
     (True, False)
     """
     values = np.asarray(values, dtype=float)
     positive = values[np.isfinite(values) & (values > 0)]
-    return bool(len(positive) > 1 and positive.max() / positive.min() > LOG_SPAN)
+    return bool(len(positive) > 1 and positive.max() / positive.min() > span)
+
+
+class StepAxis(NamedTuple):
+    """The step axis every figure shares: its range and, for a log axis, symlog's linear part ``[0, linthresh]``.
+
+    A plain ``(lo, hi)`` tuple is a linear axis.
+    """
+
+    lo: float
+    hi: float
+    linthresh: float | None = None
+
+
+def step_axis(steps: np.ndarray, log_schedule: bool = False) -> StepAxis:
+    """The axis for recorded ``steps``: symlog (step 0 stays on it) when the runs record on a log
+    schedule or the positive steps span more than :data:`STEP_LOG_SPAN`, linear otherwise.
+
+    >>> step_axis(np.array([0, 10, 20]))
+    StepAxis(lo=0.0, hi=20.0, linthresh=None)
+    >>> step_axis(np.array([0, 10, 100, 100_000]))
+    StepAxis(lo=0.0, hi=100000.0, linthresh=10.0)
+    """
+    steps = np.asarray(steps, dtype=float)
+    lo, hi = float(steps.min()), float(steps.max())
+    positive = steps[steps > 0]
+    if len(positive) > 1 and (log_schedule or spans_decades(positive, STEP_LOG_SPAN)):
+        return StepAxis(lo, hi, float(positive.min()))
+    return StepAxis(lo, hi)
 
 
 #: Lines of at most this many points get a marker at each point.
@@ -133,17 +183,26 @@ def mark_few(lines: Sequence[Artist]) -> None:
             line.set(marker="o", markersize=4)
 
 
-def steps_axis(ax: Axes, xlim: tuple[float, float] | None) -> None:
-    """Put the step axis on the range every figure shares (a little margin either side)."""
-    if xlim is not None:
-        lo, hi = xlim
+def steps_axis(ax: Axes, xlim: StepAxis | tuple[float, float] | None) -> None:
+    """Put the step axis on the range and scale every figure shares (a little margin either side)."""
+    axis = StepAxis(*xlim) if xlim is not None else None
+    if axis is not None and axis.linthresh is not None:
+        ax.set_xscale("symlog", linthresh=axis.linthresh, linscale=0.5)
+        forward = ax.xaxis.get_transform()
+        lo, hi = forward.transform([axis.lo, axis.hi])
         pad = (hi - lo) * 0.03 if hi > lo else 1.0
-        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_xlim(*forward.inverted().transform([lo - pad, hi + pad]))
+        return
+    if axis is not None:
+        pad = (axis.hi - axis.lo) * 0.03 if axis.hi > axis.lo else 1.0
+        ax.set_xlim(axis.lo - pad, axis.hi + pad)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
 
 
-def thinned(frame: pd.DataFrame, max_points: int) -> pd.DataFrame:
-    return frame[frame["step"].isin(plots.thin_steps(frame["step"], max_points))]
+def thinned(frame: pd.DataFrame, max_points: int, xlim: StepAxis | tuple[float, float] | None = None) -> pd.DataFrame:
+    """``frame``'s rows at no more than ``max_points`` steps, spread evenly along the (log or linear) step axis."""
+    linthresh = StepAxis(*xlim).linthresh if xlim is not None else None
+    return frame[frame["step"].isin(plots.thin_steps(frame["step"], max_points, linthresh))]
 
 
 def not_recorded(ax: Axes, text: str = "not recorded in this run") -> None:

@@ -37,18 +37,30 @@ def new_axes(ax: Axes | None) -> Axes:
     return Figure(layout="constrained").add_subplot()
 
 
-def thin_steps(steps: np.ndarray | pd.Series, max_points: int) -> np.ndarray:
-    """At most ``max_points`` evenly spaced values of the sorted unique ``steps``, first and last kept.
+def thin_steps(steps: np.ndarray | pd.Series, max_points: int, linthresh: float | None = None) -> np.ndarray:
+    """At most ``max_points`` of the sorted unique ``steps``, first and last kept.
+
+    Evenly spaced by position; with ``linthresh`` (a symlog step axis), the steps
+    nearest to points evenly spaced in ``log(1 + step / linthresh)``, so that early
+    decades keep their steps on a log axis.
 
     >>> thin_steps(np.arange(10), 4).tolist()
     [0, 3, 6, 9]
+    >>> thin_steps(np.arange(0, 10_000, 10), 5, linthresh=10).tolist()
+    [0, 50, 310, 1770, 9990]
     """
     if max_points < 2:
         raise ValueError(f"max_points must be at least 2, got {max_points!r}")
     unique = np.unique(np.asarray(steps))
     if len(unique) <= max_points:
         return unique
-    return unique[np.unique(np.linspace(0, len(unique) - 1, max_points).round().astype(int))]
+    if linthresh is None:
+        return unique[np.unique(np.linspace(0, len(unique) - 1, max_points).round().astype(int))]
+    where = np.log1p(np.maximum(unique, 0) / linthresh)
+    targets = np.linspace(where[0], where[-1], max_points)
+    right = np.clip(np.searchsorted(where, targets), 1, len(unique) - 1)
+    nearest = np.where(targets - where[right - 1] <= where[right] - targets, right - 1, right)
+    return unique[np.unique(nearest)]
 
 
 def percentile_trajectory(frame: pd.DataFrame, *, ax: Axes | None = None, color: str = "C0") -> list[Artist]:
@@ -82,8 +94,9 @@ def drift_line(
     color: str = "C0",
     label: str | None = None,
     noise: pd.DataFrame | None = None,
+    null: pd.DataFrame | None = None,
 ) -> list[Line2D]:
-    """Drift over steps as a solid line, and its noise floor dashed in the same colour.
+    """Drift over steps as a solid line, its noise floor dashed and its null 95th percentile dotted, one colour.
 
     Args:
         frame: columns ``step`` and ``value`` (one layer, one metric).
@@ -91,9 +104,11 @@ def drift_line(
         color: line colour.
         label: legend label of the drift line.
         noise: optional noise floor, columns ``step`` and ``value``.
+        null: optional null floor (:mod:`covshift.noise`), columns ``step`` and ``null_q95``; each
+            measurement holds until the next one, the last to the drift's last step.
 
     Returns:
-        The drift line, followed by the noise-floor line when ``noise`` is given.
+        The drift line, then the noise-floor line when ``noise`` has rows, then the null line when ``null`` has.
     """
     ax = new_axes(ax)
     frame = frame.sort_values("step")
@@ -102,6 +117,12 @@ def drift_line(
         noise = noise.sort_values("step")
         lines += ax.plot(noise["step"], noise["value"], color=color, linewidth=1.0, linestyle="--", alpha=0.8,
                          label=None if label is None else f"{label} noise floor")
+    if null is not None and len(null):
+        null = null.sort_values("step")
+        steps = [*null["step"], max(null["step"].iloc[-1], frame["step"].max() if len(frame) else 0)]
+        values = [*null["null_q95"], null["null_q95"].iloc[-1]]
+        lines += ax.plot(steps, values, color=color, linewidth=1.2, linestyle=":", drawstyle="steps-post",
+                         label=None if label is None else f"{label} null 95th pct")
     return lines
 
 
@@ -114,6 +135,8 @@ def drift_heatmap(
     cmap: str = "viridis",
 ) -> QuadMesh:
     """A layer × step heatmap of drift (layers top to bottom in model order).
+
+    Each column is placed at its step on ``ax``'s x scale (set a log scale before drawing).
 
     Args:
         frame: columns ``step``, ``layer`` and ``value`` (one metric).
@@ -129,7 +152,7 @@ def drift_heatmap(
     grid = frame.pivot_table(index="layer", columns="step", values="value", aggfunc="mean", observed=True)
     grid = grid.reindex(index=list(layers))
     steps = grid.columns.to_numpy(dtype=float)
-    edges = _edges(steps) if len(steps) else np.array([0.0, 1.0])
+    edges = cell_edges(steps, ax) if len(steps) else np.array([0.0, 1.0])
     rows = np.arange(len(layers) + 1) - 0.5
     values = np.ma.masked_invalid(grid.to_numpy(dtype=float)) if len(steps) else np.ma.masked_all((len(layers), 1))
     mesh = ax.pcolormesh(edges, rows, values, norm=norm, cmap=cmap, shading="flat")
@@ -194,9 +217,16 @@ def training_curve(
     return ax.plot(frame["step"], frame[column], color=color, linestyle=linestyle, linewidth=1.4, label=label)
 
 
-def _edges(centers: np.ndarray) -> np.ndarray:
-    """Cell edges around sorted cell centres (half-way between neighbours)."""
+def cell_edges(centers: np.ndarray, ax: Axes) -> np.ndarray:
+    """Cell edges around sorted cell centres, half-way between neighbours on ``ax``'s x scale.
+
+    >>> cell_edges(np.array([0.0, 1.0, 3.0]), Figure().add_subplot()).tolist()
+    [-0.5, 0.5, 2.0, 4.0]
+    """
     if len(centers) == 1:
         return np.array([centers[0] - 0.5, centers[0] + 0.5])
-    middle = (centers[1:] + centers[:-1]) / 2
-    return np.concatenate([[2 * centers[0] - middle[0]], middle, [2 * centers[-1] - middle[-1]]])
+    scale = ax.xaxis.get_transform()
+    where = scale.transform(np.asarray(centers, dtype=float))
+    middle = (where[1:] + where[:-1]) / 2
+    edges = np.concatenate([[2 * where[0] - middle[0]], middle, [2 * where[-1] - middle[-1]]])
+    return scale.inverted().transform(edges)

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import html
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.figure import Figure
 from pandas.core.groupby import SeriesGroupBy
+from tqdm.auto import tqdm
 
 from covshift import figures
-from covshift.drift import METRICS, drift, has_probe, noise_floor
+from covshift.drift import METRICS
+from covshift.overview import DEFAULT_TOP, select_layers
 from covshift.page import render_html, short_run_note, without_short_runs
 from covshift.run import Run, load
+from covshift.sections import ReportData, build_sections
 
 #: Metrics drawn by default: normalized W1, mean shift and the std ratio.
 DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
-#: Metrics per drift figure (columns); more metrics go to further figures, so text stays readable.
-METRICS_PER_FIGURE = 3
+#: Runs with at least this many layers get a progress bar by default.
+PROGRESS_LAYERS = 30
 REPORT_FILE = "report.html"
 #: Lists the files a report wrote into its directory; a later report removes only those (if unchanged).
 MANIFEST_FILE = ".covshift-report.json"
@@ -37,44 +37,37 @@ class ReportPage(type(Path())):  # type: ignore[misc]  # Path's concrete class: 
         return f'<iframe srcdoc="{page}" style="width:100%;height:900px;border:0" title="covshift report"></iframe>'
 
 
-@dataclass
-class Section:
-    """One figure of the report: its file, heading and how to read it."""
-
-    name: str
-    title: str
-    caption: str
-    figure: Figure = field(repr=False)
-
-    @property
-    def file(self) -> str:
-        return f"{self.name}.png"
-
-
 def report(
     runs: Run | str | Path | Sequence[Run | str | Path],
     out_dir: str | Path,
     *,
     metrics: str | Sequence[str] = DEFAULT_METRICS,
     layers: str | Sequence[str] | None = None,
+    top: int = DEFAULT_TOP,
     reference: str | int = "initial",
     source: str = "train",
     channel: int | None = None,
     max_points: int = figures.DEFAULT_MAX_POINTS,
     notice: str | None = None,
+    progress: bool | None = None,
 ) -> ReportPage:
     """Write the drift report of ``runs`` to ``out_dir``: PNG figures and ``report.html``.
 
     The page leads with the verdict (:mod:`covshift.verdict`: each later run
-    against the first, or a one-line summary of one run) and a compact
-    per-layer table, then a glossary, the figures and all numbers. Figures (see
-    docs/guide.md, "Reading the report"): ``percentiles.png``, ``drift.png``
-    (``drift-2.png`` … past :data:`METRICS_PER_FIGURE` metrics), ``heatmap.png``,
-    ``channels.png`` and, when the runs logged training curves, ``curves.png``;
-    the summary table also goes to ``summary.csv``. A run with fewer than 2
-    recorded steps has no drift: a ``UserWarning`` and a note on the page say
-    what to change. The HTML embeds every image as a data URI and loads nothing
-    from elsewhere: it opens offline.
+    against the first, by the channel mean and the channel median, or a
+    one-line summary of one run) and a table of the ``top`` layers that drift
+    most, then a glossary, the figures and all numbers. Figures (see
+    docs/guide.md, "Reading the report"): the overview ``heatmap.png`` of every
+    layer; for the ``top`` layers and those ``layers`` names, ``percentiles.png``,
+    ``drift.png`` and ``channels.png``; ``curves.png`` when the runs logged
+    training curves and ``gradient-ics.png`` when they hold gradient ICS. No
+    PNG is taller than :data:`covshift.panels.MAX_HEIGHT_PX`: more layers go to
+    ``heatmap-2.png``, ``percentiles-2.png`` … (and more than
+    :data:`covshift.sections.METRICS_PER_FIGURE` metrics to further drift figures).
+    The summary table of every layer also goes to ``summary.csv``. A run with
+    fewer than 2 recorded steps has no drift: a ``UserWarning`` and a note on
+    the page say what to change. The HTML embeds every image as a data URI and
+    loads nothing from elsewhere: it opens offline.
 
     Args:
         runs: a run, a run directory, or a list of them (drawn side by side).
@@ -82,13 +75,16 @@ def report(
             of the other files, only those an earlier report wrote there (listed in
             :data:`MANIFEST_FILE`) and nobody changed since are removed.
         metrics: drift metrics to draw, names as in :func:`covshift.drift`, or ``"all"``.
-        layers: layer names or glob patterns to show (default: every layer of any run).
+        layers: layer names or glob patterns that get detail figures besides the ``top`` ones.
+        top: how many of the most drifting layers (by the verdict's metric, the largest
+            of the runs) the table lists and get detail figures; 0 for only ``layers``.
         reference: what drift is measured from (see :func:`covshift.drift`).
         source: records to draw: ``"train"`` batches or the fixed ``"probe"`` batch.
         channel: draw percentiles of this channel instead of the mean over channels
             (layers with fewer channels show an empty panel).
         max_points: most steps drawn per line (the table uses every step).
         notice: a warning shown in a short amber box at the top of the page: its first line as the title, its other lines (banner rules and a repeat of the title dropped) as a list.
+        progress: show a progress bar on stderr; None: when a run has :data:`PROGRESS_LAYERS` layers or more.
 
     Returns:
         The path of ``report.html`` (a :class:`pathlib.Path`); displayed in a notebook, the page itself.
@@ -96,36 +92,48 @@ def report(
     Raises:
         ValueError: no runs, an unknown metric, layers that match nothing, a
             source the runs did not record, a ``channel`` that is negative or beyond
-            the layers' channels, or ``max_points`` below 2.
+            the layers' channels, ``top`` below 0 or ``max_points`` below 2.
         covshift.store.RunFileError: a run directory is missing or unreadable.
     """
     loaded = _load_all(runs)
     metrics = _metric_list(metrics)
     if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
         raise ValueError(f"max_points must be an int of at least 2, got {max_points!r}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"top must be an int of at least 0 (layers with detail figures), got {top!r}")
     if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
         raise ValueError(f"channel must be None or a channel index (an int >= 0), got {channel!r}")
     labels = run_labels(loaded)
-    shown = select_layers(loaded, layers)
+    every = select_layers(loaded)
+    asked = select_layers(loaded, layers) if layers is not None else []
     if channel is not None:
-        widest = max(int(n) for run in loaded for name, n in run.layers[["layer", "channels"]].values if name in shown)
+        widest = max(int(n) for run in loaded for n in run.layers["channels"])
         if channel >= widest:
             raise ValueError(f"channel {channel} is out of range: the layers shown have at most {widest} channels")
-    data = ReportData.compute(loaded, metrics, reference=reference, source=source, channel=channel)
-    short = short_run_note(labels, data.steps, source)
-    if short:
-        warnings.warn(short, UserWarning, stacklevel=2)
-    sections = build_sections(data, labels, shown, metrics, reference=reference, max_points=max_points,
-                              channel=channel, source=source)
-    table = without_short_runs(summary_table(data.drifts, data.noises, labels, shown, metrics), labels, data.steps)
+    if progress is None:
+        progress = max(len(run.layers) for run in loaded) >= PROGRESS_LAYERS
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    earlier = _read_manifest(out)
-    for section in sections:
-        section.figure.savefig(out / section.file, dpi=figures.DPI)
+    with tqdm(desc="covshift report", unit="part", disable=not progress, leave=False) as bar:
+        data = ReportData.compute(loaded, metrics, reference=reference, source=source, channel=channel, top=top,
+                                  asked=asked, progress=bar)
+        short = short_run_note(labels, data.steps, source)
+        if short:
+            warnings.warn(short, UserWarning, stacklevel=2)
+        sections = build_sections(data, labels, every, metrics, reference=reference, max_points=max_points,
+                                  channel=channel, source=source)
+        table = without_short_runs(summary_table(data.drifts, data.noises, labels, every, metrics), labels,
+                                   data.steps)
+        out.mkdir(parents=True, exist_ok=True)
+        earlier = _read_manifest(out)
+        bar.total = (bar.total or 0) + len(sections)
+        for section in sections:  # drawn, saved and dropped one at a time
+            bar.set_postfix_str(section.file, refresh=False)
+            section.figure.savefig(out / section.file, dpi=figures.DPI)
+            bar.update(1)
     table.to_csv(out / "summary.csv", index=False)
     page = render_html(loaded, labels, sections, table, out, metrics=metrics, steps=data.steps,
-                       reference=reference, source=source, notice=notice)
+                       reference=reference, source=source, ranked=data.ranked, detail=data.detail,
+                       medians=data.medians, notice=notice)
     (out / REPORT_FILE).write_text(page, encoding="utf-8")
     written = [section.file for section in sections] + ["summary.csv", REPORT_FILE]
     _remove_stale(out, earlier, keep=set(written))
@@ -147,153 +155,6 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
             label, k = f"{run.name} #{k}", k + 1
         labels.append(label)
     return labels
-
-
-def select_layers(runs: Sequence[Run], layers: str | Sequence[str] | None = None) -> list[str]:
-    """Layers of any of ``runs`` in model order, filtered by names or glob patterns.
-
-    A layer only some runs have goes after the layer that precedes it in its run:
-    ``conv, fc`` and ``conv, bn, fc`` give ``conv, bn, fc``.
-
-    Raises:
-        ValueError: a name or pattern matches no recorded layer (the message lists them).
-    """
-    names: list[str] = []
-    for run in runs:
-        position = 0  # a layer new to the list goes right after this run's previous layer
-        for name in map(str, run.layers["layer"]):
-            if name in names:
-                position = names.index(name) + 1
-            else:
-                names.insert(position, name)
-                position += 1
-    if layers is None:
-        return names
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    chosen: set[str] = set()
-    for pattern in patterns:
-        matched = [name for name in names if fnmatch.fnmatchcase(name, str(pattern))]
-        if not matched:
-            raise ValueError(f"layers={pattern!r} matches no recorded layer; recorded: {', '.join(names)}")
-        chosen.update(matched)
-    return [name for name in names if name in chosen]
-
-
-@dataclass
-class ReportData:
-    """Everything the figures and the table need, computed once from the runs."""
-
-    percentiles: list[pd.DataFrame]
-    drifts: list[pd.DataFrame]
-    noises: list[pd.DataFrame | None]
-    channel_drifts: list[pd.DataFrame]
-    curves: list[pd.DataFrame]
-    steps: list[int] = field(default_factory=list)  # recorded steps of each run (of the drawn source)
-
-    @property
-    def xlim(self) -> tuple[float, float]:
-        """The step range every figure shares: the recorded steps and logged curves of all runs."""
-        steps = [frame["step"] for frame in (*self.percentiles, *self.curves) if len(frame)]
-        values = pd.concat(steps).to_numpy(dtype=float)
-        return float(values.min()), float(values.max())
-
-    @classmethod
-    def compute(
-        cls, runs: Sequence[Run], metrics: Sequence[str], *, reference: str | int, source: str, channel: int | None
-    ) -> ReportData:
-        data = cls([], [], [], [], [], [])
-        for run in runs:
-            stats = run.stats(source=source)
-            if stats.empty:
-                raise ValueError(f"run {run.name!r} ({run.directory}) has no records of source={source!r}")
-            data.steps.append(int(stats["step"].nunique()))
-            data.percentiles.append(figures.layer_percentiles(stats, channel))
-            channels = drift(run, metric=list(metrics), reference=reference, by="channel", source=source)
-            data.channel_drifts.append(channels)
-            # The layer means of the same values (NaN, excluded channels, skipped), not a second drift() pass.
-            by_layer = channels.groupby(["metric", "step", "layer", "reference"], observed=True, sort=False)
-            data.drifts.append(by_layer["value"].mean().reset_index())
-            data.noises.append(noise_floor(run, metric=list(metrics)) if has_probe(run) else None)
-            data.curves.append(run.curves())
-        return data
-
-
-def build_sections(
-    data: ReportData,
-    labels: Sequence[str],
-    layers: Sequence[str],
-    metrics: Sequence[str],
-    *,
-    reference: str | int,
-    max_points: int,
-    channel: int | None,
-    source: str,
-) -> list[Section]:
-    """The report's figures with their headings and captions, in page order.
-
-    The drift figure holds at most :data:`METRICS_PER_FIGURE` metrics (more go
-    to ``drift-2``, ``drift-3`` …); without 2 recorded steps in any run there is
-    no drift, and no drift figure.
-    """
-    what = "mean over channels" if channel is None else f"channel {channel}"
-    xlim = data.xlim
-    sections = [
-        Section(
-            "percentiles",
-            "Percentile trajectories",
-            f"The 15th (dotted), 50th (solid) and 85th (dashed) percentiles of each layer's input over training "
-            f"({what}, {source} batches), with the 1st–99th percentile band faint: the view of Figure 1 in the "
-            "BatchNorm paper. Flat, steady bands mean a stable input distribution; bands that climb, widen or "
-            "narrow are covariate shift. Runs are side by side, with the same y axis along each row.",
-            figures.percentiles_figure(data.percentiles, labels, layers, max_points=max_points, what=what,
-                                       xlim=xlim),
-        ),
-    ]
-    if max(data.steps) >= 2:
-        chunks = [metrics[i:i + METRICS_PER_FIGURE] for i in range(0, len(metrics), METRICS_PER_FIGURE)]
-        for k, chunk in enumerate(chunks, start=1):
-            sections.append(Section(
-                "drift" if k == 1 else f"drift-{k}",
-                "Drift over training" + (f" ({k} of {len(chunks)})" if len(chunks) > 1 else ""),
-                "Each layer's drift (mean over its channels) from the reference, one row per layer and one column "
-                "per metric; runs overlaid in their colours, each panel on its own y scale. The dashed line in the "
-                "same colour is the noise floor. Drift well above its floor is real change of the input "
-                "distribution. Where two runs' lines coincide (e.g. the input layer, which reads the same data), "
-                "the panel says so and the line underneath is drawn wide.",
-                figures.drift_figure(data.drifts, data.noises, labels, layers, chunk, reference=reference,
-                                     max_points=max_points, xlim=xlim),
-            ))
-        sections += [
-            Section(
-                "heatmap",
-                "Layer × step heatmap",
-                "Drift of every layer at every drawn step, one panel per run, with one colour scale per metric "
-                "shared by all runs: the same colour is the same amount of drift in every panel. Grey rows are "
-                "layers the run does not have; the hatched column is the reference step itself (0 by definition, "
-                "so not a measurement of low drift).",
-                figures.heatmap_figure(data.drifts, labels, layers, metrics, reference=reference,
-                                       max_points=max_points, xlim=xlim),
-            ),
-            Section(
-                "channels",
-                "Per-channel drift at the end of training",
-                "The drift of every channel of each layer at the run's last recorded step: a box for the quartiles "
-                "(line: median) and a dot per channel. A tall box or stray dots mean a few channels moved much "
-                "more than the rest, which the layer mean hides.",
-                figures.channels_figure(data.channel_drifts, labels, layers, metrics),
-            ),
-        ]
-    if any(not frame.empty for frame in data.curves):
-        sections.append(
-            Section(
-                "curves",
-                "Training curves",
-                "Loss and accuracy the runs logged with run.log(): train solid, test dashed, on the same step axis "
-                "as the figures above.",
-                figures.curves_figure(data.curves, labels, xlim=xlim),
-            )
-        )
-    return sections
 
 
 def summary_table(
@@ -333,6 +194,9 @@ def _metric_list(metrics: str | Sequence[str]) -> list[str]:
         return list(METRICS)
     if not names:
         raise ValueError("metrics must name at least one drift metric, got an empty list")
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"metrics must be 'all' or names from {METRICS}, got {unknown}")
     return names
 
 

@@ -47,7 +47,10 @@ def test_submodules_do_not_shadow_the_public_functions():
 
 def test_help_defaults_match_the_library():
     from covshift.figures import DEFAULT_MAX_POINTS
-    from covshift.report import DEFAULT_METRICS
+    from covshift.panels import MAX_HEIGHT_PX
+    from covshift.report import DEFAULT_METRICS, DEFAULT_TOP, PROGRESS_LAYERS
 
     assert cli.DEFAULT_MAX_POINTS == DEFAULT_MAX_POINTS
     assert tuple(cli.DEFAULT_METRICS) == tuple(DEFAULT_METRICS)
+    assert (cli.DEFAULT_TOP, cli.PROGRESS_LAYERS) == (DEFAULT_TOP, PROGRESS_LAYERS)
+    assert f"taller than {MAX_HEIGHT_PX:,} pixels" in cli._REPORT_EPILOG

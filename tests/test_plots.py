@@ -11,7 +11,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from covshift import figures, plots
+from covshift import figures, overview, plots
 
 
 def _axes():
@@ -144,14 +144,14 @@ def test_drift_figure_says_why_a_run_with_one_step_has_no_line():
 
 def test_heatmap_greys_out_the_reference_step_instead_of_colouring_it_as_no_drift():
     frame = _drift_frame({"a": np.array([0.0, 0.5, 1.0]), "b": np.array([0.0, 2.0, 3.0])})
-    fig = figures.heatmap_figure([frame], ["run"], ["a", "b"], ["wasserstein"], reference="initial")
+    fig = overview.heatmap_figure([frame], ["run"], ["a", "b"], ["wasserstein"], reference="initial")
     mesh = fig.axes[0].collections[0]
     assert mesh.get_array().size == 2 * 2  # steps 1 and 2 are coloured; step 0, the reference, is not
     assert mesh.get_coordinates()[..., 0].min() == 0.5
     (hatch,) = fig.axes[0].patches  # the reference column, hatched, where step 0 would be
     assert hatch.get_hatch() == "///" and hatch.get_x() == -0.5 and hatch.get_width() == 1.0
     assert "hatched" in fig.get_suptitle()
-    fig = figures.heatmap_figure([frame], ["run"], ["a", "b"], ["wasserstein"], reference="previous")
+    fig = overview.heatmap_figure([frame], ["run"], ["a", "b"], ["wasserstein"], reference="previous")
     assert not np.ma.getmaskarray(fig.axes[0].collections[0].get_array()).any()
     assert not fig.axes[0].patches
 
@@ -170,7 +170,7 @@ def test_curves_with_two_points_get_markers_and_the_shared_step_range():
 def test_heatmap_figure_shares_one_colour_scale_between_runs():
     small = _drift_frame({"a": np.array([0.0, 0.1]), "b": np.array([0.2, 0.3])})
     large = _drift_frame({"a": np.array([0.0, 4.0]), "b": np.array([1.0, 2.0])})
-    fig = figures.heatmap_figure([small, large], ["small", "large"], ["a", "b"], ["wasserstein"])
+    fig = overview.heatmap_figure([small, large], ["small", "large"], ["a", "b"], ["wasserstein"])
     meshes = [ax.collections[0] for ax in fig.axes[:2]]
     assert len(meshes) == 2
     assert meshes[0].norm is meshes[1].norm
@@ -203,7 +203,7 @@ def test_long_layer_names_are_neither_clipped_nor_overlapping():
              enumerate(["dense", "LayerNorm", "query", "key", "value", "intermediate.dense"] * 3)]
     names.append("classifier")
     frame = _drift_frame({name: np.linspace(0, 1, 5) for name in names})
-    heatmap = figures.heatmap_figure([frame], ["bert"], names, ["wasserstein"])
+    heatmap = overview.heatmap_figure([frame], ["bert"], names, ["wasserstein"])
     drift = figures.drift_figure([frame], [None], ["bert"], names[:4], ["wasserstein"])
     for fig in (heatmap, drift):
         FigureCanvasAgg(fig).draw()

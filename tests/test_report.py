@@ -56,7 +56,7 @@ def test_two_run_report_writes_every_figure_at_its_grid_size(two_run_report, run
     expected = {
         "percentiles.png": grid_pixels(layers, 2),
         "drift.png": grid_pixels(layers, len(METRICS)),
-        "heatmap.png": grid_pixels(len(METRICS), 2),
+        "heatmap.png": grid_pixels(1, 2),  # one metric (W1), one row per layer: 3 layers fit a panel's height
         "channels.png": grid_pixels(len(METRICS), 2),
         "curves.png": grid_pixels(1, 2),  # the plain run logged curves
     }
@@ -70,7 +70,7 @@ def test_one_run_report_without_curves_has_no_curves_figure(one_run_report, runs
     out = one_run_report.parent
     layers = len(runs[1].layers)
     assert png_size(out / "percentiles.png") == grid_pixels(layers, 1)
-    assert png_size(out / "heatmap.png") == grid_pixels(len(METRICS), 1)
+    assert png_size(out / "heatmap.png") == grid_pixels(1, 1)
     assert not (out / "curves.png").exists()
     assert "Training curves" not in one_run_report.read_text()
 
@@ -126,7 +126,7 @@ def test_layers_of_several_runs_merge_in_model_order(runs):
 
 def test_report_selects_layers_by_pattern_and_rejects_unknown_ones(runs, tmp_path):
     layer = str(runs[0].layers["layer"].iloc[0])
-    page = report(runs[0], tmp_path, metrics="wasserstein", layers=[layer])
+    page = report(runs[0], tmp_path, metrics="wasserstein", layers=[layer], top=0)  # only the layer asked for
     assert png_size(tmp_path / "percentiles.png") == grid_pixels(1, 1)
     assert png_size(tmp_path / "drift.png") == grid_pixels(1, 1)
     assert page.name == "report.html"
@@ -146,11 +146,11 @@ def test_report_rejects_bad_input(runs, tmp_path):
 def test_all_metrics_and_a_rerun_into_the_same_directory(runs, tmp_path):
     report(runs[0], tmp_path, metrics="wasserstein", layers="conv")
     assert (tmp_path / "curves.png").exists()
-    report(runs[1], tmp_path, metrics="all", layers="conv")  # this run logged no curves
+    report(runs[1], tmp_path, metrics="all", layers="conv", top=0)  # this run logged no curves
     assert not (tmp_path / "curves.png").exists()
     table = pd.read_csv(tmp_path / "summary.csv")
-    assert list(table["metric"]) == list(ALL_METRICS)
-    assert png_size(tmp_path / "heatmap.png") == grid_pixels(7, 1)
+    assert list(dict.fromkeys(table["metric"])) == list(ALL_METRICS)  # every layer, in the heatmap and the table
+    assert png_size(tmp_path / "heatmap.png") == grid_pixels(1, 1)  # the heatmap draws one metric
     # seven metrics: three drift figures of at most 3 columns, so no figure is shrunk to unreadable text
     assert [png_size(tmp_path / f) for f in ("drift.png", "drift-2.png", "drift-3.png")] == [
         grid_pixels(1, 3), grid_pixels(1, 3), grid_pixels(1, 1)]
@@ -179,10 +179,10 @@ def test_report_rejects_a_channel_beyond_the_layers(runs, tmp_path):
 
 
 def test_report_draws_one_channel_on_request(runs, tmp_path):
-    page = report(runs[0], tmp_path / "c3", metrics="ks", layers="fc", channel=3)
+    page = report(runs[0], tmp_path / "c3", metrics="ks", layers="fc", top=0, channel=3)
     assert "channel 3" in page.read_text()
     assert png_size(tmp_path / "c3" / "percentiles.png") == grid_pixels(1, 1)
-    report(runs[0], tmp_path / "c0", metrics="ks", layers="fc", channel=0)
+    report(runs[0], tmp_path / "c0", metrics="ks", layers="fc", top=0, channel=0)
     drawn = [(tmp_path / c / "percentiles.png").read_bytes() for c in ("c3", "c0")]
     assert drawn[0] != drawn[1]  # another channel's percentiles are drawn
 
@@ -253,13 +253,13 @@ def _text(page: str) -> str:
     return html_module.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
 
 
-def test_page_leads_with_the_verdict_the_experiment_computes(two_run_report, runs):
-    from covshift.verdict import compare
+def test_page_leads_with_the_verdict_the_experiments_compute(two_run_report, runs):
+    from covshift.verdict import compare_runs
 
     page = two_run_report.read_text()
-    table = covshift.drift_table(runs[0], runs[1], metric="wasserstein")  # what results.md is computed from
-    expected = compare(list(table["layer_a"]), table["mean_a"].tolist(), table["mean_b"].tolist(), "plain", "bn")
+    expected = compare_runs(runs[0], runs[1], "plain", "bn")  # what bn-paper's results.md states
     assert expected.headline.startswith("bn drifts ") and "1 of 1 hidden layers lower" in expected.headline
+    assert "by the channel mean" in expected.headline and "by the channel median" in expected.headline
     verdict = page.index("<section id=verdict>")
     assert page.index(expected.headline) > verdict and expected.details in page
     assert verdict < page.index("<img") and verdict < page.index("All numbers") and verdict < page.index("<dl")
@@ -336,15 +336,15 @@ def test_a_run_with_one_recorded_step_warns_and_says_what_to_change(tmp_path):
 
 def test_one_run_gets_a_one_line_summary_for_a_verdict(one_run_report):
     text = _text(one_run_report.read_text())
-    assert re.search(r"bn: mean W1 \(× σ_ref\) drift [0-9.]+ over 3 layers; most in layer \w+ \([0-9.]+\); "
-                     r"\d of 3 layers above their noise floor", text)
+    assert re.search(r"bn: mean W1 \(× σ_ref\) drift [0-9.]+ over 3 layers by the channel mean, [0-9.]+ by the "
+                     r"channel median; most in layer \w+ \([0-9.]+\); \d of 3 layers above their noise floor", text)
 
 
 def test_every_figure_shares_one_step_range(runs):
     data = ReportData.compute(runs, list(METRICS), reference="initial", source="train", channel=None)
     sections = build_sections(data, ["plain", "bn"], select_layers(runs), list(METRICS), reference="initial",
                               max_points=400, channel=None, source="train")
-    assert [s.name for s in sections] == ["percentiles", "drift", "heatmap", "channels", "curves"]
+    assert [s.name for s in sections] == ["heatmap", "percentiles", "drift", "channels", "curves"]
     ranges = {s.name: {ax.get_xlim() for ax in s.figure.axes if ax.get_xlabel() == "training step"}
               for s in sections if s.name != "channels"}
     assert all(len(r) == 1 for r in ranges.values()), ranges

@@ -20,6 +20,8 @@ MEASURES: tuple[tuple[str, str, str], ...] = (
 )
 #: Records the table is computed from.
 SOURCE = "train"
+#: The measure the verdict states: W1 (× σ_ref) against the initial step.
+VERDICT_MEASURE = ("wasserstein", "initial")
 
 
 def compare(plain: covshift.Run, batchnorm: covshift.Run, source: str = SOURCE) -> dict:
@@ -28,9 +30,11 @@ def compare(plain: covshift.Run, batchnorm: covshift.Run, source: str = SOURCE) 
     Layers are matched by name (the BatchNorm layers of the BN network have no
     partner and are left out). Each value is the layer's drift (mean over its
     channels) averaged over the recorded steps; ``ratio`` is BN / no BN; the
-    noise floors come from the halves of each run's probe batch. The first layer
-    reads the input data itself, the same in both networks; the verdict is over
-    the others (the hidden layers).
+    noise floors come from the halves of each run's probe batch. The rows of
+    :data:`VERDICT_MEASURE` also hold ``plain_median`` and ``batchnorm_median``:
+    the same with channels aggregated by their median. The first layer reads
+    the input data itself, the same in both networks; the verdict is over the
+    others (the hidden layers), by the channel mean and by the channel median.
 
     Args:
         plain: the run without BatchNorm.
@@ -62,6 +66,10 @@ def compare(plain: covshift.Run, batchnorm: covshift.Run, source: str = SOURCE) 
             }
             for row in table.itertuples()
         ]
+        if (metric, reference) == VERDICT_MEASURE:
+            median = drift_table(plain, batchnorm, metric=metric, reference=reference, source=source, agg="median")
+            for row, by_median in zip(rows, median.itertuples()):
+                row.update(plain_median=by_median.mean_a, batchnorm_median=by_median.mean_b)
         measures.append({"metric": metric, "reference": reference, "label": label,
                          "rows": [{k: _json_number(v) for k, v in row.items()} for row in rows]})
     input_layer = measures[0]["rows"][0]["layer"]
@@ -69,30 +77,28 @@ def compare(plain: covshift.Run, batchnorm: covshift.Run, source: str = SOURCE) 
 
 
 def verdict(measures: list[dict]) -> str:
-    """One sentence on W1 (× σ_ref) vs the initial step over the hidden layers, from the numbers.
+    """The verdict on W1 (× σ_ref) vs the initial step over the hidden layers, from the numbers.
 
-    The factor is the mean drift over hidden layers without BN divided by the
-    same mean with BN. Above 1 BatchNorm reduced drift; otherwise the sentence says it did not.
+    :func:`covshift.verdict.compare` over the rows of :data:`VERDICT_MEASURE`: the
+    factor is the mean drift over hidden layers without BN divided by the same mean
+    with BN, by the channel mean and, when the rows hold it, by the channel median
+    (one outlying channel can dominate the mean, not the median).
 
-    >>> rows = [{"layer": "in", "plain": 1.0, "batchnorm": 1.0}, {"layer": "h1", "plain": 2.0, "batchnorm": 0.5},
-    ...         {"layer": "h2", "plain": 4.0, "batchnorm": 2.5}]
-    >>> verdict([{"metric": "wasserstein", "reference": "initial", "rows": rows}])
-    'BatchNorm reduced mean W1 (× σ_ref) drift (vs the initial step) by 2.0× (2 of 2 hidden layers lower; per-layer BN/no-BN ratios 0.25–0.62). Input layer in, which reads the data itself: BN/no-BN 1.00.'
+    >>> rows = [{"layer": "in", "plain": 1.0, "batchnorm": 1.0, "plain_median": 1.0, "batchnorm_median": 1.0},
+    ...         {"layer": "h1", "plain": 2.0, "batchnorm": 0.5, "plain_median": 1.0, "batchnorm_median": 0.5},
+    ...         {"layer": "h2", "plain": 4.0, "batchnorm": 2.5, "plain_median": 2.0, "batchnorm_median": 1.0}]
+    >>> print(verdict([{"metric": "wasserstein", "reference": "initial", "rows": rows}]))
+    Mean W1 (× σ_ref) vs the initial step, hidden layers: BN drifts 2.0× less than no BN by the channel mean (2 of 2 hidden layers lower), 2.0× less by the channel median (2 of 2 lower). Per-layer BN/no BN ratios 0.25–0.62. Input layer in, which reads the data itself: BN/no BN 1.00.
     """
-    main = next(m for m in measures if m["metric"] == "wasserstein" and m["reference"] == "initial")
+    main = next(m for m in measures if (m["metric"], m["reference"]) == VERDICT_MEASURE)
     rows = main["rows"]
-    v = compare_layers(
-        [row["layer"] for row in rows], [row["plain"] for row in rows], [row["batchnorm"] for row in rows], "no BN", "BN"
-    )
-    counted = f"{v.lower} of {len(v.hidden)} hidden layers lower; per-layer BN/no-BN ratios {v.ratio_min:.2f}–{v.ratio_max:.2f}"
-    if v.factor > 1:
-        sentence = f"BatchNorm reduced mean W1 (× σ_ref) drift (vs the initial step) by {v.factor:.1f}× ({counted})."
-    else:
-        sentence = (
-            "BatchNorm did not reduce mean W1 (× σ_ref) drift (vs the initial step): with BN it was "
-            f"{1 / v.factor:.1f}× the drift without ({counted})."
-        )
-    return f"{sentence} Input layer {v.input_layer}, which reads the data itself: BN/no-BN {v.input_ratio:.2f}."
+    medians = {}
+    if all("plain_median" in row for row in rows):
+        medians = {"baseline_median": [row["plain_median"] for row in rows],
+                   "other_median": [row["batchnorm_median"] for row in rows]}
+    v = compare_layers([row["layer"] for row in rows], [row["plain"] for row in rows],
+                       [row["batchnorm"] for row in rows], "no BN", "BN", **medians)
+    return f"Mean W1 (× σ_ref) vs the initial step, hidden layers: {v.headline}. {v.details}"
 
 
 def to_markdown(comparison: dict) -> str:
@@ -103,7 +109,8 @@ def to_markdown(comparison: dict) -> str:
         f"**Verdict:** {comparison['verdict']}",
         "",
         f"Drift of each convolution's input on the {comparison['source']} batches, mean over channels, "
-        "averaged over all recorded steps; `BN/no BN` below 1 means less drift with BatchNorm. The noise "
+        "averaged over all recorded steps (the verdict also states the median over channels, which one "
+        "outlying channel cannot dominate); `BN/no BN` below 1 means less drift with BatchNorm. The noise "
         "floor is the same metric between the two halves of the fixed probe batch (pure sampling noise), "
         f"mean over probe steps. `{comparison['input_layer']}` reads the images, the same in both networks.",
     ]
