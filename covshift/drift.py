@@ -502,7 +502,8 @@ def _match_layers(run_a: Run, run_b: Run, match: str) -> list[tuple[str, str, st
 
 def has_probe(run: Run) -> bool:
     """Whether ``run`` holds records of both probe halves (what :func:`noise_floor` needs)."""
-    return not (run.stats("probe_a").empty or run.stats("probe_b").empty)
+    held = run.sources().index
+    return "probe_a" in held and "probe_b" in held
 
 
 def _mean_noise(run: Run, metric: str, normalize: bool, agg: str) -> pd.Series:

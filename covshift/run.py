@@ -307,11 +307,13 @@ class Run:
             return self._whole(source, paths)
         expression = functools.reduce(operator.and_, filters) if filters else None
         wanted = None if layers is None else self._known_layers(layers)
+        empty = _records_to_table([]).select(columns or _SCHEMA.names)
+        if wanted == []:
+            return self._to_frame(empty)
         tables = [
             store.read_part(path, self._run_id, _SCHEMA, columns=columns, filters=expression, layers=wanted)
             for path in paths
         ]
-        empty = _records_to_table([]).select(columns or _SCHEMA.names)
         return self._to_frame(pa.concat_tables([empty, *tables]))
 
     def sources(self) -> pd.DataFrame:

@@ -63,12 +63,10 @@ class Section:
 
 
 def _layer_stats(run: Run, layers: Sequence[str], source: str) -> pd.DataFrame:
-    """``run.stats(source)`` rows of ``layers`` only: the one place the report reads per-channel records.
-
-    A filter of the whole frame for now; an out-of-core ``run.stats(layers=..., source=...)`` goes here.
-    """
-    stats = run.stats(source=source)
-    return stats[stats["layer"].isin(list(layers))]
+    """``run.stats(source)`` rows of ``layers`` only (those ``run`` recorded): the one place the report reads
+    per-channel records, and only those row groups are read."""
+    recorded = set(run.layers["layer"])
+    return run.stats(source, layers=[name for name in layers if name in recorded])
 
 
 def _empty(columns: Sequence[str]) -> pd.DataFrame:
