@@ -11,12 +11,10 @@ if TYPE_CHECKING:
 
 def run_html(run: Run) -> str:
     """The run's name, store path, steps per source and layers, as self-contained HTML."""
-    stats = run.stats()
-    rows = []
-    if not stats.empty:
-        per_source = stats.groupby("source")["step"].agg(["nunique", "min", "max"])
-        for source, (steps, first, last) in per_source.iterrows():
-            rows.append(_row(source, _count(steps, "step"), f"{first} … {last}"))
+    rows = [
+        _row(source, _count(held["steps"], "step"), f"{held['first step']} … {held['last step']}")
+        for source, held in run.sources().iterrows()
+    ]
     sources = "".join(rows) or "<tr><td colspan='3'>no records yet</td></tr>"
     layers = "".join(
         _row(layer.layer, layer.type, _count(layer.channels, "channel")) for layer in run.layers.itertuples()

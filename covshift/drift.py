@@ -20,7 +20,7 @@ import pandas as pd
 from covshift import metrics as m
 from covshift.checks import check_choice
 from covshift.run import SOURCES, Run
-from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, QUANTILE_LEVELS
+from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, QUANTILE_LEVELS
 
 #: Metric names, in the order ``metric="all"`` returns them.
 METRICS = ("mean_shift", "std_ratio", "wasserstein", "gaussian_w2", "ks", "psi", "js")

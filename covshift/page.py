@@ -185,13 +185,14 @@ def _probe_sizes(runs: Sequence[Run], labels: Sequence[str]) -> str:
     """Each run's probe: how many probe steps, how often, how many values per channel; runs alike named together."""
     said: dict[str, list[str]] = {}
     for run, label in zip(runs, labels):
-        half = run.stats("probe_a")
-        if half.empty:
+        if "probe_a" not in run.sources().index:
             text = "no probe (no noise floor)"
-        else:
-            steps = sorted(half["step"].unique())
+        else:  # the probe steps from one layer's rows, the half's size from the first probe step's
+            first_layer = str(run.layers["layer"].iloc[0])
+            steps = sorted(run.stats("probe_a", layers=first_layer, columns=["count"])["step"].unique())
             every = f", one every {int(pd.Series(steps).diff().median())} steps" if len(steps) > 1 else ""
-            text = f"{len(steps)} probe steps{every}; each half: {_half_size(run, half[half['step'] == steps[0]])}"
+            half = run.stats("probe_a", steps=int(steps[0]), columns=["count"])
+            text = f"{len(steps)} probe steps{every}; each half: {_half_size(run, half)}"
         said.setdefault(text, []).append(label)
     return "Here: " + "; ".join(f"{', '.join(names)}: {text}" for text, names in said.items()) + "."
 

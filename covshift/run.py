@@ -10,18 +10,22 @@ import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from covshift import store
 from covshift.checks import check_choice, check_int
+from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES
 from covshift.faults import Faults
-from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES, Partial, Record, finalize
+
+if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
+    import torch
+
+    from covshift.summary import Partial, Record
 
 #: Sources a record can come from: training batches, the probe batch, and its two halves.
 SOURCES = ("train", "probe", "probe_a", "probe_b")
@@ -87,8 +91,6 @@ class Run:
         self._dropped = 0  # steps dropped while the directory could not be written
         self._faults = Faults()  # the store's warnings, each said once until writes work again
         self._curves_created = False
-        self._tables: list[pa.Table] = []
-        self._parts_read: set[Path] = set()
         self._frames: dict[str | None, pd.DataFrame] = {}  # stats() per source
         self._frames_key: tuple | None = None
         self._meta_dirty = False
@@ -144,6 +146,8 @@ class Run:
         if not self._step_partials:
             return
         partials, self._step_partials = self._step_partials, []
+        from covshift.summary import finalize
+
         record = finalize(
             [partial for *_, partial in partials],
             [self._sketched(partial.count.shape[0]) for *_, partial in partials],
@@ -349,23 +353,22 @@ class Run:
         return paths
 
     def _whole(self, source: str | None, paths: list[Path]) -> pd.DataFrame:
-        """Every record of ``source`` (None: all), read once and kept until new parts arrive."""
-        for path in paths:
-            if path not in self._parts_read:
-                self._tables.append(store.read_part(path, self._run_id, _SCHEMA))
-                self._parts_read.add(path)
-        key = (len(self._parts_read), len(self._meta["layers"]))
+        """Every record of ``source`` (None: all), kept until new parts arrive.
+
+        A source's records are read part by part with the other sources' rows
+        dropped as each part is read, so memory holds that source only.
+        """
+        key = (tuple(paths), len(self._meta["layers"]))
         if self._frames_key != key:
             self._frames, self._frames_key = {}, key
         if source not in self._frames:
-            table = pa.concat_tables(self._tables) if self._tables else _records_to_table([])
-            if source is not None:
-                keep = pc.equal(table["source"], source)
-                if pc.all(keep).as_py() and None in self._frames:  # every record is of this source
-                    self._frames[source] = self._frames[None]
-                    return self._frames[source].copy(deep=False)
-                table = table.filter(keep)
-            self._frames[source] = self._to_frame(table)
+            if source is not None and None in self._frames:
+                every = self._frames[None]
+                self._frames[source] = every[every["source"] == source].reset_index(drop=True)
+            else:
+                only = None if source is None else pc.field("source") == source
+                tables = [store.read_part(path, self._run_id, _SCHEMA, filters=only) for path in paths]
+                self._frames[source] = self._to_frame(pa.concat_tables([_records_to_table([]), *tables]))
         return self._frames[source].copy(deep=False)
 
     def _to_frame(self, table: pa.Table) -> pd.DataFrame:
@@ -446,6 +449,8 @@ def sketch_rows(channels: int, limit: int | None) -> torch.Tensor | None:
     """``limit`` evenly spaced channels of ``channels`` (first and last included); None when all are kept."""
     if limit is None or channels <= limit:
         return None
+    import torch
+
     return torch.linspace(0, channels - 1, limit, dtype=torch.float64).round().long().unique()
 
 
@@ -465,6 +470,8 @@ def _records_to_table(pending: list[_Step]) -> pa.Table:
     of channels outside a layer's sketched subset are null.
     """
     if pending:
+        import torch
+
         keys = [key for step in pending for key in step.keys]
         channels = np.array([key[3] for key in keys])
         stats = torch.cat([step.record.stats for step in pending]).cpu().numpy()

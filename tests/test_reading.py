@@ -151,3 +151,19 @@ def test_quantile_metrics_aggregate_the_sketched_channels_and_moment_metrics_all
     kept = per_channel[(per_channel.step == 5) & (per_channel.layer == "0")]
     assert kept.value.notna().sum() == 4
     assert last.loc["wasserstein", "value"] == pytest.approx(kept.value.mean())
+
+
+def test_reading_a_run_and_its_drift_needs_no_torch(tmp_path):
+    """The command line and notebooks open long runs without paying for torch's import (about 1.7 s here)."""
+    import subprocess
+    import sys
+
+    _wide_run(tmp_path / "r", steps=3)
+    code = (
+        "import sys, covshift\n"
+        f"run = covshift.load({str(tmp_path / 'r')!r})\n"
+        "run.stats(layers='2'); run.sources(); covshift.drift(run, metric='all')\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
