@@ -99,7 +99,9 @@ def record(directory: Path, steps: int, batch: int, image: int, full: Path | Non
 
 def measured(code: str) -> tuple[float, int, str]:
     """Run ``code`` in a fresh Python; its wall time, peak RSS and output."""
-    wrapped = f"{code}\nimport resource, sys\nprint('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)"
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's resident size at the fork.
+    wrapped = (f"{code}\nimport re, sys\nhwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())\n"
+               "print('RSS', int(hwm.group(1)) * 1024, file=sys.stderr)")
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - started
