@@ -10,7 +10,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,13 +19,13 @@ import pyarrow.compute as pc
 
 from covshift import store
 from covshift.checks import check_choice, check_int
-from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES
 from covshift.faults import Faults
+from covshift.records import SCHEMA, PendingStep, checked_columns, records_to_table, sketch_rows, steps_filter
 
 if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
     import torch
 
-    from covshift.summary import Partial, Record
+    from covshift.summary import Partial
 
 #: Sources a record can come from: training batches, the probe batch, and its two halves.
 SOURCES = ("train", "probe", "probe_a", "probe_b")
@@ -35,20 +35,6 @@ DEFAULT_MEMORY_BUDGET = 64 * 2**20
 DEFAULT_SKETCH_CHANNELS = 64
 #: Layer names an error message lists before "and N more".
 LAYERS_SHOWN = 12
-#: Columns every stats() frame has, whatever ``columns`` asks for.
-KEY_COLUMNS = ("step", "source", "layer", "channel")
-
-_INT_STATS = {"count", "nonfinite"}
-
-
-class _Step(NamedTuple):
-    """A finalized step waiting to be written: ``seq`` numbers the run's steps from 0."""
-
-    seq: int
-    keys: list[tuple[int, str, str, int]]
-    record: Record
-    nbytes: int
-
 
 class Run:
     """Summaries of one training run: a directory of Parquet parts plus a small buffer.
@@ -84,7 +70,7 @@ class Run:
         self.flush_every = flush_every
         self.memory_budget = memory_budget
         self._step_partials: list[tuple[int, str, str, Partial]] = []
-        self._pending: list[_Step] = []
+        self._pending: list[PendingStep] = []
         self._pending_bytes = 0
         self._seq = 0  # number of the next finalized step
         self._retry_at: int | None = None  # after a failed write: retry when _seq reaches it
@@ -156,7 +142,7 @@ class Run:
         nbytes = sum(t.nbytes for t in (record.stats, record.quantiles, record.binmeans))
         seq = self._seq
         self._seq = seq + 1
-        self._pending.append(_Step(seq, keys, record, nbytes))
+        self._pending.append(PendingStep(seq, keys, record, nbytes))
         self._pending_bytes += nbytes
 
     def _sketched(self, channels: int) -> torch.Tensor | None:
@@ -182,7 +168,7 @@ class Run:
                 self._meta_dirty = False
             if self._pending:
                 path = store.part_path(self.directory, self._pending[0].seq, self._run_id)
-                store.write_part(path, _records_to_table(self._pending), self._run_id)
+                store.write_part(path, records_to_table(self._pending), self._run_id)
                 self._pending = []
                 self._pending_bytes = 0
         except OSError as err:
@@ -303,28 +289,28 @@ class Run:
         if layers is not None:
             filters.append(pc.field("layer").isin(self._known_layers(layers)))
         if steps is not None:
-            filters.append(_steps_filter(steps))
+            filters.append(steps_filter(steps))
         if columns is not None:
-            columns = _checked_columns(columns)
+            columns = checked_columns(columns)
         paths = self._readable_parts()
         if layers is None and steps is None and columns is None:
             return self._whole(source, paths)
         expression = functools.reduce(operator.and_, filters) if filters else None
         wanted = None if layers is None else self._known_layers(layers)
-        empty = _records_to_table([]).select(columns or _SCHEMA.names)
+        empty = records_to_table([]).select(columns or SCHEMA.names)
         if wanted == []:
             return self._to_frame(empty)
         tables = [
-            store.read_part(path, self._run_id, _SCHEMA, columns=columns, filters=expression, layers=wanted)
+            store.read_part(path, self._run_id, SCHEMA, columns=columns, filters=expression, layers=wanted)
             for path in paths
         ]
         return self._to_frame(pa.concat_tables([empty, *tables]))
 
     def sources(self) -> pd.DataFrame:
         """Per source: recorded ``steps``, ``first step``, ``last step`` and ``rows``; only two columns are read."""
-        tables = [store.read_part(path, self._run_id, _SCHEMA, columns=["step", "source"])
+        tables = [store.read_part(path, self._run_id, SCHEMA, columns=["step", "source"])
                   for path in self._readable_parts()]
-        table = pa.concat_tables([_records_to_table([]).select(["step", "source"]), *tables])
+        table = pa.concat_tables([records_to_table([]).select(["step", "source"]), *tables])
         table = table.set_column(1, "source", table["source"].cast(pa.string()))
         grouped = table.group_by("source").aggregate(
             [("step", "count_distinct"), ("step", "min"), ("step", "max"), ("step", "count")])
@@ -367,8 +353,8 @@ class Run:
                 self._frames[source] = every[every["source"] == source].reset_index(drop=True)
             else:
                 only = None if source is None else pc.field("source") == source
-                tables = [store.read_part(path, self._run_id, _SCHEMA, filters=only) for path in paths]
-                self._frames[source] = self._to_frame(pa.concat_tables([_records_to_table([]), *tables]))
+                tables = [store.read_part(path, self._run_id, SCHEMA, filters=only) for path in paths]
+                self._frames[source] = self._to_frame(pa.concat_tables([records_to_table([]), *tables]))
         return self._frames[source].copy(deep=False)
 
     def _to_frame(self, table: pa.Table) -> pd.DataFrame:
@@ -412,7 +398,7 @@ class Run:
                 shutil.copy2(self.directory / item, target / item)
         if self._pending:
             part = store.part_path(target, self._pending[0].seq, self._run_id)
-            store.write_part(part, _records_to_table(self._pending), self._run_id)
+            store.write_part(part, records_to_table(self._pending), self._run_id)
         return target
 
     def __repr__(self) -> str:
@@ -425,35 +411,6 @@ class Run:
         return run_html(self)
 
 
-def _steps_filter(steps: int | Iterable[int]) -> pc.Expression:
-    """A Parquet filter keeping ``steps``: a range of step 1 as bounds (row groups skipped by their statistics)."""
-    step = pc.field("step")
-    if isinstance(steps, range) and steps.step == 1:
-        return (step >= steps.start) & (step < steps.stop)
-    wanted = [steps] if isinstance(steps, (int, np.integer)) else list(steps)
-    if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in wanted):
-        raise TypeError(f"steps must be an int or an iterable of ints, got {steps!r}")
-    return step.isin([int(value) for value in wanted])
-
-
-def _checked_columns(columns: Sequence[str]) -> list[str]:
-    """The key columns and ``columns``, in stored order; an unknown column raises ValueError."""
-    names = [columns] if isinstance(columns, str) else list(columns)
-    unknown = [name for name in names if name not in _SCHEMA.names]
-    if unknown:
-        raise ValueError(f"no column {', '.join(map(repr, unknown))}; columns: {', '.join(_SCHEMA.names)}")
-    return [name for name in _SCHEMA.names if name in KEY_COLUMNS or name in names]
-
-
-def sketch_rows(channels: int, limit: int | None) -> torch.Tensor | None:
-    """``limit`` evenly spaced channels of ``channels`` (first and last included); None when all are kept."""
-    if limit is None or channels <= limit:
-        return None
-    import torch
-
-    return torch.linspace(0, channels - 1, limit, dtype=torch.float64).round().long().unique()
-
-
 def load(path: str | Path) -> Run:
     """Open a stored run directory.
 
@@ -461,68 +418,3 @@ def load(path: str | Path) -> Run:
         covshift.store.RunFileError: the directory or one of its files is missing or corrupted.
     """
     return Run(path)
-
-
-def _records_to_table(pending: list[_Step]) -> pa.Table:
-    """Columns of the buffered records, sorted by layer, source, step and channel.
-
-    One device-to-host copy per kind of statistic; the quantiles and bin means
-    of channels outside a layer's sketched subset are null.
-    """
-    if pending:
-        import torch
-
-        keys = [key for step in pending for key in step.keys]
-        channels = np.array([key[3] for key in keys])
-        stats = torch.cat([step.record.stats for step in pending]).cpu().numpy()
-        sketched = np.concatenate([_sketch_mask(step.record) for step in pending])
-        quantiles = _spread(torch.cat([step.record.quantiles for step in pending]).cpu().numpy(), sketched)
-        binmeans = _spread(torch.cat([step.record.binmeans for step in pending]).cpu().numpy(), sketched)
-        step = np.repeat([key[0] for key in keys], channels)
-        source = np.repeat([key[1] for key in keys], channels)
-        layer = np.repeat([key[2] for key in keys], channels)
-        channel = np.concatenate([np.arange(c) for c in channels])
-        order = np.lexsort((channel, step, source, layer))
-        stats, quantiles, binmeans, sketched = stats[order], quantiles[order], binmeans[order], sketched[order]
-        step, source, layer, channel = step[order], source[order], layer[order], channel[order]
-    else:
-        stats = np.empty((0, len(STAT_NAMES)))
-        quantiles = np.empty((0, len(QUANTILE_COLUMNS)), dtype=np.float32)
-        binmeans = np.empty((0, len(BINMEAN_COLUMNS)), dtype=np.float32)
-        sketched = np.empty(0, dtype=bool)
-        step, source, layer, channel = (np.empty(0, dtype=t) for t in (np.int64, str, str, np.int64))
-    columns = {
-        "step": pa.array(step, pa.int64()),
-        "source": pa.array(source, pa.string()).dictionary_encode(),
-        "layer": pa.array(layer, pa.string()).dictionary_encode(),
-        "channel": pa.array(channel, pa.int32()),
-    }
-    for i, name in enumerate(STAT_NAMES):
-        kind = pa.int64() if name in _INT_STATS else pa.float64()
-        columns[name] = pa.array(stats[:, i].astype(kind.to_pandas_dtype()), kind)
-    missing = None if sketched.all() else ~sketched
-    for i, name in enumerate(QUANTILE_COLUMNS):
-        columns[name] = pa.array(quantiles[:, i], pa.float32(), mask=missing)
-    for i, name in enumerate(BINMEAN_COLUMNS):
-        columns[name] = pa.array(binmeans[:, i], pa.float32(), mask=missing)
-    return pa.table(columns)
-
-
-def _sketch_mask(record: Record) -> np.ndarray:
-    """Which of a record's rows hold quantiles and bin means."""
-    if record.sketched is None:
-        return np.ones(record.stats.shape[0], dtype=bool)
-    return record.sketched.numpy()
-
-
-def _spread(values: np.ndarray, sketched: np.ndarray) -> np.ndarray:
-    """The sketched rows' ``values`` placed at their rows of a full-height array (NaN elsewhere)."""
-    if sketched.all():
-        return values
-    full = np.full((sketched.shape[0], values.shape[1]), np.nan, dtype=values.dtype)
-    full[sketched] = values
-    return full
-
-
-#: Columns and types of every part.
-_SCHEMA = _records_to_table([]).schema

@@ -12,7 +12,7 @@ import torch
 
 import covshift
 from covshift import store
-from covshift.run import sketch_rows
+from covshift.records import sketch_rows
 from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS
 
 FORMAT_2 = Path(__file__).parent / "data" / "run-format-2"

@@ -79,7 +79,7 @@ _TRACED = (store.__file__, sys.modules["covshift.run"].__file__)
 class _InterruptAt:
     """A tracer that raises KeyboardInterrupt at the ``n``-th line run in run.py or store.py.
 
-    Lines building the table are skipped: an interrupt there is one before the write.
+    Lines building the table (covshift/records.py) are not traced: an interrupt there is one before the write.
     """
 
     def __init__(self, n):
@@ -87,7 +87,7 @@ class _InterruptAt:
 
     def __call__(self, frame, event, arg):
         code = frame.f_code
-        return self._local if code.co_filename in _TRACED and code.co_name != "_records_to_table" else None
+        return self._local if code.co_filename in _TRACED else None
 
     def _local(self, frame, event, arg):
         if event == "line":
