@@ -10,35 +10,27 @@ accuracy and conventions: ``docs/metrics.md``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from covshift import metrics as m
 from covshift.checks import check_choice
-from covshift.run import SOURCES, Run
-from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, QUANTILE_LEVELS
+from covshift.columns import QUANTILE_LEVELS
+from covshift.metrics import METRICS, SKETCH_METRICS
+from covshift.run import Run
+from covshift.summaries import Columns, RunLike, Summaries, layer_batches, layer_order, read_summaries
 
-#: Metric names, in the order ``metric="all"`` returns them.
-METRICS = ("mean_shift", "std_ratio", "wasserstein", "gaussian_w2", "ks", "psi", "js")
-#: Metrics read from the quantiles and bin means: only a layer's sketched channels have them.
-SKETCH_METRICS = ("wasserstein", *m.CDF_METRICS)
 AGGREGATES = ("mean", "median", "max")
 BY = ("layer", "channel")
 MATCHES = ("name", "type")
 REFERENCE_FORMS = "'initial', 'previous', an int step or 'rolling:K'"
-#: Records read at a time by :func:`drift` from a stored run (a few hundred MB with every column).
-BATCH_ROWS = 2**20
 #: Records per vectorized chunk: bounds the temporary memory (about 50 MB per
 #: worker thread) and gives every core several chunks.
 CHUNK_ROWS = 65536
 
-RunLike = Run | pd.DataFrame
-#: Columns of a stats DataFrame that every metric reads (quantiles and bin means are read when needed).
-_NEEDED_COLUMNS = ("count", "mean", "var", "min", "max")
 
 
 def drift(
@@ -94,13 +86,13 @@ def drift(
     check_choice("by", by, BY)
     check_choice("agg", agg, AGGREGATES)
     if not isinstance(run, Run):
-        return _drift_of(_summaries(run, source, names), names, reference, normalize, label, by, agg)
+        return _drift_of(read_summaries(run, source, names), names, reference, normalize, label, by, agg)
     parts = [
-        _drift_of(_summaries(frame, source, names, order=_layer_order(run)), names, reference, normalize, label, by, agg)
-        for frame in _layer_batches(run, source, names)
+        _drift_of(read_summaries(frame, source, names, order=layer_order(run)), names, reference, normalize, label, by, agg)
+        for frame in layer_batches(run, source, names)
     ]
     if not parts:
-        _summaries(run, source, names)  # raises: no records of source
+        read_summaries(run, source, names)  # raises: no records of source
     frame = pd.concat(parts, ignore_index=True)
     keys = [frame["channel"].to_numpy()] if by == "channel" else []
     rank = frame["metric"].map({name: i for i, name in enumerate(names)}).to_numpy()
@@ -109,7 +101,7 @@ def drift(
 
 
 def _drift_of(
-    found: tuple[_Summaries, list[str]],
+    found: tuple[Summaries, list[str]],
     names: tuple[str, ...],
     reference: str | int,
     normalize: bool,
@@ -124,36 +116,6 @@ def _drift_of(
     cur, refs = cur[order], [r[order] for r in refs]
     values, ok = _compute(summaries, summaries, cur, refs, names, normalize)
     return _tidy(summaries, layers, cur, values, ok, label, by, agg)
-
-
-def _layer_batches(run: Run, source: str, names: tuple[str, ...]) -> Iterator[pd.DataFrame]:
-    """``source``'s records of ``run``, a few layers at a time (about :data:`BATCH_ROWS` rows), with
-    only the columns ``names`` need: memory stays flat however long the run. Layers without records are skipped."""
-    columns = [*_NEEDED_COLUMNS]
-    if set(names) & set(SKETCH_METRICS):
-        columns.append(QUANTILE_COLUMNS[0])
-    if set(names) & set(m.CDF_METRICS):
-        columns += QUANTILE_COLUMNS
-    if "wasserstein" in names:
-        columns += BINMEAN_COLUMNS
-    layers = run.layers
-    channels = dict(zip(layers["layer"], layers["channels"]))
-    pending = list(layers["layer"])
-    rows_per_channel = None
-    while pending:
-        if rows_per_channel is None:  # the first layer alone, to learn how many rows a channel has
-            batch = pending[:1]
-        else:
-            budget, batch = BATCH_ROWS, []
-            while pending[len(batch):] and (not batch or budget >= channels[pending[len(batch)]] * rows_per_channel):
-                budget -= channels[pending[len(batch)]] * rows_per_channel
-                batch.append(pending[len(batch)])
-        pending = pending[len(batch):]
-        frame = run.stats(source, layers=batch, columns=list(dict.fromkeys(columns)))
-        if rows_per_channel is None:
-            rows_per_channel = max(1, len(frame) // max(1, channels[batch[0]]))
-        if not frame.empty:
-            yield frame
 
 
 def noise_floor(
@@ -183,8 +145,8 @@ def noise_floor(
     check_choice("by", by, BY)
     check_choice("agg", agg, AGGREGATES)
     hint = "record a probe with tracker.probe(batch)"
-    half_a, layers = _summaries(run, "probe_a", names, hint)
-    half_b, _ = _summaries(run, "probe_b", names, hint)
+    half_a, layers = read_summaries(run, "probe_a", names, hint)
+    half_b, _ = read_summaries(run, "probe_b", names, hint)
     cur, ref = _matching_rows(half_a, half_b)
     values, ok = _compute(half_a, half_b, cur, [ref], names, normalize)
     return _tidy(half_a, layers, cur, values, ok, "probe halves", by, agg)
@@ -222,7 +184,7 @@ def drift_to_noise(
     joined = _join_nearest_step(layer_drift, floor, "probe_step")
     with np.errstate(divide="ignore", invalid="ignore"):
         joined["ratio"] = joined["value"] / joined["noise"]
-    joined["layer"] = pd.Categorical(joined["layer"], categories=_layer_order(run))
+    joined["layer"] = pd.Categorical(joined["layer"], categories=layer_order(run))
     return joined.sort_values(["metric", "step", "layer"], ignore_index=True)
 
 
@@ -292,131 +254,6 @@ def drift_table(
     return table[order]
 
 
-# -- inputs ----------------------------------------------------------------------
-@dataclass
-class _Summaries:
-    """One source's records as arrays, rows sorted by (step, layer, channel)."""
-
-    step: np.ndarray
-    layer: np.ndarray  # int codes into the run's layer order
-    channel: np.ndarray
-    mean: np.ndarray
-    sd: np.ndarray
-    constant: np.ndarray  # zero variance or no finite value
-    knots: _Columns | None  # quantile-function knots: min, quantiles, max
-    binmeans: _Columns | None  # the 32 bin means
-    sketched: np.ndarray | bool = True  # records with quantiles and bin means (a layer's sketched channels)
-
-
-def _summaries(
-    run: RunLike, source: str, names: tuple[str, ...] = METRICS, hint: str = "", order: list[str] | None = None
-) -> tuple[_Summaries, list[str]]:
-    """``source``'s records as arrays; quantiles and bin means only when ``names`` need them.
-
-    ``order``: the layer order, when ``run`` is a DataFrame of some of a run's layers.
-    """
-    check_choice("source", source, SOURCES)
-    if isinstance(run, Run):
-        frame = run.stats(source)
-        present = sorted(set(run.stats()["source"])) if frame.empty else []
-    elif isinstance(run, pd.DataFrame):
-        if "source" not in run and source != "train":
-            raise ValueError(f"a stats DataFrame without a 'source' column holds training records only; got source={source!r}")
-        present = sorted(set(run["source"])) if "source" in run else [source]
-        frame = run[run["source"] == source] if "source" in run else run
-        missing = [c for c in ("step", "layer", "channel", *_NEEDED_COLUMNS) if c not in frame]
-        if missing:
-            raise ValueError(f"the stats DataFrame lacks the columns {missing}: pass run.stats() or a subset of its rows")
-    else:
-        raise TypeError(f"run must be a covshift.Run or a stats DataFrame, got {type(run).__name__}")
-    if frame.empty:
-        raise ValueError(
-            f"the run has no records of source={source!r}; it has {present or 'no records'}"
-            + (f" ({hint})" if hint else "")
-        )
-    layers, codes = _layer_codes(frame["layer"], _layer_order(run) if isinstance(run, Run) else order)
-    step = frame["step"].to_numpy(np.int64)
-    channel = frame["channel"].to_numpy(np.int64)
-    order = np.lexsort((channel, codes, step))
-    key = np.stack([step[order], codes[order], channel[order]])
-    repeated = np.flatnonzero((key[:, 1:] == key[:, :-1]).all(axis=0))
-    if len(repeated):
-        first = key[:, repeated[0]]
-        raise ValueError(
-            f"{len(repeated)} records repeat a (step, layer, channel) of source={source!r}, e.g. step {first[0]}, "
-            f"layer {layers[first[1]]!r}, channel {first[2]}: were two runs' stats concatenated?"
-        )
-    if np.all(order[1:] > order[:-1]):
-        order = slice(None)
-    var = frame["var"].to_numpy(np.float64)[order]
-    low, high = frame["min"].to_numpy(np.float64)[order], frame["max"].to_numpy(np.float64)[order]
-    count = frame["count"].to_numpy(np.float64)[order]
-    perm = None if isinstance(order, slice) else order
-    knots = binmeans = None
-    sketched: np.ndarray | bool = True
-    if set(names) & set(SKETCH_METRICS):
-        sketched = frame[QUANTILE_COLUMNS[0]].notna().to_numpy()[order]
-    if set(names) & set(m.CDF_METRICS):
-        knots = _Columns([frame[c].to_numpy() for c in ["min", *QUANTILE_COLUMNS, "max"]], perm)
-    if "wasserstein" in names:
-        binmeans = _Columns([frame[c].to_numpy() for c in BINMEAN_COLUMNS], perm)
-    summaries = _Summaries(
-        step=step[order],
-        layer=codes[order],
-        channel=channel[order],
-        mean=frame["mean"].to_numpy(np.float64)[order],
-        sd=np.sqrt(var),
-        constant=~((count > 0) & (high > low) & (var > 0)),
-        knots=knots,
-        binmeans=binmeans,
-        sketched=sketched,
-    )
-    return summaries, layers
-
-
-class _Columns:
-    """Stored columns (quantiles or bin means) as views, gathered a block of records at a time.
-
-    Gathering per block instead of copying every column up front keeps memory
-    flat and the copies cache-sized.
-    """
-
-    def __init__(self, columns: list[np.ndarray], perm: np.ndarray | None) -> None:
-        self.columns = columns
-        self.perm = perm  # sorted position -> frame row, None when the frame is sorted
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """``(len(columns), len(rows))`` float32 values of records ``rows``."""
-        index = rows if self.perm is None else self.perm[rows]
-        out = np.empty((len(self.columns), len(index)), np.float32)
-        if len(index) and index[-1] - index[0] == len(index) - 1 and np.all(np.diff(index) == 1):
-            index = slice(int(index[0]), int(index[-1]) + 1)
-        for row, column in zip(out, self.columns):
-            row[:] = column[index]
-        return out
-
-
-def _layer_codes(column: pd.Series, order: list[str] | None) -> tuple[list[str], np.ndarray]:
-    """Layer names in ``order`` (default: as the column's categories, else sorted) and each row's index."""
-    if not isinstance(column.dtype, pd.CategoricalDtype):
-        column = column.astype(str).astype("category")
-    names = [str(name) for name in column.cat.categories]
-    layers = list(order) if order is not None else names
-    layers += [name for name in names if name not in layers]
-    position = {name: i for i, name in enumerate(layers)}
-    remap = np.array([position[name] for name in names] + [-1], dtype=np.int64)
-    return layers, remap[column.cat.codes.to_numpy()]
-
-
-def _layer_order(run: RunLike) -> list[str]:
-    if isinstance(run, Run):
-        return [str(name) for name in run.layers["layer"]]
-    layer = run["layer"]
-    return [str(c) for c in layer.cat.categories] if isinstance(layer.dtype, pd.CategoricalDtype) else sorted(
-        set(layer.astype(str))
-    )
-
-
 def _metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(metric, str):
         names = METRICS if metric == "all" else (metric,)
@@ -442,7 +279,7 @@ def _parse_reference(reference: str | int) -> tuple[str, int | None]:
 
 
 # -- pairing ---------------------------------------------------------------------
-def _reference_rows(s: _Summaries, reference: str | int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _reference_rows(s: Summaries, reference: str | int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Rows that have a reference, and the reference rows (K of them for rolling:K)."""
     label, number = _parse_reference(reference)
     channel_key = s.layer * (int(s.channel.max()) + 1) + s.channel
@@ -472,7 +309,7 @@ def _reference_rows(s: _Summaries, reference: str | int) -> tuple[np.ndarray, li
     return by_channel[keep], [by_channel[found[keep]]]
 
 
-def _matching_rows(a: _Summaries, b: _Summaries) -> tuple[np.ndarray, np.ndarray]:
+def _matching_rows(a: Summaries, b: Summaries) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``a`` and ``b`` with the same (step, layer, channel)."""
     width = int(max(a.channel.max(), b.channel.max())) + 1
     layers = int(max(a.layer.max(), b.layer.max())) + 1
@@ -516,8 +353,8 @@ def _mean_noise(run: Run, metric: str, normalize: bool, agg: str) -> pd.Series:
 
 # -- computing -------------------------------------------------------------------
 def _compute(
-    cur_s: _Summaries,
-    ref_s: _Summaries,
+    cur_s: Summaries,
+    ref_s: Summaries,
     cur: np.ndarray,
     refs: list[np.ndarray],
     names: tuple[str, ...],
@@ -588,20 +425,20 @@ def _run_chunks(work: Callable[[int], None], starts: range) -> None:
         list(pool.map(work, starts))  # re-raises the first error
 
 
-def _mean_of(array: np.ndarray | _Columns, rows: list[np.ndarray]) -> np.ndarray:
+def _mean_of(array: np.ndarray | Columns, rows: list[np.ndarray]) -> np.ndarray:
     """The values of records ``rows[0]``, or their mean over several sets of records (a rolling window)."""
-    take = array.take if isinstance(array, _Columns) else array.__getitem__
+    take = array.take if isinstance(array, Columns) else array.__getitem__
     if len(rows) == 1:
         return take(rows[0])
     total = take(rows[0]).astype(np.float64)
     for r in rows[1:]:
         total += take(r)
-    return (total / len(rows)).astype(np.float32 if isinstance(array, _Columns) else array.dtype)
+    return (total / len(rows)).astype(np.float32 if isinstance(array, Columns) else array.dtype)
 
 
 # -- output ----------------------------------------------------------------------
 def _tidy(
-    s: _Summaries,
+    s: Summaries,
     layers: list[str],
     cur: np.ndarray,
     values: dict[str, np.ndarray],

@@ -29,6 +29,10 @@ N_PSI_BINS = 10
 PSI_EPSILON = 1e-4
 #: Metrics computed from the two quantile functions (see :func:`cdf_metrics`).
 CDF_METRICS = ("ks", "psi", "js")
+#: Metric names, in the order ``metric="all"`` returns them.
+METRICS = ("mean_shift", "std_ratio", "wasserstein", "gaussian_w2", "ks", "psi", "js")
+#: Metrics read from the quantiles and bin means: only a layer's sketched channels have them.
+SKETCH_METRICS = ("wasserstein", *CDF_METRICS)
 
 
 def mean_shift(mu_t: np.ndarray, mu_r: np.ndarray, sd_r: np.ndarray | None = None) -> np.ndarray:

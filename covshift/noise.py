@@ -38,6 +38,7 @@ from covshift.checks import check_choice, check_int
 from covshift.layers import channel_axis, select_layers
 from covshift.probe import preserved
 from covshift.store import append_jsonl, read_jsonl
+from covshift.summaries import read_summaries
 from covshift.summary import (
     BINMEAN_COLUMNS,
     DEFAULT_SAMPLE_SIZE,
@@ -110,8 +111,8 @@ def null_distribution(
             partials_a.append(part_a)
             partials_b.append(part_b)
     frame_a, frame_b = (_stats_frame(rows, finalize(p), list(inputs)) for p in (partials_a, partials_b))
-    half_a, layers = d._summaries(frame_a, "train", names)
-    half_b, _ = d._summaries(frame_b, "train", names)
+    half_a, layers = read_summaries(frame_a, "train", names)
+    half_b, _ = read_summaries(frame_b, "train", names)
     cur, ref = d._matching_rows(half_a, half_b)
     values, ok = d._compute(half_a, half_b, cur, [ref], names, normalize)
     tidy = d._tidy(half_a, layers, cur, values, ok, "random splits", "layer", agg)

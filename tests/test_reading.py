@@ -124,7 +124,7 @@ def test_a_format_2_run_loads_and_reports_drift(tmp_path):
 @pytest.mark.parametrize("by", ["layer", "channel"])
 @pytest.mark.parametrize("reference", ["initial", "previous", "rolling:2", 2])
 def test_drift_streamed_layer_by_layer_equals_drift_of_the_whole_frame(tmp_path, monkeypatch, by, reference):
-    drift_module = importlib.import_module("covshift.drift")
+    drift_module = importlib.import_module("covshift.summaries")
 
     run = _wide_run(tmp_path / "r", flush_every=2)
     whole = covshift.drift(run.stats(), metric="all", reference=reference, by=by)
