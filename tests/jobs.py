@@ -9,6 +9,7 @@ the test fails instead of hanging.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -53,3 +54,23 @@ def torchrun(path: str | Path, *args: str, nproc: int = 2) -> list[str]:
     launcher = Path(sys.executable).with_name("torchrun")
     command = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
     return [*command, "--standalone", f"--nproc_per_node={nproc}", str(path), *args]
+
+
+def finish_rank(out: Path, rank: int, result: dict) -> None:
+    """In a job's script: write ``rank{rank}.json`` for the test, then leave the process group (without
+    it, gloo's threads sometimes abort the interpreter's exit)."""
+    import torch.distributed as dist
+
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def one_run_written(out: Path, directory: Path) -> list[dict]:
+    """The ranks' results, once it is checked that rank 0 alone wrote a run (at ``directory``) and that
+    rank 1 has none and says where the records are."""
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [str(p.parent) for p in out.rglob("meta.json")] == [ranks[0]["directory"]] == [str(directory)]
+    assert ranks[1]["directory"] == "None" and "rank 0" in ranks[1]["reading"] and ranks[0]["reading"] is None
+    return ranks
+

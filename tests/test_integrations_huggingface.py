@@ -5,7 +5,6 @@ This file is also the script of the two-process run:
 """
 
 import glob
-import json
 import math
 import os
 import sys
@@ -164,22 +163,19 @@ def torchrun_rank(out: Path) -> None:
         "directory": str(callback.run.directory), "seen": seen, "reading": reading, "logged": logged,
         "warnings": [str(w.message) for w in caught if issubclass(w.category, CovshiftWarning)],
     }
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    if torch.distributed.is_initialized():  # else gloo's threads may abort the exit (pytorch/pytorch#190489)
-        torch.distributed.destroy_process_group()
+    from jobs import finish_rank
+
+    finish_rank(out, rank, result)
 
 
 def test_torchrun_trainer_writes_one_run_of_the_union_over_ranks(tmp_path):
-    from jobs import run_job, torchrun
+    from jobs import one_run_written, run_job, torchrun
 
     out = tmp_path / "job"
     out.mkdir()
     run_job(torchrun(__file__, str(out)), cwd=out, timeout=150)
-    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
-    # one run, written by rank 0; rank 1 wrote nothing and says where the records are
     directory = out / "out" / "covshift"
-    assert [str(p.parent) for p in out.rglob("meta.json")] == [ranks[0]["directory"]] == [str(directory)]
-    assert ranks[1]["directory"] == "None" and "rank 0" in ranks[1]["reading"] and ranks[0]["reading"] is None
+    ranks = one_run_written(out, directory)
     assert list((out / "tmp-1").iterdir()) == [] == list((out / "tmp-0").iterdir())
     assert [r["warnings"] for r in ranks] == [[], []]
     run = covshift.load(directory)

@@ -4,7 +4,6 @@ This file is also the script of the two-process ``strategy="ddp"`` fit:
 ``python tests/test_integrations_lightning.py OUT`` (Lightning's launcher starts it again for rank 1).
 """
 
-import json
 import logging
 import math
 import os
@@ -251,22 +250,19 @@ def ddp_rank_script(out: Path) -> None:
     except RuntimeError as err:
         reading = str(err)
     result = {"directory": str(callback.run.directory), "warnings": caught, "seen": module.seen, "reading": reading}
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    if torch.distributed.is_initialized():  # else gloo's threads may abort the exit (pytorch/pytorch#190489)
-        torch.distributed.destroy_process_group()
+    from jobs import finish_rank
+
+    finish_rank(out, rank, result)
 
 
 def test_ddp_fit_writes_one_run_equal_to_one_process_on_both_ranks_batches(tmp_path):
-    from jobs import python_script, run_job
+    from jobs import one_run_written, python_script, run_job
 
     out = tmp_path / "job"
     out.mkdir()
     run_job(python_script(__file__, str(out)), cwd=out, timeout=150)
-    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
-    # one run, written by rank 0; rank 1 wrote nothing and says where the records are
     directory = out / "csv" / "version_0" / "covshift"
-    assert [str(p.parent) for p in out.rglob("meta.json")] == [ranks[0]["directory"]] == [str(directory)]
-    assert ranks[1]["directory"] == "None" and "rank 0" in ranks[1]["reading"] and ranks[0]["reading"] is None
+    ranks = one_run_written(out, directory)
     assert list((out / "tmp-1").iterdir()) == [] == list((out / "tmp-0").iterdir())
     assert [r["warnings"] for r in ranks] == [[], []]
     run = covshift.load(directory)
