@@ -1,11 +1,16 @@
 """Cost of recording: training-step time with covshift hooks, as a ratio to no hooks.
 
 Interleaves, in one process and in shuffled order each round, the training steps
-of the reference MNIST CNN (batch 128) with: no hooks; covshift every=1; covshift
-with its defaults (every=10); covshift hooks that never record (their fixed cost);
-a bare hook that computes the sums, extrema and a sorted 1024-value sample
-and keeps nothing (the issue's lower bound: what covshift adds beyond it is
-the cost of storing); a naive hook (torch.var_mean + torch.quantile per layer).
+of a model (`--model cnn`: the reference MNIST CNN, batch 128; `--model
+resnet18`: torchvision's resnet18, batch 32 of 3x64x64; random data, SGD) with:
+no hooks; covshift every=1; covshift every=10 (the default before the
+log-spaced schedule); covshift with its defaults (every="log") in the steady
+state of a long run (the block runs from step 100,001, where the schedule
+records one step in about 5,800: none in the block); covshift hooks that never record
+(their fixed cost); a bare hook that computes the sums, extrema and a sorted
+1024-value sample and keeps nothing (the issue's lower bound: what covshift
+adds beyond it is the cost of storing); a naive hook (torch.var_mean +
+torch.quantile per layer).
 Each round times a block of steps per configuration: `attach()` (once per
 training run) is left out, the flush at `detach()` is included (records are
 written there). The ratio of each
@@ -22,6 +27,7 @@ every configuration runs with the same allocator behaviour; `--malloc default`
 leaves glibc as it is, as in a user's process.
 
     .venv/bin/python benchmarks/overhead.py --rounds 8 --steps 100 --malloc steady
+    .venv/bin/python benchmarks/overhead.py --model resnet18 --rounds 8 --steps 10
 """
 
 from __future__ import annotations
@@ -95,6 +101,37 @@ def steady_malloc() -> None:
         raise SystemExit("mallopt failed: --malloc steady needs glibc")
 
 
+#: Models of `--model`.
+MODELS = ("cnn", "resnet18")
+#: The step the steady-state configuration starts at: the log schedule records steps 100,000 and 105,925
+#: (one step in about 5,800 there), so a block of up to 5,900 steps from here records none.
+LONG_RUN_STEP = 100_001
+
+
+def workload(name: str, batch_size: int | None, steps: int) -> tuple[nn.Module, list, str]:
+    """The model, ``steps`` random batches and a description: the reference CNN or torchvision's resnet18."""
+    torch.manual_seed(0)
+    if name == "cnn":
+        model, _ = reference_pair(seed=0)
+        batch_size = batch_size or 128
+        shape, classes, label = (1, 28, 28), 10, "reference CNN"
+    else:
+        import torchvision
+
+        model = torchvision.models.resnet18()
+        batch_size = batch_size or 32
+        shape, classes, label = (3, 64, 64), 1000, "torchvision resnet18"
+    batches = [(torch.rand(batch_size, *shape), torch.randint(0, classes, (batch_size,))) for _ in range(steps)]
+    layers = len(covshift.layers.select_layers(model))
+    return model, batches, f"{label}, batch {batch_size} of {'x'.join(map(str, shape))}, {layers} instrumented layers"
+
+
+def at_step(tracker: covshift.tracker.Tracker, step: int) -> covshift.tracker.Tracker:
+    """``tracker`` with its next training forward numbered ``step``."""
+    tracker.set_step(step)
+    return tracker
+
+
 def time_steps(
     model: nn.Module, batches: list, recorder: Callable[[], AbstractContextManager]
 ) -> tuple[float, float]:
@@ -118,7 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (default 12)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per config per round (default 30)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--model", choices=MODELS, default="cnn", help="the reference CNN (default) or resnet18")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 (cnn), 32 (resnet18)")
     parser.add_argument("--malloc", choices=("steady", "default"), default="steady",
                         help="glibc allocator thresholds: fixed (default) or as glibc sets them")
     parser.add_argument("--sample-size", type=int, default=covshift.summary.DEFAULT_SAMPLE_SIZE,
@@ -127,24 +165,21 @@ def main() -> None:
     if args.malloc == "steady":
         steady_malloc()
 
-    torch.manual_seed(0)
-    model, _ = reference_pair(seed=0)
-    batches = [
-        (torch.rand(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,)))
-        for _ in range(args.steps)
-    ]
+    model, batches, described = workload(args.model, args.batch_size, args.steps)
     configs: dict[str, Callable[[], AbstractContextManager]] = {
         "no hooks": nullcontext,
         "covshift every=1": lambda: covshift.attach(model, every=1, sample_size=args.sample_size),
-        "covshift defaults": lambda: covshift.attach(model, sample_size=args.sample_size),
+        "covshift every=10": lambda: covshift.attach(model, every=10, sample_size=args.sample_size),
+        "covshift defaults, long run": lambda: at_step(covshift.attach(model, sample_size=args.sample_size),
+                                                       LONG_RUN_STEP),
         "covshift never recording": lambda: covshift.attach(model, every=10**9),
         "bare sums+sorted sample": lambda: LayerHooks(model, bare_summary),
         "naive var_mean+quantile": lambda: LayerHooks(model, naive_summary),
     }
-    layers = len(covshift.layers.select_layers(model))
     times: dict[str, list[float]] = {name: [] for name in configs}
     faults: dict[str, list[float]] = {name: [] for name in configs}
-    time_steps(model, batches, nullcontext)  # warm-up
+    for recorder in (nullcontext, configs["covshift every=1"]):  # warm-up, lazy imports of the store included
+        time_steps(model, batches[:3], recorder)
     for _ in range(args.rounds):
         order = list(configs)
         random.shuffle(order)
@@ -152,14 +187,14 @@ def main() -> None:
             seconds, step_faults = time_steps(model, batches, configs[name])
             times[name].append(seconds)
             faults[name].append(step_faults)
-    print(f"reference CNN, batch {args.batch_size}, {layers} instrumented layers, "
+    print(f"{described}, "
           f"{args.rounds} rounds x {args.steps} steps, sample_size {args.sample_size}, "
           f"malloc {args.malloc}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'config':<26} {'step (ms)':>10} {'ratio':>7} {'ratio IQR':>15} {'faults/step':>12}")
+    print(f"{'config':<28} {'step (ms)':>10} {'ratio':>7} {'ratio IQR':>15} {'faults/step':>12}")
     for name, values in times.items():
         ratios = [value / base for value, base in zip(values, times["no hooks"])]
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        print(f"{name:<26} {statistics.median(values) * 1e3:>10.2f} {statistics.median(ratios):>6.3f}x "
+        print(f"{name:<28} {statistics.median(values) * 1e3:>10.2f} {statistics.median(ratios):>6.3f}x "
               f"{q1:>6.3f}-{q3:.3f}x {statistics.median(faults[name]):>12.0f}")
 
 

@@ -1,50 +1,135 @@
-"""Cost of covshift's defaults, step by step: plain, idle and recorded training steps.
+"""Cost of recording, step by step: plain, idle and recorded training steps.
 
 `overhead.py` times blocks of steps, so each block also pays once-per-run costs
 (the first recorded step, the first write of a part and of meta.json), and its
 ratios carry this machine's noise of a few percent: about as large as the
-whole cost of the defaults. This script times every training step on its own,
-in rounds: a block of steps without hooks and a block of the same steps with
-`covshift.attach(model)` (every=10) then `detach()`, in random order. Medians
-of single steps are robust to the noise and separate what a long run pays per
+whole cost of sparse recording. This script times every training step on its
+own, in rounds: a block of steps without hooks and a block of the same steps
+with `covshift.attach(model, every=N)` (`--every`, default 10, the default
+before the log-spaced schedule) then `detach()`, in random order. Medians of
+single steps are robust to the noise and separate what a long run pays per
 step from what it pays once. The cost of recording is measured against the
 idle steps of the same block (they run interleaved with the recorded ones, so
 the machine's drifts cancel); the idle hooks' own cost against the plain block.
+From these it prints what a long run pays per step with `every=N` and with the
+default log-spaced schedule (which records 88 of the first 1,000 steps and 168
+of the first 100,000).
+
+`--breakdown` also times covshift's parts inside the recorded steps (by
+wrapping its functions with timers, a few microseconds per call): the
+reductions (`Summarizer.summarize` less its sample), the sample, the finalize
+of the step (the row sort, and the quantiles, bin means and statistics around
+it), the flush when one falls in the step, and the bookkeeping (everything
+else covshift's hooks do: step counting, merges, buffering).
 
     .venv/bin/python benchmarks/step_costs.py --rounds 10 --steps 40
+    .venv/bin/python benchmarks/step_costs.py --model resnet18 --rounds 6 --steps 20 --every 2 --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import covshift
+import covshift.run
+import covshift.summary
 import covshift.tracker
-from covshift.experiments.models import reference_pair
-from overhead import steady_malloc  # benchmarks/overhead.py, next to this script
+from covshift.schedule import LogSpaced
+from overhead import MODELS, steady_malloc, workload  # benchmarks/overhead.py, next to this script
+
+
+class Timers:
+    """Seconds spent in chosen functions of covshift, per part, while installed (functions patched in place)."""
+
+    #: (part, module or class, attribute): the functions timed. A part nested in another is also counted there.
+    TIMED = (
+        ("summarize", covshift.summary.Summarizer, "summarize"),
+        ("sample", covshift.summary.Summarizer, "_sample"),
+        ("finalize", covshift.summary, "finalize"),
+        ("sort", covshift.summary, "_sort_rows_"),
+        ("sort", covshift.summary, "_sort_rows"),
+        ("sort", covshift.summary, "_rank_bins"),
+        ("flush", covshift.run.Run, "flush"),
+        ("hooks", covshift.tracker.Tracker, "_on_forward_start"),
+        ("hooks", covshift.tracker.Tracker, "_on_forward_end"),
+        ("hooks", covshift.tracker.Tracker, "_on_optimizer_step"),
+        ("hooks", covshift.tracker.Tracker, "_observe"),
+    )
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._saved: list[tuple[object, str, Callable]] = []
+        self._depth: dict[str, int] = defaultdict(int)
+
+    def install(self) -> None:
+        for part, owner, attribute in self.TIMED:
+            original = getattr(owner, attribute, None)
+            if original is not None:
+                self._saved.append((owner, attribute, original))
+                setattr(owner, attribute, self._timed(part, original))
+
+    def remove(self) -> None:
+        for owner, attribute, original in reversed(self._saved):
+            setattr(owner, attribute, original)
+        self._saved.clear()
+
+    def _timed(self, part: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            self._depth[part] += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._depth[part] -= 1
+                if not self._depth[part]:  # only the outermost call of a part counts
+                    self.seconds[part] += time.perf_counter() - start
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        """Milliseconds per part since the last call, and the derived parts of the breakdown."""
+        ms = {part: value * 1e3 for part, value in self.seconds.items()}
+        self.seconds.clear()
+        summarize, sample, finalize = ms.get("summarize", 0.0), ms.get("sample", 0.0), ms.get("finalize", 0.0)
+        sort, flush, hooks = ms.get("sort", 0.0), ms.get("flush", 0.0), ms.get("hooks", 0.0)
+        return {
+            "reductions": summarize - sample,
+            "sample": sample,
+            "sort": sort,
+            "quantiles, bin means, stats": finalize - sort,
+            "flush (in the step)": flush,
+            "bookkeeping": hooks - summarize - finalize - flush,
+            "covshift in the step, total": hooks,
+        }
+
+
+#: Length of the long runs the log-spaced schedule's average cost is given for.
+LONG_RUNS = (1_000, 100_000)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="cnn", help="the reference CNN (default) or resnet18")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of plain then tracked steps (default 10)")
     parser.add_argument("--steps", type=int, default=40, help="training steps per block (default 40)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 (cnn), 32 (resnet18)")
+    parser.add_argument("--every", type=int, default=10, help="the tracked block records every N-th step (default 10)")
+    parser.add_argument("--breakdown", action="store_true", help="time covshift's parts in the recorded steps")
     args = parser.parse_args()
     steady_malloc()
 
-    torch.manual_seed(0)
-    model, _ = reference_pair(seed=0)
+    model, batches, described = workload(args.model, args.batch_size, args.steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    batches = [
-        (torch.rand(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,)))
-        for _ in range(args.steps)
-    ]
 
     def step_ms(x: torch.Tensor, y: torch.Tensor) -> float:
         start = time.perf_counter()
@@ -53,10 +138,17 @@ def main() -> None:
         optimizer.zero_grad()
         return (time.perf_counter() - start) * 1e3
 
+    timers = Timers()
+    parts: dict[str, list[float]] = defaultdict(list)
     times: dict[str, list[float]] = {"plain": [], "idle": [], "recorded": [], "first recorded": [], "detach": []}
     rounds: list[dict[str, float]] = []
-    for x, y in batches:  # warm-up
+    for x, y in batches[:3]:  # warm-up, lazy imports of the store included
         step_ms(x, y)
+    with covshift.attach(model, every=1):
+        for x, y in batches[:3]:
+            step_ms(x, y)
+    if args.breakdown:
+        timers.install()
     for _ in range(args.rounds):
         block: dict[str, list[float]] = {kind: [] for kind in times}
 
@@ -64,10 +156,14 @@ def main() -> None:
             block["plain"] += [step_ms(x, y) for x, y in batches]
 
         def tracked() -> None:
-            tracker = covshift.attach(model)
+            tracker = covshift.attach(model, every=args.every)
             for index, (x, y) in enumerate(batches):
+                timers.take()
                 kind = "first recorded" if index == 0 else "recorded" if tracker.schedule.records(index) else "idle"
                 block[kind].append(step_ms(x, y))
+                if kind == "recorded":
+                    for part, ms in timers.take().items():
+                        parts[part].append(ms)
             start = time.perf_counter()
             tracker.detach()
             block["detach"].append((time.perf_counter() - start) * 1e3)
@@ -76,21 +172,32 @@ def main() -> None:
             run()
         for kind, values in block.items():
             times[kind] += values
-        rounds.append({kind: statistics.median(values) for kind, values in block.items()})
+        rounds.append({kind: statistics.median(values) for kind, values in block.items() if values})
+    timers.remove()
 
-    every = covshift.tracker.DEFAULT_EVERY
     recording = statistics.median(r["recorded"] - r["idle"] for r in rounds)
     idle_hooks = statistics.median(r["idle"] - r["plain"] for r in rounds)
     plain_ms = statistics.median(times["plain"])
-    print(f"reference CNN, batch {args.batch_size}, defaults (every={every}), {args.rounds} rounds x "
-          f"{args.steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{described}, every={args.every}, {args.rounds} rounds x {args.steps} steps, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for kind, values in times.items():
         print(f"  median {kind:<15} {statistics.median(values):8.2f} ms")
     print(f"recording a step (recorded - idle step of the same block, median of rounds): {recording:.2f} ms")
     print(f"idle hooks (idle step - plain step, median of rounds): {idle_hooks:+.2f} ms")
-    long_run = plain_ms + idle_hooks + recording / every
-    print(f"long run with the defaults, per step: {long_run:.2f} ms = {long_run / plain_ms:.3f}x the plain step "
-          f"({1 + recording / every / plain_ms:.3f}x counting the recording alone)")
+    long_run = plain_ms + idle_hooks + recording / args.every
+    print(f"long run with every={args.every}, per step: {long_run:.2f} ms = {long_run / plain_ms:.3f}x the plain step "
+          f"({1 + recording / args.every / plain_ms:.3f}x counting the recording alone)")
+    for length in LONG_RUNS:
+        share = len(LogSpaced().steps(length)) / length
+        long_run = plain_ms + idle_hooks + recording * share
+        print(f"the defaults (every='log') over {length:,} steps ({share:.2%} recorded), per step: {long_run:.2f} ms = "
+              f"{long_run / plain_ms:.3f}x ({1 + recording * share / plain_ms:.4f}x counting the recording alone)")
+    if args.breakdown:
+        print(f"breakdown of a recorded step (median over {len(parts['reductions'])} recorded steps; "
+              "mean in brackets), ms:")
+        for part, values in parts.items():
+            print(f"  {part:<30} {statistics.median(values):8.2f}  ({statistics.fmean(values):.2f})")
+
 
 if __name__ == "__main__":
     main()
