@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from covshift.checks import check_int
@@ -299,7 +300,9 @@ def finalize(partials: list[Partial], sketch: Sequence[torch.Tensor | None] | No
 
     Runs once per recorded step, over all of its layers, a block of samples at
     a time: one sort per block instead of one per layer. Samples of different
-    widths are padded with +inf, which counts as no value.
+    widths are padded with +inf, which counts as no value. On the CPU the work
+    runs in numpy, whose calls on small arrays cost a microsecond where torch's
+    cost several; elsewhere in torch, on the device (no host sync).
 
     Args:
         partials: the step's records.
@@ -307,6 +310,160 @@ def finalize(partials: list[Partial], sketch: Sequence[torch.Tensor | None] | No
             (None: every channel); moments, extrema and the zero fraction are
             kept for every channel. None: every channel of every partial.
     """
+    sketch = [None] * len(partials) if sketch is None else list(sketch)
+    if all(p.sample.device.type == "cpu" for p in partials):
+        return _finalize_in_numpy(partials, sketch)
+    return _finalize_in_torch(partials, sketch)
+
+
+def _finalize_in_numpy(partials: list[Partial], sketch: list[torch.Tensor | None]) -> Record:
+    """:func:`finalize` of CPU partials: the arithmetic of :func:`_finalize_in_torch`, in numpy.
+
+    In a training step each call costs several microseconds whatever its size,
+    so the work is done a block of rows at a time, not a layer at a time: the
+    zero fraction of the sketched rows too.
+    """
+
+    def column(field: str) -> np.ndarray:
+        return np.concatenate([getattr(p, field).numpy() for p in partials])
+
+    samples = [p.sample.numpy() for p in partials]
+    subset = any(rows is not None for rows in sketch)
+    chosen = [sample if rows is None else sample[rows.numpy()] for sample, rows in zip(samples, sketch)]
+    zero_frac, quantiles, binmeans = _sample_statistics_of(chosen)
+    sketched = None
+    if subset:
+        sketched = torch.cat([_row_mask(p.sample, rows) for p, rows in zip(partials, sketch)])
+        parts, start = [], 0
+        for sample, rows, rows_chosen in zip(samples, sketch, chosen):
+            parts.append(zero_frac[start : start + sample.shape[0]] if rows is None else _zero_fraction_of(sample))
+            start += rows_chosen.shape[0]
+        zero_frac = np.concatenate(parts)
+    count = column("count")
+    stats = np.empty((count.shape[0], len(STAT_NAMES)))
+    stats[:, 0] = count
+    with np.errstate(divide="ignore", invalid="ignore"):  # NaN where no value was finite
+        stats[:, 1] = np.where(count > 0, column("mean"), np.nan)
+        stats[:, 2] = column("m2") / count
+    stats[:, 3] = column("min")
+    stats[:, 4] = column("max")
+    stats[:, 5] = column("nonfinite")
+    stats[:, 6] = zero_frac
+    return Record(
+        stats=torch.from_numpy(stats),
+        quantiles=torch.from_numpy(quantiles),
+        binmeans=torch.from_numpy(binmeans),
+        sketched=sketched,
+    )
+
+
+def _sample_statistics_of(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero fraction (float64), quantiles and bin means (float32) of every row of ``samples``, in order.
+
+    Samples of one width are finalized together, a block of :data:`BLOCK_VALUES`
+    at a time, so no row is padded: a narrow layer's rows sort as fast as their
+    width allows, and full rows take the fast path of :func:`_statistics_of_rows`.
+    """
+    rows = sum(sample.shape[0] for sample in samples)
+    zero_frac = np.empty(rows)
+    quantiles = np.empty((rows, len(QUANTILE_LEVELS)), np.float32)
+    binmeans = np.empty((rows, N_BINS), np.float32)
+    starts = np.cumsum([0] + [sample.shape[0] for sample in samples])
+    by_width: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_width.setdefault(sample.shape[1], []).append(i)
+    for indices in by_width.values():
+        order = iter(indices)
+        for block in _blocks([samples[i] for i in indices]):
+            statistics = _statistics_of_rows(np.concatenate(block))
+            if len(block) == 1:  # the common case of a layer with its own block, or a step of one width
+                start = starts[next(order)]
+                zero_frac[start : start + len(statistics[0])], quantiles[start : start + len(statistics[0])], \
+                    binmeans[start : start + len(statistics[0])] = statistics
+                continue
+            done = 0
+            for sample in block:
+                start, count = starts[next(order)], sample.shape[0]
+                for out, values in zip((zero_frac, quantiles, binmeans), statistics):
+                    out[start : start + count] = values[done : done + count]
+                done += count
+    return zero_frac, quantiles, binmeans
+
+
+def _zero_fraction_of(sample: np.ndarray) -> np.ndarray:
+    """Per row of a sample, the fraction of its finite values (those below +inf) that are exactly zero (NaN for none)."""
+    finite = sample.shape[1] - np.count_nonzero(sample == np.inf, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _zero_count(sample) / finite
+
+
+def _zero_count(rows: np.ndarray) -> np.ndarray:
+    """Exact zeros per row (int64): a byte sum, about twice ``count_nonzero``'s speed."""
+    return (rows == 0).view(np.uint8).sum(1, dtype=np.int64)
+
+
+def _statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero fraction (float64), quantiles (linear interpolation) and equal-mass bin means (float32) of each
+    row's finite values.
+
+    Sorts ``rows`` in place; the numpy twin of :func:`_zero_fraction` and :func:`_sample_statistics`.
+    """
+    count, width = rows.shape
+    zeros = _zero_count(rows)
+    _sort_rows(rows)  # +inf (non-finite values) sorts last
+    levels = np.array(QUANTILE_LEVELS)
+    if width % N_BINS == 0 and np.isfinite(rows[:, -1]).all():  # the common case: every row full and finite
+        position = levels * (width - 1)
+        low = np.floor(position).astype(np.intp)
+        high = np.minimum(low + 1, width - 1)
+        at_low, at_high = rows[:, low].astype(np.float64), rows[:, high].astype(np.float64)
+        quantiles = at_low + (position - low) * (at_high - at_low)
+        runs = torch.from_numpy(rows).view(count, N_BINS, width // N_BINS)
+        binmeans = runs.sum(2, dtype=torch.float64).numpy() / (width // N_BINS)  # torch: 4x numpy's speed here
+        return zeros / width, _float32(quantiles), _float32(binmeans)
+    valid = np.count_nonzero(rows < np.inf, axis=1)[:, None]  # (rows, 1)
+    last = np.maximum(valid - 1, 0)
+    position = levels[None, :] * last
+    low = np.floor(position).astype(np.intp)
+    high = np.minimum(low + 1, last)
+    at_low = np.take_along_axis(rows, low, 1).astype(np.float64)
+    at_high = np.take_along_axis(rows, high, 1).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # rows with no finite value read +inf: NaN below
+        quantiles = at_low + (position - low) * (at_high - at_low)
+        # Sums of the first i values; only i <= valid is read, where every value is finite.
+        cumulative = np.cumsum(rows, axis=1, dtype=np.float64)
+
+    def sum_of_first(count: np.ndarray) -> np.ndarray:
+        return np.where(count > 0, np.take_along_axis(cumulative, np.maximum(count - 1, 0), 1), 0.0)
+
+    edges = np.round(np.arange(N_BINS + 1, dtype=np.float64)[None, :] * valid / N_BINS).astype(np.intp)
+    start, stop = edges[:, :-1], edges[:, 1:]
+    bin_width = stop - start
+    sums = sum_of_first(stop) - sum_of_first(start)
+    # A bin is empty only when a channel has fewer values than bins: take its value.
+    single = np.take_along_axis(rows, np.minimum(start, last), 1).astype(np.float64)
+    binmeans = np.where(bin_width > 0, sums / np.maximum(bin_width, 1), single)
+    empty = valid == 0
+    quantiles = np.where(empty, np.nan, quantiles)
+    binmeans = np.where(empty, np.nan, binmeans)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero_frac = zeros / valid[:, 0]
+    return zero_frac, _float32(quantiles), _float32(binmeans)
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """``values`` in float32, as stored; beyond its range (float64 inputs) they are ±inf, as torch casts them."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32)
+
+
+def _sort_rows(rows: np.ndarray) -> None:
+    """Sort each row of ``rows`` ascending, in place."""
+    rows.sort(axis=1)
+
+
+def _finalize_in_torch(partials: list[Partial], sketch: list[torch.Tensor | None]) -> Record:
+    """:func:`finalize` in torch, on the partials' device."""
     count = torch.cat([p.count for p in partials]).double()
     nonfinite = torch.cat([p.nonfinite for p in partials]).double()
     mean = torch.where(count > 0, torch.cat([p.mean for p in partials]).double(), float("nan"))
@@ -326,7 +483,7 @@ def finalize(partials: list[Partial], sketch: Sequence[torch.Tensor | None] | No
     )
     sketched = None
     samples = [p.sample for p in partials]
-    if sketch is not None and any(rows is not None for rows in sketch):
+    if any(rows is not None for rows in sketch):
         sketched = torch.cat([_row_mask(p.sample, rows) for p, rows in zip(partials, sketch)])
         samples = [p.sample if rows is None else p.sample[rows.to(p.sample.device)] for p, rows in zip(partials, sketch)]
     blocks = [_sample_statistics(_padded_samples(block)) for block in _blocks(samples)]
@@ -334,16 +491,17 @@ def finalize(partials: list[Partial], sketch: Sequence[torch.Tensor | None] | No
     return Record(stats=stats, quantiles=quantiles, binmeans=binmeans, sketched=sketched)
 
 
-def _blocks(samples: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive runs of samples holding about :data:`BLOCK_VALUES` values each."""
-    blocks: list[list[torch.Tensor]] = []
+def _blocks(samples: list) -> list[list]:
+    """Consecutive runs of samples (tensors or arrays) holding about :data:`BLOCK_VALUES` values each."""
+    blocks: list[list] = []
     values = BLOCK_VALUES
     for sample in samples:
-        if values + sample.numel() > BLOCK_VALUES:
+        size = sample.shape[0] * sample.shape[1]
+        if values + size > BLOCK_VALUES:
             blocks.append([])
             values = 0
         blocks[-1].append(sample)
-        values += sample.numel()
+        values += size
     return blocks
 
 

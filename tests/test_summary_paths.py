@@ -1,0 +1,84 @@
+"""The hot path's fast routes agree with its general ones: numpy against torch."""
+
+import numpy as np
+import pytest
+import torch
+
+from covshift import summary
+from covshift.summary import N_BINS, QUANTILE_LEVELS, STAT_NAMES, Summarizer, finalize, merge
+
+STAT = {name: i for i, name in enumerate(STAT_NAMES)}
+
+
+def mixed_partials() -> tuple[list, list]:
+    """Partials that take every route of finalize: full 1,024-value rows (rank bins), rows holding NaN
+    and Inf, narrow rows (fast sort), widths that do not split into bins, float64, a merged pair, a
+    channel with no finite value, and sketches that keep a subset of rows."""
+    gen = torch.Generator().manual_seed(11)
+    s = Summarizer(1024)
+    relu = torch.relu(torch.randn(64, 6, 12, 12, generator=gen))  # 9,216 values per channel, many zeros
+    nonfinite = torch.randn(64, 3, 10, 10, generator=gen)
+    nonfinite[0, 1, 0, 0], nonfinite[3, 2, 4, 4] = float("nan"), float("inf")
+    nonfinite[:, 0] = float("nan")
+    partials = [
+        s.summarize(relu, 1),
+        s.summarize(nonfinite, 1),
+        s.summarize(torch.randn(40, 5, 8, generator=gen).round(), 1),  # 320 values: fast sort, ties
+        s.summarize(torch.randn(37, 4, generator=gen), 1),  # 37 values: not a multiple of the bins
+        s.summarize(1e3 + torch.randn(16, 7, 64, dtype=torch.float64, generator=gen), 1),  # 1,024 in float64
+        merge([s.summarize(torch.randn(20, 6, 30, generator=gen), 1), s.summarize(torch.randn(9, 6, 30, generator=gen), 1)]),
+        s.summarize(torch.randn(8, 2, generator=gen), 1),  # 8 values: fewer than the bins
+    ]
+    sketch = [torch.tensor([0, 3, 5]), None, None, torch.tensor([1, 2]), None, torch.tensor([0, 5]), None]
+    return partials, sketch
+
+
+@pytest.mark.parametrize("with_sketch", [False, True])
+def test_numpy_finalize_equals_the_torch_finalize_it_replaces_on_the_cpu(with_sketch):
+    partials, sketch = mixed_partials()
+    sketch = sketch if with_sketch else None
+    got = finalize(partials, sketch)
+    expected = summary._finalize_in_torch(partials, sketch if sketch is not None else [None] * len(partials))
+    torch.testing.assert_close(got.stats, expected.stats, rtol=1e-12, atol=0, equal_nan=True)
+    torch.testing.assert_close(got.quantiles, expected.quantiles, rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(got.binmeans, expected.binmeans, rtol=1e-6, atol=0, equal_nan=True)
+    if with_sketch:
+        assert torch.equal(got.sketched, expected.sketched)
+    else:
+        assert got.sketched is None and expected.sketched is None
+
+
+def test_finalize_leaves_the_partials_samples_as_they_were():
+    partials, sketch = mixed_partials()
+    before = [p.sample.clone() for p in partials]
+    finalize(partials, sketch)
+    for p, sample in zip(partials, before):
+        assert torch.equal(p.sample, sample)
+
+
+def test_full_rows_equal_numpy_quantiles_and_bin_means():
+    rows = torch.relu(torch.randn(100, 1024, generator=torch.Generator().manual_seed(13))).numpy()
+    zero_frac, quantiles, binmeans = summary._statistics_of_rows(rows.copy())
+    ordered = np.sort(rows, axis=1).astype(np.float64)
+    np.testing.assert_array_equal(quantiles, np.quantile(ordered, QUANTILE_LEVELS, axis=1).T.astype(np.float32))
+    np.testing.assert_allclose(binmeans, ordered.reshape(100, N_BINS, -1).mean(2), rtol=1e-6)
+    np.testing.assert_array_equal(zero_frac, (rows == 0).mean(1))
+
+
+def test_rows_with_nonfinite_values_take_the_general_path():
+    rows = torch.randn(4, 1024, generator=torch.Generator().manual_seed(14)).numpy()
+    rows[1, 7] = np.inf  # samples hold non-finite values as +inf
+    zero_frac, quantiles, _ = summary._statistics_of_rows(rows.copy())
+    finite = np.sort(rows[1][np.isfinite(rows[1])])
+    np.testing.assert_allclose(quantiles[1], np.quantile(finite.astype(np.float64), QUANTILE_LEVELS), rtol=1e-6)
+    assert np.isfinite(quantiles).all() and (zero_frac == 0).all()
+
+
+def test_counts_of_one_shape_are_shared_but_never_changed_by_merges_or_finalize():
+    s = Summarizer(64)
+    a, b = s.summarize(torch.randn(4, 3, 5), 1), s.summarize(torch.randn(4, 3, 5), 1)
+    assert a.count is b.count  # made once per shape
+    merged = merge([a, b])
+    finalize([merged, a])
+    assert a.count.tolist() == [20, 20, 20] and a.nonfinite.tolist() == [0, 0, 0]
+    assert merged.count.tolist() == [40, 40, 40]
