@@ -1,4 +1,4 @@
-"""The hot path's fast routes agree with its general ones: numpy against torch."""
+"""The hot path's fast routes agree with its general ones: numpy against torch, rank bins against a sort."""
 
 import numpy as np
 import pytest
@@ -56,7 +56,24 @@ def test_finalize_leaves_the_partials_samples_as_they_were():
         assert torch.equal(p.sample, sample)
 
 
-def test_full_rows_equal_numpy_quantiles_and_bin_means():
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(200, 1024, generator=g),
+        lambda g: torch.relu(torch.randn(200, 1024, generator=g)),  # half zeros: ties across runs
+        lambda g: torch.randint(-3, 4, (200, 1024), generator=g).float(),  # seven distinct values
+        lambda g: torch.full((3, 1024), -0.0),
+        lambda g: torch.randn(50, 1024, generator=g) * torch.logspace(-30, 30, 1024),
+    ],
+)
+def test_rank_bins_hold_exactly_the_values_of_their_ranks(make):
+    rows = make(torch.Generator().manual_seed(12)).numpy()
+    expected = np.sort(rows, axis=1).reshape(rows.shape[0], N_BINS, -1)
+    bins = summary._rank_bins(rows.copy())
+    np.testing.assert_array_equal(np.sort(bins, axis=2), expected)
+
+
+def test_full_rows_read_through_rank_bins_equal_numpy_quantiles_and_bin_means():
     rows = torch.relu(torch.randn(100, 1024, generator=torch.Generator().manual_seed(13))).numpy()
     zero_frac, quantiles, binmeans = summary._statistics_of_rows(rows.copy())
     ordered = np.sort(rows, axis=1).astype(np.float64)
@@ -65,7 +82,7 @@ def test_full_rows_equal_numpy_quantiles_and_bin_means():
     np.testing.assert_array_equal(zero_frac, (rows == 0).mean(1))
 
 
-def test_rows_with_nonfinite_values_take_the_general_path():
+def test_rows_with_nonfinite_values_leave_the_rank_bins_for_the_general_path():
     rows = torch.randn(4, 1024, generator=torch.Generator().manual_seed(14)).numpy()
     rows[1, 7] = np.inf  # samples hold non-finite values as +inf
     zero_frac, quantiles, _ = summary._statistics_of_rows(rows.copy())
