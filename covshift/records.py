@@ -68,45 +68,88 @@ def records_to_table(pending: list[PendingStep]) -> pa.Table:
     """Columns of the buffered records, sorted by layer, source, step and channel.
 
     One device-to-host copy per kind of statistic; the quantiles and bin means
-    of channels outside a layer's sketched subset are null.
+    of channels outside a layer's sketched subset are null. Rows are ordered by
+    integer codes of the names (their ranks in sorted order, so the order is the
+    names'), the name columns are dictionaries of those codes, and each sketch
+    column is gathered straight from the sketched rows with one validity bitmap
+    shared by all: strings per row and full-height copies of the sketches took
+    most of a flush before (docs/performance.md, "Recording speed").
     """
-    if pending:
-        import torch
+    if not pending:
+        return _table(*(np.empty(0, dtype=np.int64) for _ in range(4)), [], [], np.empty((0, len(STAT_NAMES))),
+                      np.empty((len(QUANTILE_COLUMNS), 0), np.float32), np.empty((len(BINMEAN_COLUMNS), 0), np.float32),
+                      np.empty(0, dtype=bool))
+    import torch
 
-        keys = [key for step in pending for key in step.keys]
-        channels = np.array([key[3] for key in keys])
-        stats = torch.cat([step.record.stats for step in pending]).cpu().numpy()
-        sketched = np.concatenate([_sketch_mask(step.record) for step in pending])
-        quantiles = _spread(torch.cat([step.record.quantiles for step in pending]).cpu().numpy(), sketched)
-        binmeans = _spread(torch.cat([step.record.binmeans for step in pending]).cpu().numpy(), sketched)
-        step = np.repeat([key[0] for key in keys], channels)
-        source = np.repeat([key[1] for key in keys], channels)
-        layer = np.repeat([key[2] for key in keys], channels)
-        channel = np.concatenate([np.arange(c) for c in channels])
-        order = np.lexsort((channel, step, source, layer))
-        stats, quantiles, binmeans, sketched = stats[order], quantiles[order], binmeans[order], sketched[order]
-        step, source, layer, channel = step[order], source[order], layer[order], channel[order]
+    keys = [key for step in pending for key in step.keys]
+    channels = np.array([key[3] for key in keys])
+    steps = np.array([key[0] for key in keys])
+    sources, source = _codes([key[1] for key in keys])
+    layers, layer = _codes([key[2] for key in keys])
+    # A record's rows are consecutive, by channel: sorting the records orders the rows,
+    # but where two records share a key (a step number repeated), whose rows interleave.
+    records = np.lexsort((steps, source, layer))
+    keys_sorted = np.stack([layer, source, steps])[:, records]
+    if (np.diff(keys_sorted, axis=1) != 0).any(axis=0).all():
+        order = np.repeat((np.cumsum(channels) - channels)[records], channels[records]) + _ranges(channels[records])
     else:
-        stats = np.empty((0, len(STAT_NAMES)))
-        quantiles = np.empty((0, len(QUANTILE_COLUMNS)), dtype=np.float32)
-        binmeans = np.empty((0, len(BINMEAN_COLUMNS)), dtype=np.float32)
-        sketched = np.empty(0, dtype=bool)
-        step, source, layer, channel = (np.empty(0, dtype=t) for t in (np.int64, str, str, np.int64))
+        rows = [np.repeat(key, channels) for key in (steps, source, layer)]
+        order = np.lexsort((_ranges(channels), *rows))
+    step, source, layer = (np.repeat(key, channels)[order] for key in (steps, source, layer))
+    channel = _ranges(channels)[order]
+    sketched = np.concatenate([_sketch_mask(p.record) for p in pending])
+    # Each output row's row among the sketched ones (0 for the others, which are null).
+    among = np.where(sketched, np.cumsum(sketched) - 1, 0)[order]
+    quantiles = torch.cat([p.record.quantiles for p in pending]).cpu().numpy()
+    binmeans = torch.cat([p.record.binmeans for p in pending]).cpu().numpy()
+    return _table(
+        step, source, layer, channel, sources, layers,
+        torch.cat([p.record.stats for p in pending]).cpu().numpy()[order],
+        _gathered(quantiles, among),
+        _gathered(binmeans, among),
+        sketched[order],
+    )
+
+
+def _table(
+    step: np.ndarray, source: np.ndarray, layer: np.ndarray, channel: np.ndarray, sources: list[str],
+    layers: list[str], stats: np.ndarray, quantiles: np.ndarray, binmeans: np.ndarray, valid: np.ndarray,
+) -> pa.Table:
+    """The stored table of rows already in order: sketch columns given as (column, row), null where not ``valid``."""
     columns = {
         "step": pa.array(step, pa.int64()),
-        "source": pa.array(source, pa.string()).dictionary_encode(),
-        "layer": pa.array(layer, pa.string()).dictionary_encode(),
+        "source": pa.DictionaryArray.from_arrays(pa.array(source, pa.int32()), pa.array(sources, pa.string())),
+        "layer": pa.DictionaryArray.from_arrays(pa.array(layer, pa.int32()), pa.array(layers, pa.string())),
         "channel": pa.array(channel, pa.int32()),
     }
     for i, name in enumerate(STAT_NAMES):
         kind = pa.int64() if name in _INT_STATS else pa.float64()
         columns[name] = pa.array(stats[:, i].astype(kind.to_pandas_dtype()), kind)
-    missing = None if sketched.all() else ~sketched
-    for i, name in enumerate(QUANTILE_COLUMNS):
-        columns[name] = pa.array(quantiles[:, i], pa.float32(), mask=missing)
-    for i, name in enumerate(BINMEAN_COLUMNS):
-        columns[name] = pa.array(binmeans[:, i], pa.float32(), mask=missing)
+    nulls = int(valid.size - np.count_nonzero(valid))
+    validity = pa.array(valid).buffers()[1] if nulls else None
+    for names, values in ((QUANTILE_COLUMNS, quantiles), (BINMEAN_COLUMNS, binmeans)):
+        for name, column in zip(names, values):
+            columns[name] = pa.Array.from_buffers(pa.float32(), len(column), [validity, pa.py_buffer(column)], nulls)
     return pa.table(columns)
+
+
+def _gathered(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``values[rows]`` as (column, row), each column contiguous (zeros where there are no rows to read)."""
+    if not len(values):
+        return np.zeros((values.shape[1], len(rows)), values.dtype)
+    return np.take(np.ascontiguousarray(values.T), rows, axis=1)
+
+
+def _codes(names: list[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct ``names`` in sorted order, and each name's rank among them (int32)."""
+    distinct = sorted(set(names))
+    rank = {name: i for i, name in enumerate(distinct)}
+    return distinct, np.array([rank[name] for name in names], dtype=np.int32)
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """``0 … n-1`` for each ``n`` of ``lengths``, concatenated."""
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def _sketch_mask(record: Record) -> np.ndarray:
@@ -114,15 +157,6 @@ def _sketch_mask(record: Record) -> np.ndarray:
     if record.sketched is None:
         return np.ones(record.stats.shape[0], dtype=bool)
     return record.sketched.numpy()
-
-
-def _spread(values: np.ndarray, sketched: np.ndarray) -> np.ndarray:
-    """The sketched rows' ``values`` placed at their rows of a full-height array (NaN elsewhere)."""
-    if sketched.all():
-        return values
-    full = np.full((sketched.shape[0], values.shape[1]), np.nan, dtype=values.dtype)
-    full[sketched] = values
-    return full
 
 
 #: Columns and types of every part.
