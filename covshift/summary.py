@@ -335,8 +335,8 @@ def _finalize_in_numpy(partials: list[Partial], sketch: list[torch.Tensor | None
     if subset:
         sketched = torch.cat([_row_mask(p.sample, rows) for p, rows in zip(partials, sketch)])
         parts, start = [], 0
-        for sample, rows, rows_chosen in zip(samples, sketch, chosen):
-            parts.append(zero_frac[start : start + sample.shape[0]] if rows is None else _zero_fraction_of(sample))
+        for p, sample, rows, rows_chosen in zip(partials, samples, sketch, chosen):
+            parts.append(zero_frac[start : start + sample.shape[0]] if rows is None else _zero_fraction_of(p))
             start += rows_chosen.shape[0]
         zero_frac = np.concatenate(parts)
     count = column("count")
@@ -390,9 +390,12 @@ def _sample_statistics_of(samples: list[np.ndarray]) -> tuple[np.ndarray, np.nda
     return zero_frac, quantiles, binmeans
 
 
-def _zero_fraction_of(sample: np.ndarray) -> np.ndarray:
-    """Per row of a sample, the fraction of its finite values (those below +inf) that are exactly zero (NaN for none)."""
-    finite = sample.shape[1] - np.count_nonzero(sample == np.inf, axis=1)
+def _zero_fraction_of(partial: Partial) -> np.ndarray:
+    """Per row of a CPU partial's sample, the fraction of its finite values that are exactly zero (NaN for none)."""
+    sample = partial.sample.numpy()
+    finite = sample.shape[1]
+    if partial.nonfinite.numpy().any():  # only a channel with non-finite values has them (as +inf) in its sample
+        finite = finite - np.count_nonzero(sample == np.inf, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return _zero_count(sample) / finite
 

@@ -29,7 +29,7 @@ def mixed_partials() -> tuple[list, list]:
         merge([s.summarize(torch.randn(20, 6, 30, generator=gen), 1), s.summarize(torch.randn(9, 6, 30, generator=gen), 1)]),
         s.summarize(torch.randn(8, 2, generator=gen), 1),  # 8 values: fewer than the bins
     ]
-    sketch = [torch.tensor([0, 3, 5]), None, None, torch.tensor([1, 2]), None, torch.tensor([0, 5]), None]
+    sketch = [torch.tensor([0, 3, 5]), torch.tensor([0, 2]), None, torch.tensor([1, 2]), None, torch.tensor([0, 5]), None]
     return partials, sketch
 
 
