@@ -4,7 +4,8 @@ Takes the inputs of the 7 convolutions of the reference CNN (batch 128) and
 times, warm, per training step (all 7 layers together; median of repeats):
 the whole `Summarizer.summarize`, its pieces, the alternatives that were
 measured and rejected, and `finalize` of one step's summaries (what covshift
-runs when a recorded step ends), with the row sort on its own at two widths.
+runs when a recorded step ends), with the row sort on its own and the rank
+bins that replace it for full rows.
 
     .venv/bin/python benchmarks/hot_path.py --repeats 50
 """
@@ -21,7 +22,7 @@ import torch
 
 from covshift.experiments.models import reference_pair
 from covshift.layers import select_layers
-from covshift.summary import Summarizer, _reduce, _sum_of_squares, finalize
+from covshift.summary import Summarizer, _rank_bins, _reduce, _sum_of_squares, finalize
 
 
 def layer_inputs(batch_size: int) -> list[torch.Tensor]:
@@ -77,6 +78,7 @@ def main() -> None:
         "rejected: torch.aminmax over the spatial axis": lambda: [torch.aminmax(v, dim=2) for v in views],
         "finalize one step (sample_size 1024)": lambda: finalize(partials),
         "  its row sort alone (185 x 1024, numpy)": lambda: np.sort(sample.numpy(), axis=1),
+        "  its rank bins instead (halves sorted, 5 merge stages)": lambda: _rank_bins(sample.numpy().copy()),
         "finalize one step (sample_size 512)": lambda: finalize(partials_512),
     }
     print(f"reference CNN layer inputs, batch {args.batch_size}: "
