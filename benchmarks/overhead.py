@@ -28,20 +28,36 @@ leaves glibc as it is, as in a user's process.
 
     .venv/bin/python benchmarks/overhead.py --rounds 8 --steps 100 --malloc steady
     .venv/bin/python benchmarks/overhead.py --model resnet18 --rounds 8 --steps 10
+
+`--baseline DIR` also times the covshift package of another checkout (a
+worktree of main, say) in the same process, as configurations "baseline …":
+a before/after comparison whose rounds see the same machine. This machine's
+speed drifts by up to 20% between runs of a few minutes, so comparing two
+separate runs says little.
+
+    .venv/bin/python benchmarks/overhead.py --baseline ../main --rounds 10 --steps 30
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import ctypes.util
 import functools
+import importlib
 import random
+import re
 import resource
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+import types
 
 import numpy as np
 import torch
@@ -126,10 +142,39 @@ def workload(name: str, batch_size: int | None, steps: int) -> tuple[nn.Module, 
     return model, batches, f"{label}, batch {batch_size} of {'x'.join(map(str, shape))}, {layers} instrumented layers"
 
 
+def load_baseline(checkout: str) -> types.ModuleType:
+    """The covshift package of another checkout, importable next to this one as ``covshift_baseline``.
+
+    Its files are copied to a temporary directory with their imports of ``covshift`` renamed.
+    """
+    source = Path(checkout) / "covshift"
+    if not (source / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {checkout}: no covshift package there")
+    root = Path(tempfile.mkdtemp(prefix="covshift-baseline-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    shutil.copytree(source, root / "covshift_baseline", ignore=shutil.ignore_patterns("__pycache__"))
+    pattern = re.compile(r"\bcovshift(?=\.[a-z_]|\s+import\b|\s*$)", re.MULTILINE)
+    for path in (root / "covshift_baseline").rglob("*.py"):
+        path.write_text(pattern.sub("covshift_baseline", path.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("covshift_baseline")
+
+
 def at_step(tracker: covshift.tracker.Tracker, step: int) -> covshift.tracker.Tracker:
     """``tracker`` with its next training forward numbered ``step``."""
     tracker.set_step(step)
     return tracker
+
+
+def baseline_configs(
+    package: types.ModuleType, model: nn.Module, sample_size: int
+) -> dict[str, Callable[[], AbstractContextManager]]:
+    """The recording configurations again, with the baseline package."""
+    return {
+        "baseline every=1": lambda: package.attach(model, every=1, sample_size=sample_size),
+        "baseline every=10": lambda: package.attach(model, every=10, sample_size=sample_size),
+        "baseline defaults, long run": lambda: at_step(package.attach(model, sample_size=sample_size), LONG_RUN_STEP),
+    }
 
 
 def time_steps(
@@ -161,6 +206,7 @@ def main() -> None:
                         help="glibc allocator thresholds: fixed (default) or as glibc sets them")
     parser.add_argument("--sample-size", type=int, default=covshift.summary.DEFAULT_SAMPLE_SIZE,
                         help="covshift's sample_size (default %(default)s)")
+    parser.add_argument("--baseline", metavar="DIR", help="also time the covshift package of the checkout DIR")
     args = parser.parse_args()
     if args.malloc == "steady":
         steady_malloc()
@@ -173,12 +219,14 @@ def main() -> None:
         "covshift defaults, long run": lambda: at_step(covshift.attach(model, sample_size=args.sample_size),
                                                        LONG_RUN_STEP),
         "covshift never recording": lambda: covshift.attach(model, every=10**9),
+        **(baseline_configs(load_baseline(args.baseline), model, args.sample_size) if args.baseline else {}),
         "bare sums+sorted sample": lambda: LayerHooks(model, bare_summary),
         "naive var_mean+quantile": lambda: LayerHooks(model, naive_summary),
     }
     times: dict[str, list[float]] = {name: [] for name in configs}
     faults: dict[str, list[float]] = {name: [] for name in configs}
-    for recorder in (nullcontext, configs["covshift every=1"]):  # warm-up, lazy imports of the store included
+    warm_up = [nullcontext, configs["covshift every=1"], *([configs["baseline every=1"]] if args.baseline else [])]
+    for recorder in warm_up:  # lazy imports of the store included
         time_steps(model, batches[:3], recorder)
     for _ in range(args.rounds):
         order = list(configs)
@@ -196,6 +244,13 @@ def main() -> None:
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         print(f"{name:<28} {statistics.median(values) * 1e3:>10.2f} {statistics.median(ratios):>6.3f}x "
               f"{q1:>6.3f}-{q3:.3f}x {statistics.median(faults[name]):>12.0f}")
+    if args.baseline:
+        print(f"covshift against the baseline ({args.baseline}), difference of ratios within each round:")
+        for kind in ("every=1", "every=10", "defaults, long run"):
+            diffs = [(new - old) / base for new, old, base in
+                     zip(times[f"covshift {kind}"], times[f"baseline {kind}"], times["no hooks"])]
+            q1, _, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else diffs * 3
+            print(f"  {kind:<20} {statistics.median(diffs):+.3f} (IQR {q1:+.3f} to {q3:+.3f})")
 
 
 if __name__ == "__main__":

@@ -22,17 +22,25 @@ of the step (the row sort, and the quantiles, bin means and statistics around
 it), the flush when one falls in the step, and the bookkeeping (everything
 else covshift's hooks do: step counting, merges, buffering).
 
+`--baseline DIR` adds, each round, a block recorded by the covshift package of
+another checkout (see overhead.py), and prints the difference of the two
+recording costs within each round: a before/after comparison on the same
+machine state.
+
     .venv/bin/python benchmarks/step_costs.py --rounds 10 --steps 40
     .venv/bin/python benchmarks/step_costs.py --model resnet18 --rounds 6 --steps 20 --every 2 --breakdown
+    .venv/bin/python benchmarks/step_costs.py --baseline ../main --every 2 --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import random
 import statistics
 import time
+import types
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -40,38 +48,38 @@ import torch
 import torch.nn.functional as F
 
 import covshift
-import covshift.run
-import covshift.summary
-import covshift.tracker
 from covshift.schedule import LogSpaced
-from overhead import MODELS, steady_malloc, workload  # benchmarks/overhead.py, next to this script
+from overhead import MODELS, load_baseline, steady_malloc, workload  # benchmarks/overhead.py, next to this script
 
 
 class Timers:
-    """Seconds spent in chosen functions of covshift, per part, while installed (functions patched in place)."""
+    """Seconds spent in chosen functions of a covshift package, per part, while installed (patched in place)."""
 
-    #: (part, module or class, attribute): the functions timed. A part nested in another is also counted there.
+    #: (part, module, class or None, attribute): the functions timed. A part nested in another is also counted there.
     TIMED = (
-        ("summarize", covshift.summary.Summarizer, "summarize"),
-        ("sample", covshift.summary.Summarizer, "_sample"),
-        ("finalize", covshift.summary, "finalize"),
-        ("sort", covshift.summary, "_sort_rows_"),
-        ("sort", covshift.summary, "_sort_rows"),
-        ("sort", covshift.summary, "_rank_bins"),
-        ("flush", covshift.run.Run, "flush"),
-        ("hooks", covshift.tracker.Tracker, "_on_forward_start"),
-        ("hooks", covshift.tracker.Tracker, "_on_forward_end"),
-        ("hooks", covshift.tracker.Tracker, "_on_optimizer_step"),
-        ("hooks", covshift.tracker.Tracker, "_observe"),
+        ("summarize", "summary", "Summarizer", "summarize"),
+        ("sample", "summary", "Summarizer", "_sample"),
+        ("finalize", "summary", None, "finalize"),
+        ("sort", "summary", None, "_sort_rows_"),
+        ("sort", "summary", None, "_sort_rows"),
+        ("sort", "summary", None, "_rank_bins"),
+        ("flush", "run", "Run", "flush"),
+        ("hooks", "tracker", "Tracker", "_on_forward_start"),
+        ("hooks", "tracker", "Tracker", "_on_forward_end"),
+        ("hooks", "tracker", "Tracker", "_on_optimizer_step"),
+        ("hooks", "tracker", "Tracker", "_observe"),
     )
 
-    def __init__(self) -> None:
+    def __init__(self, package: types.ModuleType) -> None:
+        self.package = package
         self.seconds: dict[str, float] = defaultdict(float)
         self._saved: list[tuple[object, str, Callable]] = []
         self._depth: dict[str, int] = defaultdict(int)
 
     def install(self) -> None:
-        for part, owner, attribute in self.TIMED:
+        for part, module, cls, attribute in self.TIMED:
+            owner = importlib.import_module(f"{self.package.__name__}.{module}")
+            owner = getattr(owner, cls) if cls else owner
             original = getattr(owner, attribute, None)
             if original is not None:
                 self._saved.append((owner, attribute, original))
@@ -125,11 +133,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 (cnn), 32 (resnet18)")
     parser.add_argument("--every", type=int, default=10, help="the tracked block records every N-th step (default 10)")
     parser.add_argument("--breakdown", action="store_true", help="time covshift's parts in the recorded steps")
+    parser.add_argument("--baseline", metavar="DIR", help="also record with the covshift package of the checkout DIR")
     args = parser.parse_args()
     steady_malloc()
 
     model, batches, described = workload(args.model, args.batch_size, args.steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    packages = {"covshift": covshift, **({"baseline": load_baseline(args.baseline)} if args.baseline else {})}
 
     def step_ms(x: torch.Tensor, y: torch.Tensor) -> float:
         start = time.perf_counter()
@@ -138,65 +148,82 @@ def main() -> None:
         optimizer.zero_grad()
         return (time.perf_counter() - start) * 1e3
 
-    timers = Timers()
-    parts: dict[str, list[float]] = defaultdict(list)
-    times: dict[str, list[float]] = {"plain": [], "idle": [], "recorded": [], "first recorded": [], "detach": []}
+    kinds = ("idle", "recorded", "first recorded", "detach")
+    timers = {name: Timers(package) for name, package in packages.items()}
+    parts: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in packages}
+    times: dict[str, list[float]] = {"plain": [], **{f"{name} {kind}": [] for name in packages for kind in kinds}}
     rounds: list[dict[str, float]] = []
     for x, y in batches[:3]:  # warm-up, lazy imports of the store included
         step_ms(x, y)
-    with covshift.attach(model, every=1):
-        for x, y in batches[:3]:
-            step_ms(x, y)
+    for package in packages.values():
+        with package.attach(model, every=1):
+            for x, y in batches[:3]:
+                step_ms(x, y)
     if args.breakdown:
-        timers.install()
+        for timer in timers.values():
+            timer.install()
     for _ in range(args.rounds):
         block: dict[str, list[float]] = {kind: [] for kind in times}
 
         def plain() -> None:
             block["plain"] += [step_ms(x, y) for x, y in batches]
 
-        def tracked() -> None:
-            tracker = covshift.attach(model, every=args.every)
+        def tracked(name: str) -> None:
+            tracker = packages[name].attach(model, every=args.every)
             for index, (x, y) in enumerate(batches):
-                timers.take()
+                timers[name].take()
                 kind = "first recorded" if index == 0 else "recorded" if tracker.schedule.records(index) else "idle"
-                block[kind].append(step_ms(x, y))
+                block[f"{name} {kind}"].append(step_ms(x, y))
                 if kind == "recorded":
-                    for part, ms in timers.take().items():
-                        parts[part].append(ms)
+                    for part, ms in timers[name].take().items():
+                        parts[name][part].append(ms)
             start = time.perf_counter()
             tracker.detach()
-            block["detach"].append((time.perf_counter() - start) * 1e3)
+            block[f"{name} detach"].append((time.perf_counter() - start) * 1e3)
 
-        for run in random.sample([plain, tracked], 2):
+        blocks = [plain, *(functools.partial(tracked, name) for name in packages)]
+        for run in random.sample(blocks, len(blocks)):
             run()
         for kind, values in block.items():
             times[kind] += values
         rounds.append({kind: statistics.median(values) for kind, values in block.items() if values})
-    timers.remove()
+    for timer in timers.values():
+        timer.remove()
 
-    recording = statistics.median(r["recorded"] - r["idle"] for r in rounds)
-    idle_hooks = statistics.median(r["idle"] - r["plain"] for r in rounds)
     plain_ms = statistics.median(times["plain"])
     print(f"{described}, every={args.every}, {args.rounds} rounds x {args.steps} steps, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for kind, values in times.items():
-        print(f"  median {kind:<15} {statistics.median(values):8.2f} ms")
-    print(f"recording a step (recorded - idle step of the same block, median of rounds): {recording:.2f} ms")
-    print(f"idle hooks (idle step - plain step, median of rounds): {idle_hooks:+.2f} ms")
-    long_run = plain_ms + idle_hooks + recording / args.every
-    print(f"long run with every={args.every}, per step: {long_run:.2f} ms = {long_run / plain_ms:.3f}x the plain step "
-          f"({1 + recording / args.every / plain_ms:.3f}x counting the recording alone)")
-    for length in LONG_RUNS:
-        share = len(LogSpaced().steps(length)) / length
-        long_run = plain_ms + idle_hooks + recording * share
-        print(f"the defaults (every='log') over {length:,} steps ({share:.2%} recorded), per step: {long_run:.2f} ms = "
-              f"{long_run / plain_ms:.3f}x ({1 + recording * share / plain_ms:.4f}x counting the recording alone)")
-    if args.breakdown:
-        print(f"breakdown of a recorded step (median over {len(parts['reductions'])} recorded steps; "
-              "mean in brackets), ms:")
-        for part, values in parts.items():
-            print(f"  {part:<30} {statistics.median(values):8.2f}  ({statistics.fmean(values):.2f})")
+    print(f"  median {'plain':<24} {plain_ms:8.2f} ms")
+    recordings = {}
+    for name in packages:
+        label = name if name == "covshift" else f"baseline ({args.baseline})"
+        print(f"{label}:")
+        for kind in kinds:
+            print(f"  median {kind:<24} {statistics.median(times[f'{name} {kind}']):8.2f} ms")
+        recordings[name] = [r[f"{name} recorded"] - r[f"{name} idle"] for r in rounds]
+        recording = statistics.median(recordings[name])
+        idle_hooks = statistics.median(r[f"{name} idle"] - r["plain"] for r in rounds)
+        print(f"  recording a step (recorded - idle step of the same block, median of rounds): {recording:.2f} ms")
+        print(f"  idle hooks (idle step - plain step, median of rounds): {idle_hooks:+.2f} ms")
+        long_run = plain_ms + idle_hooks + recording / args.every
+        print(f"  long run with every={args.every}, per step: {long_run:.2f} ms = {long_run / plain_ms:.3f}x the plain "
+              f"step ({1 + recording / args.every / plain_ms:.3f}x counting the recording alone)")
+        for length in LONG_RUNS:
+            share = len(LogSpaced().steps(length)) / length
+            long_run = plain_ms + idle_hooks + recording * share
+            print(f"  the defaults (every='log') over {length:,} steps ({share:.2%} recorded), per step: "
+                  f"{long_run:.2f} ms = {long_run / plain_ms:.3f}x ({1 + recording * share / plain_ms:.4f}x "
+                  "counting the recording alone)")
+        if args.breakdown:
+            print(f"  breakdown of a recorded step (median over {len(parts[name]['reductions'])} recorded steps; "
+                  "mean in brackets), ms:")
+            for part, values in parts[name].items():
+                print(f"    {part:<30} {statistics.median(values):8.2f}  ({statistics.fmean(values):.2f})")
+    if args.baseline:
+        diffs = [new - old for new, old in zip(recordings["covshift"], recordings["baseline"])]
+        q1, _, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else diffs * 3
+        print(f"recording a step, covshift - baseline within each round: {statistics.median(diffs):+.2f} ms "
+              f"(IQR {q1:+.2f} to {q3:+.2f})")
 
 
 if __name__ == "__main__":
