@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import torchvision
 
 import covshift
-from covshift.summary import Summarizer, finalize
+from covshift.finalize import finalize
+from covshift.summary import Summarizer
 
 
 def same_summaries(device: torch.device) -> float:

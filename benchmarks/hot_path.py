@@ -22,7 +22,9 @@ import torch
 
 from covshift.experiments.models import reference_pair
 from covshift.layers import select_layers
-from covshift.summary import Summarizer, _rank_bins, _reduce, _sum_of_squares, finalize
+from covshift.finalize import finalize
+from covshift.row_statistics import rank_bins
+from covshift.summary import Summarizer, _reduce, _sum_of_squares
 
 
 def layer_inputs(batch_size: int) -> list[torch.Tensor]:
@@ -78,7 +80,7 @@ def main() -> None:
         "rejected: torch.aminmax over the spatial axis": lambda: [torch.aminmax(v, dim=2) for v in views],
         "finalize one step (sample_size 1024)": lambda: finalize(partials),
         "  its row sort alone (185 x 1024, numpy)": lambda: np.sort(sample.numpy(), axis=1),
-        "  its rank bins instead (halves sorted, 5 merge stages)": lambda: _rank_bins(sample.numpy().copy()),
+        "  its rank bins instead (halves sorted, 5 merge stages)": lambda: rank_bins(sample.numpy().copy()),
         "finalize one step (sample_size 512)": lambda: finalize(partials_512),
     }
     print(f"reference CNN layer inputs, batch {args.batch_size}: "

@@ -39,13 +39,13 @@ from covshift.layers import channel_axis, select_layers
 from covshift.probe import preserved
 from covshift.store import append_jsonl, read_jsonl
 from covshift.summaries import read_summaries
+from covshift.finalize import finalize
 from covshift.summary import (
     BINMEAN_COLUMNS,
     DEFAULT_SAMPLE_SIZE,
     QUANTILE_COLUMNS,
     STAT_NAMES,
     Summarizer,
-    finalize,
 )
 
 #: ``covshift.drift`` the module (the package binds the name to the function).

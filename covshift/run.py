@@ -132,7 +132,7 @@ class Run:
         if not self._step_partials:
             return
         partials, self._step_partials = self._step_partials, []
-        from covshift.summary import finalize
+        from covshift.finalize import finalize
 
         record = finalize(
             [partial for *_, partial in partials],

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from covshift.summary import STAT_NAMES, Summarizer, finalize, merge
+from covshift.finalize import finalize
+from covshift.summary import STAT_NAMES, Summarizer, merge
 
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 

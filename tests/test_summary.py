@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from covshift.finalize import finalize
 from covshift.summary import (
     N_BINS,
     QUANTILE_LEVELS,
     STAT_NAMES,
     Summarizer,
-    finalize,
     merge,
 )
 
@@ -174,13 +174,13 @@ def test_full_rows_and_padded_rows_give_the_same_statistics():
 
 
 def test_blocks_of_rows_give_the_same_statistics_as_one(monkeypatch):
-    import covshift.summary as summary_module
+    from covshift import row_statistics
 
     summarizer = Summarizer(32)
     partials = [summarizer.summarize(torch.randn(10, c, 7), 1) for c in (3, 5, 2, 4)]
     whole = finalize(partials)
-    monkeypatch.setattr(summary_module, "BLOCK_VALUES", 100)  # about 3 rows of 32 per block
-    assert len(summary_module._blocks([p.sample for p in partials])) == 4
+    monkeypatch.setattr(row_statistics, "BLOCK_VALUES", 100)  # about 3 rows of 32 per block
+    assert len(row_statistics.blocks([p.sample for p in partials])) == 4
     blocked = finalize(partials)
     for field in ("stats", "quantiles", "binmeans"):
         torch.testing.assert_close(getattr(blocked, field), getattr(whole, field))

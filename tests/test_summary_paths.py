@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from covshift import summary
-from covshift.summary import N_BINS, QUANTILE_LEVELS, STAT_NAMES, Summarizer, finalize, merge
+from covshift import finalize as finalizing, row_statistics
+from covshift.finalize import finalize
+from covshift.summary import N_BINS, QUANTILE_LEVELS, STAT_NAMES, Summarizer, merge
 
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
@@ -38,7 +39,7 @@ def test_numpy_finalize_equals_the_torch_finalize_it_replaces_on_the_cpu(with_sk
     partials, sketch = mixed_partials()
     sketch = sketch if with_sketch else None
     got = finalize(partials, sketch)
-    expected = summary._finalize_in_torch(partials, sketch if sketch is not None else [None] * len(partials))
+    expected = finalizing._finalize_in_torch(partials, sketch if sketch is not None else [None] * len(partials))
     torch.testing.assert_close(got.stats, expected.stats, rtol=1e-12, atol=0, equal_nan=True)
     torch.testing.assert_close(got.quantiles, expected.quantiles, rtol=1e-6, atol=0, equal_nan=True)
     torch.testing.assert_close(got.binmeans, expected.binmeans, rtol=1e-6, atol=0, equal_nan=True)
@@ -69,13 +70,13 @@ def test_finalize_leaves_the_partials_samples_as_they_were():
 def test_rank_bins_hold_exactly_the_values_of_their_ranks(make):
     rows = make(torch.Generator().manual_seed(12)).numpy()
     expected = np.sort(rows, axis=1).reshape(rows.shape[0], N_BINS, -1)
-    bins = summary._rank_bins(rows.copy())
+    bins = row_statistics.rank_bins(rows.copy())
     np.testing.assert_array_equal(np.sort(bins, axis=2), expected)
 
 
 def test_full_rows_read_through_rank_bins_equal_numpy_quantiles_and_bin_means():
     rows = torch.relu(torch.randn(100, 1024, generator=torch.Generator().manual_seed(13))).numpy()
-    zero_frac, quantiles, binmeans = summary._statistics_of_rows(rows.copy())
+    zero_frac, quantiles, binmeans = row_statistics.statistics_of_rows(rows.copy())
     ordered = np.sort(rows, axis=1).astype(np.float64)
     np.testing.assert_array_equal(quantiles, np.quantile(ordered, QUANTILE_LEVELS, axis=1).T.astype(np.float32))
     np.testing.assert_allclose(binmeans, ordered.reshape(100, N_BINS, -1).mean(2), rtol=1e-6)
@@ -85,7 +86,7 @@ def test_full_rows_read_through_rank_bins_equal_numpy_quantiles_and_bin_means():
 def test_rows_with_nonfinite_values_leave_the_rank_bins_for_the_general_path():
     rows = torch.randn(4, 1024, generator=torch.Generator().manual_seed(14)).numpy()
     rows[1, 7] = np.inf  # samples hold non-finite values as +inf
-    zero_frac, quantiles, _ = summary._statistics_of_rows(rows.copy())
+    zero_frac, quantiles, _ = row_statistics.statistics_of_rows(rows.copy())
     finite = np.sort(rows[1][np.isfinite(rows[1])])
     np.testing.assert_allclose(quantiles[1], np.quantile(finite.astype(np.float64), QUANTILE_LEVELS), rtol=1e-6)
     assert np.isfinite(quantiles).all() and (zero_frac == 0).all()

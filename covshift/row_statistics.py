@@ -1,0 +1,208 @@
+"""Quantiles, bin means and zero fractions of sample rows, in numpy: the CPU's finalize.
+
+In a training step a torch call costs several microseconds whatever its size and
+a numpy call on a small array about one, so :func:`covshift.finalize.finalize`
+hands CPU samples to these functions, a cache-sized block of rows of one width
+at a time. Full rows of 1,024 values take :func:`rank_bins`, which sorts them in
+halves (numpy's fast width) and merges just far enough to read every statistic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from covshift.columns import N_BINS, QUANTILE_LEVELS
+
+#: Sample values finalized together: a block that stays in the CPU cache while
+#: it is sorted and read, however many layers a step has.
+BLOCK_VALUES = 1 << 18
+
+def blocks(samples: list) -> list[list]:
+    """Consecutive runs of samples (tensors or arrays) holding about :data:`BLOCK_VALUES` values each."""
+    blocks: list[list] = []
+    values = BLOCK_VALUES
+    for sample in samples:
+        size = sample.shape[0] * sample.shape[1]
+        if values + size > BLOCK_VALUES:
+            blocks.append([])
+            values = 0
+        blocks[-1].append(sample)
+        values += size
+    return blocks
+
+
+def statistics_by_width(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero fraction (float64), quantiles and bin means (float32) of every row of ``samples``, in order.
+
+    Samples of one width are finalized together, a block of :data:`BLOCK_VALUES`
+    at a time, so no row is padded: a narrow layer's rows sort as fast as their
+    width allows, and full rows take the fast path of :func:`statistics_of_rows`.
+    """
+    rows = sum(sample.shape[0] for sample in samples)
+    zero_frac = np.empty(rows)
+    quantiles = np.empty((rows, len(QUANTILE_LEVELS)), np.float32)
+    binmeans = np.empty((rows, N_BINS), np.float32)
+    starts = np.cumsum([0] + [sample.shape[0] for sample in samples])
+    by_width: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_width.setdefault(sample.shape[1], []).append(i)
+    for indices in by_width.values():
+        order = iter(indices)
+        for block in blocks([samples[i] for i in indices]):
+            statistics = statistics_of_rows(np.concatenate(block))
+            if len(block) == 1:  # the common case of a layer with its own block, or a step of one width
+                start = starts[next(order)]
+                zero_frac[start : start + len(statistics[0])], quantiles[start : start + len(statistics[0])], \
+                    binmeans[start : start + len(statistics[0])] = statistics
+                continue
+            done = 0
+            for sample in block:
+                start, count = starts[next(order)], sample.shape[0]
+                for out, values in zip((zero_frac, quantiles, binmeans), statistics):
+                    out[start : start + count] = values[done : done + count]
+                done += count
+    return zero_frac, quantiles, binmeans
+
+
+def zero_count(rows: np.ndarray) -> np.ndarray:
+    """Exact zeros per row (int64): a byte sum, about twice ``count_nonzero``'s speed."""
+    return (rows == 0).view(np.uint8).sum(1, dtype=np.int64)
+
+
+def statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero fraction (float64), quantiles (linear interpolation) and equal-mass bin means (float32) of each
+    row's finite values.
+
+    Overwrites ``rows``; the numpy twin of :func:`_zero_fraction` and :func:`_sample_statistics`.
+    """
+    count, width = rows.shape
+    zeros = zero_count(rows)
+    if width == 2 * _FAST_SORT:
+        bins = rank_bins(rows)
+        if np.isfinite(bins[:, -1].max()):  # +inf (non-finite values) would rank last
+            return zeros / width, *_statistics_of_bins(bins)
+        rows = bins.reshape(count, width)  # each row's values, permuted: sorted below
+    sort_rows(rows)  # +inf (non-finite values) sorts last
+    levels = np.array(QUANTILE_LEVELS)
+    if width % N_BINS == 0 and np.isfinite(rows[:, -1]).all():  # the common case: every row full and finite
+        position = levels * (width - 1)
+        low = np.floor(position).astype(np.intp)
+        high = np.minimum(low + 1, width - 1)
+        at_low, at_high = rows[:, low].astype(np.float64), rows[:, high].astype(np.float64)
+        quantiles = at_low + (position - low) * (at_high - at_low)
+        runs = torch.from_numpy(rows).view(count, N_BINS, width // N_BINS)
+        binmeans = runs.sum(2, dtype=torch.float64).numpy() / (width // N_BINS)  # torch: see _statistics_of_bins
+        return zeros / width, _float32(quantiles), _float32(binmeans)
+    valid = np.count_nonzero(rows < np.inf, axis=1)[:, None]  # (rows, 1)
+    last = np.maximum(valid - 1, 0)
+    position = levels[None, :] * last
+    low = np.floor(position).astype(np.intp)
+    high = np.minimum(low + 1, last)
+    at_low = np.take_along_axis(rows, low, 1).astype(np.float64)
+    at_high = np.take_along_axis(rows, high, 1).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # rows with no finite value read +inf: NaN below
+        quantiles = at_low + (position - low) * (at_high - at_low)
+        # Sums of the first i values; only i <= valid is read, where every value is finite.
+        cumulative = np.cumsum(rows, axis=1, dtype=np.float64)
+
+    def sum_of_first(count: np.ndarray) -> np.ndarray:
+        return np.where(count > 0, np.take_along_axis(cumulative, np.maximum(count - 1, 0), 1), 0.0)
+
+    edges = np.round(np.arange(N_BINS + 1, dtype=np.float64)[None, :] * valid / N_BINS).astype(np.intp)
+    start, stop = edges[:, :-1], edges[:, 1:]
+    bin_width = stop - start
+    sums = sum_of_first(stop) - sum_of_first(start)
+    # A bin is empty only when a channel has fewer values than bins: take its value.
+    single = np.take_along_axis(rows, np.minimum(start, last), 1).astype(np.float64)
+    binmeans = np.where(bin_width > 0, sums / np.maximum(bin_width, 1), single)
+    empty = valid == 0
+    quantiles = np.where(empty, np.nan, quantiles)
+    binmeans = np.where(empty, np.nan, binmeans)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero_frac = zeros / valid[:, 0]
+    return zero_frac, _float32(quantiles), _float32(binmeans)
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """``values`` in float32, as stored; beyond its range (float64 inputs) they are ±inf, as torch casts them."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32)
+
+
+def sort_rows(rows: np.ndarray) -> None:
+    """Sort each row of ``rows`` ascending, in place."""
+    rows.sort(axis=1)
+
+
+#: Rows of up to this many values sort about 4x faster per value than longer ones in numpy
+#: on this machine (a sorting network: 0.6 against 4.7 µs for a row of 1,024 float32
+#: values, docs/performance.md), so rows of twice this width are sorted in halves and merged.
+_FAST_SORT = 512
+
+
+def rank_bins(rows: np.ndarray) -> np.ndarray:
+    """``rows`` (each of ``2 * _FAST_SORT`` values) as (rows, N_BINS, width / N_BINS): run k of each row holds
+    the values of ranks ``k·width/N_BINS`` up to the next run's, in no particular order.
+
+    Sorts each half of each row (fast at that width), then runs the first five stages of a
+    bitonic merge of the two halves: each stage a minimum and a maximum of two half-runs,
+    after which every value of a run is at most every value of the next. ``rows`` is overwritten.
+    """
+    count, width = rows.shape
+    half, size = width // 2, width // N_BINS
+    rows.reshape(count * 2, half).sort(axis=1)
+    x = torch.from_numpy(rows)
+    y = torch.empty_like(x)
+    low, high = x[:, :half], x[:, half:].flip(1)  # ascending then descending: one bitonic sequence
+    torch.minimum(low, high, out=y[:, :half])
+    torch.maximum(low, high, out=y[:, half:])
+    source, target, run = y, x, half // 2
+    while run >= size:
+        pairs, out = source.view(count, -1, 2, run), target.view(count, -1, 2, run)
+        torch.minimum(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 0])
+        torch.maximum(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 1])
+        source, target, run = target, source, run // 2
+    return source.numpy().reshape(count, N_BINS, size)
+
+
+def _statistics_of_bins(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantiles and bin means of full finite rows from their rank bins (:func:`rank_bins`), as float32.
+
+    A quantile reads the values of two neighbouring ranks: the first of a run is its minimum,
+    the last its maximum, and the few runs that hold a rank strictly inside are sorted.
+    """
+    count, _, size = bins.shape
+    low, high, fraction, inner = _bin_reads(N_BINS * size)
+    runs = torch.from_numpy(bins)  # torch reduces along a short axis some 10x faster than numpy
+    extrema = [runs.amin(2).numpy(), runs.amax(2).numpy()]
+    table = np.concatenate([*extrema, np.sort(bins[:, inner], axis=2).reshape(count, -1)], axis=1)
+    at_low, at_high = table[:, low].astype(np.float64), table[:, high].astype(np.float64)
+    quantiles = at_low + fraction * (at_high - at_low)
+    binmeans = runs.sum(2, dtype=torch.float64).numpy() / size
+    return _float32(quantiles), _float32(binmeans)
+
+
+@functools.cache
+def _bin_reads(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For full rows of ``width`` values: the columns of each quantile level's lower and upper rank in the
+    table of :func:`_statistics_of_bins` (the runs' minima, their maxima, the inner runs sorted), the
+    interpolation fractions, and the inner runs."""
+    size = width // N_BINS
+    position = np.array(QUANTILE_LEVELS) * (width - 1)
+    low = np.floor(position).astype(np.intp)
+    high = np.minimum(low + 1, width - 1)
+    inner = np.unique([rank // size for rank in np.concatenate([low, high]) if 0 < rank % size < size - 1])
+
+    def column(rank: int) -> int:
+        run, offset = divmod(int(rank), size)
+        if offset == 0:
+            return run
+        if offset == size - 1:
+            return N_BINS + run
+        return 2 * N_BINS + int(np.searchsorted(inner, run)) * size + offset
+
+    return (np.array([column(rank) for rank in low]), np.array([column(rank) for rank in high]),
+            position - low, inner.astype(np.intp))
