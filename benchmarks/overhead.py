@@ -9,7 +9,9 @@ state of a long run (the block runs from step 100,001, where the schedule
 records one step in about 5,800: none in the block); covshift hooks that never record
 (their fixed cost); a bare hook that computes the sums, extrema and a sorted
 1024-value sample and keeps nothing (the issue's lower bound: what covshift
-adds beyond it is the cost of storing); a naive hook (torch.var_mean +
+adds beyond it is the cost of storing); a hook that runs only covshift's four
+reductions (sum, sum of squares, min, max per channel) and keeps nothing (the
+floor of exact moments and extrema without a fused kernel); a naive hook (torch.var_mean +
 torch.quantile per layer).
 Each round times a block of steps per configuration: `attach()` (once per
 training run) is left out, the flush at `detach()` is included (records are
@@ -107,6 +109,17 @@ def bare_summary(x: torch.Tensor) -> None:
     view = x.reshape(x.shape[0], x.shape[1], -1)
     view.sum(2).sum(0), (view * view).sum(2).sum(0), view.amax(2).amax(0), view.amin(2).amin(0)
     np.sort(torch.take(view, strided_index(*view.shape)).numpy(), axis=1)
+
+
+def reductions_only(x: torch.Tensor) -> None:
+    """covshift's four passes for per-channel moments and extrema (sum, norm, min, max, each in its faster
+    order, the second reduction in float64), kept nowhere: what exact moments cost without a fused kernel."""
+    view = x.reshape(x.shape[0], x.shape[1], -1)
+    dim = 2 if view.shape[2] >= covshift.summary._LONG_ROW else 0
+    rest = 0 if dim == 2 else 1
+    view.sum(dim).sum(rest, dtype=torch.float64)
+    torch.linalg.vector_norm(view, dim=2).square_().sum(0, dtype=torch.float64)
+    view.amin(dim).amin(rest), view.amax(dim).amax(rest)
 
 
 def steady_malloc() -> None:
@@ -221,6 +234,7 @@ def main() -> None:
         "covshift never recording": lambda: covshift.attach(model, every=10**9),
         **(baseline_configs(load_baseline(args.baseline), model, args.sample_size) if args.baseline else {}),
         "bare sums+sorted sample": lambda: LayerHooks(model, bare_summary),
+        "reductions only": lambda: LayerHooks(model, reductions_only),
         "naive var_mean+quantile": lambda: LayerHooks(model, naive_summary),
     }
     times: dict[str, list[float]] = {name: [] for name in configs}
