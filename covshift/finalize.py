@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from covshift.columns import N_BINS, QUANTILE_LEVELS, STAT_NAMES
-from covshift.row_statistics import blocks, statistics_by_width, zero_count
+from covshift.row_statistics import bin_sums, blocks, statistics_by_width, zero_count
 from covshift.summary import Partial, Record
 
 
@@ -159,18 +159,11 @@ def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     frac = position - lo
     at_lo, at_hi = ordered.gather(1, lo).double(), ordered.gather(1, hi).double()
     quantiles = at_lo + frac * (at_hi - at_lo)
-
-    # Sums of the first i values; only i <= valid is read, where every value is finite.
-    cumulative = ordered.cumsum(1, dtype=torch.float64)
-
-    def sum_of_first(count: torch.Tensor) -> torch.Tensor:
-        return torch.where(count > 0, cumulative.gather(1, (count - 1).clamp_min(0)), 0.0)
-
     k = torch.arange(N_BINS + 1, device=sample.device, dtype=torch.float64)
     edges = torch.round(k[None, :] * valid / N_BINS).long()  # (C, K+1)
     start, stop = edges[:, :-1], edges[:, 1:]
     bin_width = (stop - start).double()
-    sums = sum_of_first(stop) - sum_of_first(start)
+    sums = bin_sums(ordered, edges)
     # A bin is empty only when a channel has fewer values than bins: take its value.
     single = ordered.gather(1, torch.minimum(start, last)).double()
     binmeans = torch.where(bin_width > 0, sums / bin_width.clamp_min(1.0), single)

@@ -92,7 +92,7 @@ def statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
         low = np.floor(position).astype(np.intp)
         high = np.minimum(low + 1, width - 1)
         at_low, at_high = rows[:, low].astype(np.float64), rows[:, high].astype(np.float64)
-        quantiles = at_low + (position - low) * (at_high - at_low)
+        quantiles = _interpolated(at_low, at_high, position - low)
         runs = torch.from_numpy(rows).view(count, N_BINS, width // N_BINS)
         binmeans = runs.sum(2, dtype=torch.float64).numpy() / (width // N_BINS)  # torch: see _statistics_of_bins
         return zeros / width, _float32(quantiles), _float32(binmeans)
@@ -103,27 +103,43 @@ def statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     high = np.minimum(low + 1, last)
     at_low = np.take_along_axis(rows, low, 1).astype(np.float64)
     at_high = np.take_along_axis(rows, high, 1).astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):  # rows with no finite value read +inf: NaN below
-        quantiles = at_low + (position - low) * (at_high - at_low)
-        # Sums of the first i values; only i <= valid is read, where every value is finite.
-        cumulative = np.cumsum(rows, axis=1, dtype=np.float64)
-
-    def sum_of_first(count: np.ndarray) -> np.ndarray:
-        return np.where(count > 0, np.take_along_axis(cumulative, np.maximum(count - 1, 0), 1), 0.0)
-
-    edges = np.round(np.arange(N_BINS + 1, dtype=np.float64)[None, :] * valid / N_BINS).astype(np.intp)
+    quantiles = _interpolated(at_low, at_high, position - low)  # rows with no finite value read +inf: NaN below
+    edges = np.round(np.arange(N_BINS + 1, dtype=np.float64)[None, :] * valid / N_BINS).astype(np.int64)
     start, stop = edges[:, :-1], edges[:, 1:]
     bin_width = stop - start
-    sums = sum_of_first(stop) - sum_of_first(start)
+    sums = bin_sums(torch.from_numpy(rows), torch.from_numpy(edges)).numpy()
     # A bin is empty only when a channel has fewer values than bins: take its value.
     single = np.take_along_axis(rows, np.minimum(start, last), 1).astype(np.float64)
-    binmeans = np.where(bin_width > 0, sums / np.maximum(bin_width, 1), single)
+    with np.errstate(invalid="ignore"):  # inf / n where a bin's sum overflowed (float64 inputs near 1e308)
+        binmeans = np.where(bin_width > 0, sums / np.maximum(bin_width, 1), single)
     empty = valid == 0
     quantiles = np.where(empty, np.nan, quantiles)
     binmeans = np.where(empty, np.nan, binmeans)
     with np.errstate(divide="ignore", invalid="ignore"):
         zero_frac = zeros / valid[:, 0]
     return zero_frac, _float32(quantiles), _float32(binmeans)
+
+
+def _interpolated(at_low: np.ndarray, at_high: np.ndarray, fraction: np.ndarray) -> np.ndarray:
+    """Linear interpolation between neighbouring ranks; ±inf where float64 values near 1e308 overflow, silently
+    (a numpy warning would become an error under ``-W error``, in the user's training step)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return at_low + fraction * (at_high - at_low)
+
+
+def bin_sums(ordered: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Per row of ``ordered`` (sorted rows), the float64 sums of the values at positions ``edges[:, k]`` up to
+    ``edges[:, k + 1]``, one bin at a time.
+
+    Each bin is summed on its own: a difference of running sums would let one huge value (-1e20, say) cancel
+    the bins after it to zero. Positions from ``edges[:, -1]`` on (+inf, no value) are summed apart and dropped.
+    Runs wherever ``ordered`` is, with no host sync.
+    """
+    rows, width = ordered.shape
+    positions = torch.arange(width, device=ordered.device).expand(rows, width).contiguous()
+    bins = torch.searchsorted(edges[:, 1:].contiguous(), positions, right=True)  # N_BINS from the last edge on
+    sums = torch.zeros(rows, N_BINS + 1, dtype=torch.float64, device=ordered.device)
+    return sums.scatter_add_(1, bins, ordered.double())[:, :N_BINS]
 
 
 def _float32(values: np.ndarray) -> np.ndarray:
@@ -180,7 +196,7 @@ def _statistics_of_bins(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     extrema = [runs.amin(2).numpy(), runs.amax(2).numpy()]
     table = np.concatenate([*extrema, np.sort(bins[:, inner], axis=2).reshape(count, -1)], axis=1)
     at_low, at_high = table[:, low].astype(np.float64), table[:, high].astype(np.float64)
-    quantiles = at_low + fraction * (at_high - at_low)
+    quantiles = _interpolated(at_low, at_high, fraction)
     binmeans = runs.sum(2, dtype=torch.float64).numpy() / size
     return _float32(quantiles), _float32(binmeans)
 

@@ -1,11 +1,13 @@
 """Moments that stay right where float32 sums go wrong: large means, huge values, constants, empty inputs."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from covshift.finalize import finalize
-from covshift.summary import STAT_NAMES, Summarizer, merge
+from covshift.summary import N_BINS, STAT_NAMES, Summarizer, merge
 
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
@@ -152,3 +154,36 @@ def test_a_channel_with_no_finite_value_merges_without_poisoning_the_others():
     np.testing.assert_array_equal(stats[:, STAT["nonfinite"]], [4, 4])
     np.testing.assert_allclose(stats[:, STAT["mean"]], [2.0, 3.0])
     np.testing.assert_allclose(stats[:, STAT["var"]], [1.0, 1.0])
+
+
+def finalize_by(route: str, partials: list):
+    """``finalize`` on the CPU (numpy), or the torch route other devices take, run here on the CPU."""
+    from covshift import finalize as finalizing
+
+    return finalize(partials) if route == "numpy" else finalizing._finalize_in_torch(partials, [None] * len(partials))
+
+
+@pytest.mark.parametrize("route", ["numpy", "torch"])
+@pytest.mark.parametrize("with_inf", [False, True])
+def test_bin_means_next_to_one_huge_value_are_the_means_of_their_own_values(route, with_inf):
+    # 1,000 values (not a multiple of the bins) or a non-finite one: the general route, bins of uneven width.
+    x = torch.randn(1000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    x[0, 0] = -1e20
+    if with_inf:
+        x[1, 0] = float("inf")
+    record = finalize_by(route, [Summarizer(1024).summarize(x, 1)])
+    ordered = np.sort(x[:, 0].numpy())
+    ordered = ordered[np.isfinite(ordered)]
+    edges = np.round(np.arange(N_BINS + 1) * len(ordered) / N_BINS).astype(int)
+    expected = [ordered[start:stop].mean() for start, stop in zip(edges[:-1], edges[1:])]
+    np.testing.assert_allclose(record.binmeans[0].numpy(), np.float32(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("width", [37, 64, 1024])
+def test_finalize_of_float64_values_near_the_largest_double_warns_nothing(width):
+    x = torch.randn(width, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(22)) * 1e308
+    x = x.clamp(-1.7e308, 1.7e308)  # finite, but their sums and differences overflow
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a user running with -W error: a warning would stop the recording
+        record = finalize([Summarizer(1024).summarize(x, 1)])
+    assert torch.isfinite(record.stats[:, STAT["min"]]).all()
