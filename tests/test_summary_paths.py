@@ -100,3 +100,15 @@ def test_counts_of_one_shape_are_shared_but_never_changed_by_merges_or_finalize(
     finalize([merged, a])
     assert a.count.tolist() == [20, 20, 20] and a.nonfinite.tolist() == [0, 0, 0]
     assert merged.count.tolist() == [40, 40, 40]
+
+
+@pytest.mark.parametrize("width", [1, 8, 37, 512, 1024, 2040, 2048, 4096])
+def test_zero_counts_per_row_are_exact_at_every_width(width):
+    gen = torch.Generator().manual_seed(15)
+    rows = torch.relu(torch.randn(33, width, generator=gen)).numpy()
+    rows[0] = 0.0  # a row of zeros: the most any byte lane can hold
+    rows[1] = -0.0
+    rows[2] = np.inf
+    expected = np.array([sum(value == 0 for value in row) for row in rows])
+    np.testing.assert_array_equal(row_statistics.zero_count(rows), expected)
+    np.testing.assert_array_equal(row_statistics.zero_count(np.asfortranarray(rows)), expected)
