@@ -1,8 +1,7 @@
 """Filtered, out-of-core reads of a run; compact rows; runs written by older covshift."""
 
 import importlib
-import shutil
-from pathlib import Path
+import json
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,6 @@ from covshift import store
 from covshift.records import sketch_rows
 from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS
 
-FORMAT_2 = Path(__file__).parent / "data" / "run-format-2"
 
 
 def _wide_run(directory, sketch_channels=4, steps=6, flush_every=100):
@@ -107,18 +105,38 @@ def test_a_compact_wide_run_is_smaller_on_disk(tmp_path):
     assert size(runs["compact"]) < size(runs["full"]) / 3
 
 
+def _as_format_2(directory):
+    """Rewrite a run as covshift wrote format 2: no schedule or sketch settings in its config, parts
+    snappy-compressed in one row group, rows in the order steps were recorded."""
+    meta = json.loads((directory / "meta.json").read_text())
+    meta["format_version"] = 2
+    for key in ("schedule", "sketch_channels"):
+        del meta["config"][key]
+    (directory / "meta.json").write_text(json.dumps(meta))
+    for part in store.part_paths(directory):
+        table = pq.read_table(part)
+        table = table.sort_by([("step", "ascending"), ("channel", "ascending")])  # not by layer first
+        assert table.column("q0.5").null_count == 0  # format 2 kept every channel's sketch
+        pq.write_table(table, part, compression="snappy", use_dictionary=["source", "layer"])
+
+
 def test_a_format_2_run_loads_and_reports_drift(tmp_path):
-    copy = tmp_path / "old"
-    shutil.copytree(FORMAT_2, copy)
-    run = covshift.load(copy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    tracker = covshift.attach(model, every=1, store=tmp_path / "old", sample_size=64, sketch_channels=None)
+    for step in range(3):
+        model(torch.randn(16, 4) + step)
+    original = tracker.detach().stats()
+    _as_format_2(tmp_path / "old")
+    written = sorted(p.stat().st_mtime_ns for p in (tmp_path / "old").iterdir())
+
+    run = covshift.load(tmp_path / "old")
     assert run.meta["format_version"] == 2
-    stats = run.stats()
-    assert sorted(stats.step.unique()) == [0, 1, 2] and set(stats["count"]) == {16}
-    assert stats.loc[stats.layer == "0", "mean"].groupby(stats.step).mean().diff().dropna().gt(0.5).all()
+    pd.testing.assert_frame_equal(run.stats(), original)
     assert len(run.stats(layers="2", steps=[2])) == 3  # Linear(3, 2): 3 input channels
     drift = covshift.drift(run, metric="mean_shift")
-    assert set(drift.step) == {0, 1, 2}
-    assert not any(copy.glob(".*"))  # reading wrote nothing
+    assert set(drift.step) == {0, 1, 2} and drift.loc[drift.layer == "0", "value"].iloc[-1] > 0.5
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "old").iterdir()) == written  # reading wrote nothing
 
 
 @pytest.mark.parametrize("by", ["layer", "channel"])
