@@ -288,7 +288,7 @@ class Tracker:
                     self._step += 1
                 forward.step = self._step
             self._maybe_probe(forward.step)
-            forward.active = self._per_forward and self.schedule.records(forward.step)
+            forward.active = self._per_forward and self._scheduled(self.schedule, forward.step)
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         if context.is_compiling() or context.probe_owner() is not None or not self._per_forward:
@@ -310,7 +310,14 @@ class Tracker:
     def _set_open_step(self, index: int) -> None:
         """Merged modes: the step now open is ``index`` (lock held)."""
         self._step = index
-        self._recording = self.schedule.records(index)
+        self._recording = self._scheduled(self.schedule, index)
+
+    def _scheduled(self, plan: schedule.Schedule, step: int) -> bool:
+        """Whether ``plan`` records ``step``. A schedule may be the user's own code: one that raises
+        stops recording with a warning instead of raising into the forward or the update."""
+        with self._faults.guard("asking the schedule", self.run.directory):
+            return plan.records(step)
+        return False
 
     def _records_now(self, module: nn.Module) -> bool:
         """Whether a layer call records: inside a recorded forward (per-forward mode, probes), or in
@@ -403,7 +410,7 @@ class Tracker:
             merged = self._merge_calls(partials)
         # -- torch.distributed: on a recorded step every rank sends its records, rank 0 merges and writes them
         if self._ranks is not None:
-            if self.schedule.records(step) or (self._probe is not None and self._probe.schedule.records(step)):
+            if self._scheduled(self.schedule, step) or (self._probe is not None and self._scheduled(self._probe.schedule, step)):
                 pooled = self._ranks.gather(
                     step, {} if self._faults.stopped else merged, self._kinds, self._summarizer.sample_size
                 )
@@ -446,7 +453,7 @@ class Tracker:
 
     def _maybe_probe(self, step: int) -> None:
         """Run the probe at the start of ``step`` if it is a probe step and its probe has not run yet."""
-        if self._probe is None or self._faults.stopped or not self._probe.schedule.records(step) or self._probed == step:
+        if self._probe is None or self._faults.stopped or not self._scheduled(self._probe.schedule, step) or self._probed == step:
             return
         self._probed = step
         self._run_probe()

@@ -258,3 +258,35 @@ def test_a_failing_merge_warns_and_neither_forward_nor_update_raises(monkeypatch
             opt.step()
         tracker.detach()
     assert tracker.run.stats().empty
+
+
+class FailingSchedule(covshift.schedule.Schedule):
+    """A user's schedule with a bug: it raises from step 2 on."""
+
+    def records(self, step):
+        if step >= 2:
+            raise RuntimeError("schedule broke")
+        return True
+
+    def describe(self):
+        return {"kind": "failing"}
+
+
+@pytest.mark.parametrize("mode", ["forward", "optimizer", "manual", "probe"])
+def test_a_schedule_that_raises_warns_once_and_neither_forward_nor_update_raises(mode):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"optimizer": opt} if mode == "optimizer" else {"step": "manual"} if mode == "manual" else {}
+    tracker = covshift.attach(model, every=1 if mode == "probe" else FailingSchedule(), **kwargs)
+    if mode == "probe":
+        tracker.probe(torch.randn(4, 4), every=FailingSchedule())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+            if mode == "manual":
+                tracker.step()
+        run = tracker.detach()
+    assert len([m for m in covshift_warnings(record) if "schedule broke" in m]) == 1
+    assert sorted(run.stats().step.unique()) == [0, 1]  # the steps before the fault are kept
