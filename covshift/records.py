@@ -24,6 +24,16 @@ if TYPE_CHECKING:
 #: Columns every stats() frame has, whatever ``columns`` asks for.
 KEY_COLUMNS = ("step", "source", "layer", "channel")
 _INT_STATS = {"count", "nonfinite"}
+_NAMES = pa.dictionary(pa.int32(), pa.string())
+
+#: Columns and types of every part.
+SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()), ("source", _NAMES), ("layer", _NAMES), ("channel", pa.int32()),
+        *((name, pa.int64() if name in _INT_STATS else pa.float64()) for name in STAT_NAMES),
+        *((name, pa.float32()) for name in (*QUANTILE_COLUMNS, *BINMEAN_COLUMNS)),
+    ]
+)
 
 
 class PendingStep(NamedTuple):
@@ -76,9 +86,7 @@ def records_to_table(pending: list[PendingStep]) -> pa.Table:
     most of a flush before (docs/performance.md, "Recording speed").
     """
     if not pending:
-        return _table(*(np.empty(0, dtype=np.int64) for _ in range(4)), [], [], np.empty((0, len(STAT_NAMES))),
-                      np.empty((len(QUANTILE_COLUMNS), 0), np.float32), np.empty((len(BINMEAN_COLUMNS), 0), np.float32),
-                      np.empty(0, dtype=bool))
+        return SCHEMA.empty_table()
     import torch
 
     keys = [key for step in pending for key in step.keys]
@@ -123,14 +131,14 @@ def _table(
         "channel": pa.array(channel, pa.int32()),
     }
     for i, name in enumerate(STAT_NAMES):
-        kind = pa.int64() if name in _INT_STATS else pa.float64()
+        kind = SCHEMA.field(name).type
         columns[name] = pa.array(stats[:, i].astype(kind.to_pandas_dtype()), kind)
     nulls = int(valid.size - np.count_nonzero(valid))
     validity = pa.array(valid).buffers()[1] if nulls else None
     for names, values in ((QUANTILE_COLUMNS, quantiles), (BINMEAN_COLUMNS, binmeans)):
         for name, column in zip(names, values):
             columns[name] = pa.Array.from_buffers(pa.float32(), len(column), [validity, pa.py_buffer(column)], nulls)
-    return pa.table(columns)
+    return pa.table(columns, schema=SCHEMA)
 
 
 def _gathered(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -157,7 +165,3 @@ def _sketch_mask(record: Record) -> np.ndarray:
     if record.sketched is None:
         return np.ones(record.stats.shape[0], dtype=bool)
     return record.sketched.numpy()
-
-
-#: Columns and types of every part.
-SCHEMA = records_to_table([]).schema

@@ -285,9 +285,10 @@ class Run:
         """
         if source is not None:
             check_choice("source", source, SOURCES)
+        wanted = None if layers is None else self._known_layers(layers)
         filters = [] if source is None else [pc.field("source") == source]
-        if layers is not None:
-            filters.append(pc.field("layer").isin(self._known_layers(layers)))
+        if wanted is not None:
+            filters.append(pc.field("layer").isin(wanted))
         if steps is not None:
             filters.append(steps_filter(steps))
         if columns is not None:
@@ -296,8 +297,7 @@ class Run:
         if layers is None and steps is None and columns is None:
             return self._whole(source, paths)
         expression = functools.reduce(operator.and_, filters) if filters else None
-        wanted = None if layers is None else self._known_layers(layers)
-        empty = records_to_table([]).select(columns or SCHEMA.names)
+        empty = SCHEMA.empty_table().select(columns or SCHEMA.names)
         if wanted == []:
             return self._to_frame(empty)
         tables = [
@@ -310,7 +310,7 @@ class Run:
         """Per source: recorded ``steps``, ``first step``, ``last step`` and ``rows``; only two columns are read."""
         tables = [store.read_part(path, self._run_id, SCHEMA, columns=["step", "source"])
                   for path in self._readable_parts()]
-        table = pa.concat_tables([records_to_table([]).select(["step", "source"]), *tables])
+        table = pa.concat_tables([SCHEMA.empty_table().select(["step", "source"]), *tables])
         table = table.set_column(1, "source", table["source"].cast(pa.string()))
         grouped = table.group_by("source").aggregate(
             [("step", "count_distinct"), ("step", "min"), ("step", "max"), ("step", "count")])
@@ -354,7 +354,7 @@ class Run:
             else:
                 only = None if source is None else pc.field("source") == source
                 tables = [store.read_part(path, self._run_id, SCHEMA, filters=only) for path in paths]
-                self._frames[source] = self._to_frame(pa.concat_tables([records_to_table([]), *tables]))
+                self._frames[source] = self._to_frame(pa.concat_tables([SCHEMA.empty_table(), *tables]))
         return self._frames[source].copy(deep=False)
 
     def _to_frame(self, table: pa.Table) -> pd.DataFrame:
