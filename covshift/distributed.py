@@ -41,8 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
-from covshift.checks import check_int
-from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, Run
+from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, DEFAULT_SKETCH_CHANNELS, Run, check_settings
 from covshift.summary import Partial
 
 #: Fields per channel besides the sample: count, nonfinite, mean, m2, min, max (8 bytes each).
@@ -192,9 +191,9 @@ class NonWriterRun(Run):
         store: str | Path | None = None,
         flush_every: int = DEFAULT_FLUSH_EVERY,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS,
     ) -> None:
-        check_int("flush_every", flush_every)  # the same settings are refused on every rank
-        check_int("memory_budget", memory_budget)
+        check_settings(flush_every=flush_every, memory_budget=memory_budget, sketch_channels=sketch_channels)
         self.directory = None  # type: ignore[assignment]
         self.flush_every, self.memory_budget = flush_every, memory_budget
         self._meta = {**meta, "layers": []}

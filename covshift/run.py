@@ -36,6 +36,14 @@ DEFAULT_SKETCH_CHANNELS = 64
 #: Layer names an error message lists before "and N more".
 LAYERS_SHOWN = 12
 
+def check_settings(*, flush_every: int, memory_budget: int, sketch_channels: int | None) -> None:
+    """Refuse bad store settings with an error naming the setting (every rank of a job checks the same)."""
+    check_int("flush_every", flush_every)
+    check_int("memory_budget", memory_budget)
+    if sketch_channels is not None:
+        check_int("sketch_channels", sketch_channels)
+
+
 class Run:
     """Summaries of one training run: a directory of Parquet parts plus a small buffer.
 
@@ -60,10 +68,7 @@ class Run:
         if directory is None:
             directory = tempfile.mkdtemp(prefix="covshift-run-")
             weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
-        check_int("flush_every", flush_every)
-        check_int("memory_budget", memory_budget)
-        if sketch_channels is not None:
-            check_int("sketch_channels", sketch_channels)
+        check_settings(flush_every=flush_every, memory_budget=memory_budget, sketch_channels=sketch_channels)
         self.directory = Path(directory)
         self.sketch_channels = sketch_channels
         self._sketch_rows: dict[int, torch.Tensor | None] = {}  # channel count -> sketched channels

@@ -104,7 +104,7 @@ class Tracker:
         if self._ranks is not None and not self._ranks.is_writer:  # a run with no directory: it writes nothing
             self.run: Run = distributed.NonWriterRun(
                 meta, rank=self._ranks.rank, size=self._ranks.size, store=store,
-                flush_every=flush_every, memory_budget=memory_budget,
+                flush_every=flush_every, memory_budget=memory_budget, sketch_channels=sketch_channels,
             )
         else:
             self.run = Run(store, meta, flush_every=flush_every, memory_budget=memory_budget,

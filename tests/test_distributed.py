@@ -423,8 +423,12 @@ def test_a_non_writer_run_writes_nothing_and_says_where_the_records_are(tmp_path
     for read in (lambda: run.stats(), lambda: run.layers, run.curves, lambda: run.save(tmp_path / "copy")):
         with pytest.raises(RuntimeError, match=r"rank 1 of 2 holds no records: rank 0 .* writes the run to runs/job"):
             read()
-    with pytest.raises(ValueError, match="flush_every"):
-        NonWriterRun({}, rank=1, size=2, flush_every=0)
+    # Every rank refuses the settings rank 0's run refuses, so no rank trains on alone into a collective.
+    for setting in ("flush_every", "memory_budget", "sketch_channels"):
+        with pytest.raises(ValueError, match=setting):
+            NonWriterRun({}, rank=1, size=2, **{setting: 0})
+        with pytest.raises(ValueError, match=setting):
+            covshift.Run(tmp_path / "run", {}, **{setting: 0})
     assert list(tmp_path.iterdir()) == []
 
 
