@@ -91,8 +91,6 @@ def drift(
         _drift_of(read_summaries(frame, source, names, order=layer_order(run)), names, reference, normalize, label, by, agg)
         for frame in layer_batches(run, source, names)
     ]
-    if not parts:
-        read_summaries(run, source, names)  # raises: no records of source
     frame = pd.concat(parts, ignore_index=True)
     keys = [frame["channel"].to_numpy()] if by == "channel" else []
     rank = frame["metric"].map({name: i for i, name in enumerate(names)}).to_numpy()

@@ -52,22 +52,19 @@ def read_summaries(
     check_choice("source", source, SOURCES)
     if isinstance(run, Run):
         frame = run.stats(source)
-        present = sorted(set(run.stats()["source"])) if frame.empty else []
+        if frame.empty:
+            raise no_records(source, list(run.sources().index), hint)
     elif isinstance(run, pd.DataFrame):
         if "source" not in run and source != "train":
             raise ValueError(f"a stats DataFrame without a 'source' column holds training records only; got source={source!r}")
-        present = sorted(set(run["source"])) if "source" in run else [source]
         frame = run[run["source"] == source] if "source" in run else run
-        missing = [c for c in ("step", "layer", "channel", *NEEDED_COLUMNS) if c not in frame]
+        missing = [c for c in ("step", "layer", "channel", *needed_columns(names)) if c not in frame]
         if missing:
             raise ValueError(f"the stats DataFrame lacks the columns {missing}: pass run.stats() or a subset of its rows")
+        if frame.empty:
+            raise no_records(source, sorted(set(run["source"])), hint)
     else:
         raise TypeError(f"run must be a covshift.Run or a stats DataFrame, got {type(run).__name__}")
-    if frame.empty:
-        raise ValueError(
-            f"the run has no records of source={source!r}; it has {present or 'no records'}"
-            + (f" ({hint})" if hint else "")
-        )
     layers, codes = layer_codes(frame["layer"], layer_order(run) if isinstance(run, Run) else order)
     step = frame["step"].to_numpy(np.int64)
     channel = frame["channel"].to_numpy(np.int64)
@@ -89,7 +86,8 @@ def read_summaries(
     knots = binmeans = None
     sketched: np.ndarray | bool = True
     if set(names) & set(SKETCH_METRICS):
-        sketched = frame[QUANTILE_COLUMNS[0]].notna().to_numpy()[order]
+        mask = frame[QUANTILE_COLUMNS[0]].notna().to_numpy()[order]
+        sketched = True if mask.all() else mask  # True: every record, no row selection per chunk
     if set(names) & set(m.CDF_METRICS):
         knots = Columns([frame[c].to_numpy() for c in ["min", *QUANTILE_COLUMNS, "max"]], perm)
     if "wasserstein" in names:
@@ -153,29 +151,43 @@ def layer_order(run: RunLike) -> list[str]:
 
 def layer_batches(run: Run, source: str, names: tuple[str, ...]) -> Iterator[pd.DataFrame]:
     """``source``'s records of ``run``, a few layers at a time (about :data:`BATCH_ROWS` rows), with
-    only the columns ``names`` need: memory stays flat however long the run. Layers without records are skipped."""
-    columns = [*NEEDED_COLUMNS]
-    if set(names) & set(SKETCH_METRICS):
-        columns.append(QUANTILE_COLUMNS[0])
-    if set(names) & set(m.CDF_METRICS):
-        columns += QUANTILE_COLUMNS
-    if "wasserstein" in names:
-        columns += BINMEAN_COLUMNS
+    only the columns ``names`` need: memory stays flat however long the run. Layers without records are skipped;
+    a source without records raises ValueError naming the sources there are."""
+    check_choice("source", source, SOURCES)
+    sources = run.sources()
+    if source not in sources.index:
+        raise no_records(source, list(sources.index))
+    rows_per_channel = int(sources.loc[source, "steps"])  # at most: a layer may miss some steps
+    columns = needed_columns(names)
     layers = run.layers
     channels = dict(zip(layers["layer"], layers["channels"]))
     pending = list(layers["layer"])
-    rows_per_channel = None
     while pending:
-        if rows_per_channel is None:  # the first layer alone, to learn how many rows a channel has
-            batch = pending[:1]
-        else:
-            budget, batch = BATCH_ROWS, []
-            while pending[len(batch):] and (not batch or budget >= channels[pending[len(batch)]] * rows_per_channel):
-                budget -= channels[pending[len(batch)]] * rows_per_channel
-                batch.append(pending[len(batch)])
+        budget, batch = BATCH_ROWS, []
+        while pending[len(batch):] and (not batch or budget >= channels[pending[len(batch)]] * rows_per_channel):
+            budget -= channels[pending[len(batch)]] * rows_per_channel
+            batch.append(pending[len(batch)])
         pending = pending[len(batch):]
-        frame = run.stats(source, layers=batch, columns=list(dict.fromkeys(columns)))
-        if rows_per_channel is None:
-            rows_per_channel = max(1, len(frame) // max(1, channels[batch[0]]))
+        frame = run.stats(source, layers=batch, columns=columns)
         if not frame.empty:
             yield frame
+
+
+def needed_columns(names: tuple[str, ...]) -> list[str]:
+    """The stats columns the metrics ``names`` read: the moments, and quantiles and bin means when needed."""
+    columns = [*NEEDED_COLUMNS]
+    if set(names) & set(m.CDF_METRICS):
+        columns += QUANTILE_COLUMNS
+    elif set(names) & set(SKETCH_METRICS):
+        columns.append(QUANTILE_COLUMNS[0])  # which records are sketched
+    if "wasserstein" in names:
+        columns += BINMEAN_COLUMNS
+    return columns
+
+
+def no_records(source: str, present: list[str], hint: str = "") -> ValueError:
+    """The error for a source without records, naming the sources the run has."""
+    return ValueError(
+        f"the run has no records of source={source!r}; it has {present or 'no records'}"
+        + (f" ({hint})" if hint else "")
+    )

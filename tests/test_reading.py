@@ -185,3 +185,22 @@ def test_reading_a_run_and_its_drift_needs_no_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_source_without_records_is_named_without_reading_the_whole_run(tmp_path, monkeypatch):
+    run = _wide_run(tmp_path / "r")
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole run was read")
+
+    monkeypatch.setattr(run, "_whole", whole)
+    with pytest.raises(ValueError, match=r"no records of source='probe_a'; it has \['train'\]"):
+        covshift.drift(run, source="probe_a")
+
+
+@pytest.mark.parametrize("metric", ["wasserstein", "ks", "all"])
+def test_a_frame_without_the_columns_a_metric_reads_says_which(tmp_path, metric):
+    moments = _wide_run(tmp_path / "r").stats("train", columns=["count", "mean", "var", "min", "max"])
+    with pytest.raises(ValueError, match=r"lacks the columns \['q0.01'"):
+        covshift.drift(moments, metric=metric)
+    assert not covshift.drift(moments, metric="mean_shift").empty  # the moments suffice for the moment metrics
