@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from covshift import __version__
+from covshift.columns import SOURCES
 
 if TYPE_CHECKING:
     from covshift.run import Run
@@ -164,8 +165,7 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
                        help="print these layers' records per step instead (channels aggregated: "
                             "mean of the means and of the standard deviations, extrema, zero fraction); "
                             "only their rows are read")
-    stats.add_argument("--source", default="train", choices=("train", "probe", "probe_a", "probe_b"),
-                       help="with --layer: the records' source (default %(default)s)")
+    stats.add_argument("--source", choices=SOURCES, help="with --layer: the records' source (default train)")
 
     experiment = _command(commands, "experiment", "run a reference experiment", _EXPERIMENT_EPILOG, None)
     experiments = experiment.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
@@ -267,8 +267,10 @@ def _compare(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from covshift.run import load
 
+    if args.source is not None and args.layer is None:
+        raise ValueError("--source selects the records of --layer: give --layer NAME too")
     run = load(args.run)
-    print(run_overview(run) if args.layer is None else layer_overview(run, args.layer, args.source))
+    print(run_overview(run) if args.layer is None else layer_overview(run, args.layer, args.source or "train"))
     return 0
 
 

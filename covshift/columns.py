@@ -16,6 +16,9 @@ QUANTILE_LEVELS: tuple[float, ...] = tuple(
 #: inside one bin.
 N_BINS = 32
 
+#: Sources a record can come from: training batches, the probe batch, and its two halves.
+SOURCES = ("train", "probe", "probe_a", "probe_b")
+
 STAT_NAMES = ("count", "mean", "var", "min", "max", "nonfinite", "zero_frac")
 
 #: stats() columns of the quantiles (``q0.01`` … ``q0.99``) and of the bin means.

@@ -187,11 +187,11 @@ def _probe_sizes(runs: Sequence[Run], labels: Sequence[str]) -> str:
     for run, label in zip(runs, labels):
         if "probe_a" not in run.sources().index:
             text = "no probe (no noise floor)"
-        else:  # the probe steps from one layer's rows, the half's size from the first probe step's
-            first_layer = str(run.layers["layer"].iloc[0])
-            steps = sorted(run.stats("probe_a", layers=first_layer, columns=["count"])["step"].unique())
+        else:  # the probe steps, and the half's size from the first probe step's records
+            probed = run.stats("probe_a", columns=["count"])
+            steps = sorted(probed["step"].unique())
             every = f", one every {int(pd.Series(steps).diff().median())} steps" if len(steps) > 1 else ""
-            half = run.stats("probe_a", steps=int(steps[0]), columns=["count"])
+            half = probed[probed["step"] == steps[0]]
             text = f"{len(steps)} probe steps{every}; each half: {_half_size(run, half)}"
         said.setdefault(text, []).append(label)
     return "Here: " + "; ".join(f"{', '.join(names)}: {text}" for text, names in said.items()) + "."

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from covshift import store
 from covshift.checks import check_choice, check_int
+from covshift.columns import SOURCES
 from covshift.faults import Faults
 from covshift.records import SCHEMA, PendingStep, checked_columns, records_to_table, sketch_rows, steps_filter
 
@@ -27,8 +28,6 @@ if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
 
     from covshift.summary import Partial
 
-#: Sources a record can come from: training batches, the probe batch, and its two halves.
-SOURCES = ("train", "probe", "probe_a", "probe_b")
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 #: Channels per layer that keep quantiles and bin means (evenly spaced); every channel keeps its moments.

@@ -38,6 +38,7 @@ from covshift.panels import (
     step_axis,
 )
 from covshift.run import Run
+from covshift.schedule import LogSpaced, from_config
 
 #: Metrics per drift figure (columns); more metrics go to further figures, so text stays readable.
 METRICS_PER_FIGURE = 3
@@ -159,8 +160,7 @@ class ReportData:
         self.nulls.append(null[null["metric"].isin(metrics)] if null is not None and len(null) else None)
         self.gradients.append(load_gradient_ics(directory) if (directory / GRADIENTS_FILE).is_file() else None)
         self.curves.append(run.curves())
-        schedule = (run.meta.get("config") or {}).get("schedule") or {}
-        self.log_schedule = self.log_schedule or schedule.get("kind") == "log"
+        self.log_schedule = self.log_schedule or isinstance(from_config(run.meta.get("config") or {}), LogSpaced)
 
 
 def _grow(progress: Any, n: int) -> None:

@@ -16,9 +16,9 @@ import pandas as pd
 
 from covshift import metrics as m
 from covshift.checks import check_choice
-from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS
+from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, SOURCES
 from covshift.metrics import METRICS, SKETCH_METRICS
-from covshift.run import SOURCES, Run
+from covshift.run import Run
 
 #: Records read at a time by :func:`covshift.drift` from a stored run (a few hundred MB with every column).
 BATCH_ROWS = 2**20

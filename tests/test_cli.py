@@ -57,6 +57,7 @@ def test_stats_of_one_layer_prints_it_per_step(run_dirs, runs):
     assert first[:3] == ["fc", str(fc.step.min()), str((fc.step == fc.step.min()).sum())]
     assert float(first[3]) == pytest.approx(fc[fc.step == fc.step.min()]["mean"].mean(), rel=1e-3)
     assert_one_line_error(covshift_cmd("stats", run_dirs[0], "--layer", "nope"), "no recorded layer 'nope'", "conv")
+    assert_one_line_error(covshift_cmd("stats", run_dirs[0], "--source", "probe"), "--source", "--layer")
 
 
 def test_compare_prints_a_per_layer_table(run_dirs):
