@@ -158,7 +158,8 @@ def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     hi = torch.minimum(lo + 1, last)
     frac = position - lo
     at_lo, at_hi = ordered.gather(1, lo).double(), ordered.gather(1, hi).double()
-    quantiles = at_lo + frac * (at_hi - at_lo)
+    gap = at_hi - at_lo  # overflows only between values near ±1e308 (float64 inputs): the weighted sum there
+    quantiles = torch.where(gap.isfinite(), at_lo + frac * gap, at_lo * (1 - frac) + at_hi * frac)
     k = torch.arange(N_BINS + 1, device=sample.device, dtype=torch.float64)
     edges = torch.round(k[None, :] * valid / N_BINS).long()  # (C, K+1)
     start, stop = edges[:, :-1], edges[:, 1:]

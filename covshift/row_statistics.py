@@ -131,10 +131,12 @@ def statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def _interpolated(at_low: np.ndarray, at_high: np.ndarray, fraction: np.ndarray) -> np.ndarray:
-    """Linear interpolation between neighbouring ranks; ±inf where float64 values near 1e308 overflow, silently
-    (a numpy warning would become an error under ``-W error``, in the user's training step)."""
+    """Linear interpolation between neighbouring ranks, with no numpy warning (under ``-W error`` one would
+    stop the recording). Where two float64 values near ±1e308 are further apart than the largest double,
+    the weighted sum of the two takes over from the difference, which would overflow to the wrong sign."""
     with np.errstate(invalid="ignore", over="ignore"):
-        return at_low + fraction * (at_high - at_low)
+        gap = at_high - at_low
+        return np.where(np.isfinite(gap), at_low + fraction * gap, at_low * (1 - fraction) + at_high * fraction)
 
 
 def bin_sums(ordered: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

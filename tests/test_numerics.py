@@ -179,11 +179,14 @@ def test_bin_means_next_to_one_huge_value_are_the_means_of_their_own_values(rout
     np.testing.assert_allclose(record.binmeans[0].numpy(), np.float32(expected), rtol=1e-6)
 
 
-@pytest.mark.parametrize("width", [37, 64, 1024])
-def test_finalize_of_float64_values_near_the_largest_double_warns_nothing(width):
+@pytest.mark.parametrize("width", [2, 37, 64, 1024])
+def test_float64_values_near_the_largest_double_warn_nothing_and_keep_their_sign(width):
     x = torch.randn(width, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(22)) * 1e308
     x = x.clamp(-1.7e308, 1.7e308)  # finite, but their sums and differences overflow
+    x[: width // 2, 1], x[width // 2 :, 1] = -1.7e308, 1.7e308  # neighbouring ranks 3.4e308 apart
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a user running with -W error: a warning would stop the recording
         record = finalize([Summarizer(1024).summarize(x, 1)])
-    assert torch.isfinite(record.stats[:, STAT["min"]]).all()
+    assert record.quantiles[1, 0] == -np.inf and record.quantiles[1, -1] == np.inf  # beyond float32, as stored
+    torch_route = finalize_by("torch", [Summarizer(1024).summarize(x, 1)])
+    assert torch.equal(torch_route.quantiles[1].sign(), record.quantiles[1].sign())

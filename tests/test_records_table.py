@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES
@@ -11,15 +12,16 @@ from covshift.summary import Record
 KEYS = ["layer", "source", "step", "channel"]
 
 
-def pending_steps() -> list[PendingStep]:
-    """Steps with several sources and layers (names out of sorted order), sketched subsets, a repeated step."""
+def pending_steps(repeat: bool = True) -> list[PendingStep]:
+    """Steps with several sources and layers (names out of sorted order), sketched subsets, and with
+    ``repeat`` a repeated step (whose rows interleave with the first's: the row-by-row ordering)."""
     gen = torch.Generator().manual_seed(3)
     steps = []
     layout = [
         (0, [("train", "fc", 3, None), ("train", "conv", 5, [0, 4]), ("probe", "conv", 5, None)]),
         (7, [("train", "conv", 5, [0, 2, 4]), ("train", "fc", 3, None), ("probe_a", "fc", 3, [1])]),
         (7, [("train", "fc", 3, None)]),  # the same step again (a resumed run): kept, after the first
-    ]
+    ][: 3 if repeat else 2]
     for seq, (step, records) in enumerate(layout):
         rows = sum(channels for *_, channels, _ in records)
         masks = [torch.ones(c, dtype=torch.bool) if keep is None else torch.isin(torch.arange(c), torch.tensor(keep))
@@ -61,8 +63,9 @@ def reference(pending: list[PendingStep]) -> pd.DataFrame:
     return frame
 
 
-def test_rows_are_sorted_by_layer_source_step_and_channel_with_the_values_of_their_records():
-    pending = pending_steps()
+@pytest.mark.parametrize("repeat", [False, True])
+def test_rows_are_sorted_by_layer_source_step_and_channel_with_the_values_of_their_records(repeat):
+    pending = pending_steps(repeat)
     table = records_to_table(pending)
     assert table.schema.equals(SCHEMA)
     got = table.to_pandas()

@@ -35,10 +35,18 @@ def mixed_partials() -> tuple[list, list]:
 
 
 @pytest.mark.parametrize("with_sketch", [False, True])
-def test_numpy_finalize_equals_the_torch_finalize_it_replaces_on_the_cpu(with_sketch):
+@pytest.mark.parametrize("rows", ["mixed", "full and finite"])
+def test_numpy_finalize_equals_the_torch_finalize_it_replaces_on_the_cpu(with_sketch, rows, monkeypatch):
     partials, sketch = mixed_partials()
+    if rows == "full and finite":  # only 1,024-value rows without NaN or Inf: the rank bins' route
+        partials, sketch = [partials[0], partials[4]], [sketch[0], sketch[4]]
     sketch = sketch if with_sketch else None
+    read_from_bins = []
+    spied = row_statistics._statistics_of_bins
+    monkeypatch.setattr(row_statistics, "_statistics_of_bins", lambda bins: read_from_bins.append(1) or spied(bins))
     got = finalize(partials, sketch)
+    # A block holding any row with NaN or Inf takes the general route, rank bins included.
+    assert bool(read_from_bins) == (rows == "full and finite")
     expected = finalizing._finalize_in_torch(partials, sketch if sketch is not None else [None] * len(partials))
     torch.testing.assert_close(got.stats, expected.stats, rtol=1e-12, atol=0, equal_nan=True)
     torch.testing.assert_close(got.quantiles, expected.quantiles, rtol=1e-6, atol=0, equal_nan=True)
