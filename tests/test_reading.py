@@ -12,6 +12,7 @@ import torch
 import covshift
 from covshift import store
 from covshift.records import sketch_rows
+from covshift.schedule import Every, from_config
 from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS
 
 
@@ -123,8 +124,8 @@ def _as_format_2(directory):
 def test_a_format_2_run_loads_and_reports_drift(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    tracker = covshift.attach(model, every=1, store=tmp_path / "old", sample_size=64, sketch_channels=None)
-    for step in range(3):
+    tracker = covshift.attach(model, every=2, store=tmp_path / "old", sample_size=64, sketch_channels=None)
+    for step in range(5):
         model(torch.randn(16, 4) + step)
     original = tracker.detach().stats()
     _as_format_2(tmp_path / "old")
@@ -132,21 +133,22 @@ def test_a_format_2_run_loads_and_reports_drift(tmp_path):
 
     run = covshift.load(tmp_path / "old")
     assert run.meta["format_version"] == 2
+    assert from_config(run.meta["config"]) == Every(2)  # from the config's "every": format 2 stored no schedule
     pd.testing.assert_frame_equal(run.stats(), original)
     assert len(run.stats(layers="2", steps=[2])) == 3  # Linear(3, 2): 3 input channels
     drift = covshift.drift(run, metric="mean_shift")
-    assert set(drift.step) == {0, 1, 2} and drift.loc[drift.layer == "0", "value"].iloc[-1] > 0.5
+    assert set(drift.step) == {0, 2, 4} and drift.loc[drift.layer == "0", "value"].iloc[-1] > 0.5
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "old").iterdir()) == written  # reading wrote nothing
 
 
 @pytest.mark.parametrize("by", ["layer", "channel"])
 @pytest.mark.parametrize("reference", ["initial", "previous", "rolling:2", 2])
 def test_drift_streamed_layer_by_layer_equals_drift_of_the_whole_frame(tmp_path, monkeypatch, by, reference):
-    drift_module = importlib.import_module("covshift.summaries")
+    summaries_module = importlib.import_module("covshift.summaries")
 
     run = _wide_run(tmp_path / "r", flush_every=2)
     whole = covshift.drift(run.stats(), metric="all", reference=reference, by=by)
-    monkeypatch.setattr(drift_module, "BATCH_ROWS", 40)  # a layer or two per read
+    monkeypatch.setattr(summaries_module, "BATCH_ROWS", 40)  # a layer or two per read
     read = []
     real = run.stats
 
