@@ -50,7 +50,7 @@ def steps_filter(steps: int | Iterable[int]) -> pc.Expression:
     step = pc.field("step")
     if isinstance(steps, range) and steps.step == 1:
         return (step >= steps.start) & (step < steps.stop)
-    wanted = [steps] if isinstance(steps, (int, np.integer)) else list(steps)
+    wanted = [steps] if isinstance(steps, (int, np.integer)) or not isinstance(steps, Iterable) else list(steps)
     if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in wanted):
         raise TypeError(f"steps must be an int or an iterable of ints, got {steps!r}")
     return step.isin([int(value) for value in wanted])

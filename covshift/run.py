@@ -325,7 +325,9 @@ class Run:
 
     def _known_layers(self, layers: str | Sequence[str]) -> list[str]:
         """``layers`` as a list of recorded layer names; an unknown one raises ValueError naming the valid ones."""
-        names = [layers] if isinstance(layers, str) else list(layers)
+        names = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, Iterable) else [layers]
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError(f"layers must be a layer name or a list of them, got {layers!r}")
         known = [layer["name"] for layer in self._meta["layers"]]
         unknown = [name for name in names if name not in known]
         if unknown:

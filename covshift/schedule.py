@@ -11,6 +11,7 @@ logarithm of the run's length: with 40 per decade, 88 records in 1,000 steps,
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 #: Records per decade of steps of the default schedule.
@@ -95,8 +96,8 @@ def parse(every: int | str | Schedule) -> Schedule:
         return every
     if every == "log":
         return LogSpaced()
-    if isinstance(every, int) and not isinstance(every, bool):
-        return Every(every)
+    if isinstance(every, numbers.Integral) and not isinstance(every, bool):  # numpy's ints too
+        return Every(int(every))
     raise ValueError(f"every must be a positive int, 'log' or a covshift.schedule.Schedule, got {every!r}")
 
 

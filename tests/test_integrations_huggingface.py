@@ -127,6 +127,8 @@ def test_log_false_records_without_logging(tmp_path):
 def test_options_are_checked():
     with pytest.raises(TypeError, match="optimizer"):
         CovshiftCallback(optimizer=None)
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        CovshiftCallback(every="lg")  # refused before training starts
 
 
 # -- torchrun: two processes, one run ---------------------------------------------------

@@ -209,6 +209,9 @@ def test_options_are_checked():
         CovshiftCallback(optimizer=None)
     with pytest.raises(ValueError, match="log_every_n_steps"):
         CovshiftCallback(log_every_n_steps=-1)
+    for bad in ({"every": 0}, {"probe_every": "lg"}, {"probe_every": 2.5}):  # refused before training starts
+        with pytest.raises(ValueError, match="every must be a positive int"):
+            CovshiftCallback(**bad)
 
 
 # -- strategy="ddp": two processes, one run ---------------------------------------------

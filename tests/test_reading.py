@@ -52,8 +52,12 @@ def test_bad_filters_name_what_is_valid(tmp_path):
         run.stats(layers="fc")
     with pytest.raises(ValueError, match="no column 'median'; columns: step, source"):
         run.stats(columns=["median"])
-    with pytest.raises(TypeError, match="steps must be an int or an iterable of ints"):
-        run.stats(steps=["1"])
+    for steps in (["1"], 3.0):
+        with pytest.raises(TypeError, match="steps must be an int or an iterable of ints"):
+            run.stats(steps=steps)
+    for layers in (0, ["0", 2]):
+        with pytest.raises(TypeError, match="layers must be a layer name or a list of them"):
+            run.stats(layers=layers)
     assert run.stats(steps=99).empty and run.stats(layers=[]).empty
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import covshift
+from covshift import schedule
 from covshift.faults import CovshiftWarning
 
 PREFIX = "covshift"
@@ -27,9 +28,12 @@ def metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def check_attach_options(attach_options: dict[str, Any], trainer: str) -> None:
-    """Refuse a callback's ``attach_options`` naming ``optimizer`` or ``step``: the ``trainer``'s optimizer steps."""
+    """Refuse a callback's ``attach_options`` naming ``optimizer`` or ``step`` (the ``trainer``'s optimizer
+    steps), and a bad ``every`` when the callback is made rather than when training starts."""
     if "optimizer" in attach_options or "step" in attach_options:
         raise TypeError(f"CovshiftCallback steps on the {trainer}'s optimizer: do not pass optimizer= or step=")
+    if "every" in attach_options:
+        schedule.parse(attach_options["every"])
 
 
 class DriftScalars:

@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 import covshift
+from covshift import schedule
 from covshift.integrations._scalars import (
     DriftScalars,
     check_attach_options,
@@ -86,6 +87,8 @@ class CovshiftCallback(pl.Callback):
         **attach_options: Any,
     ) -> None:
         check_attach_options(attach_options, "trainer")
+        if probe_every is not None:
+            schedule.parse(probe_every)  # a bad value is refused here, not when training starts
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 0):
             raise ValueError(f"log_every_n_steps must be an int >= 0 or None, got {log_every_n_steps!r}")
         self.attach_options = attach_options
