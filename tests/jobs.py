@@ -56,6 +56,16 @@ def torchrun(path: str | Path, *args: str, nproc: int = 2) -> list[str]:
     return [*command, "--standalone", f"--nproc_per_node={nproc}", str(path), *args]
 
 
+def start_rank(out: Path, rank: int) -> None:
+    """In a job's process: its own temporary directory ``out/tmp-{rank}`` (so what a rank writes there shows)
+    and its own directory for torch's compile cache (made by importing DDP)."""
+    import tempfile
+
+    tempfile.tempdir = str(out / f"tmp-{rank}")
+    Path(tempfile.tempdir).mkdir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out / f"tmp-{rank}-inductor")
+
+
 def finish_rank(out: Path, rank: int, result: dict) -> None:
     """In a job's script: write ``rank{rank}.json`` for the test, then leave the process group (without
     it, gloo's threads sometimes abort the interpreter's exit)."""

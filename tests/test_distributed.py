@@ -173,9 +173,9 @@ def _dies(rank: int, out: Path) -> None:
 def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
     """One rank: run ``scenario``, write ``rank{rank}.json`` (error type and message, if any)."""
     out = Path(out)
-    tempfile.tempdir = str(out / f"tmp-{rank}")  # each rank's own temporary directory: what it writes there shows
-    Path(tempfile.tempdir).mkdir()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out / f"tmp-{rank}-inductor")  # torch's, made by importing DDP
+    from jobs import start_rank
+
+    start_rank(out, rank)
     result: dict = {"error": None}
     try:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=PG_TIMEOUT)

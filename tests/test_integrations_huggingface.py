@@ -8,7 +8,6 @@ import glob
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -139,9 +138,9 @@ def torchrun_rank(out: Path) -> None:
     """One rank of a Trainer run under torchrun (gloo on the CPU): writes ``rank{r}.json`` with the rows of
     each training forward, covshift's warnings and where its run is."""
     rank = int(os.environ["RANK"])
-    tempfile.tempdir = str(out / f"tmp-{rank}")  # what this rank writes in its temporary directory shows
-    Path(tempfile.tempdir).mkdir()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out / f"tmp-{rank}-inductor")  # torch's own, made by importing DDP
+    from jobs import start_rank
+
+    start_rank(out, rank)
     torch.manual_seed(0)
     rows = regression_rows(64)
     model, callback = TinyRegressor(), CovshiftCallback(every=1)

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -243,9 +242,9 @@ def ddp_fit(out: Path, devices: int, batch: int, order: list[int] | None = None)
 def ddp_rank_script(out: Path) -> None:
     """One rank of the ddp fit (rank 0 launches rank 1): writes ``rank{r}.json``."""
     rank = int(os.environ.get("LOCAL_RANK", "0"))
-    tempfile.tempdir = str(out / f"tmp-{rank}")  # what this rank writes in its temporary directory shows
-    Path(tempfile.tempdir).mkdir()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out / f"tmp-{rank}-inductor")  # torch's own, made by importing DDP
+    from jobs import start_rank
+
+    start_rank(out, rank)
     module, callback, caught = ddp_fit(out, devices=2, batch=BATCH)
     try:
         callback.run.stats()
