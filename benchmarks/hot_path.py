@@ -23,7 +23,7 @@ import torch
 from covshift.experiments.models import reference_pair
 from covshift.layers import select_layers
 from covshift.finalize import finalize
-from covshift.row_statistics import rank_bins
+from covshift.row_statistics import rank_bins, zero_count
 from covshift.summary import Summarizer, _reduce, _sum_of_squares
 
 
@@ -81,6 +81,10 @@ def main() -> None:
         "finalize one step (sample_size 1024)": lambda: finalize(partials),
         "  its row sort alone (185 x 1024, numpy)": lambda: np.sort(sample.numpy(), axis=1),
         "  its rank bins instead (halves sorted, 5 merge stages)": lambda: rank_bins(sample.numpy().copy()),
+        "  the same values sorted as rows of 512 (numpy)": lambda: np.sort(sample.numpy().reshape(-1, 512), axis=1),
+        "  rejected: torch.sort of the rows": lambda: torch.sort(sample, dim=1),
+        "  zero counts of the rows (uint64 words)": lambda: zero_count(sample.numpy()),
+        "  zero counts of the rows (byte sum in int64)": lambda: (sample.numpy() == 0).view(np.uint8).sum(1, dtype=np.int64),
         "finalize one step (sample_size 512)": lambda: finalize(partials_512),
     }
     print(f"reference CNN layer inputs, batch {args.batch_size}: "

@@ -19,7 +19,7 @@ and compares their layer-level drift against the null noise floor
 training batch size).
 
     .venv/bin/python benchmarks/scale.py                      # the targets
-    .venv/bin/python benchmarks/scale.py --compare-steps 2000 # compact vs full detail
+    .venv/bin/python benchmarks/scale.py --compare-steps 200  # compact vs full detail
 """
 
 from __future__ import annotations
@@ -45,11 +45,6 @@ TARGET_BYTES = 2**30
 TARGET_SECONDS = 120
 TARGET_RSS = 4 * 2**30
 TARGET_STATS_SECONDS = 2
-
-
-def rss_bytes() -> int:
-    """Peak resident memory of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss() -> int:

@@ -106,10 +106,9 @@ class Summarizer:
         non-finite, and a finite ``Σx²`` bounds ``|Σx|``, so a finite ``Σx²`` with
         little cancellation is all the one-pass moments need.
 
-        Every call here costs several microseconds inside a training step (about
-        ten times what the same call costs in a tight loop: the step's kernels
-        have evicted the interpreter and the dispatcher from the caches), so the
-        common case takes as few as it can: four passes over the activations,
+        Inside a training step these calls cost about twice what they do in a
+        tight loop, and a small call is mostly its fixed cost, so the common
+        case takes as few calls as it can: four passes over the activations,
         each reduced along one axis and then across the other, the moments in
         float64, one check (docs/performance.md, "Recording speed").
         """
