@@ -24,7 +24,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp, wasserstein_distance
 
 import covshift
-from covshift.metrics import PSI_EPSILON
+from covshift.metrics.formulas import PSI_EPSILON
 
 N = 60000
 KINDS = ("normal", "uniform", "relu", "student_t3", "bimodal")

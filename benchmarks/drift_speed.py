@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 import covshift
-from covshift import store
-from covshift.drift import METRICS
-from covshift.summary import BINMEAN_COLUMNS, N_BINS, QUANTILE_COLUMNS, QUANTILE_LEVELS, STAT_NAMES
+from covshift.store import files as store
+from covshift.metrics.engine import METRICS
+from covshift.summary.summarize import BINMEAN_COLUMNS, N_BINS, QUANTILE_COLUMNS, QUANTILE_LEVELS, STAT_NAMES
 
 
 def write_run(directory: Path, steps: int, layers: int, channels: int, steps_per_part: int = 100) -> None:

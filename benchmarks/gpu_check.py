@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import torchvision
 
 import covshift
-from covshift.finalize import finalize
-from covshift.summary import Summarizer
+from covshift.summary.finalize import finalize
+from covshift.summary.summarize import Summarizer
 
 
 def same_summaries(device: torch.device) -> float:

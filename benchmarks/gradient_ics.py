@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from covshift.experiments.models import reference_pair
-from covshift.gradients import GradientICS
+from covshift.science.gradient_ics import GradientICS
 
 
 def mlp(batchnorm: bool) -> nn.Module:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from covshift.experiments.models import reference_pair
-from covshift.layers import select_layers
-from covshift.finalize import finalize
-from covshift.row_statistics import rank_bins, zero_count
-from covshift.summary import Summarizer, _reduce, _sum_of_squares
+from covshift.record.layers import select_layers
+from covshift.summary.finalize import finalize
+from covshift.summary.row_statistics import rank_bins, zero_count
+from covshift.summary.summarize import Summarizer, _reduce, _sum_of_squares
 
 
 def layer_inputs(batch_size: int) -> list[torch.Tensor]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from covshift.finalize import finalize
-from covshift.summary import QUANTILE_LEVELS, STAT_NAMES, Summarizer
+from covshift.summary.finalize import finalize
+from covshift.summary.summarize import QUANTILE_LEVELS, STAT_NAMES, Summarizer
 
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 SHAPE = (256, 16, 8, 8)  # 16 channels of 16,384 values

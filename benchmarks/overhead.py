@@ -67,11 +67,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import covshift
-import covshift.layers
-import covshift.summary
-import covshift.tracker
+import covshift.record.layers
+import covshift.summary.summarize
+import covshift.record.tracker
 from covshift.experiments.models import reference_pair
-from covshift.summary import QUANTILE_LEVELS
+from covshift.summary.summarize import QUANTILE_LEVELS
 
 LEVELS = torch.tensor(QUANTILE_LEVELS)
 

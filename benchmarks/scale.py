@@ -39,7 +39,7 @@ import torch
 import torchvision
 
 import covshift
-from covshift import noise
+from covshift.science import null_floor as noise
 
 TARGET_BYTES = 2**30
 TARGET_SECONDS = 120
@@ -125,7 +125,7 @@ def compare(compact: Path, full: Path, model: torch.nn.Module, batch: int, image
         model(torch.randn(2 * batch, 3, image, image, generator=torch.Generator().manual_seed(2)))
     for hook in hooks:
         hook.remove()
-    null = noise.summarize_null(noise.null_distribution(inputs, dims, "all", splits=50, size=batch))
+    null = noise.null_quantiles(noise.null_distribution(inputs, dims, "all", splits=50, size=batch))
     joined = joined.merge(null, on=["layer", "metric"])
     joined["diff"] = (joined["value_compact"] - joined["value_full"]).abs()
     joined["diff_to_floor"] = joined["diff"] / joined["null_q95"]

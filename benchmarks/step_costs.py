@@ -62,7 +62,7 @@ class Timers:
         ("finalize", "finalize", None, "finalize"),
         ("sort", "row_statistics", None, "sort_rows"),
         ("sort", "row_statistics", None, "rank_bins"),
-        # Where a baseline checkout from before covshift/finalize.py keeps them:
+        # Where a baseline checkout from before covshift/summary/finalize.py keeps them:
         ("finalize", "summary", None, "finalize"),
         ("sort", "summary", None, "_sort_rows_"),
         ("flush", "run", "Run", "flush"),

@@ -15,17 +15,13 @@ from typing import TYPE_CHECKING
 
 from covshift import __version__
 from covshift.columns import SOURCES
+from covshift.defaults import DEFAULT_MAX_POINTS, DEFAULT_METRICS, DEFAULT_TOP, MAX_HEIGHT_PX, PROGRESS_LAYERS
 
 if TYPE_CHECKING:
-    from covshift.run import Run
+    from covshift.store.run import Run
 
 # The library (torch, pandas, matplotlib) is imported inside the commands, so that
-# ``covshift --help`` answers at once. Defaults shown in the help, the library's own
-# (a test checks they agree):
-DEFAULT_MAX_POINTS = 400
-DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
-DEFAULT_TOP = 8
-PROGRESS_LAYERS = 30
+# ``covshift --help`` answers at once; the defaults it shows are the library's own.
 
 _MAIN_EPILOG = """\
 examples:
@@ -35,7 +31,7 @@ examples:
   covshift report runs/plain runs/bn -o report/
 """
 
-_REPORT_EPILOG = """\
+_REPORT_EPILOG = f"""\
 examples:
   covshift report runs/plain -o report/
   covshift report runs/plain runs/bn -o report/ --metric wasserstein ks
@@ -46,9 +42,16 @@ writes report.html (self-contained: open it offline in any browser), one PNG per
 figure and summary.csv into the output directory. The page leads with the verdict,
 the --top layers that drift most and a layer × step heatmap of every layer; the
 per-layer figures (percentiles, drift, channels) are drawn for those top layers and
-the --layers asked for. No PNG is taller than 4,000 pixels: more layers go to
+the --layers asked for. No PNG is taller than {MAX_HEIGHT_PX:,} pixels: more layers go to
 further pages (heatmap-2.png, drift-2.png, ...). Gradient ICS and a null noise
 floor are drawn when the runs hold them.
+"""
+
+_METRICS_EPILOG = """\
+Each line: the name --metric takes, the label figures and tables use, and its
+glossary line. Add your own with covshift.metrics.register(...) in Python, or
+for this command through a package's "covshift.metrics" entry point
+(docs/architecture.md, "Where to add a drift metric").
 """
 
 _COMPARE_EPILOG = """\
@@ -167,6 +170,9 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
                             "only their rows are read")
     stats.add_argument("--source", choices=SOURCES, help="with --layer: the records' source (default train)")
 
+    _command(commands, "metrics", "list the drift metrics: covshift's own and those registered by packages",
+             _METRICS_EPILOG, _metrics)
+
     experiment = _command(commands, "experiment", "run a reference experiment", _EXPERIMENT_EPILOG, None)
     experiments = experiment.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     mnist = experiments.add_parser(
@@ -221,10 +227,10 @@ def _command(
 def _drift_options(parser: argparse.ArgumentParser, *, metric_nargs: str | None) -> None:
     if metric_nargs:
         parser.add_argument("--metric", nargs=metric_nargs, default=list(DEFAULT_METRICS), metavar="M",
-                            help="drift metrics to draw (default: %(default)s)")
+                            help="drift metrics to draw, names from `covshift metrics` or all (default: %(default)s)")
     else:
         parser.add_argument("--metric", default="wasserstein", metavar="M",
-                            help="drift metric (default: %(default)s)")
+                            help="drift metric, a name from `covshift metrics` (default: %(default)s)")
     parser.add_argument("--reference", default="initial", type=_reference,
                         help="drift from: initial, previous, a step number or rolling:K (default: %(default)s)")
     parser.add_argument("--source", default="train", choices=("train", "probe"),
@@ -238,7 +244,7 @@ def _reference(text: str) -> str | int:
 def _report(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise NotADirectoryError(f"-o {args.out} is a file, not a directory; choose a directory for the report")
-    from covshift.report import report
+    from covshift.reporting.build import report
 
     path = report(args.runs, args.out, metrics=args.metric, layers=args.layers, top=args.top,
                   reference=args.reference, source=args.source, channel=args.channel, max_points=args.max_points,
@@ -248,24 +254,35 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from covshift.drift import drift_table
-    from covshift.figures import reference_words
-    from covshift.panels import metric_label
-    from covshift.run import load
+    from covshift.metrics.api import drift_table
+    from covshift.metrics import get as get_metric
+    from covshift.reporting.text import reference_words
+    from covshift.store.run import load
 
     run_a, run_b = load(args.run_a), load(args.run_b)
     table = drift_table(run_a, run_b, metric=args.metric, reference=args.reference, source=args.source,
                         match=args.match)
     if (table["layer_a"] == table["layer_b"]).all():
         table = table.drop(columns="layer_b").rename(columns={"layer_a": "layer"})
-    print(f"{metric_label(args.metric)} drift from the {reference_words(args.reference)} ({args.source} records): "
+    print(f"{get_metric(args.metric).axis_label()} drift from the {reference_words(args.reference)} ({args.source} records): "
           f"A = {run_a.name} ({run_a.directory}), B = {run_b.name} ({run_b.directory})")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    from covshift.metrics import get, names
+
+    rows = [(name, get(name)) for name in names()]
+    width = max(len(name) for name, _ in rows)
+    for name, metric in rows:
+        unit = "÷ σ_ref when normalized" if metric.scaled else "scale-free"
+        print(f"{name:<{width}}  {metric.label} ({unit}): {metric.description}")
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
-    from covshift.run import load
+    from covshift.store.run import load
 
     if args.source is not None and args.layer is None:
         raise ValueError("--source selects the records of --layer: give --layer NAME too")

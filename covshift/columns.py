@@ -1,6 +1,6 @@
 """What a stored record holds per channel: statistic names, quantile levels, bin count.
 
-Kept apart from the hot path (:mod:`covshift.summary`, which needs torch) so that
+Kept apart from the hot path (:mod:`covshift.summary.summarize`, which needs torch) so that
 reading a run needs only numpy, pandas and pyarrow.
 """
 

@@ -7,11 +7,13 @@ from pathlib import Path
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 
-from covshift import plots
 from covshift.checks import check_choice
-from covshift.drift import drift, has_probe, noise_floor
-from covshift.figures import layer_percentiles, metric_label, reference_words
-from covshift.run import Run, load
+from covshift.metrics import get as get_metric
+from covshift.metrics.api import drift, has_probe, noise_floor
+from covshift.reporting import plots
+from covshift.reporting.data import layer_percentiles
+from covshift.reporting.text import reference_words
+from covshift.store.run import Run, load
 
 #: What :func:`plot` can draw.
 KINDS = ("percentiles", "drift")
@@ -57,7 +59,7 @@ def plot(
     names = run.layers["layer"].tolist()
     if layer not in names:
         raise ValueError(f"layer {layer!r} is not in run {run.name!r}; its layers are {names}")
-    ax = plots.new_axes(ax)
+    ax = plots.axes_or_new(ax)
     if kind == "percentiles":
         stats = run.stats(source=source)
         frame = layer_percentiles(stats[stats["layer"] == layer], channel)
@@ -73,7 +75,7 @@ def plot(
             floor = floor[floor["layer"] == layer]
         artists = plots.drift_line(values[values["layer"] == layer], ax=ax, color=color, label=run.name,
                                    noise=floor)
-        ax.set_title(f"{metric_label(metric)} · layer {layer}, from the {reference_words(reference)}",
+        ax.set_title(f"{get_metric(metric).axis_label()} · layer {layer}, from the {reference_words(reference)}",
                      fontsize=10)
         ax.set_ylabel("drift")
     ax.set_xlabel("training step")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 import covshift
-from covshift import store
+from covshift.store import files as store
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -140,7 +140,7 @@ def _capped_values(rank: int) -> torch.Tensor:
 
 def _capped(rank: int, out: Path) -> None:
     """One recorded forward per rank of 2048 values per channel with sample_size=1024: each rank sends 512."""
-    from covshift.distributed import Ranks
+    from covshift.record.distributed import Ranks
 
     gather, widths = Ranks.gather, []
 
@@ -386,8 +386,8 @@ def test_torchrun_ddp_job_writes_one_run_equal_to_one_process(tmp_path):
 
 # -- without processes ----------------------------------------------------------------
 def test_pack_unpack_round_trip_and_sample_cap():
-    from covshift.distributed import _capped, _pack, _unpack
-    from covshift.summary import Summarizer
+    from covshift.record.distributed import _capped, _pack, _unpack
+    from covshift.summary.summarize import Summarizer
 
     partial = Summarizer(64).summarize(torch.randn(10, 3, 4, 4), 1)
     capped = _capped(partial, 16)
@@ -404,7 +404,7 @@ def test_pack_unpack_round_trip_and_sample_cap():
 
 
 def test_single_process_and_group_false_are_not_distributed():
-    from covshift.distributed import detect
+    from covshift.record.distributed import detect
 
     assert detect() is None and detect(False) is None
     with pytest.raises(ValueError, match="init_process_group"):
@@ -412,7 +412,7 @@ def test_single_process_and_group_false_are_not_distributed():
 
 
 def test_a_non_writer_run_writes_nothing_and_says_where_the_records_are(tmp_path, monkeypatch):
-    from covshift.distributed import NonWriterRun
+    from covshift.record.distributed import NonWriterRun
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     run = NonWriterRun({"name": None, "config": {"every": 1}}, rank=1, size=2, store="runs/job")

@@ -12,7 +12,10 @@ import torch
 from scipy.stats import ks_2samp, wasserstein_distance
 
 import covshift
-from covshift.drift import METRICS, drift, drift_table, drift_to_noise, noise_floor
+from covshift.metrics import names as metric_names
+from covshift.metrics.api import drift, drift_table, drift_to_noise, noise_floor
+
+METRICS = metric_names()
 
 N_VALUES = 60000
 KINDS = ("normal", "uniform", "relu", "student_t3", "bimodal")
@@ -170,7 +173,7 @@ def test_a_stats_dataframe_works_like_the_run(drifting_run):
 @pytest.mark.parametrize("reference", ["initial", "previous", "rolling:3"])
 def test_chunks_on_worker_threads_give_the_same_values_as_one_pass(drifting_run, monkeypatch, reference):
     """Chunks of 5 records spread over threads; every value equals the single-chunk result."""
-    drift_module = importlib.import_module("covshift.drift")  # the module, not the function
+    drift_module = importlib.import_module("covshift.metrics.engine")  # the module, not the function
     whole = drift(drifting_run, "all", reference=reference, by="channel")
     calls = []
     run_chunks = drift_module._run_chunks
@@ -184,7 +187,7 @@ def test_chunks_on_worker_threads_give_the_same_values_as_one_pass(drifting_run,
 
 
 def test_an_error_in_a_worker_thread_reaches_the_caller(drifting_run, monkeypatch):
-    drift_module = importlib.import_module("covshift.drift")
+    drift_module = importlib.import_module("covshift.metrics.engine")
 
     def broken(*args, **kwargs):
         raise RuntimeError("broken metric")

@@ -15,7 +15,7 @@ import pytest
 
 import covshift
 from covshift.experiments import data, mnist_bn, results
-from covshift.verdict import compare_runs
+from covshift.metrics.verdict import compare_runs
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_bn_vs_nobn.py"
 CONVS = ["block1.conv", "block2.conv", "transition.conv", "block3.conv", "block4.conv", "block5.conv", "classifier"]

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import covshift
-from covshift.gradients import GRADIENTS_FILE, GradientICS, GradientICSWarning, load_gradient_ics, plot_gradient_ics
+from covshift.reporting.plots import plot_gradient_ics
+from covshift.science.gradient_ics import GRADIENTS_FILE, GradientICS, GradientICSWarning, load_gradient_ics
 
 
 def squared_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

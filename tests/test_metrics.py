@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
-from covshift import metrics as m
+from covshift.metrics import formulas as m
 
 LEVELS = np.linspace(0.0, 1.0, 33).astype(np.float32)
 

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import covshift
-from covshift.drift import METRICS
-from covshift.noise import NULL_FILE, NullFloor, drift_to_null, load_null_floor, null_distribution, summarize_null
+from covshift.metrics import names as metric_names
+
+METRICS = metric_names()
+from covshift.science.null_floor import NULL_FILE, NullFloor, drift_to_null, load_null_floor, null_distribution, null_quantiles
 
 BATCH = 64
 
@@ -76,7 +78,7 @@ def test_null_distribution_is_a_distribution_and_checks_its_arguments():
     # two independent samples of 50 from N(0, 1): |mean difference| / sd ≈ sqrt(2/50)·sqrt(2/π), averaged over channels
     expected = np.sqrt(2 / 50) * np.sqrt(2 / np.pi)
     assert null["value"].mean() == pytest.approx(expected, rel=0.25)
-    summary = summarize_null(null)
+    summary = null_quantiles(null)
     assert summary.loc[0, "null_q95"] > summary.loc[0, "null_q50"]
     with pytest.raises(ValueError, match="size=60 needs a batch of at least 120"):
         null_distribution({"a": x}, {"a": 1}, size=60)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from covshift.finalize import finalize
-from covshift.summary import N_BINS, STAT_NAMES, Summarizer, merge
+from covshift.summary.finalize import finalize
+from covshift.summary.summarize import N_BINS, STAT_NAMES, Summarizer, merge
 
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
@@ -122,7 +122,7 @@ def test_empty_inputs_are_no_record(shape, dim):
 @pytest.mark.parametrize("with_nan", [False, True])
 def test_the_two_pass_path_off_the_cpu_matches_the_one_pass_path(with_nan):
     """Devices other than the CPU always take the two-pass path: it agrees on ordinary inputs."""
-    from covshift.summary import _channel_view
+    from covshift.summary.summarize import _channel_view
 
     x = torch.relu(torch.randn(16, 5, 6, 6, generator=torch.Generator().manual_seed(10)) + 0.2)
     if with_nan:
@@ -158,7 +158,7 @@ def test_a_channel_with_no_finite_value_merges_without_poisoning_the_others():
 
 def finalize_by(route: str, partials: list):
     """``finalize`` on the CPU (numpy), or the torch route other devices take, run here on the CPU."""
-    from covshift import finalize as finalizing
+    from covshift.summary import finalize as finalizing
 
     return finalize(partials) if route == "numpy" else finalizing._finalize_in_torch(partials, [None] * len(partials))
 

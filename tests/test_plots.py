@@ -11,7 +11,9 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from covshift import figures, overview, plots
+from covshift.reporting import figures
+from covshift.reporting import heatmap as overview
+from covshift.reporting import plots
 
 
 def _axes():
@@ -28,16 +30,16 @@ def _drift_frame(layers: dict[str, np.ndarray], metric: str = "wasserstein") -> 
 
 def test_thin_steps_keeps_ends_and_bounds_the_count():
     steps = np.repeat(np.arange(0, 1000, 3), 2)  # repeated, as in per-layer rows
-    thinned = plots.thin_steps(steps, 50)
-    assert len(thinned) <= 50
-    assert thinned[0] == 0 and thinned[-1] == 999
-    assert np.all(np.diff(thinned) > 0)
-    assert plots.thin_steps([5, 1, 3], 10).tolist() == [1, 3, 5]
+    rows_at_thinned_steps = plots.thinned_steps(steps, 50)
+    assert len(rows_at_thinned_steps) <= 50
+    assert rows_at_thinned_steps[0] == 0 and rows_at_thinned_steps[-1] == 999
+    assert np.all(np.diff(rows_at_thinned_steps) > 0)
+    assert plots.thinned_steps([5, 1, 3], 10).tolist() == [1, 3, 5]
 
 
 def test_thin_steps_rejects_fewer_than_two_points():
     with pytest.raises(ValueError, match="max_points must be at least 2, got 1"):
-        plots.thin_steps(np.arange(5), 1)
+        plots.thinned_steps(np.arange(5), 1)
 
 
 def test_percentile_trajectory_draws_band_and_three_percentiles_on_the_given_axes():
@@ -111,7 +113,7 @@ def test_drift_figure_scales_each_panel_on_its_own_with_one_label_per_row_and_th
     assert not axes[0, 1].get_shared_y_axes().joined(axes[0, 1], axes[1, 1])
     assert axes[0, 1].get_ylim()[1] < 3  # layer a's ks (up to 2) fills its panel
     assert [ax.get_ylabel() for ax in axes.ravel()] == ["layer a", "", "layer b", ""]
-    assert [ax.get_title() for ax in axes.ravel()] == [figures.metric_label("wasserstein"), "KS statistic", "", ""]
+    assert [ax.get_title() for ax in axes.ravel()] == [covshift.metrics.get("wasserstein").axis_label(), "KS statistic", "", ""]
     lines = axes[0, 0].get_lines()
     assert len(lines) == 2 and all(len(line.get_xdata()) <= 10 for line in lines)
     assert [line.get_color() for line in lines] == ["C0", "C1"]
@@ -180,8 +182,8 @@ def test_heatmap_figure_shares_one_colour_scale_between_runs():
 def test_layer_percentiles_average_channels_or_select_one():
     stats = pd.DataFrame({"step": [0, 0], "layer": ["a", "a"], "channel": [0, 1],
                           **{q: [1.0, 3.0] for q in ("q0.01", "q0.15", "q0.5", "q0.85", "q0.99")}})
-    assert figures.layer_percentiles(stats)["q0.5"].tolist() == [2.0]
-    assert figures.layer_percentiles(stats, channel=1)["q0.5"].tolist() == [3.0]
+    assert layer_percentiles(stats)["q0.5"].tolist() == [2.0]
+    assert layer_percentiles(stats, channel=1)["q0.5"].tolist() == [3.0]
 
 
 def test_report_and_cli_never_import_pyplot():

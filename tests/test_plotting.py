@@ -10,7 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import covshift
-from covshift.figures import layer_percentiles
+from covshift.reporting.data import layer_percentiles
 
 matplotlib.use("Agg")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import covshift
-from covshift import store
-from covshift.records import sketch_rows
+from covshift.store import files as store
+from covshift.store.records import sketch_rows
 from covshift.schedule import Every, from_config
-from covshift.summary import BINMEAN_COLUMNS, QUANTILE_COLUMNS
+from covshift.summary.summarize import BINMEAN_COLUMNS, QUANTILE_COLUMNS
 
 
 
@@ -148,7 +148,7 @@ def test_a_format_2_run_loads_and_reports_drift(tmp_path):
 @pytest.mark.parametrize("by", ["layer", "channel"])
 @pytest.mark.parametrize("reference", ["initial", "previous", "rolling:2", 2])
 def test_drift_streamed_layer_by_layer_equals_drift_of_the_whole_frame(tmp_path, monkeypatch, by, reference):
-    summaries_module = importlib.import_module("covshift.summaries")
+    summaries_module = importlib.import_module("covshift.metrics.arrays")
 
     run = _wide_run(tmp_path / "r", flush_every=2)
     whole = covshift.drift(run.stats(), metric="all", reference=reference, by=by)

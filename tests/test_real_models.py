@@ -13,7 +13,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
 import covshift
 from covshift.faults import CovshiftWarning
-from covshift.layers import declared_channels
+from covshift.record.layers import declared_channels
 
 
 def train_steps(model, make_batch, loss_of, updates=3, accumulate=2):

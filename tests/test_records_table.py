@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES
-from covshift.records import SCHEMA, PendingStep, records_to_table
-from covshift.summary import Record
+from covshift.store.records import SCHEMA, PendingStep, records_to_table
+from covshift.summary.summarize import Record
 
 KEYS = ["layer", "source", "step", "channel"]
 

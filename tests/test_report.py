@@ -14,9 +14,13 @@ import pandas as pd
 import pytest
 
 import covshift
-from covshift.drift import METRICS as ALL_METRICS
-from covshift.figures import DPI, PANEL_SIZE
-from covshift.report import ReportData, build_sections, report, select_layers
+from covshift.metrics import names as metric_names
+
+ALL_METRICS = metric_names()
+from covshift.reporting.figures import DPI, PANEL_SIZE
+from covshift.reporting.build import report
+from covshift.reporting.data import ReportData, layers_in_order as select_layers
+from covshift.reporting.sections import build_sections
 
 METRICS = ("wasserstein", "mean_shift", "std_ratio")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -213,7 +217,7 @@ def test_names_with_dollar_signs_are_drawn_as_written(tmp_path):
     assert r"price $\foo$" in page.read_text() and "budget $5 to $10" in page.read_text()
     data = ReportData.compute([run], ["wasserstein"], reference="initial", source="train",
                                   channel=None)
-    sections = build_sections(data, ["budget $5 to $10"], [r"price $\foo$"], ["wasserstein"],
+    sections = build_sections(data, ["wasserstein"],
                                 reference="initial", max_points=50, channel=None, source="train")
     for section in sections:
         fig = section.figure
@@ -254,7 +258,7 @@ def _text(page: str) -> str:
 
 
 def test_page_leads_with_the_verdict_the_experiments_compute(two_run_report, runs):
-    from covshift.verdict import compare_runs
+    from covshift.metrics.verdict import compare_runs
 
     page = two_run_report.read_text()
     expected = compare_runs(runs[0], runs[1], "plain", "bn")  # what bn-paper's results.md states
@@ -295,7 +299,7 @@ def test_every_number_on_the_page_has_three_significant_figures(two_run_report):
 
 
 def test_a_glossary_defines_each_word_and_unit_with_one_name_per_metric(two_run_report):
-    from covshift.figures import metric_label
+    from covshift.metrics import get as get_metric
 
     text = _text(two_run_report.read_text())
     for term in ("W1", "× σ_ref", "mean shift", "std ratio", "probe batch", "noise floor"):
@@ -303,7 +307,7 @@ def test_a_glossary_defines_each_word_and_unit_with_one_name_per_metric(two_run_
     assert "standard deviation at the reference step" in text
     assert "Here: plain, bn: 6 probe steps, one every 4 steps; each half: 16 examples." in text  # 32 held out
     for metric in METRICS:  # the table names each metric as the figures do
-        assert f" {metric_label(metric)} conv " in text, metric
+        assert f" {get_metric(metric).axis_label()} conv " in text, metric
     for old in ("W1 distance", "σ₀", "mean_shift", "std_ratio", "wasserstein"):
         assert old not in text, old
 
@@ -342,7 +346,7 @@ def test_one_run_gets_a_one_line_summary_for_a_verdict(one_run_report):
 
 def test_every_figure_shares_one_step_range(runs):
     data = ReportData.compute(runs, list(METRICS), reference="initial", source="train", channel=None)
-    sections = build_sections(data, ["plain", "bn"], select_layers(runs), list(METRICS), reference="initial",
+    sections = build_sections(data, list(METRICS), reference="initial",
                               max_points=400, channel=None, source="train")
     assert [s.name for s in sections] == ["heatmap", "percentiles", "drift", "channels", "curves"]
     ranges = {s.name: {ax.get_xlim() for ax in s.figure.axes if ax.get_xlabel() == "training step"}

@@ -14,9 +14,12 @@ from test_report import grid_pixels, png_size
 from torch import nn
 
 import covshift
-from covshift import overview, sections
-from covshift.page import fmt
-from covshift.panels import (
+from covshift.reporting import heatmap as overview
+from covshift.reporting import sections
+from covshift.defaults import DEFAULT_TOP
+from covshift.reporting import data as report_data
+from covshift.reporting.text import fmt
+from covshift.reporting.panels import (
     DPI,
     HEATMAP_ROWS_PER_PAGE,
     INCH_PER_ROW,
@@ -24,7 +27,9 @@ from covshift.panels import (
     PANEL_SIZE,
     ROWS_PER_PAGE,
 )
-from covshift.report import ReportData, build_sections, report, select_layers
+from covshift.reporting.build import report
+from covshift.reporting.data import ReportData, layers_in_order as select_layers
+from covshift.reporting.sections import build_sections
 
 METRICS = ("wasserstein", "mean_shift", "std_ratio")
 DEPTH = 120
@@ -54,8 +59,8 @@ def deep_report(deep_run: covshift.Run, tmp_path_factory: pytest.TempPathFactory
     return report(deep_run, tmp_path_factory.mktemp("deep-report"), layers=ASKED, progress=False)
 
 
-def expected_top(run: covshift.Run, k: int = overview.DEFAULT_TOP) -> pd.Series:
-    """The k layers of the largest mean W1 drift over the recorded steps, from covshift.drift itself."""
+def expected_top(run: covshift.Run, k: int = DEFAULT_TOP) -> pd.Series:
+    """The k layers of the largest mean W1 drift over the recorded steps, from covshift.metrics.engine itself."""
     w1 = covshift.drift(run, "wasserstein")
     return w1.groupby(w1["layer"].astype(str))["value"].mean().sort_values(ascending=False).iloc[:k]
 
@@ -92,7 +97,7 @@ def test_detail_figures_are_drawn_for_the_top_layers_and_the_layers_asked_for_on
     assert set(data.percentiles[0]["layer"].astype(str)) == set(expected)  # no other layer's records were read
     assert set(data.last_drifts[0]["layer"].astype(str)) == set(expected)
     assert data.drifts[0]["layer"].nunique() == DEPTH  # the overview has every layer
-    shown = build_sections(data, ["deep"], select_layers([deep_run]), list(METRICS), reference="initial",
+    shown = build_sections(data, list(METRICS), reference="initial",
                            max_points=400, channel=None, source="train")
     drift = next(s for s in shown if s.name == "drift").figure
     labels = [ax.get_ylabel() for ax in drift.axes if ax.get_ylabel()]
@@ -101,13 +106,13 @@ def test_detail_figures_are_drawn_for_the_top_layers_and_the_layers_asked_for_on
 
 def test_only_the_detail_layers_are_read_record_by_record(deep_run, monkeypatch):
     asked: list[list[str]] = []
-    read = sections._layer_stats
+    read = report_data._layer_stats
 
     def spy(run, layers, source):
         asked.append(list(layers))
         return read(run, layers, source)
 
-    monkeypatch.setattr(sections, "_layer_stats", spy)
+    monkeypatch.setattr(report_data, "_layer_stats", spy)
     data = ReportData.compute([deep_run], ["wasserstein"], reference="initial", source="train", channel=None, top=3)
     assert asked == [[layer] for layer in data.detail] and len(asked) == 3
 
@@ -138,8 +143,8 @@ def test_a_log_schedule_puts_steps_on_a_symlog_axis(run_dirs):
     run = covshift.load(run_dirs[0])
     run.meta["config"]["schedule"] = {"kind": "log", "per_decade": 10}  # as runs on a log schedule will say
     data = ReportData.compute([run], ["wasserstein"], reference="initial", source="train", channel=None)
-    assert data.xlim.linthresh == 1.0  # linear from 0 to the first recorded step after it
-    shown = build_sections(data, ["plain"], select_layers([run]), ["wasserstein"], reference="initial",
+    assert sections.shared_step_axis(data).linthresh == 1.0  # linear from 0 to the first recorded step after it
+    shown = build_sections(data, ["wasserstein"], reference="initial",
                            max_points=400, channel=None, source="train")
     scales = {s.name: {ax.get_xscale() for ax in s.figure.axes if ax.get_xlabel() == "training step"}
               for s in shown if s.name != "channels"}
@@ -150,7 +155,7 @@ def test_a_log_schedule_puts_steps_on_a_symlog_axis(run_dirs):
     assert between == pytest.approx([np.sqrt(10 * 11)])  # columns meet half-way on the log axis, not at 10.5
     plain = ReportData.compute([covshift.load(run_dirs[0])], ["wasserstein"], reference="initial", source="train",
                                channel=None)
-    assert plain.xlim.linthresh is None  # 24 steps every 1: a linear axis
+    assert sections.shared_step_axis(plain).linthresh is None  # 24 steps every 1: a linear axis
 
 
 def test_a_big_report_shows_progress_on_stderr(runs, tmp_path, capsys, monkeypatch):

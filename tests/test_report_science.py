@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import covshift
-from covshift.gradients import GradientICS, load_gradient_ics
-from covshift.noise import NullFloor, load_null_floor
-from covshift.report import ReportData, build_sections, report, select_layers
+from covshift.science.gradient_ics import GradientICS, load_gradient_ics
+from covshift.science.null_floor import NullFloor, load_null_floor
+from covshift.reporting.build import report
+from covshift.reporting.data import ReportData, layers_in_order as select_layers
+from covshift.reporting.sections import build_sections
 
 STEPS = 12
 
@@ -47,7 +49,7 @@ def science(tmp_path_factory: pytest.TempPathFactory) -> tuple[covshift.Run, cov
 
 def _sections(runs, labels, metrics=("wasserstein",)):
     data = ReportData.compute(list(runs), list(metrics), reference="initial", source="train", channel=None)
-    shown = build_sections(data, labels, select_layers(runs), list(metrics), reference="initial", max_points=400,
+    shown = build_sections(data, list(metrics), reference="initial", max_points=400,
                            channel=None, source="train")
     return {section.name: section for section in shown}
 

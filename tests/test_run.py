@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import covshift
-from covshift.store import RunFileError
+from covshift.store.files import RunFileError
 
 
 def record_steps(model, steps, **kwargs):

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 import covshift
-from covshift import store
+from covshift.store import files as store
 from covshift.cli import main
-from covshift.run import Run
-from covshift.store import RunFileError, StoreWarning
+from covshift.store.run import Run
+from covshift.store.files import RunFileError, StoreWarning
 
 
 def mlp():
@@ -73,7 +73,7 @@ def test_ctrl_c_after_the_part_is_in_place_does_not_write_the_steps_twice(tmp_pa
     assert_clean(tmp_path / "r", must_hold=[0, 1], may_hold=[0, 1])
 
 
-_TRACED = (store.__file__, sys.modules["covshift.run"].__file__)
+_TRACED = (store.__file__, sys.modules["covshift.store.run"].__file__)
 
 
 class _InterruptAt:

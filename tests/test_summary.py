@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from covshift.finalize import finalize
-from covshift.summary import (
+from covshift.summary.finalize import finalize
+from covshift.summary.summarize import (
     N_BINS,
     QUANTILE_LEVELS,
     STAT_NAMES,
@@ -174,7 +174,7 @@ def test_full_rows_and_padded_rows_give_the_same_statistics():
 
 
 def test_blocks_of_rows_give_the_same_statistics_as_one(monkeypatch):
-    from covshift import row_statistics
+    from covshift.summary import row_statistics
 
     summarizer = Summarizer(32)
     partials = [summarizer.summarize(torch.randn(10, c, 7), 1) for c in (3, 5, 2, 4)]

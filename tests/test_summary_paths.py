@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from covshift import finalize as finalizing, row_statistics
-from covshift.finalize import finalize
-from covshift.summary import N_BINS, QUANTILE_LEVELS, STAT_NAMES, Summarizer, merge
+from covshift.summary import finalize as finalizing
+from covshift.summary import row_statistics
+from covshift.summary.finalize import finalize
+from covshift.summary.summarize import N_BINS, QUANTILE_LEVELS, STAT_NAMES, Summarizer, merge
 
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 

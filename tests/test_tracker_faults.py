@@ -243,7 +243,7 @@ def test_detach_warns_when_fewer_than_two_steps_were_recorded():
 
 @pytest.mark.parametrize("optimizer", [False, True])
 def test_a_failing_merge_warns_and_neither_forward_nor_update_raises(monkeypatch, optimizer):
-    import covshift.tracker
+    import covshift.record.tracker
 
     def broken(parts):
         raise RuntimeError("merge broke")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from covshift.verdict import compare
+from covshift.metrics.verdict import compare
 
 
 def test_factor_count_and_spread_come_from_the_hidden_layers_only():
@@ -58,7 +58,7 @@ def test_compare_runs_computes_both_aggregates_from_runs():
     import torch
 
     import covshift
-    from covshift.verdict import compare_runs
+    from covshift.metrics.verdict import compare_runs
 
     runs = []
     for scale in (1.0, 0.2):

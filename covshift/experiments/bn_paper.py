@@ -9,8 +9,8 @@ training. Here covshift records, for each network:
 - the inputs of every linear layer and every sigmoid (per-layer drift; the
   single units of the paper's view come from the last sigmoid's per-unit
   quantiles on a fixed probe batch);
-- the null noise floor (:mod:`covshift.noise`) on the probe at the training batch size;
-- gradient ICS (:mod:`covshift.gradients`, Santurkar et al. 2018) of the linear layers.
+- the null noise floor (:mod:`covshift.science.null_floor`) on the probe at the training batch size;
+- gradient ICS (:mod:`covshift.science.gradient_ics`, Santurkar et al. 2018) of the linear layers.
 
 The learning rate, momentum and initialization are not given in the paper's text
 for Figure 1; the defaults here (SGD, lr 0.1, no momentum, PyTorch's default
@@ -233,8 +233,8 @@ def train_model(
     store: Path,
 ) -> covshift.Run:
     """SGD for ``config.steps`` steps under covshift, null floor and gradient ICS; the batch order is the seed's."""
-    from covshift.gradients import GradientICS
-    from covshift.noise import NullFloor
+    from covshift.science.gradient_ics import GradientICS
+    from covshift.science.null_floor import NullFloor
 
     images, labels = train
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
@@ -289,10 +289,10 @@ def unit_percentiles(run: covshift.Run, layer: str, units: int = 3, source: str 
 
 def summarize(out: Path) -> dict:
     """Everything results.md states, computed from the stored runs."""
-    from covshift.drift import METRICS
-    from covshift.gradients import load_gradient_ics
-    from covshift.noise import drift_to_null, load_null_floor
-    from covshift.verdict import compare_runs
+    from covshift.metrics import names as metric_names
+    from covshift.science.gradient_ics import load_gradient_ics
+    from covshift.science.null_floor import drift_to_null, load_null_floor
+    from covshift.metrics.verdict import compare_runs
 
     experiment = json.loads((out / EXPERIMENT_FILE).read_text())
     variants = experiment["config"]["variants"]
@@ -303,7 +303,7 @@ def summarize(out: Path) -> dict:
         last = curves.iloc[-1]
         summary["accuracy"][name] = {"step": int(last["step"]), "test_acc": float(last["test_acc"]),
                                      "best_test_acc": float(curves["test_acc"].max())}
-        table = drift_to_null(run, load_null_floor(out / name), metric=list(METRICS))
+        table = drift_to_null(run, load_null_floor(out / name), metric=list(metric_names()))
         table = table[table["step"] > 0]
         first = str(run.layers["layer"].iloc[0])
         data_layer = table[table["layer"].astype(str) == first]
@@ -387,7 +387,8 @@ def gradient_figure(out: Path, variants: list[str]) -> object:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from covshift.gradients import load_gradient_ics, plot_gradient_ics
+    from covshift.reporting.plots import plot_gradient_ics
+    from covshift.science.gradient_ics import load_gradient_ics
 
     fig = Figure(figsize=(4 * len(variants), 3.4), layout="constrained")
     axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]

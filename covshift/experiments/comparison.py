@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 import covshift
-from covshift.drift import drift_table
-from covshift.verdict import compare as compare_layers
+from covshift.metrics.api import drift_table
+from covshift.metrics.verdict import compare as compare_layers
 
 #: The measures of the table: (metric, reference, label).
 MEASURES: tuple[tuple[str, str, str], ...] = (

@@ -9,6 +9,8 @@ from typing import Any
 import covshift
 from covshift import schedule
 from covshift.faults import CovshiftWarning
+from covshift.metrics.engine import parse_reference
+from covshift.metrics.registry import resolve
 
 PREFIX = "covshift"
 #: Name of the scalar averaging a metric over every recorded layer.
@@ -21,10 +23,10 @@ def scalar_name(metric: str, layer: str) -> str:
 
 
 def metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:
-    names = (metric,) if isinstance(metric, str) else tuple(metric)
-    if not names:
+    """The registered metrics ``metric`` names (one, a list, or ``"all"``); ValueError for an unknown one."""
+    if not isinstance(metric, str) and not len(metric):
         raise ValueError("metric must name at least one drift metric")
-    return names
+    return tuple(chosen.name for chosen in resolve(metric))
 
 
 def check_attach_options(attach_options: dict[str, Any], trainer: str) -> None:
@@ -98,17 +100,16 @@ class DriftScalars:
     def _needed_steps(self, stats: Any, step: int) -> set[int]:
         """The steps whose records the drift of ``step`` reads, for each layer."""
         steps = {step}
-        reference = self.reference
-        if isinstance(reference, int) and not isinstance(reference, bool):
-            return steps | {reference}
-        if reference == "initial":
+        try:
+            label, number = parse_reference(self.reference)
+        except ValueError:  # an unknown reference: let drift() explain it
+            return steps
+        if label.startswith("step:"):
+            return steps | {number}
+        if label == "initial":
             return steps | {int(s) for s in stats.groupby("layer", observed=True)["step"].min()}
         per_layer = stats[["layer", "step"]].drop_duplicates().groupby("layer", observed=True)["step"]
-        keep = 1 if reference == "previous" else None
-        if isinstance(reference, str) and reference.startswith("rolling:") and reference[8:].isdigit():
-            keep = int(reference[8:])
-        if keep is None:  # an unknown reference: let drift() explain it
-            return steps
+        keep = 1 if label == "previous" else number
         for _, layer_steps in per_layer:
             earlier = sorted(s for s in layer_steps if s < step)
             steps.update(int(s) for s in earlier[-keep:])

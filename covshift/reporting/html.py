@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,100 +14,11 @@ from typing import Any
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from covshift import figures
-from covshift.gradients import GRADIENTS_FILE
-from covshift.noise import NULL_FILE
-from covshift.run import Run
-from covshift.verdict import compare
-
-#: Runs with fewer recorded steps than this have no drift.
-MIN_STEPS = 2
-
-
-def fmt(value: object) -> str:
-    """A number at 3 significant figures (thousands whole, with separators); – for a missing one.
-
-    >>> [fmt(v) for v in (0.5, 0.0421234, 23.71, 12345.6, float("nan"), None)]
-    ['0.500', '0.0421', '23.7', '12,346', '–', '–']
-    """
-    if value is None:
-        return "–"
-    number = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(number):
-        return "–" if math.isnan(number) else "∞" if number > 0 else "−∞"
-    return f"{number:,.0f}" if abs(number) >= 1000 else f"{number:#.3g}"
-
-
-def short_run_note(labels: Sequence[str], steps: Sequence[int], source: str) -> str | None:
-    """What to change when a run recorded fewer than :data:`MIN_STEPS` steps (None when none did).
-
-    >>> short_run_note(["a", "b"], [1, 30], "train")
-    "Run 'a' recorded 1 train step; drift needs at least 2. Record more often (a smaller every= in covshift.attach(model, every=N)) or train longer."
-    """
-    short = [f"'{label}' recorded {n} {source} step{'' if n == 1 else 's'}"
-             for label, n in zip(labels, steps) if n < MIN_STEPS]
-    if not short:
-        return None
-    return (f"Run {', run '.join(short)}; drift needs at least {MIN_STEPS}. Record more often (a smaller every= "
-            "in covshift.attach(model, every=N)) or train longer.")
-
-
-def verdict_metric(metrics: Sequence[str]) -> str:
-    """The metric the verdict is stated in: W1 when drawn, else the first metric."""
-    return "wasserstein" if "wasserstein" in metrics else metrics[0]
-
-
-def verdict_lines(
-    table: pd.DataFrame,
-    labels: Sequence[str],
-    steps: Sequence[int],
-    metric: str,
-    medians: Sequence[pd.Series] | None = None,
-) -> list[tuple[str, str]]:
-    """The verdict as (headline, details): each later run against the first, or a summary of one run.
-
-    From ``metric``'s rows of the summary table (mean drift over the recorded
-    steps, channels aggregated by their mean) and, when given, each run's
-    ``medians`` (per layer, the same with channels aggregated by their median):
-    the verdict then states both (:func:`covshift.verdict.compare`). Runs with
-    fewer than :data:`MIN_STEPS` steps get none.
-    """
-    rows = table[table["metric"] == metric]
-    name = figures.metric_label(metric)
-    if len(labels) == 1:
-        median = medians[0] if medians is not None else None
-        return [_one_run_line(rows, labels[0], name, median)] if steps[0] >= MIN_STEPS else []
-    lines = []
-    base = labels[0]
-    for k, (label, n) in enumerate(zip(labels[1:], steps[1:]), start=1):
-        if n < MIN_STEPS or steps[0] < MIN_STEPS:
-            continue
-        both = rows.dropna(subset=[f"{base} mean", f"{label} mean"])
-        if both.empty:
-            lines.append((f"{label} and {base} share no layer: no verdict", ""))
-            continue
-        layers = list(both["layer"])
-        by_median = {}
-        if medians is not None:
-            by_median = {"baseline_median": medians[0].reindex(layers).tolist(),
-                         "other_median": medians[k].reindex(layers).tolist()}
-        v = compare(layers, both[f"{base} mean"].tolist(), both[f"{label} mean"].tolist(), base, label, **by_median)
-        lines.append((v.headline, v.details))
-    return lines
-
-
-def _one_run_line(rows: pd.DataFrame, label: str, name: str, median: pd.Series | None) -> tuple[str, str]:
-    drift = rows.set_index("layer")[f"{label} mean"].dropna()
-    if drift.empty:
-        return f"{label}: no drift measured", ""
-    line = f"{label}: mean {name} drift {fmt(drift.mean())} over {len(drift)} layers"
-    if median is not None:
-        line += f" by the channel mean, {fmt(median.reindex(drift.index).mean())} by the channel median"
-    line += f"; most in layer {drift.idxmax()} ({fmt(drift.max())})"
-    ratio = (rows.set_index("layer")[f"{label} mean"] / rows.set_index("layer")[f"{label} noise"]).dropna()
-    if len(ratio):
-        line += f"; {int((ratio > 1).sum())} of {len(ratio)} layers above their noise floor"
-    return line, ""
+from covshift.metrics import get as get_metric
+from covshift.reporting.data import ReportData, verdict_metric
+from covshift.reporting.panels import run_colors
+from covshift.reporting.text import fmt, reference_words
+from covshift.store.run import Run
 
 
 def layer_table(table: pd.DataFrame, labels: Sequence[str], metric: str, layers: Sequence[str]) -> str:
@@ -144,69 +54,40 @@ def layer_table(table: pd.DataFrame, labels: Sequence[str], metric: str, layers:
     return f"<table class=layers><tr>{header}</tr>{''.join(body)}</table>"
 
 
-def glossary(runs: Sequence[Run], labels: Sequence[str], metrics: Sequence[str], reference: str | int) -> str:
-    """Short definitions of the words and units on the page, with each run's probe batch."""
+def glossary(data: ReportData, metrics: Sequence[str], reference: str | int) -> str:
+    """Short definitions of the words and units on the page, each drawn metric's from the registry."""
     terms = [
-        ("drift", f"how far a layer's input distribution has moved from the {figures.reference_words(reference)}"
+        ("drift", f"how far a layer's input distribution has moved from the {reference_words(reference)}"
                   ", per channel, then the mean over the layer's channels; the tables average it over the "
                   "recorded steps."),
-        ("W1", "the Wasserstein-1 distance: the mean absolute difference between the two distributions' "
-               "quantile functions."),
         ("× σ_ref", "divided by σ_ref, the channel's standard deviation at the reference step: 0.1 means "
-                    "moved by a tenth of the reference spread, comparable across layers and networks "
-                    "(W1, mean shift and Gaussian W2)."),
-        ("mean shift", "|μ − μ_ref| / σ_ref: how far the channel's mean moved."),
-        ("std ratio", "|log(σ / σ_ref)|: how much the channel's spread changed (0.1 ≈ 10%)."),
+                    "moved by a tenth of the reference spread, comparable across layers and networks ("
+                    + ", ".join(get_metric(m).label for m in metrics if get_metric(m).scaled) + ")."),
+    ]
+    for name in metrics:
+        metric = get_metric(name)
+        line = metric.description or f"the drift metric {name!r}."
+        if metric.threshold is not None:
+            line += f" Conventionally drifted at {fmt(metric.threshold)} or more (docs/metrics.md, \"Thresholds\")."
+        terms.append((metric.label, line))
+    terms += [
         ("probe batch", "a fixed batch set aside with tracker.probe(batch), run every few steps under no_grad "
-                        "without training on it, in two halves. " + _probe_sizes(runs, labels)),
+                        "without training on it, in two halves. " + data.probes),
         ("noise floor", "the same metric between the two halves of the probe batch: the drift that sampling "
                         "alone produces. Drift ÷ floor above 1 (▲) is more change than sampling noise."),
         ("channel median", "the layer's drift with its channels aggregated by their median instead of their "
                            "mean: one channel that moves far cannot dominate it. The verdict states both."),
     ]
-    if any((Path(run.directory) / NULL_FILE).is_file() for run in runs):
+    if any(null is not None for null in data.nulls):
         terms.append(("null 95th percentile", "the null noise floor (covshift.noise.NullFloor): the metric between "
                       "two random disjoint subsets of the probe batch, each of the training batch size, over many "
                       "random splits; 95% of the drift that sampling alone produces lies below this line. Drawn "
                       "dotted on the drift figures, as measured at each null step."))
-    if any((Path(run.directory) / GRADIENTS_FILE).is_file() for run in runs):
+    if any(gradients is not None for gradients in data.gradients):
         terms.append(("gradient ICS", "‖G − G'‖, how much a layer's gradient G changes when only the layers before "
                       "it take their optimizer step (G'), and cos∠(G, G') (Santurkar et al. 2018)."))
-    extra = {"gaussian_w2": "the W2 distance of Gaussians with the two means and SDs.",
-             "ks": "the largest gap between the two cumulative distribution functions (0–1).",
-             "psi": "population stability index over bins cut at the reference's quantiles.",
-             "js": "Jensen–Shannon divergence over bins cut at the reference's quantiles."}
-    terms += [(figures.METRIC_LABELS[m], extra[m]) for m in metrics if m in extra]
     items = "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(d)}</dd>" for t, d in terms)
     return f"<dl class=glossary>{items}</dl>"
-
-
-def _probe_sizes(runs: Sequence[Run], labels: Sequence[str]) -> str:
-    """Each run's probe: how many probe steps, how often, how many values per channel; runs alike named together."""
-    said: dict[str, list[str]] = {}
-    for run, label in zip(runs, labels):
-        if "probe_a" not in run.sources().index:
-            text = "no probe (no noise floor)"
-        else:  # the probe steps, and the half's size from the first probe step's records
-            probed = run.stats("probe_a", columns=["count"])
-            steps = sorted(probed["step"].unique())
-            every = f", one every {int(pd.Series(steps).diff().median())} steps" if len(steps) > 1 else ""
-            half = probed[probed["step"] == steps[0]]
-            text = f"{len(steps)} probe steps{every}; each half: {_half_size(run, half)}"
-        said.setdefault(text, []).append(label)
-    return "Here: " + "; ".join(f"{', '.join(names)}: {text}" for text, names in said.items()) + "."
-
-
-def _half_size(run: Run, records: pd.DataFrame) -> str:
-    """How big one probe half is: its examples where a Linear layer on flat input counts them, else its values."""
-    counts = records.groupby(records["layer"].astype(str), observed=True)["count"].min()
-    flat = run.layers[(run.layers["type"] == "Linear") & (run.layers["channel_dim"] == 1)]["layer"].astype(str)
-    examples = counts.reindex(flat).dropna()
-    if len(examples):
-        return f"{int(examples.iloc[0]):,} examples"
-    low, high = int(counts.min()), int(counts.max())
-    span = f"{low:,}" if low == high else f"{low:,}–{high:,}"
-    return f"{span} values per channel, depending on the layer (examples × positions)"
 
 
 def notice_box(notice: str) -> str:
@@ -221,33 +102,27 @@ def notice_box(notice: str) -> str:
 
 
 def render_html(
+    data: ReportData,
     runs: Sequence[Run],
-    labels: Sequence[str],
     sections: Sequence[Any],
-    table: pd.DataFrame,
     out_dir: Path,
     *,
     metrics: Sequence[str],
-    steps: Sequence[int],
     reference: str | int,
     source: str,
-    ranked: Sequence[str],
-    detail: Sequence[str],
-    medians: Sequence[pd.Series] | None = None,
     notice: str | None = None,
 ) -> str:
     """The page: notice, verdict, the most drifting layers, glossary, runs, figures, and all numbers last.
 
-    ``ranked`` are the layers the table lists (most drifting first), ``detail`` those with detail figures.
+    Text only: every number comes from ``data``; ``runs`` give their names and directories; the
+    ``sections``' PNGs in ``out_dir`` are embedded.
     """
-    table = without_short_runs(table, labels, steps)
+    table, labels, short = data.table, data.labels, data.short_note
     metric = verdict_metric(metrics)
-    name = figures.metric_label(metric)
-    lines = verdict_lines(table, labels, steps, metric, medians)
-    short = short_run_note(labels, steps, source)
+    name = get_metric(metric).axis_label()
     verdict = "".join(
         f"<p class=headline>{html.escape(head)}</p>" + (f"<p>{html.escape(more)}</p>" if more else "")
-        for head, more in lines
+        for head, more in data.verdicts
     )
     total = len(set(table["layer"]))
     parts = [
@@ -260,13 +135,13 @@ def render_html(
         verdict,
         f"<p class=short>{html.escape(short)}</p>" if short else "",
         f"<p class=basis>Drift: mean {html.escape(name)} of each layer's input (mean over channels; the verdict "
-        f"also by the channel median) from the {html.escape(figures.reference_words(reference))}, averaged over "
+        f"also by the channel median) from the {html.escape(reference_words(reference))}, averaged over "
         f"the recorded steps of the {html.escape(source)} records.</p>",
-        layer_table(table, labels, metric, ranked),
-        f"<p class=basis>{html.escape(detail_note(ranked, detail, total, name))}</p>",
+        layer_table(table, labels, metric, data.ranked),
+        f"<p class=basis>{html.escape(detail_note(data.ranked, data.detail, total, name))}</p>",
         "</section>",
         "<h2>Words on this page</h2>",
-        glossary(runs, labels, metrics, reference),
+        glossary(data, metrics, reference),
         "<h2>Runs</h2>",
         _runs_table(runs, labels),
     ]
@@ -320,17 +195,8 @@ def detail_note(ranked: Sequence[str], detail: Sequence[str], total: int, name: 
             "heatmap and under All numbers.")
 
 
-def without_short_runs(table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int]) -> pd.DataFrame:
-    """``table`` with the drift of runs of fewer than :data:`MIN_STEPS` steps blanked (their 0 is no measurement)."""
-    short = {label for label, n in zip(labels, steps) if n < MIN_STEPS}
-    first = labels[0]
-    blank = [f"{label} {kind}" for label in short for kind in ("mean", "final")]
-    blank += [f"{label}/{first} {kind}" for label in labels[1:] if short & {label, first} for kind in ("mean", "final")]
-    return table.assign(**{c: float("nan") for c in blank if c in table.columns})
-
-
 def _runs_table(runs: Sequence[Run], labels: Sequence[str]) -> str:
-    colors = figures.run_colors(len(runs))
+    colors = run_colors(len(runs))
     rows = "".join(
         f"<tr><td><span class=swatch style='background:{to_hex(color)}'></span>{html.escape(label)}</td>"
         f"<td>{html.escape(str(run.directory))}</td><td>{len(run.layers)}</td>"
@@ -341,7 +207,7 @@ def _runs_table(runs: Sequence[Run], labels: Sequence[str]) -> str:
 
 
 def _numbers_table(table: pd.DataFrame) -> str:
-    shown = table.assign(metric=table["metric"].map(figures.metric_label))
+    shown = table.assign(metric=table["metric"].map(lambda name: get_metric(name).axis_label()))
     shown.columns = [f"{c} floor" if str(c).endswith(" noise") else c for c in shown.columns]
     return shown.to_html(index=False, float_format=fmt, na_rep="–", border=0, classes="summary")
 

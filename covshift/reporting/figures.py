@@ -1,4 +1,4 @@
-"""The report's figures: grids of :mod:`covshift.plots` panels, several runs side by side.
+"""The report's figures: grids of :mod:`covshift.reporting.plots` panels, several runs side by side.
 
 Every figure is a grid of panels of :data:`PANEL_SIZE` inches, saved at
 :data:`DPI` dots per inch, so its pixel size follows from its grid alone:
@@ -14,15 +14,15 @@ gradient ICS        2              runs
 ==================  =============  ==============
 
 The report gives a figure at most :data:`covshift.panels.ROWS_PER_PAGE` layers,
-so that no PNG is taller than :data:`covshift.panels.MAX_HEIGHT_PX`; the
-layer × step heatmap is in :mod:`covshift.overview`.
+so that no PNG is taller than :data:`covshift.defaults.MAX_HEIGHT_PX`; the
+layer × step heatmap is in :mod:`covshift.reporting.overview`.
 
 Runs keep one colour (``C0``, ``C1``, … of matplotlib's cycle) in every figure,
 and every figure's step axis covers the same range, on the same (linear or
 symlog, see :class:`~covshift.panels.StepAxis`) scale. Panels that compare runs
 share their axes; each drift panel has its own y scale, logarithmic when its
-positive values span more than two decades. Long runs are thinned to at most
-``max_points`` steps for drawing only. The shared pieces live in :mod:`covshift.panels`.
+positive values span more than two decades. Long runs are rows_at_thinned_steps to at most
+``max_points`` steps for drawing only. The shared pieces live in :mod:`covshift.reporting.panels`.
 """
 
 from __future__ import annotations
@@ -37,44 +37,26 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from covshift import plots
-from covshift.panels import (  # noqa: F401 (DPI, PANEL_SIZE … are read as figures.*)
-    DEFAULT_MAX_POINTS,
+from covshift.defaults import DEFAULT_MAX_POINTS
+from covshift.metrics import get as get_metric
+from covshift.reporting import plots
+from covshift.reporting.text import reference_words
+from covshift.reporting.panels import (  # noqa: F401 (DPI, PANEL_SIZE … are read as figures.*)
     DPI,
-    METRIC_LABELS,
     PANEL_SIZE,
     StepAxis,
     as_written,
     legend,
     mark_few,
-    metric_label,
-    new_grid,
+    panel_grid,
     not_recorded,
-    reference_words,
     run_colors,
     spans_decades,
-    steps_axis,
-    thinned,
+    set_step_axis,
+    rows_at_thinned_steps,
     title,
     wrapped_name,
 )
-
-
-def layer_percentiles(stats: pd.DataFrame, channel: int | None = None) -> pd.DataFrame:
-    """Per (step, layer): the drawn quantiles of one channel, or their mean over the layer's channels.
-
-    The mean over channels of each quantile is the quantile function of the
-    channels' one-dimensional Wasserstein barycenter: a typical channel, not
-    the pooled distribution (which mixes channels of different scales).
-
-    Args:
-        stats: :meth:`covshift.Run.stats` rows of one source.
-        channel: a channel index, or None for the mean over channels.
-    """
-    columns = [*plots.PERCENTILE_BAND[:1], *plots.PERCENTILE_LINES, plots.PERCENTILE_BAND[1]]
-    if channel is not None:
-        stats = stats[stats["channel"] == channel]
-    return stats.groupby(["step", "layer"], observed=True)[columns].mean().reset_index()
 
 
 def percentiles_figure(
@@ -87,10 +69,10 @@ def percentiles_figure(
     xlim: StepAxis | tuple[float, float] | None = None,
 ) -> Figure:
     """Percentile trajectories: one row per layer, one column per run, y shared along a row."""
-    fig, axes = new_grid(len(layers), len(labels), sharex=True, sharey="row")
+    fig, axes = panel_grid(len(layers), len(labels), sharex=True, sharey="row")
     colors = run_colors(len(labels))
     for col, (frame, label, color) in enumerate(zip(percentiles, labels, colors)):
-        frame = thinned(frame, max_points, xlim)
+        frame = rows_at_thinned_steps(frame, max_points, xlim)
         for row, layer in enumerate(layers):
             ax = axes[row, col]
             part = frame[frame["layer"] == layer]
@@ -98,7 +80,7 @@ def percentiles_figure(
                 not_recorded(ax)
             else:
                 mark_few(plots.percentile_trajectory(part, ax=ax, color=color)[1:])
-            steps_axis(ax, xlim)
+            set_step_axis(ax, xlim)
             ax.set_title(wrapped_name(f"{label} · layer {layer}", 48), fontsize=10)
             if col == 0:
                 ax.set_ylabel("input value")
@@ -129,17 +111,17 @@ def drift_figure(
     ``nulls`` (a :func:`covshift.noise.load_null_floor` frame per run, or None)
     adds each run's null 95th percentile, dotted.
     """
-    fig, axes = new_grid(len(layers), len(metrics), sharex=True, sharey=False)
+    fig, axes = panel_grid(len(layers), len(metrics), sharex=True, sharey=False)
     colors = run_colors(len(labels))
     nulls = list(nulls) if nulls is not None else [None] * len(labels)
     for col, metric in enumerate(metrics):
         for row, layer in enumerate(layers):
             ax = axes[row, col]
-            steps_axis(ax, xlim)
+            set_step_axis(ax, xlim)
             drawn: list[tuple[str, pd.DataFrame, Line2D]] = []
             notes = []
             for frame, noise, null, label, color in zip(drifts, noises, nulls, labels, colors):
-                part = thinned(frame[(frame["metric"] == metric) & (frame["layer"] == layer)], max_points, xlim)
+                part = rows_at_thinned_steps(frame[(frame["metric"] == metric) & (frame["layer"] == layer)], max_points, xlim)
                 if part.empty:
                     continue
                 if part["step"].nunique() < 2:
@@ -150,7 +132,7 @@ def drift_figure(
                     continue
                 floor = null_floor = None
                 if noise is not None:
-                    floor = thinned(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points, xlim)
+                    floor = rows_at_thinned_steps(noise[(noise["metric"] == metric) & (noise["layer"] == layer)], max_points, xlim)
                 if null is not None:
                     null_floor = null[(null["metric"] == metric) & (null["layer"].astype(str) == str(layer))]
                 line = plots.drift_line(part, ax=ax, color=color, label=as_written(label), noise=floor,
@@ -166,7 +148,7 @@ def drift_figure(
             if drawn and spans_decades(np.concatenate([p["value"].to_numpy(dtype=float) for _, p, _ in drawn])):
                 ax.set_yscale("log", nonpositive="mask")
             if row == 0:
-                ax.set_title(metric_label(metric), fontsize=10)
+                ax.set_title(get_metric(metric).axis_label(), fontsize=10)
             if col == 0:
                 ax.set_ylabel(wrapped_name(f"layer {layer}"), fontsize=9)
     for ax in axes[-1]:
@@ -229,8 +211,8 @@ def channels_figure(
         ax.set_xticks(range(len(layers)), [f"layer {as_written(layer)}" for layer in layers],
                       rotation=30 if len(layers) > 6 else 0, ha="right" if len(layers) > 6 else "center")
         ax.set_xlim(-0.6, len(layers) - 0.4)
-        ax.set_ylabel(metric_label(metric), fontsize=9)
-        ax.set_title(f"{METRIC_LABELS.get(metric, metric)} per channel at the last step", fontsize=10)
+        ax.set_ylabel(get_metric(metric).axis_label(), fontsize=9)
+        ax.set_title(f"{get_metric(metric).label} per channel at the last step", fontsize=10)
         if short:
             not_recorded(ax, "\n".join(short))
         if ax.get_legend_handles_labels()[0]:
@@ -252,24 +234,22 @@ def gradient_ics_figure(
     """Gradient ICS per layer against steps: ‖G − G'‖ (top) and cos∠(G, G') (bottom), one column per run.
 
     ``frames`` are :func:`covshift.gradients.load_gradient_ics` frames (None: not recorded).
-    Each panel is drawn by :func:`covshift.gradients.plot_gradient_ics`; ‖G − G'‖ rows share a y axis.
+    Each panel is drawn by :func:`covshift.reporting.plots.plot_gradient_ics`; ‖G − G'‖ rows share a y axis.
     """
-    from covshift.gradients import plot_gradient_ics
-
-    fig, axes = new_grid(2, len(labels), sharex=True, sharey="row")
+    fig, axes = panel_grid(2, len(labels), sharex=True, sharey="row")
     norms = np.concatenate([f["ics_norm"].to_numpy(dtype=float) for f in frames if f is not None] or [np.empty(0)])
     if spans_decades(norms):
         axes[0, 0].set_yscale("log", nonpositive="mask")  # the row shares its y axis
     for col, (frame, label) in enumerate(zip(frames, labels)):
         for row, value in enumerate(("ics_norm", "cosine")):
             ax = axes[row, col]
-            steps_axis(ax, xlim)
+            set_step_axis(ax, xlim)
             if frame is None or frame.empty:
                 not_recorded(ax, "no gradient ICS recorded")
                 continue
             layers = frame["layer"].astype(str).unique()
             ax.set_prop_cycle(color=[viridis(k / max(len(layers) - 1, 1)) for k in range(len(layers))])
-            plot_gradient_ics(frame, value, ax=ax)
+            plots.plot_gradient_ics(frame, value, ax=ax)
             ax.set_title(as_written(label), fontsize=10)
             ax.set_xlabel("training step" if row == 1 else "")
             if len(layers) > ICS_LEGEND_LAYERS:
@@ -285,7 +265,7 @@ def curves_figure(
     curves: Sequence[pd.DataFrame], labels: Sequence[str], *, xlim: StepAxis | tuple[float, float] | None = None
 ) -> Figure:
     """Training curves: loss (left) and accuracy (right), train solid and test dashed, one colour per run."""
-    fig, axes = new_grid(1, 2, sharex=True, sharey=False)
+    fig, axes = panel_grid(1, 2, sharex=True, sharey=False)
     colors = run_colors(len(labels))
     for frame, label, color in zip(curves, labels, colors):
         for ax, kind in zip(axes[0], ("loss", "acc")):
@@ -293,7 +273,7 @@ def curves_figure(
             mark_few(plots.training_curve(frame, f"train_{kind}", ax=ax, color=color, label=f"{name} train"))
             mark_few(plots.training_curve(frame, f"test_{kind}", ax=ax, color=color, label=f"{name} test",
                                            linestyle="--"))
-            steps_axis(ax, xlim)
+            set_step_axis(ax, xlim)
     loss_ax, acc_ax = axes[0]
     if spans_decades(np.concatenate([_column(f, c) for f in curves for c in ("train_loss", "test_loss")])):
         loss_ax.set_yscale("log")

@@ -14,45 +14,17 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from covshift import plots
+from covshift.defaults import MAX_HEIGHT_PX
+from covshift.reporting import plots
 
 #: Width and height of one panel, inches.
 PANEL_SIZE = (4.0, 2.8)
 #: Resolution of the saved figures, dots per inch.
 DPI = 100
-#: Drawn steps per line or heatmap row at most (tables always use every step).
-DEFAULT_MAX_POINTS = 400
 #: Positive values spanning more than this ratio are drawn on a log scale.
 LOG_SPAN = 100.0
 #: Recorded steps spanning more than this ratio (last / first positive step) get a log step axis.
 STEP_LOG_SPAN = 1000.0
-#: The tallest figure the report writes, in pixels; figures of more layers are split into pages.
-MAX_HEIGHT_PX = 4000
-
-#: One name per metric, the same in every figure, table and the page's glossary.
-METRIC_LABELS = {
-    "wasserstein": "W1",
-    "mean_shift": "mean shift",
-    "std_ratio": "std ratio |log σ/σ_ref|",
-    "gaussian_w2": "Gaussian W2",
-    "ks": "KS statistic",
-    "psi": "PSI",
-    "js": "JS divergence",
-}
-_NORMALIZED = {"wasserstein", "mean_shift", "gaussian_w2"}
-
-
-def metric_label(metric: str) -> str:
-    """Axis label of a drift metric as the report draws it (normalized), with its unit.
-
-    >>> metric_label("wasserstein")
-    'W1 (× σ_ref)'
-    """
-    label = METRIC_LABELS.get(metric, metric)
-    if metric in _NORMALIZED:
-        return f"{label} (× σ_ref)"
-    return label
-
 
 def as_written(name: object) -> str:
     r"""``name`` for a matplotlib text, shown exactly as written: ``$`` escaped so it never starts mathtext.
@@ -118,7 +90,7 @@ def run_colors(n: int) -> list[str]:
     return [f"C{i % 10}" for i in range(n)]
 
 
-def new_grid(
+def panel_grid(
     rows: int, cols: int, *, sharex: bool | str = True, sharey: bool | str = False, margin: float = 0.0,
     row_height: float | None = None,
 ) -> tuple[Figure, np.ndarray]:
@@ -155,13 +127,13 @@ class StepAxis(NamedTuple):
     linthresh: float | None = None
 
 
-def step_axis(steps: np.ndarray, log_schedule: bool = False) -> StepAxis:
+def choose_step_axis(steps: np.ndarray, log_schedule: bool = False) -> StepAxis:
     """The axis for recorded ``steps``: symlog (step 0 stays on it) when the runs record on a log
     schedule or the positive steps span more than :data:`STEP_LOG_SPAN`, linear otherwise.
 
-    >>> step_axis(np.array([0, 10, 20]))
+    >>> choose_step_axis(np.array([0, 10, 20]))
     StepAxis(lo=0.0, hi=20.0, linthresh=None)
-    >>> step_axis(np.array([0, 10, 100, 100_000]))
+    >>> choose_step_axis(np.array([0, 10, 100, 100_000]))
     StepAxis(lo=0.0, hi=100000.0, linthresh=10.0)
     """
     steps = np.asarray(steps, dtype=float)
@@ -183,7 +155,7 @@ def mark_few(lines: Sequence[Artist]) -> None:
             line.set(marker="o", markersize=4)
 
 
-def steps_axis(ax: Axes, xlim: StepAxis | tuple[float, float] | None) -> None:
+def set_step_axis(ax: Axes, xlim: StepAxis | tuple[float, float] | None) -> None:
     """Put the step axis on the range and scale every figure shares (a little margin either side)."""
     axis = StepAxis(*xlim) if xlim is not None else None
     if axis is not None and axis.linthresh is not None:
@@ -199,10 +171,10 @@ def steps_axis(ax: Axes, xlim: StepAxis | tuple[float, float] | None) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
 
 
-def thinned(frame: pd.DataFrame, max_points: int, xlim: StepAxis | tuple[float, float] | None = None) -> pd.DataFrame:
+def rows_at_thinned_steps(frame: pd.DataFrame, max_points: int, xlim: StepAxis | tuple[float, float] | None = None) -> pd.DataFrame:
     """``frame``'s rows at no more than ``max_points`` steps, spread evenly along the (log or linear) step axis."""
     linthresh = StepAxis(*xlim).linthresh if xlim is not None else None
-    return frame[frame["step"].isin(plots.thin_steps(frame["step"], max_points, linthresh))]
+    return frame[frame["step"].isin(plots.thinned_steps(frame["step"], max_points, linthresh))]
 
 
 def not_recorded(ax: Axes, text: str = "not recorded in this run") -> None:
@@ -221,11 +193,3 @@ def title(fig: Figure, text: str, cols: int) -> None:
     fig.suptitle(textwrap.fill(text, width=int(cols * PANEL_SIZE[0] * 9.5)), fontsize=12)
 
 
-def reference_words(reference: object) -> str:
-    if reference == "initial":
-        return "first recorded step"
-    if reference == "previous":
-        return "previous recorded step"
-    if isinstance(reference, str) and reference.startswith("rolling:"):
-        return f"mean of the previous {reference.split(':', 1)[1]} recorded steps"
-    return f"step {reference}"

@@ -1,7 +1,7 @@
 """The stored statistics of a step's partials: moments, extrema, zero fractions, quantiles, bin means.
 
 Runs once per recorded step, when it ends, over all of the step's layers
-together. On the CPU the sample rows go to :mod:`covshift.row_statistics`
+together. On the CPU the sample rows go to :mod:`covshift.summary.row_statistics`
 (numpy); on other devices they stay there and torch does the same arithmetic.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from covshift.columns import N_BINS, QUANTILE_LEVELS, STAT_NAMES
-from covshift.row_statistics import bin_sums, blocks, statistics_by_width, zero_count
-from covshift.summary import Partial, Record
+from covshift.summary.row_statistics import bin_sums, blocks, statistics_by_width, zero_count
+from covshift.summary.summarize import Partial, Record
 
 
 def finalize(partials: list[Partial], sketch: Sequence[torch.Tensor | None] | None = None) -> Record:
@@ -23,7 +23,7 @@ def finalize(partials: list[Partial], sketch: Sequence[torch.Tensor | None] | No
 
     Runs once per recorded step, over all of its layers, a cache-sized block of
     sample rows at a time: one sort per block instead of one per layer. On the
-    CPU the rows go to numpy (:mod:`covshift.row_statistics`), whose calls on
+    CPU the rows go to numpy (:mod:`covshift.summary.row_statistics`), whose calls on
     small arrays cost a microsecond where torch's cost several; elsewhere torch
     does the same arithmetic on the device, with no host sync (samples of
     different widths padded with +inf, which counts as no value).

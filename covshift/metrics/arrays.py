@@ -1,6 +1,6 @@
 """A run's records as arrays for the drift metrics, read a few layers at a time.
 
-:func:`read_summaries` turns ``run.stats()`` rows (or a DataFrame shaped like
+:func:`read_arrays` turns ``run.stats()`` rows (or a DataFrame shaped like
 them) into sorted arrays; :func:`layer_batches` reads a stored run in batches of
 layers of about :data:`BATCH_ROWS` rows, with only the columns the metrics need,
 so :func:`covshift.drift` keeps its memory flat however long the run.
@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from covshift import metrics as m
 from covshift.checks import check_choice
 from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, SOURCES
-from covshift.metrics import METRICS, SKETCH_METRICS
-from covshift.run import Run
+from covshift.metrics.registry import Metric
+from covshift.store.run import Run
 
 #: Records read at a time by :func:`covshift.drift` from a stored run (a few hundred MB with every column).
 BATCH_ROWS = 2**20
@@ -28,7 +27,7 @@ NEEDED_COLUMNS = ("count", "mean", "var", "min", "max")
 
 
 @dataclass
-class Summaries:
+class RecordArrays:
     """One source's records as arrays, rows sorted by (step, layer, channel)."""
 
     step: np.ndarray
@@ -42,10 +41,10 @@ class Summaries:
     sketched: np.ndarray | bool = True  # records with quantiles and bin means (a layer's sketched channels)
 
 
-def read_summaries(
-    run: RunLike, source: str, names: tuple[str, ...] = METRICS, hint: str = "", order: list[str] | None = None
-) -> tuple[Summaries, list[str]]:
-    """``source``'s records as arrays; quantiles and bin means only when ``names`` need them.
+def read_arrays(
+    run: RunLike, source: str, metrics: tuple[Metric, ...], hint: str = "", order: list[str] | None = None
+) -> tuple[RecordArrays, list[str]]:
+    """``source``'s records as arrays; quantiles and bin means only when ``metrics`` read them.
 
     ``order``: the layer order, when ``run`` is a DataFrame of some of a run's layers.
     """
@@ -58,7 +57,7 @@ def read_summaries(
         if "source" not in run and source != "train":
             raise ValueError(f"a stats DataFrame without a 'source' column holds training records only; got source={source!r}")
         frame = run[run["source"] == source] if "source" in run else run
-        missing = [c for c in ("step", "layer", "channel", *needed_columns(names)) if c not in frame]
+        missing = [c for c in ("step", "layer", "channel", *needed_columns(metrics)) if c not in frame]
         if missing:
             raise ValueError(f"the stats DataFrame lacks the columns {missing}: pass run.stats() or a subset of its rows")
         if frame.empty:
@@ -85,14 +84,15 @@ def read_summaries(
     perm = None if isinstance(order, slice) else order
     knots = binmeans = None
     sketched: np.ndarray | bool = True
-    if set(names) & set(SKETCH_METRICS):
+    reads = frozenset().union(*(metric.reads for metric in metrics))
+    if reads & {"binmeans", "knots"}:
         mask = frame[QUANTILE_COLUMNS[0]].notna().to_numpy()[order]
         sketched = True if mask.all() else mask  # True: every record, no row selection per chunk
-    if set(names) & set(m.CDF_METRICS):
+    if "knots" in reads:
         knots = Columns([frame[c].to_numpy() for c in ["min", *QUANTILE_COLUMNS, "max"]], perm)
-    if "wasserstein" in names:
+    if "binmeans" in reads:
         binmeans = Columns([frame[c].to_numpy() for c in BINMEAN_COLUMNS], perm)
-    summaries = Summaries(
+    summaries = RecordArrays(
         step=step[order],
         layer=codes[order],
         channel=channel[order],
@@ -149,16 +149,16 @@ def layer_order(run: RunLike) -> list[str]:
     )
 
 
-def layer_batches(run: Run, source: str, names: tuple[str, ...]) -> Iterator[pd.DataFrame]:
+def layer_batches(run: Run, source: str, metrics: tuple[Metric, ...]) -> Iterator[pd.DataFrame]:
     """``source``'s records of ``run``, a few layers at a time (about :data:`BATCH_ROWS` rows), with
-    only the columns ``names`` need: memory stays flat however long the run. Layers without records are skipped;
+    only the columns ``metrics`` read: memory stays flat however long the run. Layers without records are skipped;
     a source without records raises ValueError naming the sources there are."""
     check_choice("source", source, SOURCES)
     sources = run.sources()
     if source not in sources.index:
         raise no_records(source, list(sources.index))
     rows_per_channel = int(sources.loc[source, "steps"])  # at most: a layer may miss some steps
-    columns = needed_columns(names)
+    columns = needed_columns(metrics)
     layers = run.layers
     channels = dict(zip(layers["layer"], layers["channels"]))
     pending = list(layers["layer"])
@@ -173,14 +173,15 @@ def layer_batches(run: Run, source: str, names: tuple[str, ...]) -> Iterator[pd.
             yield frame
 
 
-def needed_columns(names: tuple[str, ...]) -> list[str]:
-    """The stats columns the metrics ``names`` read: the moments, and quantiles and bin means when needed."""
+def needed_columns(metrics: tuple[Metric, ...]) -> list[str]:
+    """The stats columns ``metrics`` read: the moments, and quantiles and bin means when needed."""
+    reads = frozenset().union(*(metric.reads for metric in metrics))
     columns = [*NEEDED_COLUMNS]
-    if set(names) & set(m.CDF_METRICS):
+    if "knots" in reads:
         columns += QUANTILE_COLUMNS
-    elif set(names) & set(SKETCH_METRICS):
+    elif "binmeans" in reads:
         columns.append(QUANTILE_COLUMNS[0])  # which records are sketched
-    if "wasserstein" in names:
+    if "binmeans" in reads:
         columns += BINMEAN_COLUMNS
     return columns
 

@@ -30,23 +30,23 @@ PERCENTILE_LINES = tuple(PERCENTILE_STYLES)
 PERCENTILE_BAND = ("q0.01", "q0.99")
 
 
-def new_axes(ax: Axes | None) -> Axes:
+def axes_or_new(ax: Axes | None) -> Axes:
     """``ax``, or the Axes of a new object-oriented Figure."""
     if ax is not None:
         return ax
     return Figure(layout="constrained").add_subplot()
 
 
-def thin_steps(steps: np.ndarray | pd.Series, max_points: int, linthresh: float | None = None) -> np.ndarray:
+def thinned_steps(steps: np.ndarray | pd.Series, max_points: int, linthresh: float | None = None) -> np.ndarray:
     """At most ``max_points`` of the sorted unique ``steps``, first and last kept.
 
     Evenly spaced by position; with ``linthresh`` (a symlog step axis), the steps
     nearest to points evenly spaced in ``log(1 + step / linthresh)``, so that early
     decades keep their steps on a log axis.
 
-    >>> thin_steps(np.arange(10), 4).tolist()
+    >>> thinned_steps(np.arange(10), 4).tolist()
     [0, 3, 6, 9]
-    >>> thin_steps(np.arange(0, 10_000, 10), 5, linthresh=10).tolist()
+    >>> thinned_steps(np.arange(0, 10_000, 10), 5, linthresh=10).tolist()
     [0, 50, 310, 1770, 9990]
     """
     if max_points < 2:
@@ -75,7 +75,7 @@ def percentile_trajectory(frame: pd.DataFrame, *, ax: Axes | None = None, color:
     Returns:
         The band (a PolyCollection) and the three lines (15th, 50th, 85th).
     """
-    ax = new_axes(ax)
+    ax = axes_or_new(ax)
     frame = frame.sort_values("step")
     low, high = PERCENTILE_BAND
     band = ax.fill_between(frame["step"], frame[low], frame[high], color=color, alpha=0.15, linewidth=0,
@@ -104,13 +104,13 @@ def drift_line(
         color: line colour.
         label: legend label of the drift line.
         noise: optional noise floor, columns ``step`` and ``value``.
-        null: optional null floor (:mod:`covshift.noise`), columns ``step`` and ``null_q95``; each
+        null: optional null floor (:mod:`covshift.science.null_floor`), columns ``step`` and ``null_q95``; each
             measurement holds until the next one, the last to the drift's last step.
 
     Returns:
         The drift line, then the noise-floor line when ``noise`` has rows, then the null line when ``null`` has.
     """
-    ax = new_axes(ax)
+    ax = axes_or_new(ax)
     frame = frame.sort_values("step")
     lines = ax.plot(frame["step"], frame["value"], color=color, linewidth=1.5, label=label)
     if noise is not None and len(noise):
@@ -148,7 +148,7 @@ def drift_heatmap(
     Returns:
         The QuadMesh (pass it to ``Figure.colorbar``).
     """
-    ax = new_axes(ax)
+    ax = axes_or_new(ax)
     grid = frame.pivot_table(index="layer", columns="step", values="value", aggfunc="mean", observed=True)
     grid = grid.reindex(index=list(layers))
     steps = grid.columns.to_numpy(dtype=float)
@@ -182,7 +182,7 @@ def channel_boxes(
     Returns:
         Matplotlib's boxplot dict plus ``"points"``: the scatter of every channel.
     """
-    ax = new_axes(ax)
+    ax = axes_or_new(ax)
     values = [np.asarray(v, dtype=float)[np.isfinite(v)] for v in values]
     boxes = ax.boxplot(values, positions=list(positions), widths=width, patch_artist=True, showfliers=False,
                        manage_ticks=False, medianprops={"color": "black", "linewidth": 1.2})
@@ -210,7 +210,7 @@ def training_curve(
     Returns:
         The line, or an empty list when ``curves`` has no such column.
     """
-    ax = new_axes(ax)
+    ax = axes_or_new(ax)
     if column not in curves:
         return []
     frame = curves[["step", column]].dropna().sort_values("step")
@@ -230,3 +230,26 @@ def cell_edges(centers: np.ndarray, ax: Axes) -> np.ndarray:
     middle = (where[1:] + where[:-1]) / 2
     edges = np.concatenate([[2 * where[0] - middle[0]], middle, [2 * where[-1] - middle[-1]]])
     return scale.inverted().transform(edges)
+
+
+#: The values of a gradient ICS frame that :func:`plot_gradient_ics` draws.
+GRADIENT_VALUES = ("grad_norm", "ics_norm", "relative", "cosine")
+
+
+def plot_gradient_ics(frame: Any, value: str = "ics_norm", ax: Any = None) -> Any:
+    """Gradient ICS (:class:`covshift.science.gradient_ics.GradientICS` rows): one line per layer of ``value`` (``ics_norm``, ``relative``, ``cosine`` or ``grad_norm``) against step.
+
+    Returns the Axes drawn on.
+    """
+    if value not in GRADIENT_VALUES:
+        raise ValueError(f"value must be one of {GRADIENT_VALUES}, got {value!r}")
+    ax = axes_or_new(ax)
+    for layer, rows in frame.groupby("layer", observed=True, sort=False):
+        ax.plot(rows["step"], rows[value], label=str(layer), marker="." if len(rows) < 30 else None)
+    labels = {"ics_norm": "‖G − G'‖₂", "relative": "‖G − G'‖₂ / ‖G‖₂", "cosine": "cos∠(G, G')",
+              "grad_norm": "‖G‖₂"}
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(labels[value])
+    ax.set_title("gradient ICS (Santurkar et al. 2018)")
+    ax.legend(title="layer", fontsize="small")
+    return ax

@@ -1,15 +1,14 @@
-"""The report's overview: every layer ranked by drift, and the layer × step heatmap of one metric.
+"""The report's overview figure: the layer × step heatmap of one metric, every layer.
 
 A model of a hundred layers cannot get a row of panels per layer; the report
 leads with what scales: one heatmap row per layer (:data:`INCH_PER_ROW` tall,
-pages of at most :data:`covshift.panels.HEATMAP_ROWS_PER_PAGE` layers) and the layers ranked by
-drift (:func:`rank_layers`), whose top few get the per-layer detail figures.
+pages of at most :data:`covshift.reporting.panels.HEATMAP_ROWS_PER_PAGE` layers).
+The layers are ranked in :mod:`covshift.reporting.data`.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,86 +16,24 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from covshift import plots
-from covshift.panels import (
-    DEFAULT_MAX_POINTS,
+from covshift.defaults import DEFAULT_MAX_POINTS
+from covshift.metrics import get as get_metric
+from covshift.reporting import plots
+from covshift.reporting.text import reference_words
+from covshift.reporting.panels import (
     HEATMAP_EXTRA,
     INCH_PER_ROW,
     PANEL_SIZE,
     StepAxis,
     as_written,
     label_inches,
-    metric_label,
-    new_grid,
+    panel_grid,
     not_recorded,
-    reference_words,
     spans_decades,
-    steps_axis,
-    thinned,
+    set_step_axis,
+    rows_at_thinned_steps,
     title,
 )
-from covshift.run import Run
-
-#: Layers that get detail figures by default: the most drifting.
-DEFAULT_TOP = 8
-
-
-def select_layers(runs: Sequence[Run], layers: str | Sequence[str] | None = None) -> list[str]:
-    """Layers of any of ``runs`` in model order, filtered by names or glob patterns.
-
-    A layer only some runs have goes after the layer that precedes it in its run:
-    ``conv, fc`` and ``conv, bn, fc`` give ``conv, bn, fc``.
-
-    Raises:
-        ValueError: a name or pattern matches no recorded layer (the message lists them).
-    """
-    names: list[str] = []
-    for run in runs:
-        position = 0  # a layer new to the list goes right after this run's previous layer
-        for name in map(str, run.layers["layer"]):
-            if name in names:
-                position = names.index(name) + 1
-            else:
-                names.insert(position, name)
-                position += 1
-    if layers is None:
-        return names
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    chosen: set[str] = set()
-    for pattern in patterns:
-        matched = [name for name in names if fnmatch.fnmatchcase(name, str(pattern))]
-        if not matched:
-            raise ValueError(f"layers={pattern!r} matches no recorded layer; recorded: {', '.join(names)}")
-        chosen.update(matched)
-    return [name for name in names if name in chosen]
-
-
-def rank_layers(drifts: Sequence[pd.DataFrame], metric: str) -> pd.Series:
-    """Each layer's drift score, largest first: its ``metric`` drift averaged over the recorded steps,
-    the largest over the runs (a layer only some runs have is scored by those).
-
-    Layers without a finite value come last, in their order in ``drifts``.
-
-    >>> frame = pd.DataFrame({"step": [0, 1, 0, 1], "layer": ["a", "a", "b", "b"],
-    ...                       "metric": "wasserstein", "value": [0.0, 0.2, 0.0, 0.6]})
-    >>> rank_layers([frame], "wasserstein").to_dict()
-    {'b': 0.3, 'a': 0.1}
-    """
-    scores = [frame[frame["metric"] == metric].groupby(frame["layer"].astype(str), sort=False)["value"].mean()
-              for frame in drifts]
-    order = list(dict.fromkeys(name for score in scores for name in score.index))
-    best = pd.concat([score.reindex(order) for score in scores], axis=1).max(axis=1)
-    return best.sort_values(ascending=False, na_position="last", kind="stable")
-
-
-def detail_layers(layers: Sequence[str], top: Sequence[str], asked: Collection[str]) -> list[str]:
-    """The layers that get detail figures, in ``layers``' (model) order: the ``top`` ones and those ``asked`` for.
-
-    >>> detail_layers(["a", "b", "c", "d"], top=["c", "a"], asked={"d"})
-    ['a', 'c', 'd']
-    """
-    chosen = set(top) | set(asked)
-    return [layer for layer in layers if layer in chosen]
 
 
 def heatmap_figure(
@@ -118,16 +55,16 @@ def heatmap_figure(
     step (0 by definition) is hatched, not coloured as the lowest drift. Names
     in ``emphasize`` are bold; ``part`` (e.g. "layers 1–229 of 500") ends the title.
     """
-    fig, axes = new_grid(len(metrics), len(labels), sharex=True, sharey=True, margin=label_inches(layers),
+    fig, axes = panel_grid(len(metrics), len(labels), sharex=True, sharey=True, margin=label_inches(layers),
                          row_height=max(PANEL_SIZE[1], INCH_PER_ROW * len(layers) + HEATMAP_EXTRA))
     for row, metric in enumerate(metrics):
-        parts = [_without_reference(thinned(frame[frame["metric"] == metric], max_points, xlim), reference)
+        parts = [_without_reference(rows_at_thinned_steps(frame[frame["metric"] == metric], max_points, xlim), reference)
                  for frame in drifts]
         norm = _shared_norm(np.concatenate([p["value"].to_numpy(dtype=float) for p in parts]))
         meshes = []
         for col, (label, part_frame) in enumerate(zip(labels, parts)):
             ax = axes[row, col]
-            steps_axis(ax, xlim)  # before drawing: columns are placed on the axis' scale
+            set_step_axis(ax, xlim)  # before drawing: columns are placed on the axis' scale
             meshes.append(plots.drift_heatmap(part_frame, layers, ax=ax, norm=norm))
             ax.set_title(as_written(label), fontsize=10)
             ax.set_yticks(np.arange(len(layers)), [as_written(layer) for layer in layers])
@@ -137,7 +74,7 @@ def heatmap_figure(
             if part_frame["value"].notna().sum() == 0:
                 not_recorded(ax, "fewer than 2 recorded steps: no drift")
         axes[row, 0].set_ylabel("layer")
-        fig.colorbar(meshes[0], ax=list(axes[row]), label=metric_label(metric), shrink=0.9)
+        fig.colorbar(meshes[0], ax=list(axes[row]), label=get_metric(metric).axis_label(), shrink=0.9)
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     hatched = " (hatched: the reference itself, 0 by definition)" if _reference_step(reference) else ""

@@ -17,16 +17,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from covshift import store
+from covshift.store import files as store
 from covshift.checks import check_choice, check_int
 from covshift.columns import SOURCES
 from covshift.faults import Faults
-from covshift.records import SCHEMA, PendingStep, checked_columns, records_to_table, sketch_rows, steps_filter
+from covshift.store.records import SCHEMA, PendingStep, checked_columns, records_to_table, sketch_rows, steps_filter
 
 if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
     import torch
 
-    from covshift.summary import Partial
+    from covshift.summary.summarize import Partial
 
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
@@ -136,7 +136,7 @@ class Run:
         if not self._step_partials:
             return
         partials, self._step_partials = self._step_partials, []
-        from covshift.finalize import finalize
+        from covshift.summary.finalize import finalize
 
         record = finalize(
             [partial for *_, partial in partials],
@@ -412,7 +412,7 @@ class Run:
 
     def _repr_html_(self) -> str:
         """Notebook display: name, store path, steps per source and layers."""
-        from covshift.display import run_html
+        from covshift.store.display import run_html
 
         return run_html(self)
 

@@ -2,7 +2,7 @@
 
 Every function takes arrays with one row per compared pair (a channel at a step
 against its reference) and returns one value per row; nothing here knows about
-runs or DataFrames (:mod:`covshift.drift` does). Quantile functions are given by
+runs or DataFrames (:mod:`covshift.metrics.engine` does; :mod:`covshift.metrics.builtin` declares them). Quantile functions are given by
 their *knots*: values ``(N, K)`` at the increasing ``levels`` ``(K,)`` that run
 from 0 (the minimum) to 1 (the maximum), linear in between: a record's
 ``min``, its quantiles and its ``max``.
@@ -29,10 +29,6 @@ N_PSI_BINS = 10
 PSI_EPSILON = 1e-4
 #: Metrics computed from the two quantile functions (see :func:`cdf_metrics`).
 CDF_METRICS = ("ks", "psi", "js")
-#: Metric names, in the order ``metric="all"`` returns them.
-METRICS = ("mean_shift", "std_ratio", "wasserstein", "gaussian_w2", "ks", "psi", "js")
-#: Metrics read from the quantiles and bin means: only a layer's sketched channels have them.
-SKETCH_METRICS = ("wasserstein", *CDF_METRICS)
 
 
 def mean_shift(mu_t: np.ndarray, mu_r: np.ndarray, sd_r: np.ndarray | None = None) -> np.ndarray:

@@ -19,7 +19,7 @@ from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, STAT_NAMES
 if TYPE_CHECKING:
     import torch
 
-    from covshift.summary import Record
+    from covshift.summary.summarize import Record
 
 #: Columns every stats() frame has, whatever ``columns`` asks for.
 KEY_COLUMNS = ("step", "source", "layer", "channel")

@@ -9,21 +9,15 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
-from pandas.core.groupby import SeriesGroupBy
 from tqdm.auto import tqdm
 
-from covshift import figures
-from covshift.drift import METRICS
-from covshift.overview import DEFAULT_TOP, select_layers
-from covshift.page import render_html, short_run_note, without_short_runs
-from covshift.run import Run, load
-from covshift.sections import ReportData, build_sections
-
-#: Metrics drawn by default: normalized W1, mean shift and the std ratio.
-DEFAULT_METRICS = ("wasserstein", "mean_shift", "std_ratio")
-#: Runs with at least this many layers get a progress bar by default.
-PROGRESS_LAYERS = 30
+from covshift.defaults import DEFAULT_MAX_POINTS, DEFAULT_METRICS, DEFAULT_TOP, PROGRESS_LAYERS
+from covshift.metrics.registry import resolve
+from covshift.reporting import figures
+from covshift.reporting.data import ReportData, layers_in_order
+from covshift.reporting.html import render_html
+from covshift.reporting.sections import build_sections
+from covshift.store.run import Run, load
 REPORT_FILE = "report.html"
 #: Lists the files a report wrote into its directory; a later report removes only those (if unchanged).
 MANIFEST_FILE = ".covshift-report.json"
@@ -47,13 +41,13 @@ def report(
     reference: str | int = "initial",
     source: str = "train",
     channel: int | None = None,
-    max_points: int = figures.DEFAULT_MAX_POINTS,
+    max_points: int = DEFAULT_MAX_POINTS,
     notice: str | None = None,
     progress: bool | None = None,
 ) -> ReportPage:
     """Write the drift report of ``runs`` to ``out_dir``: PNG figures and ``report.html``.
 
-    The page leads with the verdict (:mod:`covshift.verdict`: each later run
+    The page leads with the verdict (:mod:`covshift.metrics.verdict`: each later run
     against the first, by the channel mean and the channel median, or a
     one-line summary of one run) and a table of the ``top`` layers that drift
     most, then a glossary, the figures and all numbers. Figures (see
@@ -61,9 +55,9 @@ def report(
     layer; for the ``top`` layers and those ``layers`` names, ``percentiles.png``,
     ``drift.png`` and ``channels.png``; ``curves.png`` when the runs logged
     training curves and ``gradient-ics.png`` when they hold gradient ICS. No
-    PNG is taller than :data:`covshift.panels.MAX_HEIGHT_PX`: more layers go to
+    PNG is taller than :data:`covshift.defaults.MAX_HEIGHT_PX`: more layers go to
     ``heatmap-2.png``, ``percentiles-2.png`` … (and more than
-    :data:`covshift.sections.METRICS_PER_FIGURE` metrics to further drift figures).
+    :data:`covshift.reporting.sections.METRICS_PER_FIGURE` metrics to further drift figures).
     The summary table of every layer also goes to ``summary.csv``. A run with
     fewer than 2 recorded steps has no drift: a ``UserWarning`` and a note on
     the page say what to change. The HTML embeds every image as a data URI and
@@ -103,9 +97,7 @@ def report(
         raise ValueError(f"top must be an int of at least 0 (layers with detail figures), got {top!r}")
     if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
         raise ValueError(f"channel must be None or a channel index (an int >= 0), got {channel!r}")
-    labels = run_labels(loaded)
-    every = select_layers(loaded)
-    asked = select_layers(loaded, layers) if layers is not None else []
+    asked = layers_in_order(loaded, layers) if layers is not None else []
     if channel is not None:
         widest = max(int(n) for run in loaded for n in run.layers["channels"])
         if channel >= widest:
@@ -116,13 +108,10 @@ def report(
     with tqdm(desc="covshift report", unit="part", disable=not progress, leave=False) as bar:
         data = ReportData.compute(loaded, metrics, reference=reference, source=source, channel=channel, top=top,
                                   asked=asked, progress=bar)
-        short = short_run_note(labels, data.steps, source)
-        if short:
-            warnings.warn(short, UserWarning, stacklevel=2)
-        sections = build_sections(data, labels, every, metrics, reference=reference, max_points=max_points,
-                                  channel=channel, source=source)
-        table = without_short_runs(summary_table(data.drifts, data.noises, labels, every, metrics), labels,
-                                   data.steps)
+        if data.short_note:
+            warnings.warn(data.short_note, UserWarning, stacklevel=2)
+        sections = build_sections(data, metrics, reference=reference, max_points=max_points, channel=channel,
+                                  source=source)
         out.mkdir(parents=True, exist_ok=True)
         earlier = _read_manifest(out)
         bar.total = (bar.total or 0) + len(sections)
@@ -130,10 +119,9 @@ def report(
             bar.set_postfix_str(section.file, refresh=False)
             section.figure.savefig(out / section.file, dpi=figures.DPI)
             bar.update(1)
-    table.to_csv(out / "summary.csv", index=False)
-    page = render_html(loaded, labels, sections, table, out, metrics=metrics, steps=data.steps,
-                       reference=reference, source=source, ranked=data.ranked, detail=data.detail,
-                       medians=data.medians, notice=notice)
+    data.table.to_csv(out / "summary.csv", index=False)
+    page = render_html(data, loaded, sections, out, metrics=metrics, reference=reference, source=source,
+                       notice=notice)
     (out / REPORT_FILE).write_text(page, encoding="utf-8")
     written = [section.file for section in sections] + ["summary.csv", REPORT_FILE]
     _remove_stale(out, earlier, keep=set(written))
@@ -141,63 +129,11 @@ def report(
     return ReportPage(out / REPORT_FILE)
 
 
-def run_labels(runs: Sequence[Run]) -> list[str]:
-    """Each run's name, made unique with ``#2``, ``#3`` … where names repeat.
-
-    >>> class R: name = "plain"
-    >>> run_labels([R(), R()])
-    ['plain', 'plain #2']
-    """
-    labels: list[str] = []
-    for run in runs:
-        label, k = run.name, 2
-        while label in labels:
-            label, k = f"{run.name} #{k}", k + 1
-        labels.append(label)
-    return labels
-
-
-def summary_table(
-    drifts: Sequence[pd.DataFrame],
-    noises: Sequence[pd.DataFrame | None],
-    labels: Sequence[str],
-    layers: Sequence[str],
-    metrics: Sequence[str],
-) -> pd.DataFrame:
-    """Per (metric, layer): each run's mean drift over all its steps, its drift at its last step, its noise floor.
-
-    ``{run} noise`` is the run's noise floor averaged over its probe steps (NaN
-    without a probe). With several runs, ``{run}/{first} mean`` and ``… final``
-    give each later run's value divided by the first run's (below 1: it drifts less).
-    """
-    columns: dict[str, pd.Series] = {}
-    for frame, noise, label in zip(drifts, noises, labels):
-        grouped = _by_metric_layer(frame.sort_values("step"))
-        columns[f"{label} mean"], columns[f"{label} final"] = grouped.mean(), grouped.last()
-        columns[f"{label} noise"] = _by_metric_layer(noise).mean() if noise is not None else pd.Series(dtype=float)
-    index = pd.MultiIndex.from_product([list(metrics), list(layers)], names=["metric", "layer"])
-    table = pd.DataFrame({name: column.reindex(index) for name, column in columns.items()}, index=index)
-    first = labels[0]
-    for label in labels[1:]:
-        for kind in ("mean", "final"):
-            table[f"{label}/{first} {kind}"] = table[f"{label} {kind}"] / table[f"{first} {kind}"]
-    return table.dropna(how="all").reset_index()
-
-
-def _by_metric_layer(frame: pd.DataFrame) -> SeriesGroupBy:
-    return frame.groupby([frame["metric"], frame["layer"].astype(str)])["value"]
-
-
 def _metric_list(metrics: str | Sequence[str]) -> list[str]:
     names = [metrics] if isinstance(metrics, str) else list(metrics)
-    if names == ["all"]:  # "all", or ["all"] from the command line
-        return list(METRICS)
     if not names:
         raise ValueError("metrics must name at least one drift metric, got an empty list")
-    unknown = [name for name in names if name not in METRICS]
-    if unknown:
-        raise ValueError(f"metrics must be 'all' or names from {METRICS}, got {unknown}")
-    return names
+    return [metric.name for metric in resolve("all" if names == ["all"] else names)]  # ["all"]: the command line
 
 
 def _load_all(runs: Run | str | Path | Sequence[Run | str | Path]) -> list[Run]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import platform
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -12,18 +15,60 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from covshift import context, distributed, schedule
+from covshift import schedule
+from covshift.record import context
+from covshift.record import distributed
 from covshift.checks import check_int
 from covshift.faults import Faults, gap_messages
-from covshift.layers import ChannelDim, LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
-from covshift.probe import HALVES, Probe, make_probe, preserved
-from covshift.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, DEFAULT_SKETCH_CHANNELS, Run
-from covshift.summary import DEFAULT_SAMPLE_SIZE, N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
+from covshift.record.layers import ChannelDim, LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
+from covshift.record.probe import HALVES, Probe, make_probe, preserved
+from covshift.store.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, DEFAULT_SKETCH_CHANNELS, Run
+from covshift.summary.summarize import DEFAULT_SAMPLE_SIZE, N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
 
 #: Record on a log-spaced schedule by default (:mod:`covshift.schedule`): every step
 #: at first, then 40 per decade, so drift curves get their points where drift is
 #: fastest and a long run's store grows with the logarithm of its length.
 DEFAULT_EVERY = "log"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a :class:`Tracker` records: every keyword argument of :func:`attach`, declared once here
+    with its default (documented in :func:`attach`)."""
+
+    every: int | str | schedule.Schedule = DEFAULT_EVERY
+    sample_size: int = DEFAULT_SAMPLE_SIZE
+    sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS
+    store: str | Path | None = None
+    step: Literal["auto", "manual"] = "auto"
+    optimizer: torch.optim.Optimizer | None = None
+    outputs: bool = False
+    channel_dim: ChannelDim | dict[str, ChannelDim] = "auto"
+    flush_every: int = DEFAULT_FLUSH_EVERY
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    name: str | None = None
+    group: Any = None
+
+    @classmethod
+    def of(cls, caller: str, options: dict[str, Any]) -> Settings:
+        """``Settings(**options)``, with an unknown name refused as ``caller`` would refuse it."""
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = [name for name in options if name not in known]
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}; "
+                            f"it takes model, layers and {', '.join(known)}")
+        return cls(**options)
+
+
+def _signature(returns: str) -> inspect.Signature:
+    """``(model, layers=None, *, <every Settings field>)``: what :func:`attach` and :class:`Tracker` show."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Signature(
+        [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
+         inspect.Parameter("layers", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="LayerSpec"),
+         *(inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type) for f in dataclasses.fields(Settings))],
+        return_annotation=returns,
+    )
 
 
 class Tracker:
@@ -43,24 +88,14 @@ class Tracker:
     Forwards from several threads at once each record their own step.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: LayerSpec = None,
-        *,
-        every: int | str | schedule.Schedule = DEFAULT_EVERY,
-        sample_size: int = DEFAULT_SAMPLE_SIZE,
-        sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS,
-        store: str | Path | None = None,
-        step: Literal["auto", "manual"] = "auto",
-        optimizer: torch.optim.Optimizer | None = None,
-        outputs: bool = False,
-        channel_dim: ChannelDim | dict[str, ChannelDim] = "auto",
-        flush_every: int = DEFAULT_FLUSH_EVERY,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
-        name: str | None = None,
-        group: Any = None,
-    ) -> None:
+    __signature__ = _signature("None")
+
+    def __init__(self, model: nn.Module, layers: LayerSpec = None, **settings: Any) -> None:
+        self.settings = config = Settings.of("Tracker", settings)
+        every, sample_size, sketch_channels = config.every, config.sample_size, config.sketch_channels
+        store, step, optimizer, outputs = config.store, config.step, config.optimizer, config.outputs
+        channel_dim, flush_every, memory_budget = config.channel_dim, config.flush_every, config.memory_budget
+        name, group = config.name, config.group
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         self.schedule = schedule.parse(every)
@@ -481,23 +516,7 @@ class Tracker:
                     self._step_partials[key].extend(parts)
 
 
-def attach(
-    model: nn.Module,
-    layers: LayerSpec = None,
-    *,
-    every: int | str | schedule.Schedule = DEFAULT_EVERY,
-    sample_size: int = DEFAULT_SAMPLE_SIZE,
-    sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS,
-    store: str | Path | None = None,
-    step: Literal["auto", "manual"] = "auto",
-    optimizer: torch.optim.Optimizer | None = None,
-    outputs: bool = False,
-    channel_dim: ChannelDim | dict[str, ChannelDim] = "auto",
-    flush_every: int = DEFAULT_FLUSH_EVERY,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    name: str | None = None,
-    group: Any = None,
-) -> Tracker:
+def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Tracker:
     """Start recording the input distributions of ``model``'s layers.
 
     Args:
@@ -553,22 +572,10 @@ def attach(
     5     0     2        1      8
     6     0     2        2      8
     """
-    return Tracker(
-        model,
-        layers,
-        every=every,
-        sample_size=sample_size,
-        sketch_channels=sketch_channels,
-        store=store,
-        step=step,
-        optimizer=optimizer,
-        outputs=outputs,
-        channel_dim=channel_dim,
-        flush_every=flush_every,
-        memory_budget=memory_budget,
-        name=name,
-        group=group,
-    )
+    return Tracker(model, layers, **Settings.of("attach", settings).__dict__)
+
+
+attach.__signature__ = _signature("Tracker")  # type: ignore[attr-defined]
 
 
 def _versions() -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from covshift.summary import Partial
+from covshift.summary.summarize import Partial
 
 #: ``torch.compiler.is_compiling`` where this torch has it. Inside code that
 #: torch.compile traces, every hook returns at once: the check is a constant to

@@ -6,7 +6,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from covshift.run import Run
+    from covshift.store.run import Run
 
 
 def run_html(run: Run) -> str:

@@ -1,0 +1,387 @@
+"""The report's numbers, computed once from the runs and before anything is drawn (:class:`ReportData`).
+
+Layer drift of every layer comes from :func:`covshift.drift`; per-channel
+records are read only for the few layers that get detail figures, one layer at
+a time. Nothing here draws or writes HTML: figures (:mod:`covshift.reporting.sections`)
+and the page (:mod:`covshift.reporting.html`) read what this module computes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pandas.core.groupby import SeriesGroupBy
+
+from covshift.defaults import DEFAULT_TOP
+from covshift.metrics import get as get_metric
+from covshift.metrics.api import drift, has_probe, noise_floor
+from covshift.metrics.verdict import compare
+from covshift.reporting.text import fmt
+from covshift.schedule import LogSpaced, from_config
+from covshift.science.gradient_ics import GRADIENTS_FILE, load_gradient_ics
+from covshift.science.null_floor import NULL_FILE, load_null_floor
+from covshift.store.run import Run
+
+#: The quantiles the report draws: the 15th, 50th and 85th percentiles (the BatchNorm paper's Figure 1)
+#: inside the 1st–99th percentile band.
+DRAWN_QUANTILES = ("q0.01", "q0.15", "q0.5", "q0.85", "q0.99")
+
+#: Runs with fewer recorded steps than this have no drift.
+MIN_STEPS = 2
+
+
+
+
+
+def layers_in_order(runs: Sequence[Run], layers: str | Sequence[str] | None = None) -> list[str]:
+    """Layers of any of ``runs`` in model order, filtered by names or glob patterns.
+
+    A layer only some runs have goes after the layer that precedes it in its run:
+    ``conv, fc`` and ``conv, bn, fc`` give ``conv, bn, fc``.
+
+    Raises:
+        ValueError: a name or pattern matches no recorded layer (the message lists them).
+    """
+    names: list[str] = []
+    for run in runs:
+        position = 0  # a layer new to the list goes right after this run's previous layer
+        for name in map(str, run.layers["layer"]):
+            if name in names:
+                position = names.index(name) + 1
+            else:
+                names.insert(position, name)
+                position += 1
+    if layers is None:
+        return names
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        matched = [name for name in names if fnmatch.fnmatchcase(name, str(pattern))]
+        if not matched:
+            raise ValueError(f"layers={pattern!r} matches no recorded layer; recorded: {', '.join(names)}")
+        chosen.update(matched)
+    return [name for name in names if name in chosen]
+
+
+def rank_layers(drifts: Sequence[pd.DataFrame], metric: str) -> pd.Series:
+    """Each layer's drift score, largest first: its ``metric`` drift averaged over the recorded steps,
+    the largest over the runs (a layer only some runs have is scored by those).
+
+    Layers without a finite value come last, in their order in ``drifts``.
+
+    >>> frame = pd.DataFrame({"step": [0, 1, 0, 1], "layer": ["a", "a", "b", "b"],
+    ...                       "metric": "wasserstein", "value": [0.0, 0.2, 0.0, 0.6]})
+    >>> rank_layers([frame], "wasserstein").to_dict()
+    {'b': 0.3, 'a': 0.1}
+    """
+    scores = [frame[frame["metric"] == metric].groupby(frame["layer"].astype(str), sort=False)["value"].mean()
+              for frame in drifts]
+    order = list(dict.fromkeys(name for score in scores for name in score.index))
+    best = pd.concat([score.reindex(order) for score in scores], axis=1).max(axis=1)
+    return best.sort_values(ascending=False, na_position="last", kind="stable")
+
+
+def detail_layers(layers: Sequence[str], top: Sequence[str], asked: Collection[str]) -> list[str]:
+    """The layers that get detail figures, in ``layers``' (model) order: the ``top`` ones and those ``asked`` for.
+
+    >>> detail_layers(["a", "b", "c", "d"], top=["c", "a"], asked={"d"})
+    ['a', 'c', 'd']
+    """
+    chosen = set(top) | set(asked)
+    return [layer for layer in layers if layer in chosen]
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Each run's name, made unique with ``#2``, ``#3`` … where names repeat.
+
+    >>> class R: name = "plain"
+    >>> run_labels([R(), R()])
+    ['plain', 'plain #2']
+    """
+    labels: list[str] = []
+    for run in runs:
+        label, k = run.name, 2
+        while label in labels:
+            label, k = f"{run.name} #{k}", k + 1
+        labels.append(label)
+    return labels
+
+
+def verdict_metric(metrics: Sequence[str]) -> str:
+    """The metric the verdict is stated in: W1 when drawn, else the first metric."""
+    return "wasserstein" if "wasserstein" in metrics else metrics[0]
+
+
+@dataclass
+class ReportData:
+    """Everything the figures and the tables need, computed once from the runs (lists: one item per run)."""
+
+    drifts: list[pd.DataFrame]  # layer drift (mean over channels) of every layer and metric, per step
+    medians: list[pd.Series]  # per layer: the verdict metric's channel-median drift, mean over steps
+    noises: list[pd.DataFrame | None]  # probe-halves noise floor (None: no probe)
+    nulls: list[pd.DataFrame | None]  # null floor of covshift.noise (None: not recorded)
+    gradients: list[pd.DataFrame | None]  # gradient ICS of covshift.gradients (None: not recorded)
+    curves: list[pd.DataFrame]
+    log_schedule: bool = False  # some run recorded on a log-spaced schedule
+    ranked: list[str] = field(default_factory=list)  # the top layers by drift, most first
+    detail: list[str] = field(default_factory=list)  # layers with detail figures, in model order
+    percentiles: list[pd.DataFrame] = field(default_factory=list)  # detail layers
+    last_drifts: list[pd.DataFrame] = field(default_factory=list)  # detail layers, per channel, last step
+    steps: list[int] = field(default_factory=list)  # recorded steps of each run (of the drawn source)
+    labels: list[str] = field(default_factory=list)  # each run's label (its name, made unique)
+    layers: list[str] = field(default_factory=list)  # every layer of the runs, in model order
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)  # comparison_table() of every layer, short runs blanked
+    verdicts: list[tuple[str, str]] = field(default_factory=list)  # (headline, details) per verdict line
+    short_note: str | None = None  # what to change when a run recorded too few steps
+    probes: str = ""  # each run's probe batch, in words
+
+    @classmethod
+    def compute(
+        cls,
+        runs: Sequence[Run],
+        metrics: Sequence[str],
+        *,
+        reference: str | int,
+        source: str,
+        channel: int | None,
+        top: int = DEFAULT_TOP,
+        asked: Collection[str] = (),
+        progress: Any = None,
+    ) -> ReportData:
+        """Layer-level drift of every layer, the ``top`` layers by drift, and detail of those and of ``asked``.
+
+        ``progress`` is a tqdm bar (or None) advanced once per run and per detail layer of each run.
+        """
+        metric = verdict_metric(metrics)
+        data = cls([], [], [], [], [], [])
+        _grow(progress, len(runs))
+        for run in runs:
+            data._add_overview(run, metrics, metric, reference=reference, source=source)
+            _advance(progress, f"drift of {run.name}")
+        data.ranked = list(rank_layers(data.drifts, metric).index[:top])
+        data.layers = layers = layers_in_order(runs)
+        data.detail = detail_layers(layers, data.ranked, asked)
+        _grow(progress, len(runs) * len(data.detail))
+        for run, layer_drift in zip(runs, data.drifts):
+            seen = set(layer_drift["step"].unique())
+            percentiles, last = [], []
+            for layer in data.detail:
+                stats = _layer_stats(run, [layer], source)
+                _advance(progress, f"{run.name} · {layer}")
+                if stats.empty:
+                    continue
+                seen.update(stats["step"].unique())
+                percentiles.append(layer_percentiles(stats, channel))
+                if stats["step"].nunique() > 1:
+                    channels = drift(stats, metric=list(metrics), reference=reference, by="channel", source=source)
+                    last.append(channels[channels["step"] == channels["step"].max()])
+            data.percentiles.append(pd.concat(percentiles, ignore_index=True) if percentiles
+                                    else _empty(["step", "layer"]))
+            data.last_drifts.append(pd.concat(last, ignore_index=True) if last
+                                    else _empty(["step", "layer", "channel", "metric", "value"]))
+            data.steps.append(len(seen))
+        data.labels = run_labels(runs)
+        data.short_note = short_run_note(data.labels, data.steps, source)
+        data.table = without_short_runs(comparison_table(data.drifts, data.noises, data.labels, layers, metrics),
+                                        data.labels, data.steps)
+        data.verdicts = verdict_lines(data.table, data.labels, data.steps, metric, data.medians)
+        data.probes = probe_description(runs, data.labels)
+        return data
+
+    def _add_overview(self, run: Run, metrics: Sequence[str], metric: str, *, reference: str | int,
+                      source: str) -> None:
+        """The run's layer drift (by the channel mean, and by the median for the verdict), floors and extras."""
+        try:
+            layer_drift = drift(run, metric=list(metrics), reference=reference, source=source)
+            median = drift(run, metric=metric, reference=reference, source=source, agg="median")
+        except ValueError as err:
+            raise ValueError(f"run {run.name!r} ({run.directory}): {err}") from None
+        self.drifts.append(layer_drift)
+        self.medians.append(median.groupby(median["layer"].astype(str))["value"].mean())
+        self.noises.append(noise_floor(run, metric=list(metrics)) if has_probe(run) else None)
+        directory = Path(run.directory)
+        null = load_null_floor(directory) if (directory / NULL_FILE).is_file() else None
+        self.nulls.append(null[null["metric"].isin(metrics)] if null is not None and len(null) else None)
+        self.gradients.append(load_gradient_ics(directory) if (directory / GRADIENTS_FILE).is_file() else None)
+        self.curves.append(run.curves())
+        self.log_schedule = self.log_schedule or isinstance(from_config(run.meta.get("config") or {}), LogSpaced)
+
+
+def _layer_stats(run: Run, layers: Sequence[str], source: str) -> pd.DataFrame:
+    """``run.stats(source)`` rows of ``layers`` only (those ``run`` recorded): the one place the report reads
+    per-channel records, and only those row groups are read."""
+    recorded = set(run.layers["layer"])
+    return run.stats(source, layers=[name for name in layers if name in recorded])
+
+
+def _empty(columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series(dtype=float) for name in columns})
+
+
+def _grow(progress: Any, n: int) -> None:
+    if progress is not None:
+        progress.total = (progress.total or 0) + n
+        progress.refresh()
+
+
+def _advance(progress: Any, what: str) -> None:
+    if progress is not None:
+        progress.set_postfix_str(what, refresh=False)
+        progress.update(1)
+
+
+def layer_percentiles(stats: pd.DataFrame, channel: int | None = None) -> pd.DataFrame:
+    """Per (step, layer): the drawn quantiles of one channel, or their mean over the layer's channels.
+
+    The mean over channels of each quantile is the quantile function of the
+    channels' one-dimensional Wasserstein barycenter: a typical channel, not
+    the pooled distribution (which mixes channels of different scales).
+
+    Args:
+        stats: :meth:`covshift.Run.stats` rows of one source.
+        channel: a channel index, or None for the mean over channels.
+    """
+    columns = list(DRAWN_QUANTILES)
+    if channel is not None:
+        stats = stats[stats["channel"] == channel]
+    return stats.groupby(["step", "layer"], observed=True)[columns].mean().reset_index()
+
+
+def comparison_table(
+    drifts: Sequence[pd.DataFrame],
+    noises: Sequence[pd.DataFrame | None],
+    labels: Sequence[str],
+    layers: Sequence[str],
+    metrics: Sequence[str],
+) -> pd.DataFrame:
+    """Per (metric, layer): each run's mean drift over all its steps, its drift at its last step, its noise floor.
+
+    ``{run} noise`` is the run's noise floor averaged over its probe steps (NaN
+    without a probe). With several runs, ``{run}/{first} mean`` and ``… final``
+    give each later run's value divided by the first run's (below 1: it drifts less).
+    """
+    columns: dict[str, pd.Series] = {}
+    for frame, noise, label in zip(drifts, noises, labels):
+        grouped = _by_metric_layer(frame.sort_values("step"))
+        columns[f"{label} mean"], columns[f"{label} final"] = grouped.mean(), grouped.last()
+        columns[f"{label} noise"] = _by_metric_layer(noise).mean() if noise is not None else pd.Series(dtype=float)
+    index = pd.MultiIndex.from_product([list(metrics), list(layers)], names=["metric", "layer"])
+    table = pd.DataFrame({name: column.reindex(index) for name, column in columns.items()}, index=index)
+    first = labels[0]
+    for label in labels[1:]:
+        for kind in ("mean", "final"):
+            table[f"{label}/{first} {kind}"] = table[f"{label} {kind}"] / table[f"{first} {kind}"]
+    return table.dropna(how="all").reset_index()
+
+
+def _by_metric_layer(frame: pd.DataFrame) -> SeriesGroupBy:
+    return frame.groupby([frame["metric"], frame["layer"].astype(str)])["value"]
+
+
+def without_short_runs(table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int]) -> pd.DataFrame:
+    """``table`` with the drift of runs of fewer than :data:`MIN_STEPS` steps blanked (their 0 is no measurement)."""
+    short = {label for label, n in zip(labels, steps) if n < MIN_STEPS}
+    first = labels[0]
+    blank = [f"{label} {kind}" for label in short for kind in ("mean", "final")]
+    blank += [f"{label}/{first} {kind}" for label in labels[1:] if short & {label, first} for kind in ("mean", "final")]
+    return table.assign(**{c: float("nan") for c in blank if c in table.columns})
+
+
+def short_run_note(labels: Sequence[str], steps: Sequence[int], source: str) -> str | None:
+    """What to change when a run recorded fewer than :data:`MIN_STEPS` steps (None when none did).
+
+    >>> short_run_note(["a", "b"], [1, 30], "train")
+    "Run 'a' recorded 1 train step; drift needs at least 2. Record more often (a smaller every= in covshift.attach(model, every=N)) or train longer."
+    """
+    short = [f"'{label}' recorded {n} {source} step{'' if n == 1 else 's'}"
+             for label, n in zip(labels, steps) if n < MIN_STEPS]
+    if not short:
+        return None
+    return (f"Run {', run '.join(short)}; drift needs at least {MIN_STEPS}. Record more often (a smaller every= "
+            "in covshift.attach(model, every=N)) or train longer.")
+
+
+def verdict_lines(
+    table: pd.DataFrame,
+    labels: Sequence[str],
+    steps: Sequence[int],
+    metric: str,
+    medians: Sequence[pd.Series] | None = None,
+) -> list[tuple[str, str]]:
+    """The verdict as (headline, details): each later run against the first, or a summary of one run.
+
+    From ``metric``'s rows of the summary table (mean drift over the recorded
+    steps, channels aggregated by their mean) and, when given, each run's
+    ``medians`` (per layer, the same with channels aggregated by their median):
+    the verdict then states both (:func:`covshift.metrics.verdict.compare`). Runs with
+    fewer than :data:`MIN_STEPS` steps get none.
+    """
+    rows = table[table["metric"] == metric]
+    name = get_metric(metric).axis_label()
+    if len(labels) == 1:
+        median = medians[0] if medians is not None else None
+        return [_one_run_line(rows, labels[0], name, median)] if steps[0] >= MIN_STEPS else []
+    lines = []
+    base = labels[0]
+    for k, (label, n) in enumerate(zip(labels[1:], steps[1:]), start=1):
+        if n < MIN_STEPS or steps[0] < MIN_STEPS:
+            continue
+        both = rows.dropna(subset=[f"{base} mean", f"{label} mean"])
+        if both.empty:
+            lines.append((f"{label} and {base} share no layer: no verdict", ""))
+            continue
+        layers = list(both["layer"])
+        by_median = {}
+        if medians is not None:
+            by_median = {"baseline_median": medians[0].reindex(layers).tolist(),
+                         "other_median": medians[k].reindex(layers).tolist()}
+        v = compare(layers, both[f"{base} mean"].tolist(), both[f"{label} mean"].tolist(), base, label, **by_median)
+        lines.append((v.headline, v.details))
+    return lines
+
+
+def _one_run_line(rows: pd.DataFrame, label: str, name: str, median: pd.Series | None) -> tuple[str, str]:
+    drift = rows.set_index("layer")[f"{label} mean"].dropna()
+    if drift.empty:
+        return f"{label}: no drift measured", ""
+    line = f"{label}: mean {name} drift {fmt(drift.mean())} over {len(drift)} layers"
+    if median is not None:
+        line += f" by the channel mean, {fmt(median.reindex(drift.index).mean())} by the channel median"
+    line += f"; most in layer {drift.idxmax()} ({fmt(drift.max())})"
+    ratio = (rows.set_index("layer")[f"{label} mean"] / rows.set_index("layer")[f"{label} noise"]).dropna()
+    if len(ratio):
+        line += f"; {int((ratio > 1).sum())} of {len(ratio)} layers above their noise floor"
+    return line, ""
+
+
+def probe_description(runs: Sequence[Run], labels: Sequence[str]) -> str:
+    """Each run's probe: how many probe steps, how often, how many values per channel; runs alike named together."""
+    said: dict[str, list[str]] = {}
+    for run, label in zip(runs, labels):
+        if "probe_a" not in run.sources().index:
+            text = "no probe (no noise floor)"
+        else:  # the probe steps, and the half's size from the first probe step's records
+            probed = run.stats("probe_a", columns=["count"])
+            steps = sorted(probed["step"].unique())
+            every = f", one every {int(pd.Series(steps).diff().median())} steps" if len(steps) > 1 else ""
+            half = probed[probed["step"] == steps[0]]
+            text = f"{len(steps)} probe steps{every}; each half: {_half_size(run, half)}"
+        said.setdefault(text, []).append(label)
+    return "Here: " + "; ".join(f"{', '.join(names)}: {text}" for text, names in said.items()) + "."
+
+
+def _half_size(run: Run, records: pd.DataFrame) -> str:
+    """How big one probe half is: its examples where a Linear layer on flat input counts them, else its values."""
+    counts = records.groupby(records["layer"].astype(str), observed=True)["count"].min()
+    flat = run.layers[(run.layers["type"] == "Linear") & (run.layers["channel_dim"] == 1)]["layer"].astype(str)
+    examples = counts.reindex(flat).dropna()
+    if len(examples):
+        return f"{int(examples.iloc[0]):,} examples"
+    low, high = int(counts.min()), int(counts.max())
+    span = f"{low:,}" if low == high else f"{low:,}–{high:,}"
+    return f"{span} values per channel, depending on the layer (examples × positions)"

@@ -1,0 +1,1 @@
+"""Measurements beside the drift: the null noise floor, gradient ICS."""

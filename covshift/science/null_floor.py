@@ -1,0 +1,285 @@
+"""A noise floor you can trust: the null distribution of a drift metric under pure sampling noise.
+
+:func:`covshift.noise_floor` compares one fixed split of the probe batch (its two
+halves) at each probe step: one draw of the sampling noise, the same number at
+every step on the data layer, and an estimate that can sit far from the typical
+noise when a layer has few channels. This module instead draws ``splits`` random
+pairs of disjoint subsets of the probe batch (each of ``size`` examples, by
+default the training batch size the drift compares), computes the metric
+between the two subsets of each pair with the same summaries and code as
+:func:`covshift.drift`, and keeps the distribution: its mean, median and 95th
+percentile per (step, layer, metric).
+
+A layer whose drift is pure sampling noise reads ``value / null_mean ≈ 1`` and
+exceeds ``null_q95`` at about 5% of its steps; :func:`drift_to_null` gives both.
+On the input layer (the data itself) that is a calibration check, tested in
+``tests/test_noise_floor.py``.
+
+Record the null during training with :class:`NullFloor` (an optimizer post-hook
+every N steps, like the probe) or at a point you choose with
+:meth:`NullFloor.measure`; it appends ``null_floor.jsonl`` to the run directory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from covshift.record import context
+from covshift.checks import check_choice, check_int
+from covshift.record.layers import channel_axis, select_layers
+from covshift.record.probe import preserved
+from covshift.store.files import append_jsonl, read_jsonl
+from covshift.metrics.api import drift, drift_between, join_nearest_step
+from covshift.metrics.arrays import read_arrays
+from covshift.metrics.engine import AGGREGATES
+from covshift.metrics.registry import resolve
+from covshift.summary.finalize import finalize
+from covshift.summary.summarize import (
+    BINMEAN_COLUMNS,
+    DEFAULT_SAMPLE_SIZE,
+    QUANTILE_COLUMNS,
+    STAT_NAMES,
+    Summarizer,
+)
+
+NULL_FILE = "null_floor.jsonl"
+DEFAULT_SPLITS = 100
+#: Quantiles of the null kept per (step, layer, metric).
+NULL_COLUMNS = ("null_mean", "null_q50", "null_q95")
+
+
+def null_distribution(
+    inputs: dict[str, torch.Tensor],
+    channel_dims: dict[str, int | None],
+    metric: str | Sequence[str] = "all",
+    splits: int = DEFAULT_SPLITS,
+    size: int | None = None,
+    normalize: bool = True,
+    agg: str = "mean",
+    seed: int = 0,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+) -> pd.DataFrame:
+    """The metric between two disjoint random subsets of a batch, for ``splits`` random splits.
+
+    Args:
+        inputs: each layer's input on the batch, examples along dim 0.
+        channel_dims: each layer's channel axis (as the tracker records it).
+        metric: as in :func:`covshift.drift`.
+        splits: random splits drawn.
+        size: examples in each subset (default: half the batch); at most half of it.
+        normalize, agg: as in :func:`covshift.drift`.
+        seed: seed of the splits.
+        sample_size: values per channel the quantiles come from (the tracker's default).
+
+    Returns:
+        Tidy rows ``split, layer, metric, value`` (channels aggregated with ``agg``).
+    """
+    metrics = resolve(metric)
+    check_int("splits", splits)
+    check_choice("agg", agg, AGGREGATES)
+    n = {int(x.shape[0]) for x in inputs.values()}
+    if len(n) != 1:
+        raise ValueError(f"every layer's input must hold the same examples along dim 0, got batch sizes {sorted(n)}")
+    n_examples = n.pop()
+    size = n_examples // 2 if size is None else size
+    check_int("size", size)
+    if 2 * size > n_examples:
+        raise ValueError(f"size={size} needs a batch of at least {2 * size} examples, got {n_examples}")
+    generator = torch.Generator().manual_seed(seed)
+    summarizer = Summarizer(sample_size)
+    rows: dict[str, list] = {"step": [], "layer": [], "channel": []}
+    partials_a, partials_b = [], []
+    for split in range(splits):
+        order = torch.randperm(n_examples, generator=generator)
+        a, b = order[:size], order[size : 2 * size]
+        for layer, x in inputs.items():
+            part_a = summarizer.summarize(x[a], channel_dims[layer])
+            part_b = summarizer.summarize(x[b], channel_dims[layer])
+            channels = len(part_a.count)
+            rows["step"] += [split] * channels
+            rows["layer"] += [layer] * channels
+            rows["channel"] += list(range(channels))
+            partials_a.append(part_a)
+            partials_b.append(part_b)
+    frame_a, frame_b = (_stats_frame(rows, finalize(p), list(inputs)) for p in (partials_a, partials_b))
+    half_a, layers = read_arrays(frame_a, "train", metrics)
+    half_b, _ = read_arrays(frame_b, "train", metrics)
+    between = drift_between(half_a, half_b, layers, metrics, "random splits", normalize=normalize, agg=agg)
+    return between.rename(columns={"step": "split"})[["split", "layer", "metric", "value"]]
+
+
+def null_quantiles(null: pd.DataFrame) -> pd.DataFrame:
+    """Per layer and metric: ``null_mean, null_q50, null_q95`` and ``splits`` of a :func:`null_distribution`."""
+    grouped = null.groupby([null["layer"].astype(str), "metric"], sort=False)["value"]
+    out = pd.DataFrame({
+        "null_mean": grouped.mean(),
+        "null_q50": grouped.quantile(0.5),
+        "null_q95": grouped.quantile(0.95),
+        "splits": grouped.count(),
+    })
+    return out.reset_index()
+
+
+def _stats_frame(rows: dict[str, list], record: Any, layers: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame["layer"] = pd.Categorical(frame["layer"], categories=layers)
+    stats = record.stats.numpy()
+    for i, name in enumerate(STAT_NAMES):
+        frame[name] = stats[:, i]
+    frame[list(QUANTILE_COLUMNS)] = record.quantiles.numpy()
+    frame[list(BINMEAN_COLUMNS)] = record.binmeans.numpy()
+    return frame
+
+
+class NullFloor:
+    """Record the null distribution of every metric on a probe batch, every ``every`` optimizer steps.
+
+    The probe runs once per measured step through ``model`` in its current mode,
+    with buffers and RNG put back afterwards and covshift trackers ignoring the
+    pass; each selected layer's input is kept and split ``splits`` times at random.
+
+    Args:
+        model: the network.
+        probe: the probe batch (a tensor, or a tuple of positional inputs), examples on dim 0.
+        optimizer: measure after every ``every``-th ``optimizer.step()`` (steps 0, every, …);
+            None: only when :meth:`measure` is called.
+        every: as above.
+        directory: where to append ``null_floor.jsonl`` (e.g. ``tracker.run.directory``).
+        layers: as in ``covshift.attach`` (default: every default layer).
+        size: examples per subset: the training batch size the drift compares (default: half the probe).
+        splits, metric, agg, normalize: as in :func:`null_distribution`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: torch.Tensor | tuple,
+        optimizer: torch.optim.Optimizer | None = None,
+        every: int = 100,
+        directory: str | Path | None = None,
+        layers: Any = None,
+        size: int | None = None,
+        splits: int = DEFAULT_SPLITS,
+        metric: str | Sequence[str] = "all",
+        agg: str = "mean",
+        normalize: bool = True,
+    ) -> None:
+        check_int("every", every)
+        check_int("splits", splits)
+        self.model, self.every, self.splits, self.size = model, every, splits, size
+        self.probe = probe if isinstance(probe, tuple) else (probe,)
+        self.layers = select_layers(model, layers)
+        self.metric, self.agg, self.normalize = tuple(m.name for m in resolve(metric)), agg, normalize
+        self.directory = Path(directory) if directory is not None else None
+        self.rows: list[dict[str, Any]] = []
+        self.step = 0
+        self._handles = [optimizer.register_step_post_hook(self._after_step)] if optimizer is not None else []
+        self._failed = False
+
+    def measure(self, step: int) -> pd.DataFrame:
+        """Run the probe now and record the null of each layer at ``step``; returns the new rows."""
+        inputs: dict[str, torch.Tensor] = {}
+        dims: dict[str, int | None] = {}
+
+        def hook_for(name: str, module: nn.Module):
+            def hook(mod: nn.Module, args: tuple) -> None:
+                x = context.first_tensor(args, {})
+                if x is not None and name not in inputs and x.is_floating_point():
+                    inputs[name] = x.detach().cpu()
+                    dims[name] = channel_axis(module, x.shape)
+            return hook
+
+        handles = [module.register_forward_pre_hook(hook_for(name, module)) for name, module in self.layers.items()]
+        owner = context.probe_owner()
+        context.set_probe_owner(self)
+        try:
+            with preserved(self.model):
+                self.model(*self.probe)
+        finally:
+            context.set_probe_owner(owner)
+            for handle in handles:
+                handle.remove()
+        null = null_distribution(inputs, dims, self.metric, self.splits, self.size, self.normalize, self.agg,
+                                 seed=step)
+        summary = null_quantiles(null)
+        summary.insert(0, "step", step)
+        summary["size"] = self.size if self.size is not None else len(next(iter(inputs.values()))) // 2
+        rows = summary.to_dict("records")
+        self.rows.extend(rows)
+        if self.directory is not None:
+            append_jsonl(self.directory / NULL_FILE, [_plain(row) for row in rows])
+        return summary
+
+    def frame(self) -> pd.DataFrame:
+        """Every recorded row: ``step, layer, metric, null_mean, null_q50, null_q95, splits, size``."""
+        return pd.DataFrame(self.rows)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> NullFloor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        step, self.step = self.step, self.step + 1
+        if self._failed or step % self.every:
+            return
+        try:
+            self.measure(step)
+        except Exception as err:  # noqa: BLE001 - never raise into the user's step
+            self._failed = True
+            warnings.warn(f"the null noise floor failed at step {step} and is off (training is unaffected): "
+                          f"{type(err).__name__}: {err}", UserWarning, stacklevel=3)
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+
+
+def load_null_floor(directory: str | Path) -> pd.DataFrame:
+    """The null floor rows a run directory holds (see :class:`NullFloor`); a cut last line is dropped."""
+    path = Path(directory) / NULL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: record one with covshift.noise.NullFloor(..., directory=...)")
+    return pd.DataFrame(read_jsonl(path, ValueError))
+
+
+def drift_to_null(
+    run: Any,
+    null: pd.DataFrame,
+    metric: str | Sequence[str] = "wasserstein",
+    reference: str | int = "initial",
+    normalize: bool = True,
+    agg: str = "mean",
+    source: str = "train",
+) -> pd.DataFrame:
+    """Layer drift beside the null distribution at the nearest null step.
+
+    Adds ``null_mean, null_q50, null_q95``, ``ratio = value / null_mean`` (≈ 1 for pure
+    sampling noise), ``ratio_q95 = value / null_q95`` and ``exceeds = value > null_q95``
+    (true at about 5% of steps for pure noise). ``null`` is a :class:`NullFloor` frame or
+    :func:`load_null_floor`; its metric, agg and normalize must match these.
+    """
+    layer_drift = drift(run, metric, reference, normalize, "layer", agg, source)
+    floor = null[["step", "layer", "metric", *NULL_COLUMNS]].rename(columns={"step": "null_step"})
+    categories = layer_drift["layer"].cat.categories
+    joined = join_nearest_step(layer_drift, floor, "null_step")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        joined["ratio"] = joined["value"] / joined["null_mean"]
+        joined["ratio_q95"] = joined["value"] / joined["null_q95"]
+    joined["exceeds"] = joined["value"] > joined["null_q95"]
+    joined["layer"] = pd.Categorical(joined["layer"], categories=categories)
+    return joined.sort_values(["metric", "step", "layer"], ignore_index=True)
