@@ -82,7 +82,7 @@ class LayerHooks(AbstractContextManager):
     def __init__(self, model: nn.Module, work: Callable[[torch.Tensor], object]) -> None:
         self.handles = [
             module.register_forward_pre_hook(lambda module, args: work(args[0].detach()))
-            for module in covshift.layers.select_layers(model).values()
+            for module in covshift.record.layers.select_layers(model).values()
         ]
 
     def __exit__(self, *exc: object) -> None:
@@ -115,7 +115,7 @@ def reductions_only(x: torch.Tensor) -> None:
     """covshift's four passes for per-channel moments and extrema (sum, norm, min, max, each in its faster
     order, the second reduction in float64), kept nowhere: what exact moments cost without a fused kernel."""
     view = x.reshape(x.shape[0], x.shape[1], -1)
-    dim = 2 if view.shape[2] >= covshift.summary._LONG_ROW else 0
+    dim = 2 if view.shape[2] >= covshift.summary.summarize._LONG_ROW else 0
     rest = 0 if dim == 2 else 1
     view.sum(dim).sum(rest, dtype=torch.float64)
     torch.linalg.vector_norm(view, dim=2).square_().sum(0, dtype=torch.float64)
@@ -151,7 +151,7 @@ def workload(name: str, batch_size: int | None, steps: int) -> tuple[nn.Module, 
         batch_size = batch_size or 32
         shape, classes, label = (3, 64, 64), 1000, "torchvision resnet18"
     batches = [(torch.rand(batch_size, *shape), torch.randint(0, classes, (batch_size,))) for _ in range(steps)]
-    layers = len(covshift.layers.select_layers(model))
+    layers = len(covshift.record.layers.select_layers(model))
     return model, batches, f"{label}, batch {batch_size} of {'x'.join(map(str, shape))}, {layers} instrumented layers"
 
 
@@ -173,7 +173,7 @@ def load_baseline(checkout: str) -> types.ModuleType:
     return importlib.import_module("covshift_baseline")
 
 
-def at_step(tracker: covshift.tracker.Tracker, step: int) -> covshift.tracker.Tracker:
+def at_step(tracker: covshift.record.tracker.Tracker, step: int) -> covshift.record.tracker.Tracker:
     """``tracker`` with its next training forward numbered ``step``."""
     tracker.set_step(step)
     return tracker
@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 (cnn), 32 (resnet18)")
     parser.add_argument("--malloc", choices=("steady", "default"), default="steady",
                         help="glibc allocator thresholds: fixed (default) or as glibc sets them")
-    parser.add_argument("--sample-size", type=int, default=covshift.summary.DEFAULT_SAMPLE_SIZE,
+    parser.add_argument("--sample-size", type=int, default=covshift.summary.summarize.DEFAULT_SAMPLE_SIZE,
                         help="covshift's sample_size (default %(default)s)")
     parser.add_argument("--baseline", metavar="DIR", help="also time the covshift package of the checkout DIR")
     args = parser.parse_args()

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Run": "covshift.store.run",
     "Tracker": "covshift.record.tracker",
-    "attach": "covshift.record.tracker",
+    "attach": "covshift.record.attach",
     "drift": "covshift.metrics.api",
     "drift_table": "covshift.metrics.api",
     "drift_to_noise": "covshift.metrics.api",
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from covshift.plotting import plot
     from covshift.reporting.build import report
     from covshift.store.run import Run, load
-    from covshift.record.tracker import Tracker, attach
+    from covshift.record.attach import attach
+    from covshift.record.tracker import Tracker
 
 
 def __getattr__(name: str) -> Any:

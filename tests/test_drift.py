@@ -187,15 +187,18 @@ def test_chunks_on_worker_threads_give_the_same_values_as_one_pass(drifting_run,
 
 
 def test_an_error_in_a_worker_thread_reaches_the_caller(drifting_run, monkeypatch):
-    drift_module = importlib.import_module("covshift.metrics.engine")
+    engine = importlib.import_module("covshift.metrics.engine")
 
-    def broken(*args, **kwargs):
+    def broken(pair):
         raise RuntimeError("broken metric")
 
-    monkeypatch.setattr(drift_module, "CHUNK_ROWS", 5)
-    monkeypatch.setattr(drift_module.m, "gaussian_w2", broken)
-    with pytest.raises(RuntimeError, match="broken metric"):
-        drift(drifting_run, "gaussian_w2")
+    monkeypatch.setattr(engine, "CHUNK_ROWS", 5)  # many chunks, computed on the worker threads
+    covshift.metrics.register("broken_metric", broken)
+    try:
+        with pytest.raises(RuntimeError, match="broken metric"):
+            drift(drifting_run, "broken_metric")
+    finally:
+        covshift.metrics.unregister("broken_metric")
 
 
 def test_zero_variance_channels_are_excluded_and_counted_without_warnings():

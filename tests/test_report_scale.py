@@ -28,7 +28,7 @@ from covshift.reporting.panels import (
     ROWS_PER_PAGE,
 )
 from covshift.reporting.build import report
-from covshift.reporting.data import ReportData, layers_in_order as select_layers
+from covshift.reporting.data import ReportData
 from covshift.reporting.sections import build_sections
 
 METRICS = ("wasserstein", "mean_shift", "std_ratio")
@@ -161,7 +161,7 @@ def test_a_log_schedule_puts_steps_on_a_symlog_axis(run_dirs):
 def test_a_big_report_shows_progress_on_stderr(runs, tmp_path, capsys, monkeypatch):
     report(runs[0], tmp_path / "quiet", metrics="wasserstein")  # 2 layers: no bar by default
     assert "covshift report" not in capsys.readouterr().err
-    monkeypatch.setattr(sys.modules["covshift.report"], "PROGRESS_LAYERS", 2)
+    monkeypatch.setattr(sys.modules["covshift.reporting.build"], "PROGRESS_LAYERS", 2)
     report(runs[0], tmp_path / "shown", metrics="wasserstein")
     assert "covshift report" in capsys.readouterr().err
     report(runs[0], tmp_path / "off", metrics="wasserstein", progress=False)

@@ -14,7 +14,7 @@ import covshift
 from covshift.science.gradient_ics import GradientICS, load_gradient_ics
 from covshift.science.null_floor import NullFloor, load_null_floor
 from covshift.reporting.build import report
-from covshift.reporting.data import ReportData, layers_in_order as select_layers
+from covshift.reporting.data import ReportData
 from covshift.reporting.sections import build_sections
 
 STEPS = 12

@@ -373,4 +373,4 @@ def test_bad_probe_batches_are_rejected(batch, message):
      (nn.Conv2d(2, 4, 3), 4, 1), (nn.Linear(3, 2), 3, 2)],
 )
 def test_auto_channel_axis_batched_and_unbatched(module, ndim, axis):
-    assert covshift.layers.channel_axis(module, (2,) * ndim) == axis
+    assert covshift.record.layers.channel_axis(module, (2,) * ndim) == axis

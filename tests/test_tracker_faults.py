@@ -248,7 +248,7 @@ def test_a_failing_merge_warns_and_neither_forward_nor_update_raises(monkeypatch
     def broken(parts):
         raise RuntimeError("merge broke")
 
-    monkeypatch.setattr(covshift.tracker, "merge", broken)
+    monkeypatch.setattr(covshift.record.tracker, "merge", broken)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = covshift.attach(model, every=1, optimizer=opt if optimizer else None)

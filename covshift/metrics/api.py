@@ -17,7 +17,7 @@ import pandas as pd
 from covshift.checks import check_choice
 from covshift.metrics.arrays import RecordArrays, RunLike, layer_batches, layer_order, read_arrays
 from covshift.metrics.engine import AGGREGATES, BY, compute, matching_rows, parse_reference, reference_rows, tidy
-from covshift.metrics.registry import Metric, get, names, resolve
+from covshift.metrics.registry import Metric, names, resolve
 from covshift.store.run import Run
 
 MATCHES = ("name", "type")
@@ -233,7 +233,7 @@ def drift_table(
     """
     if not isinstance(metric, str) or metric == "all":
         raise ValueError(f"drift_table takes one metric name from {names()}, got {metric!r}")
-    get(metric)
+    resolve(metric)
     for name, run in (("run_a", run_a), ("run_b", run_b)):
         if not isinstance(run, Run):
             raise TypeError(f"drift_table needs covshift.Run objects (it matches their layers), got {name}={type(run).__name__}")

@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
-from covshift.store.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, DEFAULT_SKETCH_CHANNELS, Run, check_settings
+from covshift.store.run import Run
+from covshift.store.writer import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, DEFAULT_SKETCH_CHANNELS, check_settings
 from covshift.summary.summarize import Partial
 
 #: Fields per channel besides the sample: count, nonfinite, mean, m2, min, max (8 bytes each).
@@ -205,6 +206,12 @@ class NonWriterRun(Run):
 
     def log(self, step: int, **values: float) -> None:
         """Nothing is stored: rank 0 logs the job's curves (so a loop may call this on every rank)."""
+
+    def append_table(self, name: str, rows: list[dict]) -> None:
+        """Nothing is stored: measurements beside the records are rank 0's to keep."""
+
+    def table(self, name: str) -> Any:
+        raise self._elsewhere()
 
     def add_layer(self, name: str, type_name: str, channels: int, channel_dim: int | None) -> None:
         raise self._elsewhere()

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import platform
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,55 +16,13 @@ from covshift.record import context
 from covshift.record import distributed
 from covshift.checks import check_int
 from covshift.faults import Faults, gap_messages
-from covshift.record.layers import ChannelDim, LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
+from covshift.record.layers import LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
 from covshift.record.probe import HALVES, Probe, make_probe, preserved
-from covshift.store.run import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, DEFAULT_SKETCH_CHANNELS, Run
-from covshift.summary.summarize import DEFAULT_SAMPLE_SIZE, N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
+from covshift.record.settings import Settings, signature
+from covshift.store.run import Run
+from covshift.summary.summarize import N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
 
-#: Record on a log-spaced schedule by default (:mod:`covshift.schedule`): every step
-#: at first, then 40 per decade, so drift curves get their points where drift is
-#: fastest and a long run's store grows with the logarithm of its length.
-DEFAULT_EVERY = "log"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How a :class:`Tracker` records: every keyword argument of :func:`attach`, declared once here
-    with its default (documented in :func:`attach`)."""
-
-    every: int | str | schedule.Schedule = DEFAULT_EVERY
-    sample_size: int = DEFAULT_SAMPLE_SIZE
-    sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS
-    store: str | Path | None = None
-    step: Literal["auto", "manual"] = "auto"
-    optimizer: torch.optim.Optimizer | None = None
-    outputs: bool = False
-    channel_dim: ChannelDim | dict[str, ChannelDim] = "auto"
-    flush_every: int = DEFAULT_FLUSH_EVERY
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
-    name: str | None = None
-    group: Any = None
-
-    @classmethod
-    def of(cls, caller: str, options: dict[str, Any]) -> Settings:
-        """``Settings(**options)``, with an unknown name refused as ``caller`` would refuse it."""
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = [name for name in options if name not in known]
-        if unknown:
-            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}; "
-                            f"it takes model, layers and {', '.join(known)}")
-        return cls(**options)
-
-
-def _signature(returns: str) -> inspect.Signature:
-    """``(model, layers=None, *, <every Settings field>)``: what :func:`attach` and :class:`Tracker` show."""
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    return inspect.Signature(
-        [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
-         inspect.Parameter("layers", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="LayerSpec"),
-         *(inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type) for f in dataclasses.fields(Settings))],
-        return_annotation=returns,
-    )
+T = TypeVar("T")
 
 
 class Tracker:
@@ -88,7 +42,7 @@ class Tracker:
     Forwards from several threads at once each record their own step.
     """
 
-    __signature__ = _signature("None")
+    __signature__ = signature("None")
 
     def __init__(self, model: nn.Module, layers: LayerSpec = None, **settings: Any) -> None:
         self.settings = config = Settings.of("Tracker", settings)
@@ -160,6 +114,7 @@ class Tracker:
         self._train_steps = 0  # steps stored with training records
         self._first_train_step: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._measurements: list[Any] = []  # added with add(): closed at detach()
         try:
             self._install(outputs)
         except BaseException:
@@ -237,6 +192,24 @@ class Tracker:
             self._maybe_probe(self._step)  # steps follow updates: the open step starts now
         return self
 
+    def add(self, measurement: T) -> T:
+        """Run a measurement beside the records with this tracker, and return it.
+
+        ``measurement`` is a :class:`~covshift.science.null_floor.NullFloor` or a
+        :class:`~covshift.science.gradient_ics.GradientICS` made on this tracker's model
+        (and optimizer): it then numbers its steps as the tracker does, stores its rows in
+        this run (:meth:`~covshift.store.run.Run.table`, where the report finds them), says
+        what goes wrong as a :class:`~covshift.faults.CovshiftWarning`, and is closed by
+        :meth:`detach`.
+        """
+        measurement.bind(self)
+        self._measurements.append(measurement)
+        return measurement
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Say ``message`` once as a :class:`~covshift.faults.CovshiftWarning` (for measurements added with :meth:`add`)."""
+        self._faults.warn_once(key, message)
+
     def flush(self) -> None:
         """Write every buffered record to the run's directory."""
         self.run.flush()
@@ -260,6 +233,8 @@ class Tracker:
                     self.run.flush()
         finally:
             self._remove_hooks()
+            for measurement in self._measurements:
+                measurement.close()
         if was_attached and (self._ranks is None or (self._ranks.is_writer and not self._ranks.broken)):
             for key, message in gap_messages(
                 layers=list(self.layers),
@@ -514,68 +489,6 @@ class Tracker:
             with self._lock:
                 for key, parts in forward.take().items():
                     self._step_partials[key].extend(parts)
-
-
-def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Tracker:
-    """Start recording the input distributions of ``model``'s layers.
-
-    Args:
-        model: any ``torch.nn.Module``; left exactly as found by ``detach()``.
-        layers: None for every layer with parameters of its own or normalization
-            layer; else names or glob patterns (``"features.*"``), module types, a
-            list of those, or a predicate ``(name, module) -> bool``.
-        every: which training steps record: ``"log"`` (default: steps 0–22, then
-            40 per decade, 168 records in 100,000 steps; see :mod:`covshift.schedule`),
-            an int N (steps 0, N, 2N, …) or a :class:`~covshift.schedule.Schedule`.
-        sample_size: values per channel the quantiles come from (exact at or above
-            the channel's value count); moments and extrema always use every value.
-        sketch_channels: channels per layer that keep quantiles and bin means
-            (evenly spaced, first and last included; None: all); moments, extrema
-            and the zero fraction are kept for every channel. Wide layers cost
-            far less to store and report this way (docs/performance.md).
-        store: a new directory to stream the run to (crash-safe); None keeps it in
-            a temporary directory until ``run.save()``.
-        step: ``"auto"`` (each training-mode forward is a step) or ``"manual"``
-            (call ``tracker.step()``, e.g. after gradient accumulation).
-        optimizer: steps follow this optimizer's ``step()`` (PyTorch's step hooks):
-            every training forward between two updates is one record, so
-            gradient accumulation and several forwards per update are right.
-        outputs: also record each layer's output, as layer ``"<name>:output"``.
-        channel_dim: ``"auto"`` (dim 1 for conv/norm inputs, last dim otherwise),
-            an int, None to summarize each layer as a whole, or a dict per layer name.
-        flush_every: write to disk at least every this many recorded steps.
-        memory_budget: bytes of buffered records (332 per channel per step) that trigger a write.
-        name: label for reports (default: the store directory's name).
-        group: in a ``torch.distributed`` job, the process group whose ranks record
-            into one run (None: the default group when one is initialized with more
-            than one process; ``False``: each rank records on its own). Rank 0 of
-            the group merges every rank's records and writes the run; every rank
-            must attach alike and take the same steps (see "Several processes" in
-            docs/guide.md).
-
-    Returns:
-        The :class:`Tracker`; its ``run`` holds the records.
-
-    Raises:
-        ValueError: a layer name or pattern matches nothing (the message lists
-            the valid names), or a setting is out of range.
-        covshift.distributed.DistributedError: later, from a recorded step's
-            ``optimizer.step()`` (or forward), when exchanging records with the
-            other ranks fails: a rank died or the ranks are out of step.
-
-    >>> import torch, covshift
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    >>> with covshift.attach(model) as tracker:
-    ...     _ = model(torch.randn(8, 4))
-    >>> tracker.run.stats()[["step", "layer", "channel", "count"]].tail(2)
-       step layer  channel  count
-    5     0     2        1      8
-    6     0     2        2      8
-    """
-    return Tracker(model, layers, **Settings.of("attach", settings).__dict__)
-
-
-attach.__signature__ = _signature("Tracker")  # type: ignore[attr-defined]
 
 
 def _versions() -> dict[str, str]:

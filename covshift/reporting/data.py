@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -23,8 +22,8 @@ from covshift.metrics.api import drift, has_probe, noise_floor
 from covshift.metrics.verdict import compare
 from covshift.reporting.text import fmt
 from covshift.schedule import LogSpaced, from_config
-from covshift.science.gradient_ics import GRADIENTS_FILE, load_gradient_ics
-from covshift.science.null_floor import NULL_FILE, load_null_floor
+from covshift.science.gradient_ics import GradientICS, gradient_frame
+from covshift.science.null_floor import NullFloor
 from covshift.store.run import Run
 
 #: The quantiles the report draws: the 15th, 50th and 85th percentiles (the BatchNorm paper's Figure 1)
@@ -204,10 +203,10 @@ class ReportData:
         self.drifts.append(layer_drift)
         self.medians.append(median.groupby(median["layer"].astype(str))["value"].mean())
         self.noises.append(noise_floor(run, metric=list(metrics)) if has_probe(run) else None)
-        directory = Path(run.directory)
-        null = load_null_floor(directory) if (directory / NULL_FILE).is_file() else None
+        null = run.table(NullFloor.table)
         self.nulls.append(null[null["metric"].isin(metrics)] if null is not None and len(null) else None)
-        self.gradients.append(load_gradient_ics(directory) if (directory / GRADIENTS_FILE).is_file() else None)
+        gradients = run.table(GradientICS.table)
+        self.gradients.append(gradient_frame(gradients) if gradients is not None else None)
         self.curves.append(run.curves())
         self.log_schedule = self.log_schedule or isinstance(from_config(run.meta.get("config") or {}), LogSpaced)
 

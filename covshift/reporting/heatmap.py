@@ -8,7 +8,7 @@ The layers are ranked in :mod:`covshift.reporting.data`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import pandas as pd

@@ -14,6 +14,7 @@ a new object-oriented :class:`~matplotlib.figure.Figure` (no pyplot state).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

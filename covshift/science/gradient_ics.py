@@ -52,7 +52,6 @@ a :class:`GradientICS`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,20 +59,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from covshift.record import context
 from covshift.checks import check_int
-from covshift.store.files import append_jsonl, read_jsonl
+from covshift.faults import CovshiftWarning
+from covshift.record import context
+from covshift.science.measurement import Measurement
+from covshift.store.files import read_jsonl
 
 #: The file a measurement appends to, in the run directory (or any directory) it is given.
 GRADIENTS_FILE = "gradients.jsonl"
 COLUMNS = ("step", "layer", "grad_norm", "ics_norm", "relative", "cosine")
 
 
-class GradientICSWarning(UserWarning):
+class GradientICSWarning(CovshiftWarning):
     """Gradient ICS measurement failed and was switched off; training goes on untouched."""
 
 
-class GradientICS:
+class GradientICS(Measurement):
     """Measure gradient ICS every ``every`` optimizer steps of ``optimizer``.
 
     Args:
@@ -81,13 +82,17 @@ class GradientICS:
         optimizer: a ``torch.optim.Optimizer`` (it needs ``register_step_pre_hook``).
         loss_fn: ``loss_fn(output, target) -> scalar loss``, the loss the training uses.
         every: measure steps ``0, every, 2·every, …`` (counted as optimizer steps from 0).
-        directory: where to append ``gradients.jsonl`` (e.g. ``tracker.run.directory``);
-            ``None`` keeps the rows in memory only.
+        directory: where to append ``gradients.jsonl`` when measuring alone (``None``: rows in
+            memory only); added to a tracker (``tracker.add(GradientICS(...))``, the way to use
+            it) the rows go into its run and its steps are the tracker's.
         layers: names of the layers to measure (default: every module owning parameters).
 
     Before each ``optimizer.step()`` of a measured step, hand over that step's batch
     with :meth:`batch`; a measured step without one is skipped (with one warning).
     """
+
+    table = "gradients"
+    warning = GradientICSWarning
 
     def __init__(
         self,
@@ -107,8 +112,8 @@ class GradientICS:
             )
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(output, target), got {type(loss_fn).__name__}")
-        self.model, self.optimizer, self.loss_fn, self.every = model, optimizer, loss_fn, every
-        self.directory = Path(directory) if directory is not None else None
+        super().__init__(model, optimizer, directory)
+        self.loss_fn, self.every = loss_fn, every
         owned = {name: [(f"{name}.{p}" if name else p) for p, _ in module.named_parameters(recurse=False)]
                  for name, module in model.named_modules()}
         owned = {name: params for name, params in owned.items() if params}
@@ -120,11 +125,9 @@ class GradientICS:
         self._all_layers = list(owned.items())
         self.layers = list(layers) if layers is not None else list(owned)
         self.rows: list[dict[str, Any]] = []
-        self.step = 0  # the index of the next optimizer step
         self._batch: tuple[Any, Any] | None = None
         self._old: dict[str, torch.Tensor] | None = None
         self._stopped = False
-        self._warned: set[str] = set()
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -140,7 +143,7 @@ class GradientICS:
 
     def frame(self) -> Any:
         """The measurements as a tidy DataFrame: ``step, layer, grad_norm, ics_norm, relative, cosine``."""
-        return _to_frame(self.rows)
+        return gradient_frame(self.rows)
 
     def close(self) -> None:
         """Remove the optimizer hooks (idempotent)."""
@@ -159,15 +162,14 @@ class GradientICS:
         return f"GradientICS(every={self.every}, layers={len(self.layers)}, rows={len(self.rows)})"
 
     # -- hooks -------------------------------------------------------------------
-    def _measuring(self) -> bool:
-        return not self._stopped and self.step % self.every == 0
-
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._old = None
-        if not self._measuring():
+        self._note_step()
+        step = self._taking
+        if self._stopped or step % self.every:
             return
         if self._batch is None:
-            self._warn("no-batch", f"gradient ICS skipped step {self.step}: call ics.batch(inputs, target) before "
+            self._warn("no-batch", f"gradient ICS skipped step {step}: call ics.batch(inputs, target) before "
                                    "optimizer.step() on measured steps")
             return
         try:
@@ -176,7 +178,7 @@ class GradientICS:
             self._fail(err)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        step, self.step = self.step, self.step + 1
+        step = self._count_step()
         old, batch = self._old, self._batch
         self._old = self._batch = None
         if old is None or batch is None or self._stopped:
@@ -187,11 +189,10 @@ class GradientICS:
             self._fail(err)
             return
         self.rows.extend(rows)
-        if self.directory is not None:
-            try:
-                append_jsonl(self.directory / GRADIENTS_FILE, rows)
-            except OSError as err:
-                self._fail(err)
+        try:
+            self._store(rows)
+        except OSError as err:
+            self._fail(err)
 
     # -- the measurement ---------------------------------------------------------
     def _measure(self, step: int, old: dict[str, torch.Tensor], batch: tuple[Any, Any]) -> list[dict[str, Any]]:
@@ -247,11 +248,6 @@ class GradientICS:
         return {layer: torch.cat([by_param[p].detach().reshape(-1).double() for p in owned[layer]])
                 for layer in layers}
 
-    def _warn(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, GradientICSWarning, stacklevel=4)
-
     def _fail(self, err: BaseException) -> None:
         self._stopped = True
         self._warn("failed", f"gradient ICS failed at step {self.step} and is off for the rest of training "
@@ -267,7 +263,8 @@ def _row(step: int, layer: str, g: torch.Tensor, g_prime: torch.Tensor) -> dict[
             "relative": ics / grad_norm if grad_norm > 0 else math.nan, "cosine": cosine}
 
 
-def _to_frame(rows: list[dict[str, Any]]) -> Any:
+def gradient_frame(rows: Any) -> Any:
+    """Gradient ICS rows (dicts, or a run's ``gradients`` table) as :meth:`GradientICS.frame` gives them."""
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
@@ -286,4 +283,4 @@ def load_gradient_ics(directory: str | Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: record gradient ICS with "
                                 f"covshift.science.gradient_ics.GradientICS(..., directory={str(directory)!r})")
-    return _to_frame(read_jsonl(path, ValueError))
+    return gradient_frame(read_jsonl(path, ValueError))

@@ -22,7 +22,6 @@ every N steps, like the probe) or at a point you choose with
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ from covshift.record import context
 from covshift.checks import check_choice, check_int
 from covshift.record.layers import channel_axis, select_layers
 from covshift.record.probe import preserved
-from covshift.store.files import append_jsonl, read_jsonl
+from covshift.science.measurement import Measurement
+from covshift.store.files import read_jsonl
 from covshift.metrics.api import drift, drift_between, join_nearest_step
 from covshift.metrics.arrays import read_arrays
 from covshift.metrics.engine import AGGREGATES
@@ -139,7 +139,7 @@ def _stats_frame(rows: dict[str, list], record: Any, layers: list[str]) -> pd.Da
     return frame
 
 
-class NullFloor:
+class NullFloor(Measurement):
     """Record the null distribution of every metric on a probe batch, every ``every`` optimizer steps.
 
     The probe runs once per measured step through ``model`` in its current mode,
@@ -152,11 +152,17 @@ class NullFloor:
         optimizer: measure after every ``every``-th ``optimizer.step()`` (steps 0, every, …);
             None: only when :meth:`measure` is called.
         every: as above.
-        directory: where to append ``null_floor.jsonl`` (e.g. ``tracker.run.directory``).
+        directory: where to append ``null_floor.jsonl`` when measuring alone; added to a tracker
+            (``tracker.add(NullFloor(...))``, the way to use it) the rows go into its run.
         layers: as in ``covshift.attach`` (default: every default layer).
         size: examples per subset: the training batch size the drift compares (default: half the probe).
         splits, metric, agg, normalize: as in :func:`null_distribution`.
+
+    Added to a tracker with :meth:`covshift.Tracker.add`, it numbers its steps as the
+    tracker does (resumes included) and stores its rows in the tracker's run.
     """
+
+    table = "null_floor"
 
     def __init__(
         self,
@@ -174,14 +180,14 @@ class NullFloor:
     ) -> None:
         check_int("every", every)
         check_int("splits", splits)
-        self.model, self.every, self.splits, self.size = model, every, splits, size
+        super().__init__(model, optimizer, directory)
+        self.every, self.splits, self.size = every, splits, size
         self.probe = probe if isinstance(probe, tuple) else (probe,)
         self.layers = select_layers(model, layers)
         self.metric, self.agg, self.normalize = tuple(m.name for m in resolve(metric)), agg, normalize
-        self.directory = Path(directory) if directory is not None else None
         self.rows: list[dict[str, Any]] = []
-        self.step = 0
-        self._handles = [optimizer.register_step_post_hook(self._after_step)] if optimizer is not None else []
+        self._handles = [optimizer.register_step_pre_hook(self._note_step),
+                         optimizer.register_step_post_hook(self._after_step)] if optimizer is not None else []
         self._failed = False
 
     def measure(self, step: int) -> pd.DataFrame:
@@ -209,14 +215,13 @@ class NullFloor:
                 handle.remove()
         null = null_distribution(inputs, dims, self.metric, self.splits, self.size, self.normalize, self.agg,
                                  seed=step)
-        summary = null_quantiles(null)
-        summary.insert(0, "step", step)
-        summary["size"] = self.size if self.size is not None else len(next(iter(inputs.values()))) // 2
-        rows = summary.to_dict("records")
+        quantiles = null_quantiles(null)
+        quantiles.insert(0, "step", step)
+        quantiles["size"] = self.size if self.size is not None else len(next(iter(inputs.values()))) // 2
+        rows = [_plain(row) for row in quantiles.to_dict("records")]
         self.rows.extend(rows)
-        if self.directory is not None:
-            append_jsonl(self.directory / NULL_FILE, [_plain(row) for row in rows])
-        return summary
+        self._store(rows)
+        return quantiles
 
     def frame(self) -> pd.DataFrame:
         """Every recorded row: ``step, layer, metric, null_mean, null_q50, null_q95, splits, size``."""
@@ -234,15 +239,15 @@ class NullFloor:
         self.close()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        step, self.step = self.step, self.step + 1
+        step = self._count_step()
         if self._failed or step % self.every:
             return
         try:
             self.measure(step)
         except Exception as err:  # noqa: BLE001 - never raise into the user's step
             self._failed = True
-            warnings.warn(f"the null noise floor failed at step {step} and is off (training is unaffected): "
-                          f"{type(err).__name__}: {err}", UserWarning, stacklevel=3)
+            self._warn("failed", f"the null noise floor failed at step {step} and is off (training is unaffected): "
+                                 f"{type(err).__name__}: {err}")
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:

@@ -289,6 +289,17 @@ def read_jsonl(path: Path, error: type[Exception] = RunFileError) -> list[dict]:
     return rows
 
 
+def table_path(directory: Path, name: str) -> Path:
+    """Where a run keeps its side table ``name`` (``<name>.jsonl``), for measurements beside the records.
+
+    >>> table_path(Path("runs/a"), "null_floor").as_posix()
+    'runs/a/null_floor.jsonl'
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a table name must be letters, digits and _, got {name!r}")
+    return directory / f"{name}.jsonl"
+
+
 def read_curves(directory: Path) -> list[dict]:
     """Logged rows; a last line cut short by a crash is dropped, any other bad line is an error."""
     path = directory / CURVES_FILE

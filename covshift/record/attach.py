@@ -1,0 +1,73 @@
+"""`attach()`: start recording a model, the one call a training loop needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from covshift.record.layers import LayerSpec
+from covshift.record.settings import Settings, signature
+from covshift.record.tracker import Tracker
+
+
+def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Tracker:
+    """Start recording the input distributions of ``model``'s layers.
+
+    Args:
+        model: any ``torch.nn.Module``; left exactly as found by ``detach()``.
+        layers: None for every layer with parameters of its own or normalization
+            layer; else names or glob patterns (``"features.*"``), module types, a
+            list of those, or a predicate ``(name, module) -> bool``.
+        every: which training steps record: ``"log"`` (default: steps 0–22, then
+            40 per decade, 168 records in 100,000 steps; see :mod:`covshift.schedule`),
+            an int N (steps 0, N, 2N, …) or a :class:`~covshift.schedule.Schedule`.
+        sample_size: values per channel the quantiles come from (exact at or above
+            the channel's value count); moments and extrema always use every value.
+        sketch_channels: channels per layer that keep quantiles and bin means
+            (evenly spaced, first and last included; None: all); moments, extrema
+            and the zero fraction are kept for every channel. Wide layers cost
+            far less to store and report this way (docs/performance.md).
+        store: a new directory to stream the run to (crash-safe); None keeps it in
+            a temporary directory until ``run.save()``.
+        step: ``"auto"`` (each training-mode forward is a step) or ``"manual"``
+            (call ``tracker.step()``, e.g. after gradient accumulation).
+        optimizer: steps follow this optimizer's ``step()`` (PyTorch's step hooks):
+            every training forward between two updates is one record, so
+            gradient accumulation and several forwards per update are right.
+        outputs: also record each layer's output, as layer ``"<name>:output"``.
+        channel_dim: ``"auto"`` (dim 1 for conv/norm inputs, last dim otherwise),
+            an int, None to summarize each layer as a whole, or a dict per layer name.
+        flush_every: write to disk at least every this many recorded steps.
+        memory_budget: bytes of buffered records (332 per channel per step) that trigger a write.
+        name: label for reports (default: the store directory's name).
+        group: in a ``torch.distributed`` job, the process group whose ranks record
+            into one run (None: the default group when one is initialized with more
+            than one process; ``False``: each rank records on its own). Rank 0 of
+            the group merges every rank's records and writes the run; every rank
+            must attach alike and take the same steps (see "Several processes" in
+            docs/guide.md).
+
+    Returns:
+        The :class:`Tracker`; its ``run`` holds the records.
+
+    Raises:
+        ValueError: a layer name or pattern matches nothing (the message lists
+            the valid names), or a setting is out of range.
+        covshift.distributed.DistributedError: later, from a recorded step's
+            ``optimizer.step()`` (or forward), when exchanging records with the
+            other ranks fails: a rank died or the ranks are out of step.
+
+    >>> import torch, covshift
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> with covshift.attach(model) as tracker:
+    ...     _ = model(torch.randn(8, 4))
+    >>> tracker.run.stats()[["step", "layer", "channel", "count"]].tail(2)
+       step layer  channel  count
+    5     0     2        1      8
+    6     0     2        2      8
+    """
+    return Tracker(model, layers, **Settings.of("attach", settings).__dict__)
+
+
+attach.__signature__ = signature("Tracker")  # type: ignore[attr-defined]
