@@ -278,3 +278,19 @@ def test_cli_without_the_plugin_does_not_know_its_metric(run_dir, plugin_env):
     result = covshift_cmd(env, "compare", run_dir, run_dir, "--metric", "plugin_gap")
     assert result.returncode == 1
     assert "plugin_gap" in result.stderr
+
+
+def test_cli_metrics_lists_the_builtins_and_a_plugin_metric(plugin_env):
+    result = covshift_cmd(plugin_env, "metrics")
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.splitlines()]
+    assert listed == [*covshift.metrics.names(), "plugin_gap"]
+    assert "the spread gap of the test plugin, loaded from an entry point" in result.stdout
+
+
+def test_a_plugin_that_fails_to_load_is_skipped_with_a_warning(plugin_env, tmp_path):
+    site = Path(plugin_env["PYTHONPATH"].split(os.pathsep)[0])
+    (site / "covshift_test_plugin.py").write_text("raise RuntimeError('broken plugin')\n", encoding="utf-8")
+    result = covshift_cmd(plugin_env, "metrics")
+    assert result.returncode == 0
+    assert "plugin_gap" not in result.stdout and "broken plugin" in result.stderr

@@ -146,8 +146,8 @@ def train_model(
     with covshift.attach(model, optimizer=optimizer, layers=recorded, every=config.every, store=store,
                          sketch_channels=None, name=name) as tracker:
         tracker.probe(probe, every=config.eval_every)
-        null = tracker.add(NullFloor(model, probe, optimizer=optimizer, every=config.null_every, layers=recorded,
-                                     size=config.batch_size, splits=config.null_splits))
+        tracker.add(NullFloor(model, probe, optimizer=optimizer, every=config.null_every, layers=recorded,
+                              size=config.batch_size, splits=config.null_splits))
         ics = tracker.add(GradientICS(model, optimizer, F.cross_entropy, every=config.ics_every, layers=linears))
         # noisy BN draws the next step's noise after the measurements of this one (hooks run in order)
         noisy = [m for m in model.modules() if isinstance(m, NoisyBatchNorm)]
