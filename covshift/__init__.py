@@ -37,7 +37,13 @@ if TYPE_CHECKING:
     from covshift.record.tracker import Tracker
 
 
+#: Subpackages reachable as ``covshift.<name>`` after ``import covshift`` (loaded on first use too).
+_SUBPACKAGES = ("metrics",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"covshift.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'covshift' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
@@ -46,4 +52,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *__all__, *_SUBPACKAGES})

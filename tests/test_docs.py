@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and docs/guide.md runs as written, in order, in an empty directory.
+"""Every ```python block of README.md, docs/guide.md, docs/metrics.md and docs/science.md runs as written, in order, in an empty directory.
 
 A block that genuinely cannot run here (it needs a dataset or a GPU) is marked on
 the line just above its fence with ``<!-- doc-test: skip: REASON -->``; the
@@ -18,7 +18,7 @@ import pytest
 matplotlib.use("Agg")
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = {"README.md": 2, "docs/guide.md": 1}  # page: how many times its blocks run
+PAGES = {"README.md": 2, "docs/guide.md": 1, "docs/metrics.md": 1, "docs/science.md": 1}  # page: how many times its blocks run
 _FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _SKIP = re.compile(r"<!-- doc-test: skip(?::\s*(.*?))? -->\s*$")
 

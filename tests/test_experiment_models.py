@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from covshift.experiments import reference_pair, summary
+from covshift.experiments import model_table, reference_pair
 from covshift.experiments.models import CONVS, N_CLASSES
 
 
@@ -22,14 +22,14 @@ def test_parameter_counts_are_exact_and_on_target() -> None:
     assert sum(p.numel() for p in bn.parameters() if p.requires_grad) == convs + gamma_beta
     assert abs(convs - 48_800) <= 0.01 * 48_800
     assert abs(convs + gamma_beta - 49_300) <= 0.01 * 49_300
-    assert summary(plain).trainable == convs and summary(plain).non_trainable == 0
-    assert summary(bn).trainable == convs + gamma_beta
-    assert summary(bn).non_trainable == gamma_beta  # running mean and var: one each per channel
+    assert model_table(plain).trainable == convs and model_table(plain).non_trainable == 0
+    assert model_table(bn).trainable == convs + gamma_beta
+    assert model_table(bn).non_trainable == gamma_beta  # running mean and var: one each per channel
 
 
 def test_second_module_is_batchnorm_16_with_32_trainable_parameters() -> None:
     _, bn = reference_pair(seed=1)
-    rows = summary(bn).rows
+    rows = model_table(bn).rows
     assert rows[1].type == "BatchNorm2d" and rows[1].output_shape[1] == 16
     assert rows[1].trainable == 32 and rows[1].buffers == 32
     assert rows[0].type == "Conv2d"
@@ -73,12 +73,12 @@ def test_seed_controls_weights_and_global_rng_is_untouched() -> None:
     assert not torch.equal(a.block3.conv.weight, c.block3.conv.weight)
 
 
-def test_summary_table_text_and_cleanup() -> None:
+def test_model_table_text_and_cleanup() -> None:
     _, bn = reference_pair(seed=1)
     bn.train()
     bn.block2.eval()
     hooks_before = sum(len(m._forward_hooks) for m in bn.modules())
-    table = summary(bn)
+    table = model_table(bn)
     text = str(table)
     assert "Layer (type)" in text and "Output Shape" in text and "Param #" in text
     assert "BatchNorm2d-2" in text and "[-1, 16, 26, 26]" in text
@@ -89,7 +89,7 @@ def test_summary_table_text_and_cleanup() -> None:
     assert bn.training and not bn.block2.training and not bn.block2.bn.training and bn.block1.bn.training
 
 
-def test_summary_rejects_a_bad_input_size() -> None:
+def test_model_table_rejects_a_bad_input_size() -> None:
     plain, _ = reference_pair(seed=1)
     with pytest.raises(ValueError, match=r"input_size .* got \(1, 0, 28\)"):
-        summary(plain, input_size=(1, 0, 28))
+        model_table(plain, input_size=(1, 0, 28))

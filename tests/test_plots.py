@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 import covshift
 from covshift.reporting import figures
 from covshift.reporting import heatmap as overview
-from covshift.reporting import plots
+from covshift.reporting import panels, plots
 from covshift.reporting.data import layer_percentiles
 
 
@@ -96,9 +96,9 @@ def test_training_curve_skips_missing_values_and_columns():
 
 
 def test_spans_decades_ignores_zeros_and_non_finite_values():
-    assert figures.spans_decades(np.array([0.0, 0.01, 2.0, np.inf]))
-    assert not figures.spans_decades(np.array([0.0, 0.5, 2.0, np.nan]))
-    assert not figures.spans_decades(np.array([]))
+    assert panels.spans_decades(np.array([0.0, 0.01, 2.0, np.inf]))
+    assert not panels.spans_decades(np.array([0.0, 0.5, 2.0, np.nan]))
+    assert not panels.spans_decades(np.array([]))
 
 
 def test_drift_figure_scales_each_panel_on_its_own_with_one_label_per_row_and_thins_lines():
@@ -120,7 +120,7 @@ def test_drift_figure_scales_each_panel_on_its_own_with_one_label_per_row_and_th
     assert len(lines) == 2 and all(len(line.get_xdata()) <= 10 for line in lines)
     assert [line.get_color() for line in lines] == ["C0", "C1"]
     assert not [t for ax in fig.axes for t in ax.texts]  # nothing coincides, nothing is short
-    assert tuple(fig.get_size_inches()) == (2 * figures.PANEL_SIZE[0], 2 * figures.PANEL_SIZE[1])
+    assert tuple(fig.get_size_inches()) == (2 * panels.PANEL_SIZE[0], 2 * panels.PANEL_SIZE[1])
 
 
 def test_drift_figure_says_when_two_runs_coincide_and_keeps_both_visible():

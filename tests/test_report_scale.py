@@ -17,7 +17,6 @@ import covshift
 from covshift.reporting import heatmap as overview
 from covshift.reporting import sections
 from covshift.defaults import DEFAULT_TOP
-from covshift.reporting import data as report_data
 from covshift.reporting.text import fmt
 from covshift.reporting.panels import (
     DPI,
@@ -106,13 +105,14 @@ def test_detail_figures_are_drawn_for_the_top_layers_and_the_layers_asked_for_on
 
 def test_only_the_detail_layers_are_read_record_by_record(deep_run, monkeypatch):
     asked: list[list[str]] = []
-    read = report_data._layer_stats
+    stats = deep_run.stats
 
-    def spy(run, layers, source):
-        asked.append(list(layers))
-        return read(run, layers, source)
+    def spy(source=None, **filters):
+        if filters.get("columns") is None:  # every column of the records read (drift reads only its columns)
+            asked.append(list(filters.get("layers") or ["every layer"]))
+        return stats(source, **filters)
 
-    monkeypatch.setattr(report_data, "_layer_stats", spy)
+    monkeypatch.setattr(deep_run, "stats", spy)
     data = ReportData.compute([deep_run], ["wasserstein"], reference="initial", source="train", channel=None, top=3)
     assert asked == [[layer] for layer in data.detail] and len(asked) == 3
 

@@ -26,7 +26,7 @@ import covshift
 from covshift.checks import check_int
 from covshift.experiments import results
 from covshift.experiments.data import DATASETS, FALLBACK_TRAIN, SPLIT_FILES, Split, load_splits, normalize
-from covshift.experiments.model_summary import summary
+from covshift.experiments.model_table import model_table
 from covshift.experiments.models import reference_pair
 
 #: The two networks, in training order: run directory name and label.
@@ -165,7 +165,7 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
         "seconds": {},
     }
     for name, model in models.items():
-        print(str(summary(model)), flush=True)
+        print(str(model_table(model)), flush=True)
         started = time.perf_counter()
         train_model(model, name, (train_x, train.labels), (test_x, test.labels), probe, config, out / name)
         experiment["seconds"][name] = round(time.perf_counter() - started, 1)
@@ -303,7 +303,7 @@ def _describe(split: Split) -> dict:
 
 
 def _model_info(model: nn.Module) -> dict:
-    table = summary(model)
+    table = model_table(model)
     return {
         "summary": str(table),
         "trainable_params": table.trainable,

@@ -160,16 +160,20 @@ def drift_between(
     return tidy(current, layers, cur, values, ok, label, by, agg)
 
 
-def join_nearest_step(layer_drift: pd.DataFrame, floor: pd.DataFrame, floor_step: str) -> pd.DataFrame:
-    """``layer_drift`` beside the ``floor`` row of the same layer and metric at the nearest step.
+def beside_floor(layer_drift: pd.DataFrame, floor: pd.DataFrame, floor_step: str) -> pd.DataFrame:
+    """``layer_drift`` (:func:`drift` rows) beside the ``floor`` row of the same layer and metric at the nearest step.
 
-    ``floor`` has its step in the column ``floor_step``, dropped from the result; layers come out as strings.
+    ``floor`` has its step in the column ``floor_step``, dropped from the result. Rows come
+    in :func:`drift`'s order, layers in its categories.
     """
+    categories = layer_drift["layer"].cat.categories
     layer_drift = layer_drift.assign(layer=layer_drift["layer"].astype(str)).sort_values("step")
     floor = floor.assign(layer=floor["layer"].astype(str)).sort_values(floor_step)
-    return pd.merge_asof(
+    joined = pd.merge_asof(
         layer_drift, floor, left_on="step", right_on=floor_step, by=["layer", "metric"], direction="nearest"
     ).drop(columns=floor_step)
+    joined["layer"] = pd.Categorical(joined["layer"], categories=categories)
+    return joined.sort_values(["metric", "step", "layer"], ignore_index=True)
 
 
 def drift_to_noise(
@@ -189,11 +193,10 @@ def drift_to_noise(
     layer_drift = drift(run, metric, reference, normalize, "layer", agg, source)
     floor = noise_floor(run, metric, normalize, "layer", agg)
     floor = floor[["step", "layer", "metric", "value"]].rename(columns={"value": "noise", "step": "probe_step"})
-    joined = join_nearest_step(layer_drift, floor, "probe_step")
+    joined = beside_floor(layer_drift, floor, "probe_step")
     with np.errstate(divide="ignore", invalid="ignore"):
         joined["ratio"] = joined["value"] / joined["noise"]
-    joined["layer"] = pd.Categorical(joined["layer"], categories=layer_order(run))
-    return joined.sort_values(["metric", "step", "layer"], ignore_index=True)
+    return joined
 
 
 def drift_table(

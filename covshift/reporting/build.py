@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from covshift.defaults import DEFAULT_MAX_POINTS, DEFAULT_METRICS, DEFAULT_TOP, PROGRESS_LAYERS
 from covshift.metrics.registry import resolve
-from covshift.reporting import figures
+from covshift.reporting.panels import DPI
 from covshift.reporting.data import ReportData, layers_in_order
 from covshift.reporting.html import render_html
 from covshift.reporting.sections import build_sections
@@ -117,7 +117,7 @@ def report(
         bar.total = (bar.total or 0) + len(sections)
         for section in sections:  # drawn, saved and dropped one at a time
             bar.set_postfix_str(section.file, refresh=False)
-            section.figure.savefig(out / section.file, dpi=figures.DPI)
+            section.figure.savefig(out / section.file, dpi=DPI)
             bar.update(1)
     data.table.to_csv(out / "summary.csv", index=False)
     page = render_html(data, loaded, sections, out, metrics=metrics, reference=reference, source=source,

@@ -41,7 +41,7 @@ from covshift.defaults import DEFAULT_MAX_POINTS
 from covshift.metrics import get as get_metric
 from covshift.reporting import plots
 from covshift.reporting.text import reference_words
-from covshift.reporting.panels import (  # noqa: F401 (DPI, PANEL_SIZE … are read as figures.*)
+from covshift.reporting.panels import (
     DPI,
     PANEL_SIZE,
     StepAxis,

@@ -37,7 +37,7 @@ from covshift.record.layers import channel_axis, select_layers
 from covshift.record.probe import preserved
 from covshift.science.measurement import Measurement
 from covshift.store.files import read_jsonl
-from covshift.metrics.api import drift, drift_between, join_nearest_step
+from covshift.metrics.api import beside_floor, drift, drift_between
 from covshift.metrics.arrays import read_arrays
 from covshift.metrics.engine import AGGREGATES
 from covshift.metrics.registry import resolve
@@ -280,11 +280,9 @@ def drift_to_null(
     """
     layer_drift = drift(run, metric, reference, normalize, "layer", agg, source)
     floor = null[["step", "layer", "metric", *NULL_COLUMNS]].rename(columns={"step": "null_step"})
-    categories = layer_drift["layer"].cat.categories
-    joined = join_nearest_step(layer_drift, floor, "null_step")
+    joined = beside_floor(layer_drift, floor, "null_step")
     with np.errstate(divide="ignore", invalid="ignore"):
         joined["ratio"] = joined["value"] / joined["null_mean"]
         joined["ratio_q95"] = joined["value"] / joined["null_q95"]
     joined["exceeds"] = joined["value"] > joined["null_q95"]
-    joined["layer"] = pd.Categorical(joined["layer"], categories=categories)
-    return joined.sort_values(["metric", "step", "layer"], ignore_index=True)
+    return joined

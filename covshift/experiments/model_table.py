@@ -21,7 +21,7 @@ class LayerRow:
 
 
 @dataclass(frozen=True)
-class ModelSummary:
+class ModelTable:
     """Per-layer rows and totals; ``str()`` gives the table.
 
     Non-trainable parameters are frozen parameters plus floating-point buffers
@@ -61,8 +61,8 @@ class ModelSummary:
         return "\n".join(lines)
 
 
-def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 28, 28)) -> ModelSummary:
-    """Summarize ``model`` like torchsummary: one row per leaf module, in forward order.
+def model_table(model: nn.Module, input_size: tuple[int, ...] = (1, 28, 28)) -> ModelTable:
+    """Tabulate ``model`` like torchsummary: one row per leaf module, in forward order.
 
     Runs one batch of two zero inputs of shape ``input_size`` under ``no_grad`` in
     eval mode; every hook is removed and the training flags are put back.
@@ -72,13 +72,13 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 28, 28)) -> Mode
         input_size: the shape of one input, without the batch dimension.
 
     Returns:
-        A :class:`ModelSummary`; print it for the table.
+        A :class:`ModelTable`; print it for the table.
 
     Raises:
         ValueError: ``input_size`` is empty or holds a non-positive size.
 
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-    >>> table = summary(net, input_size=(1, 8, 8))
+    >>> table = model_table(net, input_size=(1, 8, 8))
     >>> table.trainable, table.non_trainable, table.rows[1].output_shape
     (48, 8, (2, 4, 6, 6))
     """
@@ -114,4 +114,4 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 28, 28)) -> Mode
             handle.remove()
         for module, training in modes.items():
             module.training = training
-    return ModelSummary(rows=tuple(rows), input_size=tuple(input_size))
+    return ModelTable(rows=tuple(rows), input_size=tuple(input_size))
