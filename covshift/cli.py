@@ -145,6 +145,9 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
     drawing.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K",
                          help="the K most drifting layers get per-layer figures; 0: only --layers "
                               "(default: %(default)s)")
+    drawing.add_argument("--match", nargs="+", type=_layer_pair, metavar="LATER=FIRST",
+                         help="pair a later run's layer with the first run's for the verdict (default: same "
+                              "name, type and channel count, then the k-th layer of each type and channel count)")
     drawing.add_argument("--channel", type=int, metavar="C",
                          help="draw percentiles of channel C instead of the mean over channels")
     drawing.add_argument("--max-points", type=int, default=DEFAULT_MAX_POINTS, metavar="N",
@@ -237,6 +240,13 @@ def _drift_options(parser: argparse.ArgumentParser, *, metric_nargs: str | None)
                         help="records to measure: training batches or the fixed probe batch (default: %(default)s)")
 
 
+def _layer_pair(text: str) -> tuple[str, str]:
+    later, sep, first = text.partition("=")
+    if not sep or not later or not first:
+        raise argparse.ArgumentTypeError(f"expected LATER=FIRST (two layer names), got {text!r}")
+    return later, first
+
+
 def _reference(text: str) -> str | int:
     return int(text) if text.lstrip("-").isdigit() else text
 
@@ -248,7 +258,7 @@ def _report(args: argparse.Namespace) -> int:
 
     path = report(args.runs, args.out, metrics=args.metric, layers=args.layers, top=args.top,
                   reference=args.reference, source=args.source, channel=args.channel, max_points=args.max_points,
-                  progress=args.progress)
+                  match=dict(args.match) if args.match else None, progress=args.progress)
     print(f"wrote {path}")
     return 0
 

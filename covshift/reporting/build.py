@@ -6,7 +6,7 @@ import hashlib
 import html
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -41,6 +41,7 @@ def report(
     reference: str | int = "initial",
     source: str = "train",
     channel: int | None = None,
+    match: Mapping[str, str] | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
     notice: str | None = None,
     progress: bool | None = None,
@@ -76,6 +77,10 @@ def report(
         source: records to draw: ``"train"`` batches or the fixed ``"probe"`` batch.
         channel: draw percentiles of this channel instead of the mean over channels
             (layers with fewer channels show an empty panel).
+        match: layers of the later runs paired with the first run's, ``{later run's layer: first
+            run's layer}``, for the verdict and the ratios (the others: same name, type and channel
+            count; then the k-th layer of each type and channel count with the k-th; the page names
+            every pair whose names differ).
         max_points: most steps drawn per line (the table uses every step).
         notice: a warning shown in a short amber box at the top of the page: its first line as the title, its other lines (banner rules and a repeat of the title dropped) as a list.
         progress: show a progress bar on stderr; None: when a run has :data:`PROGRESS_LAYERS` layers or more.
@@ -107,7 +112,7 @@ def report(
     out = Path(out_dir)
     with tqdm(desc="covshift report", unit="part", disable=not progress, leave=False) as bar:
         data = ReportData.compute(loaded, metrics, reference=reference, source=source, channel=channel, top=top,
-                                  asked=asked, progress=bar)
+                                  asked=asked, match=match, progress=bar)
         if data.short_note:
             warnings.warn(data.short_note, UserWarning, stacklevel=2)
         sections = build_sections(data, metrics, reference=reference, max_points=max_points, channel=channel,

@@ -9,18 +9,16 @@ and the page (:mod:`covshift.reporting.html`) read what this module computes.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from pandas.core.groupby import SeriesGroupBy
 
 from covshift.defaults import DEFAULT_TOP
-from covshift.metrics import get as get_metric
 from covshift.metrics.api import drift, has_probe, noise_floor
-from covshift.metrics.verdict import compare
-from covshift.reporting.text import fmt
+from covshift.reporting.comparison import comparison_table, match_layers, without_short_runs
+from covshift.reporting.verdicts import short_run_note, verdict_lines, verdict_metric
 from covshift.schedule import LogSpaced, from_config
 from covshift.science.gradient_ics import GradientICS, gradient_frame
 from covshift.science.null_floor import NullFloor
@@ -29,12 +27,6 @@ from covshift.store.run import Run
 #: The quantiles the report draws: the 15th, 50th and 85th percentiles (the BatchNorm paper's Figure 1)
 #: inside the 1st–99th percentile band.
 DRAWN_QUANTILES = ("q0.01", "q0.15", "q0.5", "q0.85", "q0.99")
-
-#: Runs with fewer recorded steps than this have no drift.
-MIN_STEPS = 2
-
-
-
 
 
 def layers_in_order(runs: Sequence[Run], layers: str | Sequence[str] | None = None) -> list[str]:
@@ -111,11 +103,6 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
     return labels
 
 
-def verdict_metric(metrics: Sequence[str]) -> str:
-    """The metric the verdict is stated in: W1 when drawn, else the first metric."""
-    return "wasserstein" if "wasserstein" in metrics else metrics[0]
-
-
 @dataclass
 class ReportData:
     """Everything the figures and the tables need, computed once from the runs (lists: one item per run)."""
@@ -138,6 +125,7 @@ class ReportData:
     verdicts: list[tuple[str, str]] = field(default_factory=list)  # (headline, details) per verdict line
     short_note: str | None = None  # what to change when a run recorded too few steps
     probes: str = ""  # each run's probe batch, in words
+    matches: list[dict[str, str]] = field(default_factory=list)  # per later run: {its layer: the first run's}
 
     @classmethod
     def compute(
@@ -150,10 +138,12 @@ class ReportData:
         channel: int | None,
         top: int = DEFAULT_TOP,
         asked: Collection[str] = (),
+        match: Mapping[str, str] | None = None,
         progress: Any = None,
     ) -> ReportData:
         """Layer-level drift of every layer, the ``top`` layers by drift, and detail of those and of ``asked``.
 
+        ``match`` pairs layers of the later runs with the first run's (:func:`match_layers`);
         ``progress`` is a tqdm bar (or None) advanced once per run and per detail layer of each run.
         """
         metric = verdict_metric(metrics)
@@ -185,10 +175,11 @@ class ReportData:
                                     else _empty(["step", "layer", "channel", "metric", "value"]))
             data.steps.append(len(seen))
         data.labels = run_labels(runs)
+        data.matches = [match_layers(runs[0], run, match) for run in runs[1:]]
         data.short_note = short_run_note(data.labels, data.steps, source)
-        data.table = without_short_runs(comparison_table(data.drifts, data.noises, data.labels, layers, metrics),
-                                        data.labels, data.steps)
-        data.verdicts = verdict_lines(data.table, data.labels, data.steps, metric, data.medians)
+        table = comparison_table(data.drifts, data.noises, data.labels, layers, metrics, data.matches)
+        data.table = without_short_runs(table, data.labels, data.steps)
+        data.verdicts = verdict_lines(data.table, data.labels, data.steps, metric, data.medians, data.matches)
         data.probes = probe_description(runs, data.labels)
         return data
 
@@ -249,113 +240,6 @@ def layer_percentiles(stats: pd.DataFrame, channel: int | None = None) -> pd.Dat
     if channel is not None:
         stats = stats[stats["channel"] == channel]
     return stats.groupby(["step", "layer"], observed=True)[columns].mean().reset_index()
-
-
-def comparison_table(
-    drifts: Sequence[pd.DataFrame],
-    noises: Sequence[pd.DataFrame | None],
-    labels: Sequence[str],
-    layers: Sequence[str],
-    metrics: Sequence[str],
-) -> pd.DataFrame:
-    """Per (metric, layer): each run's mean drift over all its steps, its drift at its last step, its noise floor.
-
-    ``{run} noise`` is the run's noise floor averaged over its probe steps (NaN
-    without a probe). With several runs, ``{run}/{first} mean`` and ``… final``
-    give each later run's value divided by the first run's (below 1: it drifts less).
-    """
-    columns: dict[str, pd.Series] = {}
-    for frame, noise, label in zip(drifts, noises, labels):
-        grouped = _by_metric_layer(frame.sort_values("step"))
-        columns[f"{label} mean"], columns[f"{label} final"] = grouped.mean(), grouped.last()
-        columns[f"{label} noise"] = _by_metric_layer(noise).mean() if noise is not None else pd.Series(dtype=float)
-    index = pd.MultiIndex.from_product([list(metrics), list(layers)], names=["metric", "layer"])
-    table = pd.DataFrame({name: column.reindex(index) for name, column in columns.items()}, index=index)
-    first = labels[0]
-    for label in labels[1:]:
-        for kind in ("mean", "final"):
-            table[f"{label}/{first} {kind}"] = table[f"{label} {kind}"] / table[f"{first} {kind}"]
-    return table.dropna(how="all").reset_index()
-
-
-def _by_metric_layer(frame: pd.DataFrame) -> SeriesGroupBy:
-    return frame.groupby([frame["metric"], frame["layer"].astype(str)])["value"]
-
-
-def without_short_runs(table: pd.DataFrame, labels: Sequence[str], steps: Sequence[int]) -> pd.DataFrame:
-    """``table`` with the drift of runs of fewer than :data:`MIN_STEPS` steps blanked (their 0 is no measurement)."""
-    short = {label for label, n in zip(labels, steps) if n < MIN_STEPS}
-    first = labels[0]
-    blank = [f"{label} {kind}" for label in short for kind in ("mean", "final")]
-    blank += [f"{label}/{first} {kind}" for label in labels[1:] if short & {label, first} for kind in ("mean", "final")]
-    return table.assign(**{c: float("nan") for c in blank if c in table.columns})
-
-
-def short_run_note(labels: Sequence[str], steps: Sequence[int], source: str) -> str | None:
-    """What to change when a run recorded fewer than :data:`MIN_STEPS` steps (None when none did).
-
-    >>> short_run_note(["a", "b"], [1, 30], "train")
-    "Run 'a' recorded 1 train step; drift needs at least 2. Record more often (a smaller every= in covshift.attach(model, every=N)) or train longer."
-    """
-    short = [f"'{label}' recorded {n} {source} step{'' if n == 1 else 's'}"
-             for label, n in zip(labels, steps) if n < MIN_STEPS]
-    if not short:
-        return None
-    return (f"Run {', run '.join(short)}; drift needs at least {MIN_STEPS}. Record more often (a smaller every= "
-            "in covshift.attach(model, every=N)) or train longer.")
-
-
-def verdict_lines(
-    table: pd.DataFrame,
-    labels: Sequence[str],
-    steps: Sequence[int],
-    metric: str,
-    medians: Sequence[pd.Series] | None = None,
-) -> list[tuple[str, str]]:
-    """The verdict as (headline, details): each later run against the first, or a summary of one run.
-
-    From ``metric``'s rows of the summary table (mean drift over the recorded
-    steps, channels aggregated by their mean) and, when given, each run's
-    ``medians`` (per layer, the same with channels aggregated by their median):
-    the verdict then states both (:func:`covshift.metrics.verdict.compare`). Runs with
-    fewer than :data:`MIN_STEPS` steps get none.
-    """
-    rows = table[table["metric"] == metric]
-    name = get_metric(metric).axis_label()
-    if len(labels) == 1:
-        median = medians[0] if medians is not None else None
-        return [_one_run_line(rows, labels[0], name, median)] if steps[0] >= MIN_STEPS else []
-    lines = []
-    base = labels[0]
-    for k, (label, n) in enumerate(zip(labels[1:], steps[1:]), start=1):
-        if n < MIN_STEPS or steps[0] < MIN_STEPS:
-            continue
-        both = rows.dropna(subset=[f"{base} mean", f"{label} mean"])
-        if both.empty:
-            lines.append((f"{label} and {base} share no layer: no verdict", ""))
-            continue
-        layers = list(both["layer"])
-        by_median = {}
-        if medians is not None:
-            by_median = {"baseline_median": medians[0].reindex(layers).tolist(),
-                         "other_median": medians[k].reindex(layers).tolist()}
-        v = compare(layers, both[f"{base} mean"].tolist(), both[f"{label} mean"].tolist(), base, label, **by_median)
-        lines.append((v.headline, v.details))
-    return lines
-
-
-def _one_run_line(rows: pd.DataFrame, label: str, name: str, median: pd.Series | None) -> tuple[str, str]:
-    drift = rows.set_index("layer")[f"{label} mean"].dropna()
-    if drift.empty:
-        return f"{label}: no drift measured", ""
-    line = f"{label}: mean {name} drift {fmt(drift.mean())} over {len(drift)} layers"
-    if median is not None:
-        line += f" by the channel mean, {fmt(median.reindex(drift.index).mean())} by the channel median"
-    line += f"; most in layer {drift.idxmax()} ({fmt(drift.max())})"
-    ratio = (rows.set_index("layer")[f"{label} mean"] / rows.set_index("layer")[f"{label} noise"]).dropna()
-    if len(ratio):
-        line += f"; {int((ratio > 1).sum())} of {len(ratio)} layers above their noise floor"
-    return line, ""
 
 
 def probe_description(runs: Sequence[Run], labels: Sequence[str]) -> str:

@@ -15,7 +15,8 @@ import pandas as pd
 from matplotlib.colors import to_hex
 
 from covshift.metrics import get as get_metric
-from covshift.reporting.data import ReportData, verdict_metric
+from covshift.reporting.data import ReportData
+from covshift.reporting.verdicts import verdict_metric
 from covshift.reporting.panels import run_colors
 from covshift.reporting.text import fmt, reference_words
 from covshift.store.run import Run

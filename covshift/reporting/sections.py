@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 
 from covshift.metrics import get as get_metric
 from covshift.reporting import figures
-from covshift.reporting.data import ReportData, verdict_metric
+from covshift.reporting.data import ReportData
+from covshift.reporting.verdicts import verdict_metric
 from covshift.reporting.heatmap import heatmap_figure
 from covshift.reporting.panels import HEATMAP_ROWS_PER_PAGE, ROWS_PER_PAGE, StepAxis, choose_step_axis, paged
 
