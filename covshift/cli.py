@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(with_experiments=argv[:1] == ["experiment"])
     except ImportError as err:
-        print(f"covshift experiment: error: cannot load the experiments: {_one_line(err)}", file=sys.stderr)
+        print(f"covshift experiment: error: cannot load the experiments: {_one_line(err)} "
+              "(they need the data extra: pip install 'covshift[data]')", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import covshift
+from covshift.cli import main
 from covshift.experiments import data, mnist_bn, results
 from covshift.metrics.verdict import compare_runs
 
@@ -182,6 +183,13 @@ def test_offline_fallback_is_announced_once_and_says_what_was_used(tmp_path: Pat
     html = (out / "report" / "report.html").read_text()
     assert content["report"] == "report/report.html"
     assert html.count("DATA NOTICE") == 1 and html.index("DATA NOTICE: offline fallback data in use") < html.index("<img")
+    # reported again later, from the experiment's folder: its runs, and the notice they carry, as one sentence
+    assert main(["report", str(out), "-o", str(tmp_path / "again")]) == 0
+    again = (tmp_path / "again" / "report.html").read_text()
+    box = again[again.index("<div class=notice"):again.index("</div>")]
+    assert box.startswith("<div class=notice role=note><strong>DATA NOTICE: offline fallback data in use, not the "
+                          "official MNIST splits; accuracies are not comparable to full MNIST.</strong><ul><li>Why:")
+    assert "batchnorm drifts" in again and "than plain" in again  # plain, recorded first, is the baseline
 
 
 def test_a_mistyped_data_dir_is_an_error_before_training(tmp_path: Path) -> None:

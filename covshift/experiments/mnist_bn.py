@@ -167,7 +167,8 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
     for name, model in models.items():
         print(str(model_table(model)), flush=True)
         started = time.perf_counter()
-        train_model(model, name, (train_x, train.labels), (test_x, test.labels), probe, config, out / name)
+        train_model(model, name, (train_x, train.labels), (test_x, test.labels), probe, config, out / name,
+                    notice=notice)
         experiment["seconds"][name] = round(time.perf_counter() - started, 1)
     (out / EXPERIMENT_FILE).write_text(json.dumps(experiment, indent=2))
     results.write_results(out, report=config.report)
@@ -202,8 +203,11 @@ def train_model(
     probe: torch.Tensor,
     config: Config,
     store: Path,
+    notice: str | None = None,
 ) -> covshift.Run:
     """Train ``model`` with SGD under a covshift tracker; log per-epoch loss and accuracy into the run.
+
+    A data ``notice`` is stored with the run, so every report of it shows the notice at its top.
 
     The batch order comes from ``config.seed`` alone, so every model sees the same batches.
     Training loss and accuracy are averaged over the epoch's batches as they were trained on.
@@ -215,6 +219,8 @@ def train_model(
     with covshift.attach(model, layers=nn.Conv2d, every=config.every, store=store, sketch_channels=None,
                          name=name) as tracker:
         tracker.probe(probe, every=config.probe_every)
+        if notice:
+            tracker.run.add_notice(notice)
         for epoch in range(1, config.epochs + 1):
             model.train()
             order = torch.randperm(len(labels), generator=order_rng)

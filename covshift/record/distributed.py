@@ -213,6 +213,9 @@ class NonWriterRun(Run):
     def table(self, name: str) -> Any:
         raise self._elsewhere()
 
+    def notices(self) -> Any:
+        raise self._elsewhere()
+
     def add_layer(self, name: str, type_name: str, channels: int, channel_dim: int | None) -> None:
         raise self._elsewhere()
 

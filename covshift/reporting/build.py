@@ -17,6 +17,7 @@ from covshift.reporting.panels import DPI
 from covshift.reporting.data import ReportData, layers_in_order
 from covshift.reporting.html import render_html
 from covshift.reporting.sections import build_sections
+from covshift.store.files import META_FILE
 from covshift.store.run import Run, load
 REPORT_FILE = "report.html"
 #: Lists the files a report wrote into its directory; a later report removes only those (if unchanged).
@@ -82,7 +83,8 @@ def report(
             count; then the k-th layer of each type and channel count with the k-th; the page names
             every pair whose names differ).
         max_points: most steps drawn per line (the table uses every step).
-        notice: a warning shown in a short amber box at the top of the page: its first line as the title, its other lines (banner rules and a repeat of the title dropped) as a list.
+        notice: a warning shown in a short amber box at the top of the page (its first sentence as the
+            title, the others as a list), above the notices stored with the runs (``run.add_notice``).
         progress: show a progress bar on stderr; None: when a run has :data:`PROGRESS_LAYERS` layers or more.
 
     Returns:
@@ -125,8 +127,9 @@ def report(
             section.figure.savefig(out / section.file, dpi=DPI)
             bar.update(1)
     data.table.to_csv(out / "summary.csv", index=False)
+    notices = list(dict.fromkeys([*([notice] if notice else []), *(text for run in loaded for text in run.notices())]))
     page = render_html(data, loaded, sections, out, metrics=metrics, reference=reference, source=source,
-                       notice=notice)
+                       notices=notices)
     (out / REPORT_FILE).write_text(page, encoding="utf-8")
     written = [section.file for section in sections] + ["summary.csv", REPORT_FILE]
     _remove_stale(out, earlier, keep=set(written))
@@ -142,12 +145,28 @@ def _metric_list(metrics: str | Sequence[str]) -> list[str]:
 
 
 def _load_all(runs: Run | str | Path | Sequence[Run | str | Path]) -> list[Run]:
+    """The runs, a directory that holds runs (an experiment's output) standing for the runs inside it."""
     if isinstance(runs, (Run, str, Path)):
         runs = [runs]
-    loaded = [run if isinstance(run, Run) else load(run) for run in runs]
+    loaded: list[Run] = []
+    for run in runs:
+        if isinstance(run, Run):
+            loaded.append(run)
+        elif not (Path(run) / META_FILE).exists() and (inside := runs_inside(Path(run))):
+            loaded.extend(inside)
+        else:
+            loaded.append(load(run))
     if not loaded:
         raise ValueError("report() needs at least one run, got none")
     return loaded
+
+
+def runs_inside(directory: Path) -> list[Run]:
+    """The runs in the folders right inside ``directory``, oldest first (the order they were recorded in)."""
+    if not directory.is_dir():
+        return []
+    found = [load(path) for path in sorted(directory.iterdir()) if (path / META_FILE).is_file()]
+    return sorted(found, key=lambda run: str(run.meta.get("created", "")))
 
 
 def _read_manifest(out: Path) -> dict[str, str]:

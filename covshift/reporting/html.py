@@ -92,13 +92,30 @@ def glossary(data: ReportData, metrics: Sequence[str], reference: str | int) -> 
 
 
 def notice_box(notice: str) -> str:
-    """A short amber box: the notice's first line as its title, then its other lines without banner rules."""
-    title, _, rest = notice.strip().partition("\n")
-    key = title.strip().rstrip(".:!").lower()
-    lines = [line.strip() for line in rest.splitlines()]
-    lines = [line for line in lines if line and len(set(line)) > 1 and line.rstrip(".:!").lower() != key]
-    body = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    return (f"<div class=notice role=note><strong>{html.escape(title.strip())}</strong>"
+    r"""A short amber box: the notice's first sentence as its title, its other sentences as a list.
+
+    Banner rules (a line of one repeated character) and repeats of the first line are dropped,
+    and a sentence wrapped over several lines is joined again.
+
+    >>> notice_box("!!!!\nDATA NOTICE: fallback data;\nnot comparable.\nWhy: offline.\n!!!!")
+    '<div class=notice role=note><strong>DATA NOTICE: fallback data; not comparable.</strong><ul><li>Why: offline.</li></ul></div>'
+    """
+    lines = [line.strip() for line in notice.strip().splitlines()]
+    lines = [line for line in lines if line and len(set(line)) > 1]
+    if not lines:
+        return ""
+    first = lines[0].rstrip(".:!").lower()
+    lines = lines[:1] + [line for line in lines[1:] if line.rstrip(".:!").lower() != first]
+    sentences: list[str] = []
+    open_sentence = False
+    for line in lines:
+        if open_sentence:
+            sentences[-1] += " " + line
+        else:
+            sentences.append(line)
+        open_sentence = not line.endswith((".", "!", "?", ":", ")"))
+    body = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in sentences[1:])
+    return (f"<div class=notice role=note><strong>{html.escape(sentences[0])}</strong>"
             + (f"<ul>{body}</ul>" if body else "") + "</div>")
 
 
@@ -111,7 +128,7 @@ def render_html(
     metrics: Sequence[str],
     reference: str | int,
     source: str,
-    notice: str | None = None,
+    notices: Sequence[str] = (),
 ) -> str:
     """The page: notice, verdict, the most drifting layers, glossary, runs, figures, and all numbers last.
 
@@ -130,7 +147,7 @@ def render_html(
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         "<title>covshift report</title>",
         f"<style>{_CSS}</style></head><body>",
-        notice_box(notice) if notice else "",
+        *(notice_box(notice) for notice in notices),
         "<h1>covshift drift report</h1>",
         "<section id=verdict>",
         verdict,

@@ -17,7 +17,7 @@ from covshift.store import files as store
 from covshift.checks import check_choice
 from covshift.columns import SOURCES
 from covshift.store.records import SCHEMA, checked_columns, records_to_table, steps_filter
-from covshift.store.writer import RunWriter
+from covshift.store.writer import NOTICES_TABLE, RunWriter
 
 #: Layer names an error message lists before "and N more".
 LAYERS_SHOWN = 12
@@ -169,6 +169,11 @@ class Run(RunWriter):
         """
         path = store.table_path(self.directory, name)
         return pd.DataFrame(store.read_jsonl(path)) if path.is_file() else None
+
+    def notices(self) -> list[str]:
+        """The notices stored with the run (:meth:`add_notice`), in the order they were added."""
+        table = self.table(NOTICES_TABLE)
+        return [] if table is None else [str(text) for text in table["notice"]]
 
     def curves(self) -> pd.DataFrame:
         """Logged training curves: one row per :meth:`log` call, columns ``step`` and the names."""

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
 
     from covshift.summary.summarize import Partial
 
+#: The side table of the notices a run carries (:meth:`RunWriter.add_notice`).
+NOTICES_TABLE = "notices"
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 #: Channels per layer that keep quantiles and bin means (evenly spaced); every channel keeps its moments.
@@ -234,6 +236,12 @@ class RunWriter:
         """
         self._check_writable()
         store.append_jsonl(store.table_path(self.directory, name), rows)
+
+    def add_notice(self, text: str) -> None:
+        """Store a notice with the run (e.g. "trained on fallback data"): every report of it shows it at the top."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"a notice is a non-empty text, got {text!r}")
+        self.append_table(NOTICES_TABLE, [{"notice": text}])
 
     def _warn_once(self, key: str, message: str) -> None:
         self._faults.warn_once(key, message, stacklevel=4, category=store.StoreWarning)

@@ -116,7 +116,8 @@ def run_experiment(config: Config | None = None, **settings: object) -> Path:
     for name in config.variants:
         model = mlp(name, config.seed, config.noise_mean, config.noise_scale)
         started = time.perf_counter()
-        train_model(model, name, (train_x, train.labels), (test_x, test.labels), probe, config, out / name)
+        train_model(model, name, (train_x, train.labels), (test_x, test.labels), probe, config, out / name,
+                    notice=notice)
         experiment["seconds"][name] = round(time.perf_counter() - started, 1)
     (out / EXPERIMENT_FILE).write_text(json.dumps(experiment, indent=2))
     write_results(out)
@@ -132,8 +133,12 @@ def train_model(
     probe: torch.Tensor,
     config: Config,
     store: Path,
+    notice: str | None = None,
 ) -> covshift.Run:
-    """SGD for ``config.steps`` steps under covshift, null floor and gradient ICS; the batch order is the seed's."""
+    """SGD for ``config.steps`` steps under covshift, null floor and gradient ICS; the batch order is the seed's.
+
+    A data ``notice`` is stored with the run, so every report of it shows the notice at its top.
+    """
     images, labels = train
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     order_rng = torch.Generator().manual_seed(config.seed)
@@ -146,6 +151,8 @@ def train_model(
     with covshift.attach(model, optimizer=optimizer, layers=recorded, every=config.every, store=store,
                          sketch_channels=None, name=name) as tracker:
         tracker.probe(probe, every=config.eval_every)
+        if notice:
+            tracker.run.add_notice(notice)
         tracker.add(NullFloor(model, probe, optimizer=optimizer, every=config.null_every, layers=recorded,
                               size=config.batch_size, splits=config.null_splits))
         ics = tracker.add(GradientICS(model, optimizer, F.cross_entropy, every=config.ics_every, layers=linears))
