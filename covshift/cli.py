@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from covshift import __version__
 from covshift.columns import SOURCES
+from covshift.faults import EMPTY_RUN
 from covshift.defaults import DEFAULT_MAX_POINTS, DEFAULT_METRICS, DEFAULT_TOP, MAX_HEIGHT_PX, PROGRESS_LAYERS
 
 if TYPE_CHECKING:
@@ -329,12 +330,13 @@ def run_overview(run: Run) -> str:
         "",
     ]
     if sources.empty:
-        lines.append("no records")
+        lines += [EMPTY_RUN, ""]
     else:
         lines += [sources.to_string(), ""]
     layers = run.layers.set_index("layer")
     lines.append(f"{len(layers)} layers, {int(layers['channels'].sum())} channels")
-    lines.append(layers.to_string())
+    if len(layers):
+        lines.append(layers.to_string())
     curves = run.curves()
     if not curves.empty:
         names = ", ".join(c for c in curves.columns if c != "step")

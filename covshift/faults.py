@@ -13,6 +13,15 @@ from covshift.schedule import Schedule
 NAMES_SHOWN = 8
 
 
+#: What a run without any record says: why that happens and what to do.
+EMPTY_RUN = (
+    "the run holds no records: nothing was recorded while covshift was attached. Did the model run a "
+    "training-mode forward (model.train()) between attach() and detach()? Did training reach a step the "
+    "schedule records (every=N records steps 0, N, 2N, …; resumed runs keep their step numbers)? The "
+    "warning covshift gave at detach() names what it saw."
+)
+
+
 class CovshiftWarning(UserWarning):
     """Something covshift could not record or store; the user's training is unaffected."""
 

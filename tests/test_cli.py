@@ -166,3 +166,22 @@ def test_experiment_with_a_mistyped_data_dir_is_a_one_line_error(tmp_path):
     assert_one_line_error(result, "covshift experiment: error: --data-dir", "nope holds no mnist train files",
                           "train-images-idx3-ubyte[.gz]", "(it does not exist)")
     assert result.returncode == 1 and not (tmp_path / "out").exists()
+
+
+def test_an_empty_run_says_why_it_is_empty_in_drift_and_stats(tmp_path, capsys):
+    import warnings
+
+    import torch
+
+    import covshift
+
+    model = torch.nn.Linear(3, 2).eval()  # never trained: no step is recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with covshift.attach(model, store=tmp_path / "empty"):
+            model(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"the run holds no records: nothing was recorded .*\(model\.train\(\)\)"):
+        covshift.drift(covshift.load(tmp_path / "empty"))
+    assert main(["stats", str(tmp_path / "empty")]) == 0
+    out = capsys.readouterr().out
+    assert "the run holds no records" in out and "Empty DataFrame" not in out

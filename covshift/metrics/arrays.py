@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from covshift.checks import check_choice
+from covshift.faults import EMPTY_RUN
 from covshift.columns import BINMEAN_COLUMNS, QUANTILE_COLUMNS, SOURCES
 from covshift.metrics.registry import Metric
 from covshift.store.run import Run
@@ -187,7 +188,9 @@ def needed_columns(metrics: tuple[Metric, ...]) -> list[str]:
 
 
 def no_records(source: str, present: list[str], hint: str = "") -> ValueError:
-    """The error for a source without records, naming the sources the run has."""
+    """The error for a source without records, naming the sources the run has (or why it has none)."""
+    if not present:
+        return ValueError(EMPTY_RUN + (f" ({hint})" if hint else ""))
     return ValueError(
         f"the run has no records of source={source!r}; it has {present or 'no records'}"
         + (f" ({hint})" if hint else "")
