@@ -119,8 +119,9 @@ def test_drift_scalars_reach_csv_and_tensorboard_loggers(tmp_path):
     train, val = loaders()
     trainer.fit(Regressor(), train, val)
     expected = covshift.drift(callback.run, ["wasserstein", "mean_shift"])
-    # logged every 5 updates (the newest step then: 4, 9) and at the end of training (11)
+    # logged every 5 updates (the newest step then: 4, 9) and at the end of training (11), at the trainer's steps
     metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert metrics[["step", "train_loss"]].dropna().step.tolist()[:2] == [4, 9]  # where Lightning logs its own
     for metric in ("wasserstein", "mean_shift"):
         for layer in ("net.0", "net.2"):
             column = metrics[["step", f"covshift/{metric}/{layer}"]].dropna()
@@ -145,9 +146,11 @@ def test_log_interval_and_no_logger(tmp_path):
     train, val = loaders()
     trainer.fit(Regressor(), train, val)
     metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
-    # at updates 4 and 8 the newest recorded steps (every=2) are 2 and 6; then 8 at the end
-    assert metrics[["step", "covshift/wasserstein/layer_mean"]].dropna().step.tolist() == [2, 6, 8]
-    assert not [c for c in metrics if c.startswith("covshift/") and not c.endswith("layer_mean")]
+    # logged at the trainer's steps 3 and 7 (updates 4 and 8) and 9 (the end), where Lightning logs its own metrics;
+    # the drift is of the newest recorded steps then (every=2): 2, 6 and 8
+    logged = metrics[["step", "covshift/wasserstein/layer_mean", "covshift/step"]].dropna()
+    assert logged.step.tolist() == [3, 7, 9] and logged["covshift/step"].tolist() == [2, 6, 8]
+    assert not [c for c in metrics if c.startswith("covshift/") and not c.endswith(("layer_mean", "/step"))]
     assert sorted(set(callback.run.stats("train").step)) == [0, 2, 4, 6, 8]
     # without a logger nothing is logged and the run goes to default_root_dir
     callback = CovshiftCallback(every=2)
@@ -289,3 +292,19 @@ def test_ddp_fit_writes_one_run_equal_to_one_process_on_both_ranks_batches(tmp_p
 
 if __name__ == "__main__":  # one rank of the ddp fit
     ddp_rank_script(Path(sys.argv[1]))
+
+
+def test_drift_is_logged_at_the_trainers_steps_on_a_log_schedule(tmp_path):
+    """With the default (log-spaced) schedule the newest recorded step lags the update: 28 when the trainer logs 29."""
+    torch.manual_seed(0)
+    callback = CovshiftCallback()
+    trainer = make_trainer(tmp_path, callback, max_steps=40)
+    train, val = loaders()
+    trainer.fit(Regressor(), train, val)
+    metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
+    own = metrics[["step", "train_loss"]].dropna().step.tolist()
+    logged = metrics[["step", "covshift/wasserstein/layer_mean", "covshift/step"]].dropna()
+    assert logged.step.tolist()[: len(own)] == own  # the same steps as the module's own metrics
+    recorded = set(callback.run.stats("train").step)
+    assert set(logged["covshift/step"].astype(int)) <= recorded and (logged["covshift/step"] <= logged.step).all()
+    assert (logged["covshift/step"] < logged.step).any()  # on this schedule some drift is of an earlier step

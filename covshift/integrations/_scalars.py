@@ -38,6 +38,10 @@ def check_attach_options(attach_options: dict[str, Any], trainer: str) -> None:
         schedule.parse(attach_options["every"])
 
 
+#: Logged with the drift: the covshift step whose drift the scalars are (the newest recorded one).
+STEP_SCALAR = "covshift/step"
+
+
 class DriftScalars:
     """Drift of the newest recorded training step as flat ``{name: value}`` scalars, each step once.
 

@@ -20,6 +20,7 @@ import transformers
 import covshift
 from covshift.faults import CovshiftWarning
 from covshift.integrations._scalars import (
+    STEP_SCALAR,
     DriftScalars,
     check_attach_options,
     unique_directory,
@@ -27,8 +28,6 @@ from covshift.integrations._scalars import (
 
 #: Directory of the run inside ``args.output_dir``.
 RUN_DIRECTORY = "covshift"
-#: Logged with the drift: the covshift step it belongs to (``state.global_step - 1``).
-STEP_SCALAR = "covshift/step"
 _EVALUATION_PREFIXES = ("eval_", "test_", "predict_")
 
 

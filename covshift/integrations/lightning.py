@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import covshift
 from covshift import schedule
 from covshift.integrations._scalars import (
+    STEP_SCALAR,
     DriftScalars,
     check_attach_options,
     unique_directory,
@@ -43,8 +44,10 @@ class CovshiftCallback(pl.Callback):
     - Every ``log_every_n_steps`` updates (the trainer's own setting by default)
       it logs through each of ``trainer.loggers`` (TensorBoard, W&B, CSV …) the
       drift of the newest recorded step: ``covshift/<metric>/<layer>`` and
-      ``covshift/<metric>/layer_mean``, at that step; and once more at the end
-      of training. Only that step's drift is computed.
+      ``covshift/<metric>/layer_mean``, at the trainer's step (where Lightning logs
+      the module's own metrics of that update), with ``covshift/step`` the recorded
+      step the drift is of; and once more at the end of training. Only that step's
+      drift is computed.
     - The run is stored in ``<trainer.log_dir>/covshift`` (``covshift_1`` … when
       taken) unless ``store=`` says where; after the fit (or an exception) the
       hooks are gone and :attr:`run` holds it.
@@ -158,8 +161,10 @@ class CovshiftCallback(pl.Callback):
         if newest is None or not newest[1]:
             return
         step, scalars = newest
+        # at the trainer's step, as Lightning logs the module's own metrics of this update; the drift's own step beside
+        scalars = {**scalars, STEP_SCALAR: float(step)}
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
+            logger.log_metrics(scalars, step=trainer.global_step - 1)
 
     def _start_probe(self, pl_module: pl.LightningModule) -> None:
         from lightning.pytorch.utilities import move_data_to_device
