@@ -16,8 +16,9 @@ QUANTILE_LEVELS: tuple[float, ...] = tuple(
 #: inside one bin.
 N_BINS = 32
 
-#: Sources a record can come from: training batches, the probe batch, and its two halves.
-SOURCES = ("train", "probe", "probe_a", "probe_b")
+#: Sources a record can come from: training batches, the probe batch, its two halves, and the
+#: gradients of the loss with respect to the training batches' layer inputs.
+SOURCES = ("train", "probe", "probe_a", "probe_b", "grad")
 
 STAT_NAMES = ("count", "mean", "var", "min", "max", "nonfinite", "zero_frac")
 

@@ -41,6 +41,9 @@ def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Track
         flush_every: write to disk at least every this many recorded steps.
         memory_budget: bytes of buffered records (332 per channel per step) that trigger a write.
         name: label for reports (default: the store directory's name).
+        gradients: also record each layer's input gradient ∂loss/∂(input) at the recorded
+            training steps, summarized per channel like the input, as source ``"grad"``
+            (``run.stats(source="grad")``, ``covshift.drift(run, source="grad")``).
         group: in a ``torch.distributed`` job, the process group whose ranks record
             into one run (None: the default group when one is initialized with more
             than one process; ``False``: each rank records on its own). Rank 0 of

@@ -38,6 +38,7 @@ class Settings:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     name: str | None = None
     group: Any = None
+    gradients: bool = False
 
     @classmethod
     def of(cls, caller: str, options: dict[str, Any]) -> Settings:

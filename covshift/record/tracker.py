@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from covshift import schedule
-from covshift.record import context
-from covshift.record import distributed
+from covshift.record import context, distributed
+from covshift.record.backward import GRAD_SOURCE, InputGradients
 from covshift.checks import check_int
 from covshift.faults import Faults, gap_messages
 from covshift.record.layers import LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
@@ -75,6 +75,7 @@ class Tracker:
             "sketch_channels": sketch_channels,
             "step": "optimizer" if optimizer is not None else step,
             "outputs": outputs,
+            "gradients": self.settings.gradients,
             "quantile_levels": list(QUANTILE_LEVELS),
             "n_bins": N_BINS,
         }
@@ -115,6 +116,11 @@ class Tracker:
         self._first_train_step: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._measurements: list[Any] = []  # added with add(): closed at detach()
+        self._gradients = InputGradients(self._summarizer.summarize, self._take_gradient, self._faults) \
+            if self.settings.gradients else None
+        # per-forward mode: input gradients arrive after their forward's step was written; they are written
+        # as their own record of that step when the next forward starts (or at detach)
+        self._held_gradients: dict[int, dict[tuple[str, str], list[Partial]]] = {}
         try:
             self._install(outputs)
         except BaseException:
@@ -229,6 +235,8 @@ class Tracker:
             with self._lock:
                 if not self._per_forward:
                     self._close_merged_step()
+                else:
+                    self._write_held_gradients()
                 with self._faults.guard("writing the last records", self.run.directory):
                     self.run.flush()
         finally:
@@ -247,6 +255,11 @@ class Tracker:
                 model=type(self.model).__name__,
             ):
                 self._faults.warn_once(key, message, stacklevel=3)
+            missing = self._gradients.without_gradient() if self._gradients is not None else []
+            if missing:
+                self._faults.warn_once("no-gradient", (
+                    f"no input gradient was recorded for {', '.join(map(repr, missing))}: their input did not "
+                    "require grad (the data itself, the input of frozen layers, or a no_grad forward)"), stacklevel=3)
         return self.run
 
     def __enter__(self) -> Tracker:
@@ -295,6 +308,7 @@ class Tracker:
         with self._faults.guard("starting a step", self.run.directory):
             with self._lock:
                 if self._per_forward:
+                    self._write_held_gradients()
                     self._step += 1
                 forward.step = self._step
             self._maybe_probe(forward.step)
@@ -313,6 +327,8 @@ class Tracker:
         with self._lock:
             self._close_merged_step()
             self._set_open_step(self._step + 1)
+            if self._gradients is not None:
+                self._gradients.forget_before(self._step)
         if self.model.training and not context.is_compiling():
             with self._faults.guard("running the probe", self.run.directory):
                 self._maybe_probe(self._step)  # the step opens now, whether or not the model's own forward runs
@@ -342,6 +358,8 @@ class Tracker:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._records_now(mod):
                 self._observe(name, name, module, context.first_tensor(args, kwargs))
+            elif self._gradients is not None and self._gradients.awaiting and context.in_backward():
+                self._watch_recomputed(name, module, context.first_tensor(args, kwargs))
 
         return hook
 
@@ -385,11 +403,40 @@ class Tracker:
         if partial is None:  # an empty input is no record
             return
         key = (self._forward.source, name)
+        if self._gradients is not None and name == layer and self._forward.source == "train":
+            step = self._forward.step if self._per_forward else self._step
+            if self._per_forward:
+                with self._lock:  # written when the next forward starts, on every rank alike
+                    self._held_gradients.setdefault(step, {})
+            self._gradients.watch(step, layer, x, dim)
         if self._per_forward or self._forward.source != "train":
             self._forward.partials[key].append(partial)
         else:
             with self._lock:
                 self._step_partials[key].append(partial)
+
+    def _watch_recomputed(self, name: str, module: nn.Module, x: torch.Tensor | None) -> None:
+        """A recomputation during backward (reentrant checkpoint) of a forward that ran without grad."""
+        if x is None or not x.is_floating_point() or name in self._faults.skipped:
+            return
+        with self._faults.guard("watching an input gradient", self.run.directory):
+            step = self._forward.step if self._per_forward else self._step
+            self._gradients.watch_recomputed(step, name, x, resolve_channel_dim(self._channel_dims, name, module, x.shape))
+
+    def _take_gradient(self, step: int, layer: str, partial: Partial) -> None:
+        """From the backward pass: ``layer``'s input gradient at ``step``, kept with that step's records."""
+        key = (GRAD_SOURCE, layer)
+        with self._lock:
+            if self._per_forward:
+                self._held_gradients.setdefault(step, {}).setdefault(key, []).append(partial)
+            elif step == self._step:
+                self._step_partials[key].append(partial)
+
+    def _write_held_gradients(self) -> None:
+        """Per-forward mode: write the input gradients of finished forwards as records of their steps (lock held)."""
+        held, self._held_gradients = self._held_gradients, {}
+        for step in sorted(held):
+            self._write_step(step, held[step])
 
     def _check_declared(self, name: str, module: nn.Module, shape: torch.Size, dim: int | None) -> None:
         """Warn once when an input's channel count differs from the size its layer declares."""

@@ -17,6 +17,7 @@ import pandas as pd
 
 from covshift.defaults import DEFAULT_TOP
 from covshift.metrics.api import drift, has_probe, noise_floor
+from covshift.reporting.gradients import gradient_view, has_gradients
 from covshift.reporting.comparison import comparison_table, match_layers, without_short_runs
 from covshift.reporting.verdicts import short_run_note, verdict_lines, verdict_metric
 from covshift.schedule import LogSpaced, from_config
@@ -126,6 +127,8 @@ class ReportData:
     short_note: str | None = None  # what to change when a run recorded too few steps
     probes: str = ""  # each run's probe batch, in words
     matches: list[dict[str, str]] = field(default_factory=list)  # per later run: {its layer: the first run's}
+    input_gradients: list[pd.DataFrame] = field(default_factory=list)  # detail layers' input-gradient percentiles
+    gradient_flags: list[str] = field(default_factory=list)  # layers whose gradient scale vanishes or explodes
 
     @classmethod
     def compute(
@@ -181,6 +184,9 @@ class ReportData:
         data.table = without_short_runs(table, data.labels, data.steps)
         data.verdicts = verdict_lines(data.table, data.labels, data.steps, metric, data.medians, data.matches)
         data.probes = probe_description(runs, data.labels)
+        if any(has_gradients(run) for run in runs):
+            data.input_gradients, data.gradient_flags = gradient_view(
+                runs, data.labels, data.detail, lambda stats: layer_percentiles(stats, channel))
         return data
 
     def _add_overview(self, run: Run, metrics: Sequence[str], metric: str, *, reference: str | int,

@@ -67,8 +67,12 @@ def percentiles_figure(
     max_points: int = DEFAULT_MAX_POINTS,
     what: str = "mean over channels",
     xlim: StepAxis | tuple[float, float] | None = None,
+    quantity: str = "input",
 ) -> Figure:
-    """Percentile trajectories: one row per layer, one column per run, y shared along a row."""
+    """Percentile trajectories: one row per layer, one column per run, y shared along a row.
+
+    ``quantity`` names what the percentiles are of: each layer's ``"input"``, or its ``"input gradient"``.
+    """
     fig, axes = panel_grid(len(layers), len(labels), sharex=True, sharey="row")
     colors = run_colors(len(labels))
     for col, (frame, label, color) in enumerate(zip(percentiles, labels, colors)):
@@ -83,11 +87,11 @@ def percentiles_figure(
             set_step_axis(ax, xlim)
             ax.set_title(wrapped_name(f"{label} · layer {layer}", 48), fontsize=10)
             if col == 0:
-                ax.set_ylabel("input value")
+                ax.set_ylabel(f"{quantity} value")
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     legend(fig, _percentile_key(), len(labels))
-    title(fig, f"Percentiles of each layer's input ({what})", len(labels))
+    title(fig, f"Percentiles of each layer's {quantity} ({what})", len(labels))
     return fig
 
 

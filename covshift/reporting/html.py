@@ -87,6 +87,10 @@ def glossary(data: ReportData, metrics: Sequence[str], reference: str | int) -> 
     if any(gradients is not None for gradients in data.gradients):
         terms.append(("gradient ICS", "‖G − G'‖, how much a layer's gradient G changes when only the layers before "
                       "it take their optimizer step (G'), and cos∠(G, G') (Santurkar et al. 2018)."))
+    if data.input_gradients:
+        terms.append(("input gradient", "∂L/∂x, the gradient of the training loss with respect to a layer's input, "
+                      "summarized per channel like the input (attach(..., gradients=True)); a layer whose gradient "
+                      "scale stands 100× below or above the median layer's, or its own start, is flagged."))
     items = "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(d)}</dd>" for t, d in terms)
     return f"<dl class=glossary>{items}</dl>"
 
@@ -152,6 +156,7 @@ def render_html(
         "<section id=verdict>",
         verdict,
         f"<p class=short>{html.escape(short)}</p>" if short else "",
+        *(f"<p class=short>{html.escape(flag)}.</p>" for flag in data.gradient_flags),
         f"<p class=basis>Drift: mean {html.escape(name)} of each layer's input (mean over channels; the verdict "
         f"also by the channel median) from the {html.escape(reference_words(reference))}, averaged over "
         f"the recorded steps of the {html.escape(source)} records.</p>",

@@ -90,6 +90,21 @@ def build_sections(
             partial(figures.percentiles_figure, data.percentiles, labels, page, max_points=max_points, what=what,
                     xlim=xlim),
         ))
+    with_gradient = [layer for layer in data.detail
+                     if any(layer in set(frame["layer"].astype(str)) for frame in data.input_gradients)]
+    gradient_pages = paged(with_gradient, ROWS_PER_PAGE) if with_gradient else []
+    if gradient_pages:
+        flags = (" Flagged: " + "; ".join(data.gradient_flags) + ".") if data.gradient_flags else (
+            " No layer's gradient scale stands 100× from the median layer's or from its own start.")
+        for k, page in enumerate(gradient_pages, start=1):
+            sections.append(Section(
+                _numbered("input-gradients", k), _titled("Input gradients", k, len(gradient_pages)),
+                "The same percentiles of the gradient of the loss with respect to each layer's input, ∂L/∂x "
+                f"(recorded with attach(..., gradients=True), {what}): where vanishing or exploding gradients "
+                "show first. Detail layers whose input has no gradient (the data itself) are left out." + flags + log,
+                partial(figures.percentiles_figure, data.input_gradients, labels, page, max_points=max_points,
+                        what=what, xlim=xlim, quantity="input gradient"),
+            ))
     if drifted and detail_pages:
         chunks = [metrics[i:i + METRICS_PER_FIGURE] for i in range(0, len(metrics), METRICS_PER_FIGURE)]
         drift_pages = [(page, chunk) for page in detail_pages for chunk in chunks]

@@ -1,0 +1,96 @@
+"""The backward half: ∂loss/∂(layer input) of the recorded training forwards, summarized like the inputs.
+
+At a recorded training forward the tracker hands each layer's input to
+:meth:`InputGradients.watch`, which registers a tensor hook on it: when autograd
+computes the gradient of the loss with respect to that input, the hook summarizes
+it per channel (the same channel axis as the input) and hands the summary back to
+the tracker as a record of source ``"grad"`` for the step of that forward. Nothing
+runs at unrecorded steps, and nothing is synchronized with the device.
+
+Activation checkpointing: a non-reentrant checkpoint keeps the original input in
+the graph, so its hook fires; a reentrant one runs the original forward without
+grad and recomputes it during backward, so the gradient is taken from the
+recomputed input instead (once: :meth:`watch_recomputed`). Inputs that never
+require grad (the data itself, inputs of frozen layers, ``no_grad`` forwards)
+have no gradient; :meth:`without_gradient` names those layers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from covshift.faults import Faults
+from covshift.summary.summarize import Partial
+
+#: The source of input-gradient records in a run.
+GRAD_SOURCE = "grad"
+
+Summarize = Callable[[torch.Tensor, "int | None"], "Partial | None"]
+Deliver = Callable[[int, str, Partial], None]
+
+
+class InputGradients:
+    """Hooks on the inputs of recorded training forwards whose gradients become ``"grad"`` records.
+
+    Args:
+        summarize: ``summarize(tensor, channel_dim)``, the tracker's summarizer.
+        deliver: ``deliver(step, layer, partial)``, called from the backward pass with each summary.
+        faults: the tracker's faults: a failing summary warns once and skips the layer.
+    """
+
+    def __init__(self, summarize: Summarize, deliver: Deliver, faults: Faults) -> None:
+        self._summarize = summarize
+        self._deliver = deliver
+        self._faults = faults
+        self._awaiting: Counter[tuple[int, str]] = Counter()  # forwards run without grad, to recompute with it
+        self._hooked: set[str] = set()
+        self._ungraded: set[str] = set()
+
+    def watch(self, step: int, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
+        """At a recorded training forward: summarize ``x``'s gradient when the backward pass computes it."""
+        if x.requires_grad:
+            self._hook(step, layer, x, channel_dim)
+        else:  # the data, a frozen input, no_grad, or the first pass of a reentrant checkpoint
+            self._awaiting[(step, layer)] += 1
+            self._ungraded.add(layer)
+
+    @property
+    def awaiting(self) -> bool:
+        """Whether a forward ran without grad that a recomputation (reentrant checkpoint) may stand for."""
+        return bool(self._awaiting)
+
+    def watch_recomputed(self, step: int, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
+        """During backward: a recomputation of a forward that ran without grad takes its place, once."""
+        key = (step, layer)
+        if self._awaiting[key] > 0 and x.requires_grad:
+            self._awaiting[key] -= 1
+            if not self._awaiting[key]:
+                del self._awaiting[key]
+            self._hook(step, layer, x, channel_dim)
+
+    def forget_before(self, step: int) -> None:
+        """Drop what waits for recomputation in steps before ``step`` (their backward is over)."""
+        for key in [key for key in self._awaiting if key[0] < step]:
+            del self._awaiting[key]
+
+    def without_gradient(self) -> list[str]:
+        """Layers whose input never had a gradient to record."""
+        return sorted(self._ungraded - self._hooked)
+
+    def _hook(self, step: int, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
+        self._hooked.add(layer)
+
+        def on_gradient(grad: torch.Tensor) -> None:
+            if layer in self._faults.skipped or self._faults.stopped:
+                return
+            try:
+                partial = self._summarize(grad.detach(), channel_dim)
+                if partial is not None:
+                    self._deliver(step, layer, partial)
+            except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's backward
+                self._faults.skip(layer, f"the input gradient of layer {layer!r} could not be summarized: {err}")
+
+        x.register_hook(on_gradient)
