@@ -7,7 +7,8 @@ no hooks; covshift every=1; covshift every=10 (the default before the
 log-spaced schedule); covshift with its defaults (every="log") in the steady
 state of a long run (the block runs from step 100,001, where the schedule
 records one step in about 5,800: none in the block); covshift hooks that never record
-(their fixed cost); a bare hook that computes the sums, extrema and a sorted
+(their fixed cost); every=1 and the defaults with ``gradients=True`` (the input
+gradients recorded too, issue "The backward side"); a bare hook that computes the sums, extrema and a sorted
 1024-value sample and keeps nothing (the issue's lower bound: what covshift
 adds beyond it is the cost of storing); a hook that runs only covshift's four
 reductions (sum, sum of squares, min, max per channel) and keeps nothing (the
@@ -232,6 +233,9 @@ def main() -> None:
         "covshift defaults, long run": lambda: at_step(covshift.attach(model, sample_size=args.sample_size),
                                                        LONG_RUN_STEP),
         "covshift never recording": lambda: covshift.attach(model, every=10**9),
+        "every=1 + gradients": lambda: covshift.attach(model, every=1, sample_size=args.sample_size, gradients=True),
+        "defaults + gradients, long": lambda: at_step(
+            covshift.attach(model, sample_size=args.sample_size, gradients=True), LONG_RUN_STEP),
         **(baseline_configs(load_baseline(args.baseline), model, args.sample_size) if args.baseline else {}),
         "bare sums+sorted sample": lambda: LayerHooks(model, bare_summary),
         "reductions only": lambda: LayerHooks(model, reductions_only),

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "Alert": "covshift.record.alerts",
     "Run": "covshift.store.run",
     "Tracker": "covshift.record.tracker",
     "attach": "covshift.record.attach",
@@ -29,6 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from covshift.record.alerts import Alert
     from covshift.metrics.api import drift, drift_table, drift_to_noise, noise_floor
     from covshift.plotting import plot
     from covshift.reporting.build import report

@@ -11,15 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 from covshift import __version__
 from covshift.columns import SOURCES
-from covshift.faults import EMPTY_RUN
 from covshift.defaults import DEFAULT_MAX_POINTS, DEFAULT_METRICS, DEFAULT_TOP, MAX_HEIGHT_PX, PROGRESS_LAYERS
-
-if TYPE_CHECKING:
-    from covshift.store.run import Run
 
 # The library (torch, pandas, matplotlib) is imported inside the commands, so that
 # ``covshift --help`` answers at once; the defaults it shows are the library's own.
@@ -46,6 +41,16 @@ per-layer figures (percentiles, drift, channels) are drawn for those top layers 
 the --layers asked for. No PNG is taller than {MAX_HEIGHT_PX:,} pixels: more layers go to
 further pages (heatmap-2.png, drift-2.png, ...). Gradient ICS and a null noise
 floor are drawn when the runs hold them.
+"""
+
+_WATCH_EPILOG = """\
+examples:
+  covshift watch runs/job                 refresh every 5 s until Ctrl-C
+  covshift watch runs/job --once --top 5  one table, for scripts
+
+Read-only: safe while the training process writes the run. Drift is W1 of each
+layer's input at the newest recorded step from its first; alerts are those the
+training stored (attach(..., on_alert=...)).
 """
 
 _METRICS_EPILOG = """\
@@ -175,6 +180,14 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
                             "only their rows are read")
     stats.add_argument("--source", choices=SOURCES, help="with --layer: the records' source (default train)")
 
+    watch = _command(commands, "watch", "show the most drifting layers of a run while it is written, refreshing",
+                     _WATCH_EPILOG, _watch)
+    watch.add_argument("run", metavar="RUN", help="a run directory (another process may be writing it)")
+    watch.add_argument("--top", type=int, default=10, metavar="K", help="layers shown (default: %(default)s)")
+    watch.add_argument("--interval", type=float, default=5.0, metavar="S",
+                       help="seconds between refreshes (default: %(default)s)")
+    watch.add_argument("--once", action="store_true", help="print the table once and exit")
+
     _command(commands, "metrics", "list the drift metrics: covshift's own and those registered by packages",
              _METRICS_EPILOG, _metrics)
 
@@ -282,6 +295,19 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    import time
+
+    from covshift.reporting.overview import live_table
+
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not args.once else ""
+    while True:
+        print(clear + live_table(args.run, top=args.top), flush=True)
+        if args.once:
+            return 0
+        time.sleep(args.interval)
+
+
 def _metrics(args: argparse.Namespace) -> int:
     from covshift.metrics import get, names
 
@@ -294,6 +320,7 @@ def _metrics(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from covshift.reporting.overview import layer_overview, run_overview
     from covshift.store.run import load
 
     if args.source is not None and args.layer is None:
@@ -301,47 +328,6 @@ def _stats(args: argparse.Namespace) -> int:
     run = load(args.run)
     print(run_overview(run) if args.layer is None else layer_overview(run, args.layer, args.source or "train"))
     return 0
-
-
-def layer_overview(run: Run, layers: list[str], source: str) -> str:
-    """Per layer and step: channels, mean of the channel means and standard deviations, extrema, zero fraction."""
-    import numpy as np
-
-    stats = run.stats(source, layers=layers, columns=["mean", "var", "min", "max", "zero_frac"])
-    if stats.empty:
-        return f"no {source} records of {', '.join(layers)} in {run.directory}"
-    stats = stats.assign(sd=np.sqrt(stats["var"]))
-    table = stats.groupby(["layer", "step"], observed=True).agg(
-        channels=("channel", "size"), mean=("mean", "mean"), sd=("sd", "mean"),
-        min=("min", "min"), max=("max", "max"), zero_frac=("zero_frac", "mean"))
-    return table.to_string(float_format=lambda v: f"{v:.4g}")
-
-
-def run_overview(run: Run) -> str:
-    """A few lines that say what a run holds: layers, channels, steps per source, curves, size on disk."""
-    sources = run.sources()
-    files = [p for p in Path(run.directory).iterdir() if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    lines = [
-        f"run {run.name!r} at {run.directory}",
-        f"model: {run.meta.get('model', '?')}, created {run.meta.get('created', '?')}, "
-        f"covshift {run.meta.get('versions', {}).get('covshift', '?')}",
-        f"size on disk: {_size(size)} in {len(files)} files",
-        "",
-    ]
-    if sources.empty:
-        lines += [EMPTY_RUN, ""]
-    else:
-        lines += [sources.to_string(), ""]
-    layers = run.layers.set_index("layer")
-    lines.append(f"{len(layers)} layers, {int(layers['channels'].sum())} channels")
-    if len(layers):
-        lines.append(layers.to_string())
-    curves = run.curves()
-    if not curves.empty:
-        names = ", ".join(c for c in curves.columns if c != "step")
-        lines += ["", f"training curves: {len(curves)} rows ({names})"]
-    return "\n".join(lines)
 
 
 def _experiment(args: argparse.Namespace) -> int:
@@ -360,14 +346,6 @@ def _mnist_bn() -> ModuleType:
     from covshift.experiments import mnist_bn
 
     return mnist_bn
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _one_line(err: BaseException) -> str:

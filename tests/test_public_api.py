@@ -7,7 +7,7 @@ import covshift
 
 def test_public_names_are_pinned():
     assert sorted(covshift.__all__) == [
-        "Run", "Tracker", "attach", "drift", "drift_table", "drift_to_noise", "load", "noise_floor", "plot",
+        "Alert", "Run", "Tracker", "attach", "drift", "drift_table", "drift_to_noise", "load", "noise_floor", "plot",
         "report", "to_tensorboard",
     ]
     for name in covshift.__all__:

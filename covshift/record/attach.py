@@ -44,6 +44,12 @@ def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Track
         gradients: also record each layer's input gradient ∂loss/∂(input) at the recorded
             training steps, summarized per channel like the input, as source ``"grad"``
             (``run.stats(source="grad")``, ``covshift.drift(run, source="grad")``).
+        on_alert: watch the run while it trains (:mod:`covshift.record.alerts`): at each recorded step a
+            layer whose drift jumps above its floor, whose scale blows up, whose channels die or whose
+            input turns non-finite gives one :class:`~covshift.Alert` per episode, stored in the run
+            (``run.alerts()``) and handed to this function; ``"warn"`` warns instead, ``"raise"``
+            stops training with an :class:`~covshift.record.alerts.AlertError`; an
+            :class:`~covshift.record.alerts.AlertMonitor` sets the thresholds too.
         group: in a ``torch.distributed`` job, the process group whose ranks record
             into one run (None: the default group when one is initialized with more
             than one process; ``False``: each rank records on its own). Rank 0 of

@@ -6,11 +6,13 @@ import dataclasses
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 
 from covshift import schedule
+from covshift.record.alerts import AlertMonitor
 from covshift.record.layers import ChannelDim
 from covshift.store.writer import DEFAULT_FLUSH_EVERY, DEFAULT_MEMORY_BUDGET, DEFAULT_SKETCH_CHANNELS
 from covshift.summary.summarize import DEFAULT_SAMPLE_SIZE
@@ -39,6 +41,7 @@ class Settings:
     name: str | None = None
     group: Any = None
     gradients: bool = False
+    on_alert: Callable[[Any], object] | str | AlertMonitor | None = None
 
     @classmethod
     def of(cls, caller: str, options: dict[str, Any]) -> Settings:

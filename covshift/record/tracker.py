@@ -13,6 +13,7 @@ from torch import nn
 
 from covshift import schedule
 from covshift.record import context, distributed
+from covshift.record.alerts import AlertMonitor
 from covshift.record.backward import GRAD_SOURCE, InputGradients
 from covshift.checks import check_int
 from covshift.faults import Faults, gap_messages
@@ -20,6 +21,7 @@ from covshift.record.layers import LayerSpec, check_channel_dims, declared_chann
 from covshift.record.probe import HALVES, Probe, make_probe, preserved
 from covshift.record.settings import Settings, signature
 from covshift.store.run import Run
+from covshift.store.writer import ALERTS_TABLE
 from covshift.summary.summarize import N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
 
 T = TypeVar("T")
@@ -121,6 +123,8 @@ class Tracker:
         # per-forward mode: input gradients arrive after their forward's step was written; they are written
         # as their own record of that step when the next forward starts (or at detach)
         self._held_gradients: dict[int, dict[tuple[str, str], list[Partial]]] = {}
+        on_alert = self.settings.on_alert
+        self._alerts = on_alert if isinstance(on_alert, AlertMonitor) or on_alert is None else AlertMonitor(on_alert)
         try:
             self._install(outputs)
         except BaseException:
@@ -479,6 +483,7 @@ class Tracker:
         # --
         if not merged or self._faults.stopped:
             return
+        finalized = None
         with self._faults.guard("storing a step", self.run.directory):
             for (source, name), partial in merged.items():
                 if name not in self._described:
@@ -486,11 +491,25 @@ class Tracker:
                     kind, dim = self._kinds[name]
                     self.run.add_layer(name, kind, partial.count.shape[0], dim)
                 self.run.append(step, source, name, partial)
-            self.run.end_step()
+            finalized = self.run.end_step()
             if any(source == "train" for source, _ in merged):
                 self._train_steps += 1
                 if self._first_train_step is None:
                     self._first_train_step = step
+        if self._alerts is not None and finalized is not None:
+            self._check_alerts(finalized)
+
+    def _check_alerts(self, finalized: Any) -> None:
+        """Alerts of a finalized step: stored in the run, then handed to ``on_alert`` (which may raise: the user's
+        ``"raise"`` or their own function reach the training loop, as they asked)."""
+        alerts = []
+        with self._faults.guard("checking alerts", self.run.directory):
+            record = finalized.record
+            alerts = self._alerts.observe(finalized.keys, record.stats, record.binmeans, record.sketched)
+            if alerts:
+                self.run.append_table(ALERTS_TABLE, [alert.as_row() for alert in alerts])
+        for alert in alerts:
+            self._alerts.deliver(alert)
 
     def _merge_calls(self, partials: dict[tuple[str, str], list[Partial]]) -> dict[tuple[str, str], Partial]:
         """Each record's calls (or ranks) in one step merged into one partial; a channel count that varies

@@ -129,6 +129,7 @@ class ReportData:
     matches: list[dict[str, str]] = field(default_factory=list)  # per later run: {its layer: the first run's}
     input_gradients: list[pd.DataFrame] = field(default_factory=list)  # detail layers' input-gradient percentiles
     gradient_flags: list[str] = field(default_factory=list)  # layers whose gradient scale vanishes or explodes
+    alerts: list[str] = field(default_factory=list)  # the alerts stored in the runs, one sentence each
 
     @classmethod
     def compute(
@@ -184,6 +185,9 @@ class ReportData:
         data.table = without_short_runs(table, data.labels, data.steps)
         data.verdicts = verdict_lines(data.table, data.labels, data.steps, metric, data.medians, data.matches)
         data.probes = probe_description(runs, data.labels)
+        data.alerts = [f"{label}: step {row.step}, layer {row.layer!r}: {row.kind} — {row.metric} {row.value:.4g}, "
+                       f"{row.ratio:.3g}× its floor {row.floor:.4g}"
+                       for run, label in zip(runs, data.labels) for row in run.alerts().itertuples()]
         if any(has_gradients(run) for run in runs):
             data.input_gradients, data.gradient_flags = gradient_view(
                 runs, data.labels, data.detail, lambda stats: layer_percentiles(stats, channel))

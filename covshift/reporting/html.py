@@ -123,6 +123,20 @@ def notice_box(notice: str) -> str:
             + (f"<ul>{body}</ul>" if body else "") + "</div>")
 
 
+#: Alerts listed on the page at most; the rest are counted.
+ALERTS_SHOWN = 20
+
+
+def alerts_box(alerts: Sequence[str]) -> str:
+    """The alerts raised while the runs trained, first on the page (empty without any)."""
+    if not alerts:
+        return ""
+    items = "".join(f"<li>{html.escape(alert)}</li>" for alert in alerts[:ALERTS_SHOWN])
+    more = f"<p>… and {len(alerts) - ALERTS_SHOWN} more (run.alerts()).</p>" if len(alerts) > ALERTS_SHOWN else ""
+    return (f"<div class=alerts role=alert><strong>{len(alerts)} alert{'s' if len(alerts) != 1 else ''} while "
+            f"training</strong><ul>{items}</ul>{more}</div>")
+
+
 def render_html(
     data: ReportData,
     runs: Sequence[Run],
@@ -152,6 +166,7 @@ def render_html(
         "<title>covshift report</title>",
         f"<style>{_CSS}</style></head><body>",
         *(notice_box(notice) for notice in notices),
+        alerts_box(data.alerts),
         "<h1>covshift drift report</h1>",
         "<section id=verdict>",
         verdict,
@@ -244,6 +259,8 @@ _CSS = (
     ".short{border:1px solid #c80;background:#fff6e0;padding:0.4em 0.8em}"
     ".notice{border-left:6px solid #d90;background:#fff8e6;padding:0.4em 1em;margin:0.5em 0;font-size:14px}"
     ".notice ul{margin:0.2em 0;padding-left:1.4em}"
+    ".alerts{border-left:6px solid #c33;background:#fdecec;padding:0.4em 1em;margin:0.5em 0;font-size:14px}"
+    ".alerts ul{margin:0.2em 0;padding-left:1.4em}"
     "tr.above td{background:#fff0e6}"
     "table{border-collapse:collapse;margin:0.6em 0;font-size:14px}"
     "td,th{border-bottom:1px solid #ddd;padding:3px 10px;text-align:right}"

@@ -17,7 +17,7 @@ from covshift.store import files as store
 from covshift.checks import check_choice
 from covshift.columns import SOURCES
 from covshift.store.records import SCHEMA, checked_columns, records_to_table, steps_filter
-from covshift.store.writer import NOTICES_TABLE, RunWriter
+from covshift.store.writer import ALERTS_TABLE, NOTICES_TABLE, RunWriter
 
 #: Layer names an error message lists before "and N more".
 LAYERS_SHOWN = 12
@@ -169,6 +169,13 @@ class Run(RunWriter):
         """
         path = store.table_path(self.directory, name)
         return pd.DataFrame(store.read_jsonl(path)) if path.is_file() else None
+
+    def alerts(self) -> pd.DataFrame:
+        """The alerts raised while the run was recorded (``attach(..., on_alert=...)``), one row each:
+        ``step, layer, kind, metric, value, floor, ratio``; empty when there were none."""
+        table = self.table(ALERTS_TABLE)
+        columns = ["step", "layer", "kind", "metric", "value", "floor", "ratio"]
+        return pd.DataFrame(columns=columns) if table is None else table[columns]
 
     def notices(self) -> list[str]:
         """The notices stored with the run (:meth:`add_notice`), in the order they were added."""

@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
 
 #: The side table of the notices a run carries (:meth:`RunWriter.add_notice`).
 NOTICES_TABLE = "notices"
+#: The side table of the alerts raised while the run was recorded (``attach(..., on_alert=)``).
+ALERTS_TABLE = "alerts"
 DEFAULT_FLUSH_EVERY = 100
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 #: Channels per layer that keep quantiles and bin means (evenly spaced); every channel keeps its moments.
@@ -106,7 +108,7 @@ class RunWriter:
             self._step_partials = []  # an interrupted step that never ended: not stored
         self._step_partials.append((step, source, layer, partial))
 
-    def end_step(self) -> None:
+    def end_step(self) -> PendingStep | None:
         """Finalize the step's summaries; flush when ``flush_every`` steps or the memory budget are reached.
 
         Parts therefore always hold whole steps. Finalizing here rather than at
@@ -115,18 +117,19 @@ class RunWriter:
         the flush is retried every ``flush_every`` steps, and meanwhile the oldest
         buffered steps are dropped beyond ``memory_budget``.
         """
-        self._finalize_step()
+        finalized = self._finalize_step()
         if self._retry_at is not None:
             if self._seq >= self._retry_at:
                 self.flush()
             self._drop_over_budget()
         elif len(self._pending) >= self.flush_every or self._pending_bytes >= self.memory_budget:
             self.flush()
+        return finalized
 
-    def _finalize_step(self) -> None:
+    def _finalize_step(self) -> PendingStep | None:
         """Finalize the open step into the buffer (each assignment leaves a consistent state if interrupted)."""
         if not self._step_partials:
-            return
+            return None
         partials, self._step_partials = self._step_partials, []
         from covshift.summary.finalize import finalize
 
@@ -138,8 +141,10 @@ class RunWriter:
         nbytes = sum(t.nbytes for t in (record.stats, record.quantiles, record.binmeans))
         seq = self._seq
         self._seq = seq + 1
-        self._pending.append(PendingStep(seq, keys, record, nbytes))
+        finalized = PendingStep(seq, keys, record, nbytes)
+        self._pending.append(finalized)
         self._pending_bytes += nbytes
+        return finalized
 
     def _sketched(self, channels: int) -> torch.Tensor | None:
         """The channels of a ``channels``-wide record that keep quantiles and bin means (None: all)."""
