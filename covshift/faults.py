@@ -33,6 +33,7 @@ class Faults:
         self.warned: set[str] = set()
         self.skipped: set[str] = set()  # records that faulted: no longer taken
         self.stopped = False  # a fault outside any one record: nothing more is taken
+        self.stop_reason: str | None = None  # what covshift was doing when a fault stopped recording
 
     def warn_once(
         self, key: str, message: str, stacklevel: int = 4, category: type[CovshiftWarning] = CovshiftWarning
@@ -56,6 +57,8 @@ class Faults:
         try:
             yield
         except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's loop
+            if not self.stopped:
+                self.stop_reason = doing
             self.stopped = True
             kept = f" Steps written before are kept in {store}" if store is not None else ""
             self.warn_once(
@@ -74,25 +77,30 @@ def gap_messages(
     first_recorded: int | None,
     steps: int,
     schedule: Schedule,
-    ran_training: bool,
+    forwards: str,
     model: str,
+    stopped: str | None = None,
+    unrecordable: dict[str, str] | None = None,
+    openers: list[str] | None = None,
 ) -> list[tuple[str, str]]:
     """What a detached run lacks that the user would not otherwise notice, as (key, message) pairs:
-    no training forward at all, no or one recorded step, selected layers never called."""
+    no recorded step (and the cause that happened), one recorded step, selected layers never
+    called, steps counted at calls of several submodules.
+
+    Args:
+        forwards: the training forwards covshift saw: ``"train"`` (some), ``"eval"`` (only
+            eval-mode ones) or ``"none"`` (none outside compiled code).
+        stopped: what covshift was doing when a fault stopped recording (None: none did).
+        unrecordable: layers called with nothing it could summarize, and why.
+        openers: in per-forward mode, the modules whose calls opened steps ("" for the model).
+    """
+    unrecordable = unrecordable or {}
     messages = []
-    if not ran_training:
-        messages.append((
-            "nothing",
-            f"no training step was recorded: the {model} it was attached to never ran a training-mode "
-            "forward. Is the model in eval mode (from_pretrained() returns it so: call model.train()), or "
-            "does the training step call a submodule directly (attach to that submodule)?",
-        ))
-    elif recorded == 0:
-        messages.append((
-            "nothing",
-            f"no training step was recorded in {steps} steps: forwards inside torch.compile or torch.func "
-            "transforms, and inputs that are not floating point, record nothing",
-        ))
+    if recorded == 0:
+        messages.append(("nothing", _nothing(
+            layers=layers, called=called, steps=steps, forwards=forwards, model=model, stopped=stopped,
+            unrecordable=unrecordable,
+        )))
     elif recorded == 1:
         advice = "train longer" if schedule.records(1) else f"record more often ({schedule} now) or train longer"
         messages.append((
@@ -102,12 +110,53 @@ def gap_messages(
         ))
     never = [name for name in layers if name not in called]
     if recorded and never:
-        shown = ", ".join(repr(name) for name in never[:NAMES_SHOWN])
-        more = f" and {len(never) - NAMES_SHOWN} more" if len(never) > NAMES_SHOWN else ""
         messages.append((
             "never called",
             f"{len(never)} of {len(layers)} selected layers were never called on a recorded step, so they "
-            f"have no records: {shown}{more}. A layer used through a functional path (as "
+            f"have no records: {_names(never)}. A layer used through a functional path (as "
             "MultiheadAttention uses its out_proj) never runs its own forward",
         ))
+    if openers and len(openers) > 1:
+        shown = _names([name or model for name in openers])
+        messages.append((
+            "openers",
+            f"steps were counted at each training-mode call of {shown}: the {model}'s own forward did not "
+            "run every time, so the outermost call of a submodule counted as a step, and a training step "
+            "that calls several of them counted several. Attach with optimizer= for one step per update",
+        ))
     return messages
+
+
+def _nothing(
+    *, layers: list[str], called: set[str], steps: int, forwards: str, model: str, stopped: str | None,
+    unrecordable: dict[str, str],
+) -> str:
+    """Why no training step was recorded: the cause that happened, first one found."""
+    if stopped is not None:
+        return (f"no training step was recorded: {stopped} failed before the first recorded step ended, and "
+                "covshift stopped recording there (the warning above gives the error)")
+    if forwards == "none":
+        return (
+            f"no training step was recorded: covshift saw no forward of the {model} or of its watched "
+            "submodules run outside compiled code. Forwards inside torch.compile record nothing; is this "
+            "the model your training step calls?"
+        )
+    if forwards == "eval":
+        return (
+            f"no training step was recorded: the {model} it was attached to never ran a training-mode "
+            "forward, only eval-mode ones. from_pretrained() returns a model in eval mode: call model.train()"
+        )
+    got = {name: unrecordable[name] for name in layers if name in unrecordable}
+    if got and set(got) >= called:
+        listed = ", ".join(f"{name!r} ({what})" for name, what in list(got.items())[:NAMES_SHOWN])
+        more = f" and {len(got) - NAMES_SHOWN} more" if len(got) > NAMES_SHOWN else ""
+        return f"no training step was recorded: no selected layer that was called could be summarized: {listed}{more}"
+    return (
+        f"no training step was recorded in {steps} steps: none of the {len(layers)} selected layers was "
+        "called on a recorded step outside compiled code (forwards inside torch.compile record nothing)"
+    )
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:NAMES_SHOWN])
+    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")

@@ -2,6 +2,7 @@
 accumulation, attached by hand to the framework's optimizer. Steps must equal optimizer steps."""
 
 import logging
+import warnings
 
 import lightning
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import covshift
+from covshift.faults import CovshiftWarning
 
 logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -58,6 +60,32 @@ def test_lightning_trainer_with_accumulation(tmp_path):
     run = module.tracker.detach()
     assert trainer.global_step == 5
     assert train_counts(run, "net.0") == {step: 8 for step in range(5)}  # 2 micro-batches of 4
+
+
+class AutomaticRegressor(Regressor):
+    """Attaches in ``on_train_start`` without ``optimizer=``: each training forward is a step, and
+    its training step calls ``self.net``, never ``self``."""
+
+    def on_train_start(self):
+        self.tracker = covshift.attach(self, every=1)
+
+
+def test_lightning_automatic_mode_records_a_training_step_that_calls_a_submodule(tmp_path):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(40, 4), torch.randn(40, 1))
+    module = AutomaticRegressor()
+    trainer = lightning.Trainer(
+        max_steps=3, default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, logger=False, enable_checkpointing=False, limit_val_batches=2,
+        val_check_interval=2, num_sanity_val_steps=1,
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=5))
+        run = module.tracker.detach()
+    assert [str(w.message) for w in record if issubclass(w.category, CovshiftWarning)] == []
+    assert trainer.global_step == 3
+    assert train_counts(run, "net.0") == {step: 4 for step in range(3)}  # validation batches of 5 are not
 
 
 class Attach(transformers.TrainerCallback):

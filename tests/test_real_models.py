@@ -36,7 +36,8 @@ def check(tracker, run, messages, updates=3):
     stats = run.stats("train")
     assert sorted(stats.step.unique()) == list(range(updates))
     layers = run.layers.set_index("layer")
-    assert set(layers.index) == set(tracker.layers), "every selected layer is recorded"
+    assert set(layers.index) == set(tracker.layers) - set(tracker.duplicates), \
+        "every selected layer is recorded, but blocks whose input is their first submodule's"
     for name, module in tracker.layers.items():
         declared = declared_channels(module)
         if declared is not None:
@@ -167,3 +168,67 @@ def test_from_pretrained_style_eval_model_warns():
     with pytest.warns(CovshiftWarning, match=r"model.train\(\)"):
         with covshift.attach(model):
             model(input_ids=tokens()())
+
+
+# -- the channel axis of blocks that declare no channel count (one forward each) --------------------
+SCANNED = {
+    "torchvision_convnext": lambda: ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)], num_classes=4),
+    "convnext_atto": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=4),
+    "poolformer_s12": lambda: timm.create_model("poolformer_s12", pretrained=False, num_classes=4),
+    "inception_next_atto": lambda: timm.create_model("inception_next_atto", pretrained=False, num_classes=4),
+    "fastvit_t8": lambda: timm.create_model("fastvit_t8", pretrained=False, num_classes=4),
+    "convformer_s18": lambda: timm.create_model("convformer_s18", pretrained=False, num_classes=4),
+    "edgenext_xx_small": lambda: timm.create_model("edgenext_xx_small", pretrained=False, num_classes=4),
+}
+#: The blocks of issue 28 that were summarized along the image width.
+PER_CHANNEL_BLOCKS = {"CNBlock", "ConvNeXtBlock", "Scale", "MetaNeXtBlock", "LayerScale2d", "ConvBlock"}
+
+
+def expected_channels(module, shape):
+    """What the module says its input's channel count is: the count it declares, else the size of
+    its per-channel parameters (every parameter of its own one-dimensional but for size-1 axes, all
+    of one size) when one axis of the input (the batch axis aside) has that size."""
+    declared = declared_channels(module)
+    if declared is not None:
+        return declared
+    sizes = set()
+    for parameter in module.parameters(recurse=False):
+        kept = [size for size in parameter.shape if size != 1]
+        if len(kept) != 1:
+            return None
+        sizes.add(kept[0])
+    if len(sizes) == 1 and next(iter(sizes)) in shape[1:]:
+        return sizes.pop()
+    return None
+
+
+@pytest.mark.parametrize("family", list(SCANNED))
+def test_every_recorded_layer_has_the_channel_count_it_says_or_is_named_in_a_warning(family):
+    torch.manual_seed(0)
+    model = SCANNED[family]().train()
+    shapes = {}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tracker = covshift.attach(model, every=1)
+        handles = [
+            module.register_forward_pre_hook(lambda mod, args, name=name: shapes.setdefault(name, args[0].shape) and None)
+            for name, module in tracker.layers.items()
+        ]
+        model(torch.randn(2, 3, 64, 64))
+        run = tracker.detach()
+    for handle in handles:
+        handle.remove()
+    warned = "\n".join(str(w.message) for w in record if issubclass(w.category, CovshiftWarning))
+    layers = run.layers.set_index("layer")
+    blocks = 0
+    for name, row in layers.iterrows():
+        module = tracker.layers[name]
+        expected = expected_channels(module, shapes[name])
+        blocks += type(module).__name__ in PER_CHANNEL_BLOCKS
+        if expected is not None and row["channels"] != expected:
+            assert repr(name) in warned, f"{name} ({type(module).__name__}, input {tuple(shapes[name])}): " \
+                                         f"{row['channels']} channels along dim {row['channel_dim']}, {expected} expected"
+    unrecorded = set(tracker.layers) - set(layers.index)
+    assert unrecorded == set(tracker.duplicates), "a selected layer is recorded unless it repeats a submodule's input"
+    assert all(tracker.duplicates[name].startswith(f"{name}.") for name in tracker.duplicates)
+    assert blocks or tracker.duplicates, "the family's per-channel blocks are recorded or named as duplicates"

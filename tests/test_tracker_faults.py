@@ -185,7 +185,7 @@ def test_fullgraph_compile_runs_with_covshift_attached(order):
         tracker = covshift.attach(model, every=1)
     for _ in range(3):
         compiled(torch.randn(5, 4)).sum().backward()
-    with pytest.warns(CovshiftWarning, match="no training step was recorded"):
+    with pytest.warns(CovshiftWarning, match="no training step was recorded.*torch.compile"):
         tracker.detach()
     assert model(torch.randn(2, 4)).shape == (2, 2)
 
@@ -290,3 +290,69 @@ def test_a_schedule_that_raises_warns_once_and_neither_forward_nor_update_raises
         run = tracker.detach()
     assert len([m for m in covshift_warnings(record) if "schedule broke" in m]) == 1
     assert sorted(run.stats().step.unique()) == [0, 1]  # the steps before the fault are kept
+
+
+# -- why nothing was recorded: the cause that happened ----------------------------
+def nothing_message(messages):
+    found = [m for m in messages if "no training step was recorded" in m]
+    assert len(found) == 1, messages
+    return found[0]
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_nothing_recorded_after_a_failing_probe_names_the_probe(optimizer):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    armed = False
+
+    def probe(half):
+        if armed:
+            raise RuntimeError("probe broke")
+        model(torch.randn(2, 4))
+
+    tracker = covshift.attach(model, every=1, optimizer=opt if optimizer else None)
+    tracker.probe(probe)
+    armed = True
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+        tracker.detach()
+    messages = covshift_warnings(record)
+    assert len([m for m in messages if "probe broke" in m]) == 1
+    message = nothing_message(messages)
+    assert "running the probe failed" in message and "torch.compile" not in message
+
+
+def test_nothing_recorded_when_no_selected_layer_gets_a_float_tensor_names_them():
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 3))
+
+        def forward(self, index):
+            return self.table[index]
+
+    model = nn.Sequential(Lookup())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with covshift.attach(model, every=1):
+            model(torch.tensor([1, 2]))
+            model(torch.tensor([3, 4]))
+    message = nothing_message(covshift_warnings(record))
+    assert "'0' (received a torch.int64 tensor)" in message and "torch.compile" not in message
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_a_probe_the_model_cannot_take_is_refused_at_probe(optimizer):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = covshift.attach(model, every=1, optimizer=opt if optimizer else None)
+    with pytest.raises(ValueError, match=r"probe: the model's forward on the probe batch raised RuntimeError"):
+        tracker.probe(torch.randn(4, 7))  # the first layer takes 4 features
+    for _ in range(3):
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    run = tracker.detach()
+    assert sorted(run.stats("train").step.unique()) == [0, 1, 2], "recording goes on"

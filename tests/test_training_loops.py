@@ -77,6 +77,39 @@ def test_a_training_step_that_calls_a_submodule_is_recorded():
     assert steps_and_counts(tracker.run, "net.0") == {0: 5, 1: 5, 2: 5}
 
 
+def test_without_an_optimizer_each_call_of_a_submodule_the_training_step_makes_is_a_step():
+    class Module(nn.Module):  # as a LightningModule whose training_step calls self.net(x), no optimizer=
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+    model = Module()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with covshift.attach(model, every=1) as tracker:
+            for size in (3, 4, 5):
+                model.net(torch.randn(size, 4)).sum().backward()
+            model.eval()
+            model.net(torch.randn(6, 4))  # eval mode: no step
+    assert [w for w in record if issubclass(w.category, CovshiftWarning)] == []
+    counts = tracker.run.stats("train").query("channel == 0 and layer == 'net.0'").set_index("step")["count"]
+    assert counts.to_dict() == {0: 3, 1: 4, 2: 5}
+
+
+def test_steps_counted_at_calls_of_two_submodules_are_warned_about():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    model = Pair()
+    with pytest.warns(CovshiftWarning, match=r"steps were counted at each training-mode call of 'encoder', 'head'"):
+        with covshift.attach(model, every=1) as tracker:
+            for _ in range(2):
+                model.head(model.encoder(torch.randn(3, 4)))
+    assert tracker.current_step == 3
+
+
 def test_eval_forwards_between_updates_are_not_recorded():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -181,7 +214,7 @@ def test_probe_takes_keywords_nested_batches_and_functions():
     tracker.probe(lambda part: halves.append(part) or model({"x": fixed[part * 4 : part * 4 + 4]}, scale=[1.0]))
     model({"x": torch.randn(3, 4)}, scale=[1.0])
     stats = tracker.detach().stats()
-    assert halves == [0, 1]
+    assert halves == [0, 1, 0, 1]  # tried once at probe(), then run at the step
     assert stats[stats.channel == 0].set_index("source")["count"].to_dict()["probe"] == 8
 
 
@@ -271,3 +304,28 @@ def test_probe_runs_when_the_training_step_never_calls_the_root():
     assert sorted(probe.step) == [0, 2, 4] and (probe["count"] == 6).all()
     train = stats[(stats.source == "train") & (stats.layer == "net.0") & (stats.channel == 0)]
     assert sorted(train.step) == [0, 1, 2, 3, 4] and (train["count"] == 5).all()
+
+
+@pytest.mark.parametrize("probe_inside_autocast", [False, True])
+def test_probe_runs_under_the_autocast_state_of_the_training_forward(probe_inside_autocast):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []  # (probe?, dtype) of the second Linear's input: bfloat16 under CPU autocast
+    model[2].register_forward_pre_hook(lambda module, args: seen.append((not torch.is_grad_enabled(), args[0].dtype)))
+    tracker = covshift.attach(model, optimizer=opt, every=1)
+    if probe_inside_autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tracker.probe(torch.randn(6, 4))
+    else:
+        tracker.probe(torch.randn(6, 4))
+    seen.clear()  # the trial run of probe()
+    for x, y in batches(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x).float(), y)
+        loss.backward()
+        opt.step()  # outside autocast, as in PyTorch's AMP recipe: the next step's probe runs here
+        opt.zero_grad()
+    stats = tracker.detach().stats()
+    assert sorted(stats[stats.source == "probe"].step.unique()) == [0, 1, 2, 3]
+    assert {probe for probe, _ in seen} == {False, True}
+    assert {dtype for _, dtype in seen} == {torch.bfloat16}, seen

@@ -68,7 +68,8 @@ class CovshiftCallback(pl.Callback):
         probe: a fixed batch for :meth:`covshift.Tracker.probe`: a tensor, a tuple
             of positional arguments, a dict of keyword arguments, or a function
             of the half (0 or 1). Tensors are moved to the module's device. The
-            probe runs as each probe step opens (at the update before it), whether
+            probe runs as each probe step opens (at the update before it; the first
+            at the first training batch, under its autocast state), whether
             ``training_step`` calls ``self(...)`` or a submodule.
         probe_every: None (default) to probe at the steps that record training; else an int N or "log".
         module: attach to this submodule of the LightningModule (an attribute

@@ -16,9 +16,11 @@ def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Track
 
     Args:
         model: any ``torch.nn.Module``; left exactly as found by ``detach()``.
-        layers: None for every layer with parameters of its own or normalization
-            layer; else names or glob patterns (``"features.*"``), module types, a
-            list of those, or a predicate ``(name, module) -> bool``.
+        layers: None for every layer with parameters of its own (parametrized ones
+            included) or normalization layer, a block that hands its own input to a
+            selected submodule recorded once, under the submodule's name
+            (``tracker.duplicates``); else names or glob patterns (``"features.*"``),
+            module types, a list of those, or a predicate ``(name, module) -> bool``.
         every: which training steps record: ``"log"`` (default: steps 0–22, then
             40 per decade, 168 records in 100,000 steps; see :mod:`covshift.schedule`),
             an int N (steps 0, N, 2N, …) or a :class:`~covshift.schedule.Schedule`.
@@ -36,8 +38,11 @@ def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Track
             every training forward between two updates is one record, so
             gradient accumulation and several forwards per update are right.
         outputs: also record each layer's output, as layer ``"<name>:output"``.
-        channel_dim: ``"auto"`` (dim 1 for conv/norm inputs, last dim otherwise),
-            an int, None to summarize each layer as a whole, or a dict per layer name.
+        channel_dim: ``"auto"`` (the axis that holds the count a layer declares, else
+            the size of its per-channel parameters, else its first submodule's count;
+            failing those dim 1 of images and the last dim of sequences, with a warning
+            naming the layer: :mod:`covshift.record.channels`), an int, None to
+            summarize each layer as a whole, or a dict per layer name.
         flush_every: write to disk at least every this many recorded steps.
         memory_budget: bytes of buffered records (332 per channel per step) that trigger a write.
         name: label for reports (default: the store directory's name).

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections import defaultdict
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,20 +27,27 @@ class Forward(threading.local):
         self.step = -1  # the step this forward records into
         self.source = "train"
         self.partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)
+        self.depth = 0  # calls of the model or its watched children open in this thread
+        self.inputs: dict[str, weakref.ref] = {}  # this forward's inputs of layers that contain others
 
     def take(self) -> dict[tuple[str, str], list[Partial]]:
         """This forward's partials, leaving none behind; recording stops."""
         partials, self.partials = self.partials, defaultdict(list)
         self.active = False
+        self.inputs = {}
         return partials
 
 
-_probe = threading.local()
+class _ProbeOwner(threading.local):
+    owner: object | None = None  # a class default: reading it never raises, so it costs little in every hook
+
+
+_probe = _ProbeOwner()
 
 
 def probe_owner() -> object | None:
     """The tracker whose probe forward runs in this thread, if any: every other tracker ignores it."""
-    return getattr(_probe, "owner", None)
+    return _probe.owner
 
 
 def set_probe_owner(tracker: object | None) -> None:
@@ -82,6 +92,45 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+class Autocast(NamedTuple):
+    """The ``torch.autocast`` state of one device type, as a forward saw it."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+
+def autocast_state(args: tuple, model: torch.nn.Module) -> Autocast:
+    """The autocast state, now, of the device type of the forward's first tensor argument (else of
+    the model's first parameter, else the CPU)."""
+    x = first_tensor(args, {})
+    if x is None:
+        x = next(model.parameters(), None)
+    return autocast_now(x.device.type if x is not None else "cpu")
+
+
+def autocast_now(device_type: str) -> Autocast:
+    """The autocast state of ``device_type`` now."""
+    if _new_autocast_api:
+        return Autocast(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    if device_type == "cpu":  # torch < 2.4
+        return Autocast("cpu", torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype())
+    return Autocast(device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype())
+
+
+_new_autocast_api = hasattr(torch, "get_autocast_dtype")
+
+
+@contextlib.contextmanager
+def autocast_as(state: Autocast | None) -> Iterator[None]:
+    """Run under the autocast state a training forward had (None: as things are)."""
+    if state is None or autocast_now(state.device_type) == state:
+        yield
+        return
+    with torch.autocast(state.device_type, dtype=state.dtype, enabled=state.enabled):
+        yield
 
 
 def describe(value: Any) -> str:

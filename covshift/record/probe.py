@@ -10,10 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from covshift.record import context
 from covshift.schedule import Schedule
 
 #: Sources of the two halves of a probe, in the order they run.
 HALVES = ("probe_a", "probe_b")
+#: The probe owner while a probe is tried: every tracker's hooks ignore the trial.
+_TRIAL = object()
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,27 @@ class Probe:
         for source, part in zip(HALVES, (slice(0, size // 2), slice(size // 2, size))):
             yield source
             model(*_take(self.args, part), **_take(self.kwargs, part))
+
+    def try_on(self, model: nn.Module) -> None:
+        """Run both halves once, recording nothing and leaving the model as it was, so that a probe
+        the model cannot take is refused when it is given, not when a step runs it.
+
+        Raises:
+            ValueError: the model's forward (or the probe function) raised; the error is chained.
+        """
+        owner = context.probe_owner()
+        context.set_probe_owner(_TRIAL)  # every tracker's hooks ignore a trial
+        try:
+            with preserved(model):
+                for _ in self.run_halves(model):
+                    pass
+        except Exception as err:
+            raise ValueError(
+                f"probe: the model's forward on the probe batch raised {type(err).__name__}: {err}; give the "
+                "arguments the model's forward takes (or probe(fn), a function of the half that runs it)"
+            ) from err
+        finally:
+            context.set_probe_owner(owner)
 
 
 def make_probe(args: tuple, kwargs: dict, schedule: Schedule) -> Probe:

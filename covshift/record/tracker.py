@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import platform
+import sys
 import threading
 from collections import defaultdict
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -17,7 +20,9 @@ from covshift.record.alerts import AlertMonitor
 from covshift.record.backward import GRAD_SOURCE, InputGradients
 from covshift.checks import check_int
 from covshift.faults import Faults, gap_messages
-from covshift.record.layers import LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
+from covshift.record.channels import LayerAxes, check_channel_dims
+from covshift.record.duplicates import SameInputs
+from covshift.record.layers import LayerSpec, select_layers
 from covshift.record.probe import HALVES, Probe, make_probe, preserved
 from covshift.record.settings import Settings, signature
 from covshift.store.run import Run
@@ -68,7 +73,8 @@ class Tracker:
         self.manual = step == "manual"
         self.optimizer = optimizer
         self._per_forward = optimizer is None and not self.manual  # each training forward is a step
-        self._channel_dims = channel_dim
+        self._axes = LayerAxes(channel_dim)
+        self._same = SameInputs(self.layers, active=layers is None)
         self._summarizer = Summarizer(sample_size)
         config = {
             "every": every if isinstance(every, (int, str)) else str(self.schedule),
@@ -113,6 +119,11 @@ class Tracker:
         self._kinds: dict[str, tuple[str, int | None]] = {}  # record name -> (layer type, channel dim)
         self._described: set[str] = set()
         self._called: set[str] = set()  # layers whose hook ran on a recorded step
+        self._unrecordable: dict[str, str] = {}  # layers called with nothing to summarize, and what they got
+        self._forwards = "none"  # training forwards seen: "none", "eval" (only eval-mode ones), "train"
+        self._openers: dict[str, None] = {}  # per-forward mode: modules whose calls opened steps ("": the model)
+        self._root_runs = False  # the model's own forward ran in training mode: its children's calls are inside it
+        self._autocast: context.Autocast | None = None  # of the latest training forward: probes run under it
         self._faults = Faults()
         self._train_steps = 0  # steps stored with training records
         self._first_train_step: int | None = None
@@ -140,6 +151,13 @@ class Tracker:
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    @property
+    def duplicates(self) -> dict[str, str]:
+        """Selected-by-default blocks whose input is the very tensor one of their selected submodules
+        receives (ConvNeXt's ``CNBlock`` and its first convolution), each mapped to that submodule:
+        the input is recorded once, under the submodule's name (:mod:`covshift.record.duplicates`)."""
+        return dict(self._same.found)
 
     @property
     def joinable(self) -> distributed.JoinableSteps:
@@ -177,14 +195,19 @@ class Tracker:
     def probe(self, *args: Any, every: int | str | schedule.Schedule | None = None, **kwargs: Any) -> Tracker:
         """Summarize a fixed batch at the recorded steps (or on a schedule of its own), apart from training.
 
-        At the start of each such step (when steps follow updates, as soon as the
-        update that opens it is done, and for the step open now at this call if
-        the model is in training mode) the model runs ``model(*args, **kwargs)``
+        At the start of each such step the model runs ``model(*args, **kwargs)``
         on each half of the batch (every batched tensor, also inside tuples, lists
-        and dicts, is split along dim 0), under ``no_grad`` in its training mode;
-        records are stored as sources ``probe_a``, ``probe_b`` and their union
-        ``probe``. Every buffer (BatchNorm running statistics included) and the
+        and dicts, is split along dim 0), under ``no_grad`` in its training mode
+        and under the ``torch.autocast`` state of the training forwards (so probe
+        and training records have the same precision); records are stored as
+        sources ``probe_a``, ``probe_b`` and their union ``probe``. The start of
+        a step is its first training forward, or, when steps follow updates, the
+        update that opens it (under the autocast state of the last training
+        forward). Every buffer (BatchNorm running statistics included) and the
         random number generators are put back exactly as they were.
+
+        The probe runs once here, recording nothing, so that a batch the model
+        cannot take is refused now rather than stopping the recording later.
 
         For a forward that needs more than its inputs (a detection model in
         training mode wants targets too), pass one function instead:
@@ -196,10 +219,14 @@ class Tracker:
             every: None to probe at the steps that record training (``attach``'s
                 ``every``); else an int N (every N-th step), ``"log"`` or a
                 :class:`~covshift.schedule.Schedule`.
+
+        Raises:
+            ValueError: the batch is not one (no batched tensor, halves of no
+                example), or the model's forward on it raised (chained).
         """
-        self._probe = make_probe(args, kwargs, self.schedule if every is None else schedule.parse(every))
-        if not self._per_forward and self.model.training and not self._step_partials:
-            self._maybe_probe(self._step)  # steps follow updates: the open step starts now
+        probe = make_probe(args, kwargs, self.schedule if every is None else schedule.parse(every))
+        probe.try_on(self.model)
+        self._probe = probe
         return self
 
     def add(self, measurement: T) -> T:
@@ -249,14 +276,17 @@ class Tracker:
                 measurement.close()
         if was_attached and (self._ranks is None or (self._ranks.is_writer and not self._ranks.broken)):
             for key, message in gap_messages(
-                layers=list(self.layers),
+                layers=[name for name in self.layers if name not in self._same.found],
                 called=self._called,
                 recorded=self._train_steps,
                 first_recorded=self._first_train_step,
                 steps=self._step + 1,
                 schedule=self.schedule,
-                ran_training=self._step >= 0 if self._per_forward else bool(self._called),
+                forwards="train" if self._called else self._forwards,
                 model=type(self.model).__name__,
+                stopped=self._faults.stop_reason,
+                unrecordable=self._unrecordable,
+                openers=list(self._openers),
             ):
                 self._faults.warn_once(key, message, stacklevel=3)
             missing = self._gradients.without_gradient() if self._gradients is not None else []
@@ -280,16 +310,32 @@ class Tracker:
 
     # -- hooks -------------------------------------------------------------------
     def _install(self, outputs: bool) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start, prepend=True))
-        self._handles.append(self.model.register_forward_hook(self._on_forward_end))
-        if self.optimizer is not None:
-            self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_step))
-        for name, module in self.layers.items():
+        outer = self._outer_modules()
+        for name, module in self.layers.items():  # a watched child that is a layer: one pre-hook does both
+            start = functools.partial(self._on_call_start, name) if name and name in outer else None
             self._handles.append(
-                module.register_forward_pre_hook(self._input_hook(name, module), with_kwargs=True)
+                module.register_forward_pre_hook(self._input_hook(name, module, start), with_kwargs=True)
             )
             if outputs:
                 self._handles.append(module.register_forward_hook(self._output_hook(name, module)))
+        for name, module in outer.items():  # ends after the layers' hooks: a step ends after its outputs
+            if not name or name not in self.layers:
+                self._handles.append(module.register_forward_pre_hook(functools.partial(self._on_call_start, name),
+                                                                      prepend=True))
+            self._handles.append(module.register_forward_hook(functools.partial(self._on_call_end, name),
+                                                              always_call=True))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_step))
+
+    def _outer_modules(self) -> dict[str, nn.Module]:
+        """The model (``""``), and its direct children that hold selected layers: a training step that
+        calls a child itself (Lightning's ``self.net(x)``) runs a forward that starts and ends a step too."""
+        root = context.unwrap_compiled(self.model)
+        children = {
+            name: child for name, child in root.named_children()
+            if any(layer == name or layer.startswith(f"{name}.") for layer in self.layers)
+        }
+        return {"": self.model, **children}
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -302,29 +348,54 @@ class Tracker:
         distributed job too, where the other ranks wait for this rank's exchanges."""
         return not self._faults.stopped or self._ranks is not None
 
-    def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
-        if context.is_compiling() or context.probe_owner() is not None or not self._counting:
+    def _on_call_start(self, opener: str, module: nn.Module, args: tuple) -> None:
+        """A call of the model or of a watched child begins; the outermost one in this thread is a forward.
+
+        Once the model's own forward has run in training mode, its children's calls are left alone:
+        they run inside it (a cheap return, as they run on every forward of a ``Sequential``)."""
+        if (opener and self._root_runs) or context.is_compiling() or context.probe_owner() is not None:
             return
         forward = self._forward
-        forward.take()  # a forward that raised never reached its end: drop what it took
-        if not module.training or context.in_backward():
+        forward.depth += 1
+        if forward.depth == 1 and self._counting:
+            self._begin_forward(opener, module, args)
+
+    def _on_call_end(self, opener: str, module: nn.Module, args: tuple, output: Any) -> None:
+        """Called also when the forward raised (``always_call``): the depth stays right either way."""
+        if (opener and self._root_runs) or context.is_compiling() or context.probe_owner() is not None:
             return
+        forward = self._forward
+        forward.depth = max(forward.depth - 1, 0)
+        if forward.depth or not self._per_forward:
+            return
+        raised = output is None and sys.exc_info()[1] is not None
+        partials = forward.take()  # a forward that raised is dropped
+        if not raised and module.training and self._counting and not context.in_backward():
+            with self._lock:
+                self._write_step(forward.step, partials)
+
+    def _begin_forward(self, opener: str, module: nn.Module, args: tuple) -> None:
+        """An outermost training forward starts: in per-forward mode a step; the step's probe if due."""
+        forward = self._forward
+        forward.take()
+        if not module.training or context.in_backward():
+            if self._forwards == "none" and not context.in_backward():
+                self._forwards = "eval"
+            return
+        self._forwards = "train"
+        if not opener:
+            self._root_runs = True  # its children's calls run inside it from now on
         with self._faults.guard("starting a step", self.run.directory):
+            self._autocast = context.autocast_state(args, module)
             with self._lock:
                 if self._per_forward:
                     self._write_held_gradients()
                     self._step += 1
+                    self._openers.setdefault(opener)
                 forward.step = self._step
-            self._maybe_probe(forward.step)
+            with self._faults.guard("running the probe", self.run.directory):
+                self._maybe_probe(forward.step)
             forward.active = self._per_forward and self._scheduled(self.schedule, forward.step)
-
-    def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if context.is_compiling() or context.probe_owner() is not None or not self._per_forward:
-            return
-        partials = self._forward.take()
-        if module.training and self._counting and not context.in_backward():
-            with self._lock:
-                self._write_step(self._forward.step, partials)
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer | None, args: tuple, kwargs: dict) -> None:
         """End the open step and open the next (an update, or ``tracker.step()``)."""
@@ -358,8 +429,10 @@ class Tracker:
             return True
         return self._recording and module.training and not context.in_backward()
 
-    def _input_hook(self, name: str, module: nn.Module):
+    def _input_hook(self, name: str, module: nn.Module, start: Callable[[nn.Module, tuple], None] | None):
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if start is not None:
+                start(mod, args)
             if self._records_now(mod):
                 self._observe(name, name, module, context.first_tensor(args, kwargs))
             elif self._gradients is not None and self._gradients.awaiting and context.in_backward():
@@ -380,7 +453,10 @@ class Tracker:
         if name in self._faults.skipped or self._faults.stopped or (owner is not None and owner is not self):
             return
         self._called.add(layer)
+        if name in self._same.found:  # its input is recorded under a submodule's name
+            return
         if x is None or not x.is_floating_point():
+            self._unrecordable.setdefault(layer, f"received {context.describe(x)}")
             self._faults.warn_once(
                 name,
                 f"layer {name!r} ({type(module).__name__}) received {context.describe(x)}; "
@@ -388,6 +464,7 @@ class Tracker:
             )
             return
         if context.is_transformed(x):
+            self._unrecordable.setdefault(layer, "ran under a torch.func transform")
             self._faults.warn_once(
                 "torch.func",
                 f"layer {name!r} ran under a torch.func transform (grad, vmap, ...); covshift does "
@@ -395,13 +472,19 @@ class Tracker:
             )
             return
         try:
-            dim = resolve_channel_dim(self._channel_dims, layer, module, x.shape)
-            partial = self._summarizer.summarize(x, dim)
+            if name == layer:
+                self._same.see(self._forward, layer, x, self._described)
+            axis = self._axes.resolve(layer, module, x.shape)
+            partial = self._summarizer.summarize(x, axis.dim)
             if partial is not None and name not in self._kinds:
-                self._kinds[name] = (type(module).__name__, dim)
+                self._kinds[name] = (type(module).__name__, axis.dim)
                 if name == layer:  # an input: its channels should be the layer's declared size
-                    self._check_declared(name, module, x.shape, dim)
+                    mismatch = self._axes.declared_mismatch(name, module, x.shape, axis.dim)
+                    if mismatch is not None:
+                        self._faults.warn_once(f"{name}:channels", mismatch)
+                    self._axes.doubt(layer, module, x.shape, axis)
         except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's forward
+            self._unrecordable.setdefault(layer, f"could not be summarized: {err}")
             self._faults.skip(name, f"layer {name!r} ({type(module).__name__}) could not be summarized: {err}")
             return
         if partial is None:  # an empty input is no record
@@ -412,7 +495,7 @@ class Tracker:
             if self._per_forward:
                 with self._lock:  # written when the next forward starts, on every rank alike
                     self._held_gradients.setdefault(step, {})
-            self._gradients.watch(step, layer, x, dim)
+            self._gradients.watch(step, layer, x, axis.dim)
         if self._per_forward or self._forward.source != "train":
             self._forward.partials[key].append(partial)
         else:
@@ -425,7 +508,7 @@ class Tracker:
             return
         with self._faults.guard("watching an input gradient", self.run.directory):
             step = self._forward.step if self._per_forward else self._step
-            self._gradients.watch_recomputed(step, name, x, resolve_channel_dim(self._channel_dims, name, module, x.shape))
+            self._gradients.watch_recomputed(step, name, x, self._axes.resolve(name, module, x.shape).dim)
 
     def _take_gradient(self, step: int, layer: str, partial: Partial) -> None:
         """From the backward pass: ``layer``'s input gradient at ``step``, kept with that step's records."""
@@ -442,18 +525,6 @@ class Tracker:
         for step in sorted(held):
             self._write_step(step, held[step])
 
-    def _check_declared(self, name: str, module: nn.Module, shape: torch.Size, dim: int | None) -> None:
-        """Warn once when an input's channel count differs from the size its layer declares."""
-        declared = declared_channels(module)
-        if declared is None or dim is None or shape[dim] == declared:
-            return
-        self._faults.warn_once(
-            f"{name}:channels",
-            f"layer {name!r} ({type(module).__name__}) declares {declared} channels but its input "
-            f"{tuple(shape)} has {shape[dim]} along dim {dim}, which is recorded; set channel_dim "
-            f"for it if that is not the channel axis",
-        )
-
     # -- steps and probes --------------------------------------------------------
     def _close_merged_step(self) -> None:
         """Write the open step: every training forward since the last step ended (lock held)."""
@@ -466,6 +537,9 @@ class Tracker:
 
         Every part is guarded but the exchange between ranks, whose failure (a rank died) is the user's to see.
         """
+        doubts = self._axes.doubts_message(exclude=self._same.found)
+        if doubts is not None:
+            self._faults.warn_once(f"axes at {step}", doubts)
         merged: dict[tuple[str, str], Partial] = {}
         with self._faults.guard("merging a step", self.run.directory):
             merged = self._merge_calls(partials)
@@ -516,8 +590,11 @@ class Tracker:
         skips the record, with a warning."""
         merged = {}
         for (source, name), parts in partials.items():
+            if name in self._same.found:
+                continue
             channels = sorted({part.count.shape[0] for part in parts})
             if len(channels) > 1:
+                self._unrecordable.setdefault(name, f"saw inputs with {channels} channels in one step")
                 self._faults.skip(
                     name,
                     f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
@@ -540,7 +617,7 @@ class Tracker:
         context.set_probe_owner(self)
         forward.active = True
         try:
-            with preserved(self.model):
+            with preserved(self.model), context.autocast_as(self._autocast):
                 for source in self._probe.run_halves(self.model):
                     forward.source = source
         finally:
