@@ -197,3 +197,18 @@ def test_torchrun_trainer_writes_one_run_of_the_union_over_ranks(tmp_path):
 
 if __name__ == "__main__":  # one rank under torchrun
     torchrun_rank(Path(sys.argv[1]))
+
+
+def test_on_alert_reaches_the_callbacks_function_and_the_run(tmp_path):
+    torch.manual_seed(0)
+    rows = [{"x": torch.randn(4) * 3, "labels": torch.randn(1)} for _ in range(64)]
+    for row in rows[20:]:
+        row["x"][0] = float("nan")  # from some step on, non-finite inputs
+    seen = []
+    callback = CovshiftCallback(every=1, on_alert=seen.append)
+    trainer = transformers.Trainer(model=TinyRegressor(), args=training_args(tmp_path), train_dataset=rows,
+                                   callbacks=[callback])
+    trainer.train()
+    nonfinite = [alert for alert in seen if alert.kind == "nonfinite"]
+    assert nonfinite and nonfinite[0].layer == "fc"
+    assert callback.run.alerts()["kind"].tolist() == [alert.kind for alert in seen]

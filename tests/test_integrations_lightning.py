@@ -308,3 +308,27 @@ def test_drift_is_logged_at_the_trainers_steps_on_a_log_schedule(tmp_path):
     recorded = set(callback.run.stats("train").step)
     assert set(logged["covshift/step"].astype(int)) <= recorded and (logged["covshift/step"] <= logged.step).all()
     assert (logged["covshift/step"] < logged.step).any()  # on this schedule some drift is of an earlier step
+
+
+class Poisoned(Regressor):
+    """A NaN reaches the model from global step 12 on."""
+
+    def training_step(self, batch, index):
+        x, y = batch
+        if self.trainer.global_step >= 12:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return super().training_step((x, y), index)
+
+
+def test_on_alert_reaches_the_callbacks_function_and_the_run(tmp_path):
+    torch.manual_seed(0)
+    seen = []
+    callback = CovshiftCallback(every=1, on_alert=seen.append)
+    trainer = make_trainer(tmp_path, callback, max_steps=16)
+    train, val = loaders()
+    trainer.fit(Poisoned(), train, val)  # training goes on: the alert only reports
+    nonfinite = [(alert.step, alert.layer) for alert in seen if alert.kind == "nonfinite"]
+    assert nonfinite[0] == (12, "net.0")
+    assert callback.run.alerts()[["step", "layer", "kind"]].values.tolist() == [
+        [alert.step, alert.layer, alert.kind] for alert in seen]

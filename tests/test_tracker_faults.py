@@ -243,12 +243,12 @@ def test_detach_warns_when_fewer_than_two_steps_were_recorded():
 
 @pytest.mark.parametrize("optimizer", [False, True])
 def test_a_failing_merge_warns_and_neither_forward_nor_update_raises(monkeypatch, optimizer):
-    import covshift.record.tracker
+    import covshift.record.steps
 
     def broken(parts):
         raise RuntimeError("merge broke")
 
-    monkeypatch.setattr(covshift.record.tracker, "merge", broken)
+    monkeypatch.setattr(covshift.record.steps, "merge", broken)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = covshift.attach(model, every=1, optimizer=opt if optimizer else None)

@@ -13,7 +13,7 @@ trouble:
   ``scale_factor`` times above its median over the warm-up steps;
 - ``"dead"``: at least ``dead_fraction`` of the layer's channels are dead (zero on
   99% of their values, as after a ReLU that never fires) or constant, where fewer were
-  during the warm-up;
+  at the layer's first recorded step (no warm-up: units die early at a high rate);
 - ``"nonfinite"``: NaN or ±Inf reached the layer's input (no warm-up for this one).
 
 Each (layer, kind) alerts once per **episode**: the episode ends after
@@ -94,7 +94,7 @@ class AlertMonitor:
         factor: drift alerts at this many times the floor.
         scale_factor: scale alerts at this many times the warm-up's σ or max |x|.
         dead_fraction: dead alerts when at least this fraction of a layer's channels is dead.
-        warmup: recorded steps per layer that set its baselines (no drift, scale or dead alert before).
+        warmup: recorded steps per layer that set its baselines (no drift or scale alert before).
         cooldown: recorded steps without the condition that end an episode.
     """
 
@@ -154,9 +154,12 @@ class AlertMonitor:
 
     def _check(self, step: int, layer: str, stats: np.ndarray, bins: np.ndarray | None, kept: np.ndarray) -> list[Alert]:
         state = self._state(layer)
-        sd = np.sqrt(np.maximum(stats[:, _COLUMN["var"]], 0.0))
-        scale = float(np.nanmean(sd)) if len(sd) else math.nan
-        peak = float(np.nanmax(np.abs(stats[:, [_COLUMN["min"], _COLUMN["max"]]]))) if len(stats) else math.nan
+        with np.errstate(invalid="ignore"):
+            sd = np.sqrt(np.maximum(stats[:, _COLUMN["var"]], 0.0))
+        scale = _finite_mean(sd)
+        extremes = np.abs(stats[:, [_COLUMN["min"], _COLUMN["max"]]])
+        extremes = extremes[np.isfinite(extremes)]
+        peak = float(extremes.max()) if len(extremes) else math.nan
         dead = float(np.mean((stats[:, _COLUMN["zero_frac"]] >= 0.99) | (stats[:, _COLUMN["var"]] <= 0)))
         nonfinite = float(stats[:, _COLUMN["nonfinite"]].sum())
         drift = math.nan
@@ -166,6 +169,9 @@ class AlertMonitor:
         state.previous = (sd[kept], bins) if bins is not None else None
         conditions: dict[str, tuple[str, float, float] | None] = {
             "nonfinite": ("non-finite values", nonfinite, 0.0) if nonfinite > 0 else None}
+        at_first = state.dead[0] if state.dead else dead  # units die early at a high rate: no warm-up for this one
+        conditions["dead"] = ("dead channel fraction", dead, at_first) \
+            if dead >= self.dead_fraction and at_first < self.dead_fraction else None
         if state.seen < self.warmup:
             state.seen += 1
             if math.isfinite(drift):
@@ -184,9 +190,6 @@ class AlertMonitor:
                 conditions["scale"] = ("max |x|", peak, base_peak)
             else:
                 conditions["scale"] = None
-            was_dead = max(state.dead, default=0.0)
-            conditions["dead"] = ("dead channel fraction", dead, was_dead) \
-                if dead >= self.dead_fraction and was_dead < self.dead_fraction else None
         return [alert for kind, found in conditions.items() if (alert := self._episode(step, layer, kind, found))]
 
     def _episode(self, step: int, layer: str, kind: str, found: tuple[str, float, float] | None) -> Alert | None:
@@ -227,6 +230,11 @@ def _w1(bins: np.ndarray | None, kept: np.ndarray, ref_bins: np.ndarray | None, 
         w1 = np.abs(bins - ref_bins).mean(axis=1) / ref_sd
     w1 = w1[np.isfinite(w1)]
     return float(w1.mean()) if len(w1) else math.nan
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else math.nan
 
 
 def _median(values: list[float]) -> float:

@@ -25,9 +25,9 @@ from covshift.record.duplicates import SameInputs
 from covshift.record.layers import LayerSpec, select_layers
 from covshift.record.probe import HALVES, Probe, make_probe, preserved
 from covshift.record.settings import Settings, signature
+from covshift.record.steps import StepWriter
 from covshift.store.run import Run
-from covshift.store.writer import ALERTS_TABLE
-from covshift.summary.summarize import N_BINS, QUANTILE_LEVELS, Partial, Summarizer, merge
+from covshift.summary.summarize import N_BINS, QUANTILE_LEVELS, Partial, Summarizer
 
 T = TypeVar("T")
 
@@ -117,7 +117,6 @@ class Tracker:
         self._probe: Probe | None = None
         self._probed = -1  # the last step whose probe ran
         self._kinds: dict[str, tuple[str, int | None]] = {}  # record name -> (layer type, channel dim)
-        self._described: set[str] = set()
         self._called: set[str] = set()  # layers whose hook ran on a recorded step
         self._unrecordable: dict[str, str] = {}  # layers called with nothing to summarize, and what they got
         self._forwards = "none"  # training forwards seen: "none", "eval" (only eval-mode ones), "train"
@@ -125,8 +124,6 @@ class Tracker:
         self._root_runs = False  # the model's own forward ran in training mode: its children's calls are inside it
         self._autocast: context.Autocast | None = None  # of the latest training forward: probes run under it
         self._faults = Faults()
-        self._train_steps = 0  # steps stored with training records
-        self._first_train_step: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._measurements: list[Any] = []  # added with add(): closed at detach()
         self._gradients = InputGradients(self._summarizer.summarize, self._take_gradient, self._faults) \
@@ -135,7 +132,8 @@ class Tracker:
         # as their own record of that step when the next forward starts (or at detach)
         self._held_gradients: dict[int, dict[tuple[str, str], list[Partial]]] = {}
         on_alert = self.settings.on_alert
-        self._alerts = on_alert if isinstance(on_alert, AlertMonitor) or on_alert is None else AlertMonitor(on_alert)
+        alerts = on_alert if isinstance(on_alert, AlertMonitor) or on_alert is None else AlertMonitor(on_alert)
+        self._steps = StepWriter(self, alerts)
         try:
             self._install(outputs)
         except BaseException:
@@ -278,8 +276,8 @@ class Tracker:
             for key, message in gap_messages(
                 layers=[name for name in self.layers if name not in self._same.found],
                 called=self._called,
-                recorded=self._train_steps,
-                first_recorded=self._first_train_step,
+                recorded=self._steps.train_steps,
+                first_recorded=self._steps.first_train_step,
                 steps=self._step + 1,
                 schedule=self.schedule,
                 forwards="train" if self._called else self._forwards,
@@ -372,7 +370,7 @@ class Tracker:
         partials = forward.take()  # a forward that raised is dropped
         if not raised and module.training and self._counting and not context.in_backward():
             with self._lock:
-                self._write_step(forward.step, partials)
+                self._steps.write(forward.step, partials)
 
     def _begin_forward(self, opener: str, module: nn.Module, args: tuple) -> None:
         """An outermost training forward starts: in per-forward mode a step; the step's probe if due."""
@@ -473,7 +471,7 @@ class Tracker:
             return
         try:
             if name == layer:
-                self._same.see(self._forward, layer, x, self._described)
+                self._same.see(self._forward, layer, x, self._steps.described)
             axis = self._axes.resolve(layer, module, x.shape)
             partial = self._summarizer.summarize(x, axis.dim)
             if partial is not None and name not in self._kinds:
@@ -523,86 +521,14 @@ class Tracker:
         """Per-forward mode: write the input gradients of finished forwards as records of their steps (lock held)."""
         held, self._held_gradients = self._held_gradients, {}
         for step in sorted(held):
-            self._write_step(step, held[step])
+            self._steps.write(step, held[step])
 
     # -- steps and probes --------------------------------------------------------
     def _close_merged_step(self) -> None:
         """Write the open step: every training forward since the last step ended (lock held)."""
         partials, self._step_partials = self._step_partials, defaultdict(list)
         if self._counting:
-            self._write_step(self._step, partials)
-
-    def _write_step(self, step: int, partials: dict[tuple[str, str], list[Partial]]) -> None:
-        """Hand one step's records to the run, the calls of each layer merged (lock held).
-
-        Every part is guarded but the exchange between ranks, whose failure (a rank died) is the user's to see.
-        """
-        doubts = self._axes.doubts_message(exclude=self._same.found)
-        if doubts is not None:
-            self._faults.warn_once(f"axes at {step}", doubts)
-        merged: dict[tuple[str, str], Partial] = {}
-        with self._faults.guard("merging a step", self.run.directory):
-            merged = self._merge_calls(partials)
-        # -- torch.distributed: on a recorded step every rank sends its records, rank 0 merges and writes them
-        if self._ranks is not None:
-            if self._scheduled(self.schedule, step) or (self._probe is not None and self._scheduled(self._probe.schedule, step)):
-                pooled = self._ranks.gather(
-                    step, {} if self._faults.stopped else merged, self._kinds, self._summarizer.sample_size
-                )
-                with self._faults.guard("merging the ranks' records", self.run.directory):
-                    merged = self._merge_calls(pooled)  # rank 0: every rank's records, merged as calls are
-                    self._called.update(name.removesuffix(":output") for _, name in merged)
-            if not self._ranks.is_writer or self._faults.stopped:
-                return
-        # --
-        if not merged or self._faults.stopped:
-            return
-        finalized = None
-        with self._faults.guard("storing a step", self.run.directory):
-            for (source, name), partial in merged.items():
-                if name not in self._described:
-                    self._described.add(name)
-                    kind, dim = self._kinds[name]
-                    self.run.add_layer(name, kind, partial.count.shape[0], dim)
-                self.run.append(step, source, name, partial)
-            finalized = self.run.end_step()
-            if any(source == "train" for source, _ in merged):
-                self._train_steps += 1
-                if self._first_train_step is None:
-                    self._first_train_step = step
-        if self._alerts is not None and finalized is not None:
-            self._check_alerts(finalized)
-
-    def _check_alerts(self, finalized: Any) -> None:
-        """Alerts of a finalized step: stored in the run, then handed to ``on_alert`` (which may raise: the user's
-        ``"raise"`` or their own function reach the training loop, as they asked)."""
-        alerts = []
-        with self._faults.guard("checking alerts", self.run.directory):
-            record = finalized.record
-            alerts = self._alerts.observe(finalized.keys, record.stats, record.binmeans, record.sketched)
-            if alerts:
-                self.run.append_table(ALERTS_TABLE, [alert.as_row() for alert in alerts])
-        for alert in alerts:
-            self._alerts.deliver(alert)
-
-    def _merge_calls(self, partials: dict[tuple[str, str], list[Partial]]) -> dict[tuple[str, str], Partial]:
-        """Each record's calls (or ranks) in one step merged into one partial; a channel count that varies
-        skips the record, with a warning."""
-        merged = {}
-        for (source, name), parts in partials.items():
-            if name in self._same.found:
-                continue
-            channels = sorted({part.count.shape[0] for part in parts})
-            if len(channels) > 1:
-                self._unrecordable.setdefault(name, f"saw inputs with {channels} channels in one step")
-                self._faults.skip(
-                    name,
-                    f"layer {name!r} saw inputs with {channels} channels in one step; its calls are merged "
-                    "into one record, so they need the same channel count (set channel_dim for it)",
-                )
-            elif name not in self._faults.skipped:
-                merged[(source, name)] = merge(parts)
-        return merged
+            self._steps.write(self._step, partials)
 
     def _maybe_probe(self, step: int) -> None:
         """Run the probe at the start of ``step`` if it is a probe step and its probe has not run yet."""
