@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,3 +85,33 @@ def test_null_distribution_is_a_distribution_and_checks_its_arguments():
         null_distribution({"a": x}, {"a": 1}, size=60)
     with pytest.raises(ValueError, match="same examples along dim 0"):
         null_distribution({"a": x, "b": x[:50]}, {"a": 1, "b": 1})
+
+
+def _stationary_null(seed: int, batchnorm: bool, steps: int = 200, batch: int = 32) -> pd.DataFrame:
+    """Drift step to step of a network that does not learn (lr 0) on i.i.d. batches, beside its null floor."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(10, 32), *([nn.BatchNorm1d(32)] if batchnorm else []), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+              nn.Linear(32, 3)]
+    model = nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(100 + seed)
+    probe = torch.randn(256, 10, generator=gen)
+    with covshift.attach(model, optimizer=opt, every=1) as tracker:
+        tracker.add(NullFloor(model, probe, optimizer=opt, every=50, size=batch, splits=50))
+        for _ in range(steps):
+            model(torch.randn(batch, 10, generator=gen)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    run = tracker.run
+    return drift_to_null(run, run.table("null_floor"), metric="all", reference="previous")
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["plain", "batchnorm"])
+def test_the_null_floor_is_calibrated_with_and_without_batchnorm(batchnorm):
+    """Pure sampling noise exceeds the 95% floor about 5% of the time, and sits at value / null mean ≈ 1,
+    below BatchNorm too: each subset is forwarded on its own, as a training batch is (3 seeds pooled)."""
+    pooled = pd.concat([_stationary_null(seed, batchnorm) for seed in range(3)])
+    per_metric = pooled.groupby("metric").agg(exceeds=("exceeds", "mean"), ratio=("ratio", "mean"))
+    assert set(per_metric.index) == set(METRICS)
+    assert per_metric["exceeds"].between(0.02, 0.10).all(), per_metric
+    assert per_metric["ratio"].between(0.8, 1.25).all(), per_metric

@@ -94,25 +94,41 @@ def null_distribution(
     if 2 * size > n_examples:
         raise ValueError(f"size={size} needs a batch of at least {2 * size} examples, got {n_examples}")
     generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(splits):
+        order = torch.randperm(n_examples, generator=generator)
+        a, b = order[:size], order[size : 2 * size]
+        pairs.append(({layer: x[a] for layer, x in inputs.items()}, {layer: x[b] for layer, x in inputs.items()}))
+    return null_of_pairs(pairs, channel_dims, metrics, normalize, agg, sample_size)
+
+
+def null_of_pairs(
+    pairs: Sequence[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+    channel_dims: dict[str, int | None],
+    metrics: tuple,
+    normalize: bool,
+    agg: str,
+    sample_size: int,
+) -> pd.DataFrame:
+    """The metrics between the two layer inputs of each pair (two disjoint subsets of one batch), per split."""
     summarizer = Summarizer(sample_size)
     rows: dict[str, list] = {"step": [], "layer": [], "channel": []}
     partials_a, partials_b = [], []
-    for split in range(splits):
-        order = torch.randperm(n_examples, generator=generator)
-        a, b = order[:size], order[size : 2 * size]
-        for layer, x in inputs.items():
-            part_a = summarizer.summarize(x[a], channel_dims[layer])
-            part_b = summarizer.summarize(x[b], channel_dims[layer])
+    layers = list(pairs[0][0])
+    for split, (inputs_a, inputs_b) in enumerate(pairs):
+        for layer in layers:
+            part_a = summarizer.summarize(inputs_a[layer], channel_dims[layer])
+            part_b = summarizer.summarize(inputs_b[layer], channel_dims[layer])
             channels = len(part_a.count)
             rows["step"] += [split] * channels
             rows["layer"] += [layer] * channels
             rows["channel"] += list(range(channels))
             partials_a.append(part_a)
             partials_b.append(part_b)
-    frame_a, frame_b = (_stats_frame(rows, finalize(p), list(inputs)) for p in (partials_a, partials_b))
-    half_a, layers = read_arrays(frame_a, "train", metrics)
+    frame_a, frame_b = (_stats_frame(rows, finalize(p), layers) for p in (partials_a, partials_b))
+    half_a, order = read_arrays(frame_a, "train", metrics)
     half_b, _ = read_arrays(frame_b, "train", metrics)
-    between = drift_between(half_a, half_b, layers, metrics, "random splits", normalize=normalize, agg=agg)
+    between = drift_between(half_a, half_b, order, metrics, "random splits", normalize=normalize, agg=agg)
     return between.rename(columns={"step": "split"})[["split", "layer", "metric", "value"]]
 
 
@@ -191,9 +207,37 @@ class NullFloor(Measurement):
         self._failed = False
 
     def measure(self, step: int) -> pd.DataFrame:
-        """Run the probe now and record the null of each layer at ``step``; returns the new rows."""
-        inputs: dict[str, torch.Tensor] = {}
+        """Record the null of each layer at ``step`` and return the new rows.
+
+        Each of ``splits`` random pairs of disjoint subsets of the probe (``size`` examples each) is
+        forwarded **subset by subset**, as training batches are: a normalization layer (BatchNorm)
+        then normalizes each with its own statistics, as it does a training batch, and the null is
+        that of two training batches. Buffers and RNG are put back after each forward.
+        """
+        batch = self.probe[0].shape[0]
+        size = batch // 2 if self.size is None else self.size
+        check_int("size", size)
+        if 2 * size > batch:
+            raise ValueError(f"size={size} needs a probe of at least {2 * size} examples, got {batch}")
+        generator = torch.Generator().manual_seed(step)
         dims: dict[str, int | None] = {}
+        pairs = []
+        for _ in range(self.splits):
+            order = torch.randperm(batch, generator=generator)
+            pairs.append(tuple(self._layer_inputs(order[part], dims)
+                               for part in (slice(0, size), slice(size, 2 * size))))
+        null = null_of_pairs(pairs, dims, resolve(list(self.metric)), self.normalize, self.agg, DEFAULT_SAMPLE_SIZE)
+        quantiles = null_quantiles(null)
+        quantiles.insert(0, "step", step)
+        quantiles["size"] = size
+        rows = [_plain(row) for row in quantiles.to_dict("records")]
+        self.rows.extend(rows)
+        self._store(rows)
+        return quantiles
+
+    def _layer_inputs(self, rows: torch.Tensor, dims: dict[str, int | None]) -> dict[str, torch.Tensor]:
+        """Each selected layer's input when the model runs on the probe's ``rows`` alone (state put back)."""
+        inputs: dict[str, torch.Tensor] = {}
 
         def hook_for(name: str, module: nn.Module):
             def hook(mod: nn.Module, args: tuple) -> None:
@@ -208,20 +252,12 @@ class NullFloor(Measurement):
         context.set_probe_owner(self)
         try:
             with preserved(self.model):
-                self.model(*self.probe)
+                self.model(*(part[rows] for part in self.probe))
         finally:
             context.set_probe_owner(owner)
             for handle in handles:
                 handle.remove()
-        null = null_distribution(inputs, dims, self.metric, self.splits, self.size, self.normalize, self.agg,
-                                 seed=step)
-        quantiles = null_quantiles(null)
-        quantiles.insert(0, "step", step)
-        quantiles["size"] = self.size if self.size is not None else len(next(iter(inputs.values()))) // 2
-        rows = [_plain(row) for row in quantiles.to_dict("records")]
-        self.rows.extend(rows)
-        self._store(rows)
-        return quantiles
+        return inputs
 
     def frame(self) -> pd.DataFrame:
         """Every recorded row: ``step, layer, metric, null_mean, null_q50, null_q95, splits, size``."""
