@@ -137,3 +137,23 @@ def test_watch_prints_the_worst_layers_of_a_run_being_written(tmp_path, capsys):
     assert lines[2].split() == [str(newest.layer), "Linear", f"{newest.value:.4g}",
                                 str(int((alerts["layer"] == str(newest.layer)).sum()))]
     assert len(lines) == 4 and lines[3].startswith(f"{len(alerts)} alerts; newest: step ")
+
+
+def test_live_tensorboard_log_while_training(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CovshiftWarning)
+        with covshift.attach(model, every=1, tensorboard=tmp_path / "tb") as tracker:
+            for step in range(30):
+                model(_gaussian(step, shift=4.0 if step >= 25 else 0.0))
+            events = EventAccumulator(str(tmp_path / "tb"))
+            events.Reload()  # read while training runs: written at each recorded step
+            assert [e.step for e in events.Scalars("covshift/live/scale/0")] == list(range(30))
+    events.Reload()
+    drift = {e.step: e.value for e in events.Scalars("covshift/live/drift/0")}
+    assert drift[25] > 8 * drift[24] and sorted(drift) == list(range(1, 30))  # none at the first step
+    assert events.Scalars("covshift/live/alerts")[-1].value == len(tracker.run.alerts()) >= 1
+    assert "covshift/alerts/text_summary" in events.Tags()["tensors"]

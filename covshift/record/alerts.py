@@ -122,11 +122,15 @@ class AlertMonitor:
         self.factor, self.scale_factor, self.dead_fraction = float(factor), float(scale_factor), dead_fraction
         self.warmup, self.cooldown = warmup, cooldown
         self._layers: dict[str, _Layer] = {}
+        #: What the newest step measured, per layer: ``drift`` (W1 step to step), ``scale`` (σ), ``max_abs``,
+        #: ``dead`` (fraction of dead channels), ``nonfinite`` (count); read by the live log.
+        self.values: dict[str, dict[str, float]] = {}
         self._quiet: dict[tuple[str, str], int] = {}  # open episodes: (layer, kind) -> recorded steps without it
 
     def observe(self, keys: list[tuple[int, str, str, int]], stats: torch.Tensor, binmeans: torch.Tensor,
                 sketched: torch.Tensor | None) -> list[Alert]:
         """The new alerts of one finalized step (its record's ``keys``, ``stats``, ``binmeans``, ``sketched``)."""
+        self.values = {}
         stats_np = stats.detach().cpu().numpy()
         bins_np = binmeans.detach().cpu().numpy()
         mask = np.ones(len(stats_np), bool) if sketched is None else sketched.detach().cpu().numpy()
@@ -167,6 +171,7 @@ class AlertMonitor:
             previous_sd, previous_bins = state.previous
             drift = _w1(bins, kept, previous_bins, np.ones(len(previous_bins), bool), None, previous_sd)
         state.previous = (sd[kept], bins) if bins is not None else None
+        self.values[layer] = {"drift": drift, "scale": scale, "max_abs": peak, "dead": dead, "nonfinite": nonfinite}
         conditions: dict[str, tuple[str, float, float] | None] = {
             "nonfinite": ("non-finite values", nonfinite, 0.0) if nonfinite > 0 else None}
         at_first = state.dead[0] if state.dead else dead  # units die early at a high rate: no warm-up for this one

@@ -55,6 +55,9 @@ def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Track
             (``run.alerts()``) and handed to this function; ``"warn"`` warns instead, ``"raise"``
             stops training with an :class:`~covshift.record.alerts.AlertError`; an
             :class:`~covshift.record.alerts.AlertMonitor` sets the thresholds too.
+        tensorboard: a log directory: at each recorded step, each layer's live measures (W1 drift step
+            to step, σ, max |x|, dead channels, non-finite values) and the new alerts are written there
+            for TensorBoard while training runs (:mod:`covshift.record.live`; needs tensorboard).
         group: in a ``torch.distributed`` job, the process group whose ranks record
             into one run (None: the default group when one is initialized with more
             than one process; ``False``: each rank records on its own). Rank 0 of

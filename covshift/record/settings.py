@@ -42,6 +42,7 @@ class Settings:
     group: Any = None
     gradients: bool = False
     on_alert: Callable[[Any], object] | str | AlertMonitor | None = None
+    tensorboard: str | Path | None = None
 
     @classmethod
     def of(cls, caller: str, options: dict[str, Any]) -> Settings:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from covshift.record.alerts import AlertMonitor
+from covshift.record.live import LiveLog
 from covshift.store.writer import ALERTS_TABLE
 from covshift.summary.summarize import Partial, merge
 
@@ -16,9 +17,10 @@ class StepWriter:
     Reads the tracker's layer kinds, axes, faults and ranks; counts the steps stored with training records.
     """
 
-    def __init__(self, tracker: Any, alerts: AlertMonitor | None) -> None:  # the Tracker that owns it
-        self._tracker = tracker
+    def __init__(self, tracker: Any, alerts: AlertMonitor | None, live: LiveLog | None = None) -> None:
+        self._tracker = tracker  # the Tracker that owns it
         self.alerts = alerts
+        self.live = live
         self.described: set[str] = set()  # layers whose kind the run has
         self.train_steps = 0  # steps stored with training records
         self.first_train_step: int | None = None
@@ -73,6 +75,8 @@ class StepWriter:
             alerts = self.alerts.observe(finalized.keys, record.stats, record.binmeans, record.sketched)
             if alerts:
                 self._tracker.run.append_table(ALERTS_TABLE, [alert.as_row() for alert in alerts])
+            if self.live is not None:
+                self.live.write(finalized.keys[0][0], self.alerts.values, alerts)
         for alert in alerts:
             self.alerts.deliver(alert)
 

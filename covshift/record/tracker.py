@@ -25,6 +25,7 @@ from covshift.record.duplicates import SameInputs
 from covshift.record.layers import LayerSpec, select_layers
 from covshift.record.probe import HALVES, Probe, make_probe, preserved
 from covshift.record.settings import Settings, signature
+from covshift.record.live import LiveLog
 from covshift.record.steps import StepWriter
 from covshift.store.run import Run
 from covshift.summary.summarize import N_BINS, QUANTILE_LEVELS, Partial, Summarizer
@@ -133,7 +134,10 @@ class Tracker:
         self._held_gradients: dict[int, dict[tuple[str, str], list[Partial]]] = {}
         on_alert = self.settings.on_alert
         alerts = on_alert if isinstance(on_alert, AlertMonitor) or on_alert is None else AlertMonitor(on_alert)
-        self._steps = StepWriter(self, alerts)
+        live = LiveLog(self.settings.tensorboard) if self.settings.tensorboard is not None else None
+        if live is not None and alerts is None:
+            alerts = AlertMonitor(lambda alert: None)  # the live log shows what the monitor measures
+        self._steps = StepWriter(self, alerts, live)
         try:
             self._install(outputs)
         except BaseException:
@@ -272,6 +276,8 @@ class Tracker:
             self._remove_hooks()
             for measurement in self._measurements:
                 measurement.close()
+            if self._steps.live is not None:
+                self._steps.live.close()
         if was_attached and (self._ranks is None or (self._ranks.is_writer and not self._ranks.broken)):
             for key, message in gap_messages(
                 layers=[name for name in self.layers if name not in self._same.found],
