@@ -332,3 +332,6 @@ def test_on_alert_reaches_the_callbacks_function_and_the_run(tmp_path):
     assert nonfinite[0] == (12, "net.0")
     assert callback.run.alerts()[["step", "layer", "kind"]].values.tolist() == [
         [alert.step, alert.layer, alert.kind] for alert in seen]
+    metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
+    logged = metrics[["step", "covshift/alerts"]].dropna()
+    assert logged["covshift/alerts"].tolist()[-1] == len(seen) and (logged.step >= 12).all()  # in the logs too

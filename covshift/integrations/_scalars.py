@@ -40,6 +40,8 @@ def check_attach_options(attach_options: dict[str, Any], trainer: str) -> None:
 
 #: Logged with the drift: the covshift step whose drift the scalars are (the newest recorded one).
 STEP_SCALAR = "covshift/step"
+#: Logged with the drift when the run has alerts: how many so far.
+ALERTS_SCALAR = "covshift/alerts"
 
 
 class DriftScalars:
@@ -99,6 +101,9 @@ class DriftScalars:
                     scalars[scalar_name(metric, layer)] = float(value)
             if len(values):
                 scalars[scalar_name(metric, LAYER_MEAN)] = float(values["value"].mean())
+        alerts = len(run.alerts())
+        if alerts:  # attach(..., on_alert=...): how many so far, beside the drift in the framework's logs
+            scalars[ALERTS_SCALAR] = float(alerts)
         return step, scalars
 
     def _needed_steps(self, stats: Any, step: int) -> set[int]:
