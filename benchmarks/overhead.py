@@ -8,7 +8,7 @@ log-spaced schedule); covshift with its defaults (every="log") in the steady
 state of a long run (the block runs from step 100,001, where the schedule
 records one step in about 5,800: none in the block); covshift hooks that never record
 (their fixed cost); every=1 and the defaults with ``gradients=True`` (the input
-gradients recorded too, issue "The backward side"); a bare hook that computes the sums, extrema and a sorted
+gradients recorded too) and with ``on_alert=`` (the live checks of each recorded step); a bare hook that computes the sums, extrema and a sorted
 1024-value sample and keeps nothing (the issue's lower bound: what covshift
 adds beyond it is the cost of storing); a hook that runs only covshift's four
 reductions (sum, sum of squares, min, max per channel) and keeps nothing (the
@@ -236,6 +236,10 @@ def main() -> None:
         "every=1 + gradients": lambda: covshift.attach(model, every=1, sample_size=args.sample_size, gradients=True),
         "defaults + gradients, long": lambda: at_step(
             covshift.attach(model, sample_size=args.sample_size, gradients=True), LONG_RUN_STEP),
+        "every=1 + alerts": lambda: covshift.attach(model, every=1, sample_size=args.sample_size,
+                                                    on_alert=lambda alert: None),
+        "defaults + alerts, long": lambda: at_step(
+            covshift.attach(model, sample_size=args.sample_size, on_alert=lambda alert: None), LONG_RUN_STEP),
         **(baseline_configs(load_baseline(args.baseline), model, args.sample_size) if args.baseline else {}),
         "bare sums+sorted sample": lambda: LayerHooks(model, bare_summary),
         "reductions only": lambda: LayerHooks(model, reductions_only),
