@@ -230,7 +230,7 @@ def test_zero_variance_channels_are_excluded_and_counted_without_warnings():
         ({"reference": 999}, r"reference step 999 was not recorded; recorded steps run 0\.\.7"),
         ({"by": "step"}, r"by must be one of \('layer', 'channel'\), got 'step'"),
         ({"agg": "sum"}, r"agg must be one of \('mean', 'median', 'max'\), got 'sum'"),
-        ({"source": "test"}, r"source must be one of \('train', 'probe', 'probe_a', 'probe_b'\), got 'test'"),
+        ({"source": "test"}, r"source must be one of \('train', 'probe', 'probe_a', 'probe_b', 'grad'\), got 'test'"),
         ({"source": "probe"}, r"the run has no records of source='probe'; it has \['train'\]"),
         ({"metric": None}, r"metric must be 'all' or names from .*, got None"),
     ],
