@@ -166,7 +166,10 @@ def runs_inside(directory: Path) -> list[Run]:
     if not directory.is_dir():
         return []
     found = [load(path) for path in sorted(directory.iterdir()) if (path / META_FILE).is_file()]
-    return sorted(found, key=lambda run: str(run.meta.get("created", "")))
+    # "created" has whole seconds: runs recorded one after the other within a second are told apart by
+    # when their meta.json was last written (at their end)
+    return sorted(found, key=lambda run: (str(run.meta.get("created", "")),
+                                          (Path(run.directory) / META_FILE).stat().st_mtime_ns))
 
 
 def _read_manifest(out: Path) -> dict[str, str]:
