@@ -33,7 +33,7 @@ RANKS = {
     "covshift.faults": 0,
     "covshift.defaults": 0,
     "covshift.summary.*": 1,  # summarize, finalize, row_statistics
-    "covshift.store.*": 2,  # files, records, run, display
+    "covshift.store.*": 2,  # checked, files, manifest, records, writer, run, display
     "covshift.metrics.*": 3,  # formulas, registry, builtin, arrays, engine, api, verdict
     "covshift.record.*": 4,  # context, layers, probe, tracker, distributed
     "covshift.science.*": 5,  # null_floor, gradient_ics

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import covshift
+import covshift.store.manifest  # noqa: F401 - traced below
 from covshift.store import files as store
 from covshift.cli import main
 from covshift.store.run import Run
@@ -73,11 +74,11 @@ def test_ctrl_c_after_the_part_is_in_place_does_not_write_the_steps_twice(tmp_pa
     assert_clean(tmp_path / "r", must_hold=[0, 1], may_hold=[0, 1])
 
 
-_TRACED = (store.__file__, sys.modules["covshift.store.run"].__file__)
+_TRACED = tuple(sys.modules[f"covshift.store.{name}"].__file__ for name in ("files", "run", "writer", "manifest"))
 
 
 class _InterruptAt:
-    """A tracer that raises KeyboardInterrupt at the ``n``-th line run in run.py or store.py.
+    """A tracer that raises KeyboardInterrupt at the ``n``-th line run in the store's files, run, writer and manifest.
 
     Lines building the table (covshift/records.py) are not traced: an interrupt there is one before the write.
     """
@@ -291,8 +292,19 @@ def test_a_part_with_fewer_rows_than_written_is_named(tmp_path):
     (part,) = store.part_paths(tmp_path / "r")
     table = pq.read_table(part)
     pq.write_table(table.slice(0, 7), part)
+    with pytest.raises(RunFileError, match=rf"{part.name} is corrupted: its footer does not match the run's manifest"):
+        covshift.load(tmp_path / "r").stats()
+    _without_manifest(tmp_path / "r")  # a run written before manifests: the row count in the part's metadata
     with pytest.raises(RunFileError, match=rf"{part.name} is corrupted: it holds 7 rows, {table.num_rows} were written"):
         covshift.load(tmp_path / "r").stats()
+
+
+def _without_manifest(directory):
+    """The run as covshift wrote it before manifests (format 3)."""
+    (directory / "manifest.json").unlink()
+    meta = json.loads((directory / "meta.json").read_text())
+    meta["format_version"] = 3
+    (directory / "meta.json").write_text(json.dumps(meta))
 
 
 # -- 6. Files of the wrong shape, parts of other runs, format 1 ----------------------------
@@ -333,6 +345,9 @@ def test_a_part_with_foreign_columns_is_named(tmp_path):
     table = pq.read_table(part)
     table = table.drop_columns(["mean"]).append_column("extra", table["var"])
     pq.write_table(table, part)
+    with pytest.raises(RunFileError, match=rf"{part.name} is corrupted: its footer does not match"):
+        covshift.load(tmp_path / "r").stats()
+    _without_manifest(tmp_path / "r")
     with pytest.raises(RunFileError, match=rf"{part} does not hold covshift records: missing columns \['mean'\], unexpected columns \['extra'\]"):
         covshift.load(tmp_path / "r").stats()
 
@@ -350,7 +365,7 @@ def test_a_part_of_another_run_is_named_not_duplicated(tmp_path):
 def test_each_part_is_tagged_with_the_run_id_of_meta(tmp_path):
     run = record(tmp_path / "r", steps=4, flush_every=2)
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
-    assert meta["format_version"] == store.FORMAT_VERSION == 3 and meta["run_id"] == run.meta["run_id"]
+    assert meta["format_version"] == store.FORMAT_VERSION == 4 and meta["run_id"] == run.meta["run_id"]
     parts = store.part_paths(tmp_path / "r")
     assert len(parts) == 2
     assert {pq.read_schema(p).metadata[b"covshift.run_id"].decode() for p in parts} == {meta["run_id"]}
@@ -358,6 +373,7 @@ def test_each_part_is_tagged_with_the_run_id_of_meta(tmp_path):
 
 def _as_format_1(directory):
     """Rewrite a run as covshift wrote format 1: untagged parts numbered from 0, no run id."""
+    (directory / "manifest.json").unlink()
     meta = json.loads((directory / "meta.json").read_text())
     del meta["run_id"]
     meta["format_version"] = 1

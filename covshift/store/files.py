@@ -5,7 +5,8 @@ place, so a process killed at any moment leaves only complete files behind. A ru
 claims its directory by creating ``meta.json`` exclusively and writes no file
 that was there before it. Each part is tagged with the run's id, carries page
 checksums (verified on read) and is named after the first step it holds, so
-writing the same steps again replaces that part instead of adding a copy.
+writing the same steps again replaces that part instead of adding a copy; the
+run's manifest (:mod:`covshift.store.manifest`) lists the parts and their footers.
 """
 
 from __future__ import annotations
@@ -20,24 +21,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from covshift.faults import CovshiftWarning
+from covshift.store.checked import (  # noqa: F401 - RunFileError and Footer are named here too
+    JSONL_LIMIT, META_LIMIT, Footer, RunFileError, check_regular, footer_of, read_bytes, verified_metadata,
+)
 
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
 CURVES_FILE = "curves.jsonl"
 PART_GLOB = "part-*.parquet"
 FORMAT = "covshift-run"
-#: 3: quantiles and bin means may be null (channels outside a layer's sketched subset), rows sorted
-#: by layer in row groups of ROW_GROUP_ROWS, zstd. 2: parts tagged with the run id of ``meta.json``,
-#: page checksums. 1: untagged parts. This covshift reads all three.
-FORMAT_VERSION = 3
+#: 4: a manifest (``manifest.json``, :mod:`covshift.store.manifest`) lists the parts and checks their
+#: footers. 3: quantiles and bin means may be null (channels outside a layer's sketched subset), rows
+#: sorted by layer in row groups of ROW_GROUP_ROWS, zstd. 2: parts tagged with the run id of
+#: ``meta.json``, page checksums. 1: untagged parts. This covshift reads all four; a run without a
+#: manifest is read as format 3 was.
+FORMAT_VERSION = 4
 #: Rows per Parquet row group: small enough that reading one layer skips most of a part.
 ROW_GROUP_ROWS = 16384
 RUN_ID_KEY = b"covshift.run_id"
 ROWS_KEY = b"covshift.rows"  # the footer's row counts are not checksummed: a flipped bit could cut a part short
 _LAYER_FIELDS = {"name": str, "type": str, "channels": int, "channel_dim": (int, type(None))}
-
-
-class RunFileError(ValueError):
-    """A run directory or one of its files is missing or unreadable."""
 
 
 class StoreWarning(CovshiftWarning):
@@ -83,7 +86,7 @@ def claim(directory: Path, meta: dict) -> None:
     Raises:
         FileExistsError: the directory holds a run, or files of the names covshift writes.
     """
-    taken = [name for name in (META_FILE, CURVES_FILE) if (directory / name).exists()]
+    taken = [name for name in (META_FILE, CURVES_FILE, MANIFEST_FILE) if (directory / name).exists()]
     taken += [path.name for path in part_paths(directory)]
     if taken and taken[0] != META_FILE:
         raise FileExistsError(
@@ -118,7 +121,7 @@ def read_meta(directory: Path) -> dict:
     if not path.exists():
         raise RunFileError(f"{path} is missing: {directory} is not a covshift run directory")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_bytes(path, META_LIMIT).decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunFileError(f"{path} is corrupted: not valid JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -164,12 +167,13 @@ def part_path(directory: Path, first: int, run_id: str) -> Path:
     return directory / f"part-{first:09d}-{run_id}.parquet"
 
 
-def write_part(path: Path, table: pa.Table, run_id: str) -> None:
-    """Write ``table`` to ``path``, tagged with ``run_id`` and with page checksums.
+def write_part(path: Path, table: pa.Table, run_id: str) -> tuple[Footer, list[int]]:
+    """Write ``table`` to ``path``, tagged with ``run_id`` and with page checksums; return its
+    :class:`Footer` and the rows of each of its row groups (for the run's manifest).
 
     Rows are expected sorted by layer (then source, step, channel): row groups of
-    :data:`ROW_GROUP_ROWS` rows then hold few layers each, and their statistics
-    let a read of some layers skip the others' row groups.
+    :data:`ROW_GROUP_ROWS` rows then hold few layers each, so a read of some
+    layers skips the others' row groups.
     """
     sink = pa.BufferOutputStream()
     table = table.replace_schema_metadata({RUN_ID_KEY: run_id.encode(), ROWS_KEY: str(table.num_rows).encode()})
@@ -183,7 +187,10 @@ def write_part(path: Path, table: pa.Table, run_id: str) -> None:
         use_byte_stream_split=floats,  # float bytes split by significance: zstd then finds the repeats
         write_page_checksum=True,
     )
-    write_atomic(path, sink.getvalue().to_pybytes())
+    data = sink.getvalue().to_pybytes()
+    metadata = pq.read_metadata(pa.BufferReader(data))
+    write_atomic(path, data)
+    return footer_of(data), [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
 
 
 def read_part(
@@ -194,24 +201,32 @@ def read_part(
     columns: list[str] | None = None,
     filters: pc.Expression | None = None,
     layers: list[str] | None = None,
+    footer: Footer | None = None,
+    groups: list[int] | None = None,
 ) -> pa.Table:
     """Read a part, or its ``columns`` and rows matching ``filters``, and check it.
 
     Checks the page checksums of what is read, the part's run id (None: an
-    untagged part), its row count and its columns. With ``layers``, only the
-    row groups whose statistics can hold one of them are read.
+    untagged part), its row count and its columns. With ``footer`` (from the
+    run's manifest) the footer is verified before pyarrow parses it, and
+    ``groups`` (also from the manifest; None: all) are the row groups read.
+    Without (a run written before manifests), with ``layers`` only the row
+    groups whose statistics can hold one of them are read.
     """
+    metadata = verified_metadata(path, footer) if footer is not None else None
+    if metadata is None:
+        check_regular(path)
     try:
-        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        parquet = pq.ParquetFile(path, metadata=metadata, page_checksum_verification=True)
         stored = parquet.schema_arrow
         tags = stored.metadata or {}
         tag = tags[RUN_ID_KEY].decode() if RUN_ID_KEY in tags else None
         rows = int(tags.get(ROWS_KEY, parquet.metadata.num_rows))
-        groups = sum(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
+        held = sum(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
     except (pa.ArrowException, OSError, ValueError, KeyError) as err:  # UnicodeDecodeError is a ValueError
         raise RunFileError(f"{path} is corrupted: not a readable Parquet file ({err})") from None
-    if rows != groups:
-        raise RunFileError(f"{path} is corrupted: it holds {groups} rows, {rows} were written")
+    if rows != held:
+        raise RunFileError(f"{path} is corrupted: it holds {held} rows, {rows} were written")
     if tag != run_id:
         whose = f"run {tag}" if tag else "an untagged (format 1) run"
         raise RunFileError(
@@ -224,7 +239,8 @@ def read_part(
         detail = f"missing columns {missing}, unexpected columns {extra}" if missing or extra else "column types differ"
         raise RunFileError(f"{path} does not hold covshift records: {detail}")
     try:
-        groups = _row_groups(parquet, layers)
+        if groups is None:
+            groups = _row_groups(parquet, layers if footer is None else None)
         table = parquet.read_row_groups(groups, columns=columns) if groups else stored.empty_table().select(columns or stored.names)
         if filters is not None:
             table = table.filter(filters)
@@ -277,7 +293,10 @@ def append_curve(directory: Path, row: dict, *, create: bool) -> None:
 
 def read_jsonl(path: Path, error: type[Exception] = RunFileError) -> list[dict]:
     """The rows of a JSON-lines file; a last line cut short by a crash is dropped, any other bad line raises ``error``."""
-    lines = path.read_text().splitlines()
+    try:
+        lines = read_bytes(path, JSONL_LIMIT).decode().splitlines()
+    except UnicodeDecodeError:
+        raise error(f"{path} is corrupted: not UTF-8 text") from None
     rows = []
     for number, line in enumerate(lines, start=1):
         try:

@@ -14,6 +14,7 @@ import pandas as pd
 from covshift.checks import check_int
 from covshift.faults import Faults
 from covshift.store import files as store
+from covshift.store import manifest
 from covshift.store.records import PendingStep, records_to_table, sketch_rows
 
 if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
@@ -74,6 +75,10 @@ class RunWriter:
         self._frames: dict[str | None, pd.DataFrame] = {}  # stats() per source
         self._frames_key: tuple | None = None
         self._meta_dirty = False
+        # The parts this run wrote, as its manifest lists them (None: a stored run, whose manifest is read
+        # at each read); the manifest on disk is rewritten when _manifest_dirty.
+        self._entries: list[manifest.PartEntry] | None = None
+        self._manifest_dirty = False
         if meta is None:  # opening a stored run
             self._meta = store.read_meta(self.directory)
             self._run_id: str | None = self._meta.get("run_id")
@@ -84,7 +89,10 @@ class RunWriter:
         self._meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, **meta, "run_id": self._run_id}
         self._meta.setdefault("layers", [])
         store.claim(self.directory, self._meta)
+        self._entries = []
         self._writable = True
+        self._manifest_dirty = True
+        self.flush()  # an empty manifest: from now on, only the parts it lists are the run's
 
     # -- writing -----------------------------------------------------------------
     def add_layer(self, name: str, type_name: str, channels: int, channel_dim: int | None) -> None:
@@ -160,11 +168,10 @@ class RunWriter:
             if self._meta_dirty:
                 store.write_meta(self.directory, self._meta)
                 self._meta_dirty = False
-            if self._pending:
-                path = store.part_path(self.directory, self._pending[0].seq, self._run_id)
-                store.write_part(path, records_to_table(self._pending), self._run_id)
-                self._pending = []
-                self._pending_bytes = 0
+            self._write_pending()
+            if self._manifest_dirty:
+                manifest.write(self.directory, self._run_id, self._entries)
+                self._manifest_dirty = False
         except OSError as err:
             self._retry_at = self._seq + self.flush_every
             self._warn_once(
@@ -176,6 +183,27 @@ class RunWriter:
             return
         if self._retry_at is not None:
             self._recovered()
+
+    def _write_pending(self) -> None:
+        """Write the buffered steps as a part and list it (each assignment leaves a consistent state if
+        interrupted: a part listed in the manifest on disk is never written again).
+
+        The manifest, written after the part, is the commit: a crash between the two leaves a part that
+        is not listed, which readers do not read.
+        """
+        committed = self._entries[-1].seqs[1] if self._entries else -1
+        while self._pending and self._pending[0].seq <= committed:  # listed already (an interrupted flush)
+            self._pending_bytes -= self._pending.pop(0).nbytes
+        if not self._pending:
+            return
+        self._manifest_dirty = True
+        seqs = (self._pending[0].seq, self._pending[-1].seq)
+        path = store.part_path(self.directory, seqs[0], self._run_id)
+        table = records_to_table(self._pending)
+        footer, groups = store.write_part(path, table, self._run_id)
+        self._entries = [*self._entries, manifest.describe(path.name, footer, groups, table, seqs)]
+        self._pending = []
+        self._pending_bytes = 0
 
     def _drop_over_budget(self) -> None:
         """While the directory cannot be written, drop the oldest buffered steps beyond the memory budget."""
