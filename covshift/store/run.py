@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +32,8 @@ class Run(RunWriter):
     step and the steps still buffered.
     """
 
+    _meta_key: tuple | None = None  # meta.json's (inode, size, mtime) when a stored run last read it
+
     # -- reading -----------------------------------------------------------------
     @property
     def meta(self) -> dict:
@@ -45,6 +48,7 @@ class Run(RunWriter):
     @property
     def layers(self) -> pd.DataFrame:
         """One row per recorded layer: ``layer, type, channels, channel_dim``."""
+        self._refresh()
         layers = pd.DataFrame(self._meta["layers"], columns=["name", "type", "channels", "channel_dim"])
         return layers.rename(columns={"name": "layer"})
 
@@ -121,6 +125,9 @@ class Run(RunWriter):
             raise TypeError(f"layers must be a layer name or a list of them, got {layers!r}")
         known = [layer["name"] for layer in self._meta["layers"]]
         unknown = [name for name in names if name not in known]
+        if unknown and self._refresh():
+            known = [layer["name"] for layer in self._meta["layers"]]
+            unknown = [name for name in names if name not in known]
         if unknown:
             shown = ", ".join(known[:LAYERS_SHOWN]) + (f" and {len(known) - LAYERS_SHOWN} more" if len(known) > LAYERS_SHOWN else "")
             raise ValueError(f"no recorded layer {', '.join(map(repr, unknown))}; recorded layers: {shown} (run.layers lists them)")
@@ -131,6 +138,7 @@ class Run(RunWriter):
         whose parts are read as they are). Files named like parts that the manifest does not list are
         refused (another run's, copies) or, when a crash left them, not read."""
         self.flush()
+        self._refresh()
         entries = self._entries if self._writable else manifest.read(self.directory, self._run_id)
         if entries is None:
             paths = store.part_paths(self.directory)
@@ -138,6 +146,21 @@ class Run(RunWriter):
             return [(path, None) for path in paths]
         manifest.check_unlisted(self.directory, self._run_id, entries)
         return [(self.directory / entry.name, entry) for entry in entries]
+
+    def _refresh(self) -> bool:
+        """A stored run may still be recording in another process: re-read its ``meta.json`` (the layers
+        recorded since) when the file changed. Whether it was re-read."""
+        if self._writable:
+            return False
+        try:
+            status = os.stat(self.directory / store.META_FILE)
+        except OSError:
+            return False
+        key = (status.st_ino, status.st_size, status.st_mtime_ns)
+        if key == self._meta_key:
+            return False
+        self._meta, self._meta_key = store.read_meta(self.directory), key
+        return True
 
     def _read(self, path: Path, entry: manifest.PartEntry | None, **options) -> pa.Table:
         """One part's rows, its footer checked against ``entry`` first; ``layers``: the row groups that can hold them."""
@@ -168,8 +191,10 @@ class Run(RunWriter):
     def _to_frame(self, table: pa.Table) -> pd.DataFrame:
         """``table`` as a DataFrame with categorical layers in recording order, rows sorted by step, source, layer, channel."""
         frame = table.to_pandas()
+        names = frame["layer"].astype(str)
         order = [layer["name"] for layer in self._meta["layers"]]
-        frame["layer"] = pd.Categorical(frame["layer"].astype(str), categories=order)
+        order += sorted(set(names.unique()) - set(order))  # from what was read, never NaN for a layer meta lacks
+        frame["layer"] = pd.Categorical(names, categories=order)
         frame["source"] = frame["source"].astype(str)
         rows = np.lexsort((frame["channel"].to_numpy(), frame["layer"].cat.codes.to_numpy(),
                            frame["source"].to_numpy(), frame["step"].to_numpy()))
