@@ -196,7 +196,7 @@ def write_part(path: Path, table: pa.Table, run_id: str) -> tuple[Footer, list[i
 def read_part(
     path: Path,
     run_id: str | None,
-    schema: pa.Schema,
+    schema: pa.Schema | tuple[pa.Schema, ...],
     *,
     columns: list[str] | None = None,
     filters: pc.Expression | None = None,
@@ -207,7 +207,7 @@ def read_part(
     """Read a part, or its ``columns`` and rows matching ``filters``, and check it.
 
     Checks the page checksums of what is read, the part's run id (None: an
-    untagged part), its row count and its columns. With ``footer`` (from the
+    untagged part), its row count and its columns (``schema``, or one of a tuple of them). With ``footer`` (from the
     run's manifest) the footer is verified before pyarrow parses it, and
     ``groups`` (also from the manifest; None: all) are the row groups read.
     Without (a run written before manifests), with ``layers`` only the row
@@ -233,7 +233,9 @@ def read_part(
             f"{path} belongs to {whose}, not to this run ({run_id or 'untagged'}): "
             "it was not written by this run; move it out of the run directory"
         )
-    if not stored.remove_metadata().equals(schema):
+    accepted = schema if isinstance(schema, tuple) else (schema,)
+    schema = accepted[0]
+    if not any(stored.remove_metadata().equals(one) for one in accepted):
         missing = [name for name in schema.names if name not in stored.names]
         extra = [name for name in stored.names if name not in schema.names]
         detail = f"missing columns {missing}, unexpected columns {extra}" if missing or extra else "column types differ"

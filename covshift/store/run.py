@@ -18,7 +18,7 @@ from covshift.store import files as store
 from covshift.store import manifest
 from covshift.checks import check_choice
 from covshift.columns import SOURCES
-from covshift.store.records import SCHEMA, checked_columns, records_to_table, steps_filter
+from covshift.store.records import SCHEMA, SCHEMAS, checked_columns, records_to_table, steps_filter
 from covshift.store.writer import RunWriter
 
 #: Layer names an error message lists before "and N more".
@@ -104,7 +104,7 @@ class Run(RunWriter):
             for path, entry in parts
             if entry is None or entry.holds(wanted, span)
         ]
-        return self._to_frame(pa.concat_tables([empty, *tables]))
+        return self._to_frame(_concat([empty, *tables]))
 
     def sources(self) -> pd.DataFrame:
         """Per source: recorded ``steps``, ``first step``, ``last step`` and ``rows``; only two columns are read."""
@@ -165,9 +165,9 @@ class Run(RunWriter):
     def _read(self, path: Path, entry: manifest.PartEntry | None, **options) -> pa.Table:
         """One part's rows, its footer checked against ``entry`` first; ``layers``: the row groups that can hold them."""
         if entry is None:
-            return store.read_part(path, self._run_id, SCHEMA, **options)
+            return store.read_part(path, self._run_id, SCHEMAS, **options)
         groups = entry.row_groups(options.pop("layers", None))
-        return store.read_part(path, self._run_id, SCHEMA, footer=entry.expected, groups=groups, **options)
+        return store.read_part(path, self._run_id, SCHEMAS, footer=entry.expected, groups=groups, **options)
 
     def _whole(self, source: str | None, parts: list[tuple[Path, manifest.PartEntry | None]]) -> pd.DataFrame:
         """Every record of ``source`` (None: all), kept until new parts arrive.
@@ -185,7 +185,7 @@ class Run(RunWriter):
             else:
                 only = None if source is None else pc.field("source") == source
                 tables = [self._read(path, entry, filters=only) for path, entry in parts]
-                self._frames[source] = self._to_frame(pa.concat_tables([SCHEMA.empty_table(), *tables]))
+                self._frames[source] = self._to_frame(_concat([SCHEMA.empty_table(), *tables]))
         return self._frames[source].copy(deep=False)
 
     def _to_frame(self, table: pa.Table) -> pd.DataFrame:
@@ -256,6 +256,11 @@ class Run(RunWriter):
         from covshift.store.display import run_html
 
         return run_html(self)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """``tables`` as one: quantiles and bin means in float64 if a part holds them so (float64 inputs)."""
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _step_span(steps: int | Iterable[int] | None) -> tuple[int, int] | list[int] | None:
