@@ -292,6 +292,10 @@ class Tracker:
         forward.take()  # a forward that raised never reached its end: drop what it took
         if not module.training or context.in_backward():
             return
+        first = context.first_tensor(args, {})
+        if first is not None and context.holds_no_values(first):
+            self._faults.warn_once("no values", context.NO_VALUES)
+            return
         with self._faults.guard("starting a step", self.run.directory):
             with self._lock:
                 if self._per_forward:
@@ -358,6 +362,9 @@ class Tracker:
         if name in self._faults.skipped or self._faults.stopped or (owner is not None and owner is not self):
             return
         self._called.add(layer)
+        if x is not None and context.holds_no_values(x):
+            self._faults.warn_once("no values", context.NO_VALUES)
+            return
         if x is None or not x.is_floating_point():
             self._faults.warn_once(
                 name,
