@@ -324,6 +324,6 @@ def table_path(directory: Path, name: str) -> Path:
 def read_curves(directory: Path) -> list[dict]:
     """Logged rows; a last line cut short by a crash is dropped, any other bad line is an error."""
     path = directory / CURVES_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
     return read_jsonl(path)

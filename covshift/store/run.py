@@ -208,7 +208,7 @@ class Run(RunWriter):
         A last row cut short by a crash is dropped.
         """
         path = store.table_path(self.directory, name)
-        return pd.DataFrame(store.read_jsonl(path)) if path.is_file() else None
+        return pd.DataFrame(store.read_jsonl(path)) if os.path.lexists(path) else None  # not a regular file: refused
 
     def curves(self) -> pd.DataFrame:
         """Logged training curves: one row per :meth:`log` call, columns ``step`` and the names."""
