@@ -493,3 +493,69 @@ def test_the_command_line_names_a_broken_meta_without_a_traceback(tmp_path, caps
     path.write_text(json.dumps(meta))
     assert main(["stats", str(tmp_path / "r")]) == 1
     assert f"{path} is corrupted: layers must be a list" in capsys.readouterr().err
+
+
+# -- 8. Values no covshift writes: an every of 0, steps out of range, a meta.json that is a directory ----------
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ({"every": 0, "schedule": {"kind": "every", "every": 0}}, "every must be a positive int, got 0"),
+        ({"every": 0}, "every must be a positive int, got 0"),  # a run written before schedules were stored
+        ({"schedule": {"kind": "log", "per_decade": -1}}, "per_decade must be a positive int, got -1"),
+    ],
+)
+def test_meta_with_a_schedule_no_run_could_have_is_named(tmp_path, config, problem):
+    record(tmp_path / "r", steps=2)
+    path = tmp_path / "r" / "meta.json"
+    meta = json.loads(path.read_text())
+    meta["config"].pop("schedule")
+    meta["config"].update(config)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(RunFileError, match=rf"{path} is corrupted: .*{problem}"):
+        covshift.report(tmp_path / "r", tmp_path / "report")
+    assert main(["report", str(tmp_path / "r"), "-o", str(tmp_path / "report")]) == 1
+
+
+def test_meta_json_that_is_a_directory_is_named(tmp_path):
+    (tmp_path / "r" / "meta.json").mkdir(parents=True)
+    with pytest.raises(RunFileError, match=r"meta.json is not a regular file \(a directory\)"):
+        covshift.load(tmp_path / "r")
+
+
+def _with_steps_moved(directory, offset, with_manifest):
+    """The run's part rewritten (a valid part, its footer in the manifest) with every step moved by ``offset``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from covshift.store import manifest
+
+    run_id = json.loads((directory / "meta.json").read_text())["run_id"]
+    (part,) = store.part_paths(directory)
+    table = pq.read_table(part).replace_schema_metadata(None)
+    table = table.set_column(0, "step", pc.add(table["step"], pa.scalar(offset, pa.int64())))
+    footer, groups = store.write_part(part, table, run_id)
+    if with_manifest:
+        manifest.write(directory, run_id, [manifest.describe(part.name, footer, groups, table, (0, 1))])
+    else:
+        _without_manifest(directory)
+    return part
+
+
+@pytest.mark.parametrize("offset", [-5, 2**62])
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_a_part_with_steps_no_run_could_record_is_named(tmp_path, offset, with_manifest):
+    record(tmp_path / "r", steps=2)
+    part = _with_steps_moved(tmp_path / "r", offset, with_manifest)
+    with pytest.raises(RunFileError, match=rf"{part.name} is corrupted: it holds step -?\d+, outside 0 … 2\^53 - 1"):
+        covshift.load(tmp_path / "r").stats()
+
+
+def test_a_step_index_no_run_could_store_is_refused_at_the_call():
+    tracker = covshift.attach(mlp(), every=1)
+    for index in (2**63, 2**53, -1):
+        with pytest.raises(ValueError, match=r"index must be an int from 0 to 2\^53 - 1"):
+            tracker.set_step(index)
+    tracker.set_step(2**53 - 1)
+    tracker.detach()

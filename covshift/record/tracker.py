@@ -14,7 +14,7 @@ from torch import nn
 from covshift import schedule
 from covshift.record import context
 from covshift.record import distributed
-from covshift.checks import check_int
+from covshift.checks import MAX_STEP, check_int
 from covshift.faults import Faults, gap_messages
 from covshift.record.layers import LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
 from covshift.record.probe import HALVES, Probe, make_probe, preserved
@@ -157,7 +157,7 @@ class Tracker:
     def set_step(self, index: int) -> None:
         """Number the step in progress (or the next one) ``index``: to resume a run, or to match a
         framework's step counter. Records already taken in an open step move with it."""
-        check_int("index", index, minimum=0)
+        check_int("index", index, minimum=0, maximum=MAX_STEP)
         with self._lock:
             if self._per_forward:
                 self._step = index - 1

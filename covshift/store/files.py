@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from covshift import schedule
+from covshift.checks import MAX_STEP
 from covshift.faults import CovshiftWarning
 from covshift.store.checked import (  # noqa: F401 - RunFileError and Footer are named here too
     JSONL_LIMIT, META_LIMIT, Footer, RunFileError, check_regular, footer_of, read_bytes, verified_metadata,
@@ -145,6 +147,13 @@ def _meta_problem(meta: dict, version: int) -> str | None:
         return f"run_id must be a string, got {meta.get('run_id')!r}"
     if not isinstance(meta.get("name"), (str, type(None))):
         return f"name must be a string, got {meta['name']!r}"
+    config = meta.get("config", {})
+    if not isinstance(config, dict):
+        return f"config must be a dict of settings, got {config!r}"
+    try:
+        schedule.from_config(config)
+    except (ValueError, TypeError) as err:
+        return f"config holds no schedule a run could be recorded with ({err})"
     layers = meta.get("layers")
     if not isinstance(layers, list):
         return f"layers must be a list of layer descriptions, got {layers!r}"
@@ -244,11 +253,19 @@ def read_part(
         if groups is None:
             groups = _row_groups(parquet, layers if footer is None else None)
         table = parquet.read_row_groups(groups, columns=columns) if groups else stored.empty_table().select(columns or stored.names)
-        if filters is not None:
-            table = table.filter(filters)
         table.validate(full=True)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise RunFileError(f"{path} is corrupted: not a readable Parquet file ({err})") from None
+    if "step" in table.column_names and table.num_rows:
+        bounds = pc.min_max(table["step"]).as_py()
+        outside = bounds["min"] if bounds["min"] < 0 else bounds["max"] if bounds["max"] > MAX_STEP else None
+        if outside is not None:
+            raise RunFileError(f"{path} is corrupted: it holds step {outside}, outside 0 … 2^53 - 1 (no run records it)")
+    if filters is not None:
+        try:
+            table = table.filter(filters)
+        except (pa.ArrowException, ValueError) as err:
+            raise RunFileError(f"{path} is corrupted: not a readable Parquet file ({err})") from None
     return table.replace_schema_metadata(None)
 
 
