@@ -271,3 +271,20 @@ def test_probe_runs_when_the_training_step_never_calls_the_root():
     assert sorted(probe.step) == [0, 2, 4] and (probe["count"] == 6).all()
     train = stats[(stats.source == "train") & (stats.layer == "net.0") & (stats.channel == 0)]
     assert sorted(train.step) == [0, 1, 2, 3, 4] and (train["count"] == 5).all()
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "manual"])
+def test_the_probe_records_the_steps_training_records_and_no_more(mode):
+    """The probe runs as a step opens; the step the last update opens never trains, so it stores no probe."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {"optimizer": opt} if mode == "optimizer" else {"step": "manual"}
+    tracker = covshift.attach(model, every=1, **options).probe(torch.randn(6, 4))
+    for _ in range(50):
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        if mode == "manual":
+            tracker.step()
+    stats = tracker.detach().stats()
+    steps = {source: sorted(stats[stats.source == source].step.unique()) for source in ("train", "probe")}
+    assert steps["probe"] == steps["train"] == list(range(50))
