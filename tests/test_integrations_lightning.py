@@ -291,11 +291,11 @@ if __name__ == "__main__":  # one rank of the ddp fit
     ddp_rank_script(Path(sys.argv[1]))
 
 
-def test_the_probe_records_as_many_steps_as_training(tmp_path):
+def test_the_probe_has_one_step_more_than_training_the_final_weights(tmp_path):
     torch.manual_seed(0)
     callback = CovshiftCallback(every=1, probe=torch.randn(16, 4))
     trainer = make_trainer(tmp_path, callback, max_steps=6, logger=False)
     trainer.fit(Regressor(), *loaders())
     stats = callback.run.stats()
-    assert sorted(stats[stats.source == "probe"].step.unique()) == sorted(stats[stats.source == "train"].step.unique())
-    assert per_step(callback.run).index.tolist() == list(range(6))
+    assert sorted(stats[stats.source == "train"].step.unique()) == list(range(6))
+    assert sorted(stats[stats.source == "probe"].step.unique()) == list(range(7))  # step 6: after the last update

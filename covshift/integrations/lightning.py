@@ -66,7 +66,9 @@ class CovshiftCallback(pl.Callback):
             of positional arguments, a dict of keyword arguments, or a function
             of the half (0 or 1). Tensors are moved to the module's device. The
             probe runs as each probe step opens (at the update before it), whether
-            ``training_step`` calls ``self(...)`` or a submodule.
+            ``training_step`` calls ``self(...)`` or a submodule; so the step the
+            last update opens holds the probe of the final weights, one probe step
+            more than training (``max_steps=50``: probe steps 0 … 50).
         probe_every: None (default) to probe at the steps that record training; else an int N or "log".
         module: attach to this submodule of the LightningModule (an attribute
             path such as ``"net"``) instead of the whole module.

@@ -104,7 +104,6 @@ class Tracker:
         # the first); in merged modes (manual, optimizer) the open step's.
         self._step = -1 if self._per_forward else 0
         self._recording = not self._per_forward  # merged modes: the open step is recorded
-        self._open_trained = False  # merged modes: a training forward of the root ran in the open step
         self._step_partials: dict[tuple[str, str], list[Partial]] = defaultdict(list)  # merged steps
         self._probe: Probe | None = None
         self._probed = -1  # the last step whose probe ran
@@ -175,10 +174,9 @@ class Tracker:
         and dicts, is split along dim 0), under ``no_grad`` in its training mode;
         records are stored as sources ``probe_a``, ``probe_b`` and their union
         ``probe``. Every buffer (BatchNorm running statistics included) and the
-        random number generators are put back exactly as they were. The step
-        open at :meth:`detach` stores no probe unless a training forward ran in
-        it (the last update opens a step that never trains), so the probe
-        records the steps training records.
+        random number generators are put back exactly as they were. Where steps
+        follow updates, the step the last update opens holds the probe of the
+        final weights and no training records: one probe step more than training.
 
         For a forward that needs more than its inputs (a detection model in
         training mode wants targets too), pass one function instead:
@@ -232,8 +230,6 @@ class Tracker:
         try:
             with self._lock:
                 if not self._per_forward:
-                    if not self._open_trained and not any(source == "train" for source, _ in self._step_partials):
-                        self._step_partials.clear()  # its probe only: the last update opened a step never trained
                     self._close_merged_step()
                 with self._faults.guard("writing the last records", self.run.directory):
                     self.run.flush()
@@ -306,7 +302,6 @@ class Tracker:
             with self._lock:
                 if self._per_forward:
                     self._step += 1
-                self._open_trained = True
                 forward.step = self._step
             self._maybe_probe(forward.step)
             forward.active = self._per_forward and self._scheduled(self.schedule, forward.step)
@@ -331,7 +326,6 @@ class Tracker:
     def _set_open_step(self, index: int) -> None:
         """Merged modes: the step now open is ``index`` (lock held)."""
         self._step = index
-        self._open_trained = False  # no training forward in it yet
         self._recording = self._scheduled(self.schedule, index)
 
     def _scheduled(self, plan: schedule.Schedule, step: int) -> bool:
