@@ -430,9 +430,21 @@ class Tracker:
         # -- torch.distributed: on a recorded step every rank sends its records, rank 0 merges and writes them
         if self._ranks is not None:
             if self._scheduled(self.schedule, step) or (self._probe is not None and self._scheduled(self._probe.schedule, step)):
-                pooled = self._ranks.gather(
-                    step, {} if self._faults.stopped else merged, self._kinds, self._summarizer.sample_size
-                )
+                try:
+                    pooled = self._ranks.gather(
+                        step, {} if self._faults.stopped else merged, self._kinds, self._summarizer.sample_size,
+                        self._rank_settings(),
+                    )
+                except distributed.RanksDisagree as err:
+                    self._faults.stopped = True
+                    self._faults.warn_once(
+                        "ranks",
+                        f"the {self._ranks.size} ranks of this job do not record alike, so their records cannot be "
+                        f"merged into one run: {err}. Nothing of step {step} is stored and recording stops on every "
+                        "rank; training goes on. Attach alike on every rank and take the same steps",
+                        stacklevel=6,
+                    )
+                    return
                 with self._faults.guard("merging the ranks' records", self.run.directory):
                     merged = self._merge_calls(pooled)  # rank 0: every rank's records, merged as calls are
                     self._called.update(name.removesuffix(":output") for _, name in merged)
@@ -453,6 +465,23 @@ class Tracker:
                 self._train_steps += 1
                 if self._first_train_step is None:
                     self._first_train_step = step
+
+    def _rank_settings(self) -> dict:
+        """How this rank records, compared across ranks at their first exchange (anything that changes what a
+        merged row means)."""
+        def described(plan: schedule.Schedule) -> Any:
+            try:
+                return plan.describe()
+            except Exception:  # noqa: BLE001 - a user's schedule: its name will do
+                return str(plan)
+
+        config = self.settings
+        return {
+            "every": described(self.schedule), "layers": list(self.layers), "sample_size": config.sample_size,
+            "sketch_channels": config.sketch_channels, "outputs": config.outputs, "channel_dim": repr(config.channel_dim),
+            "step": "optimizer" if self.optimizer is not None else config.step,
+            "probe": None if self._probe is None else described(self._probe.schedule),
+        }
 
     def _merge_calls(self, partials: dict[tuple[str, str], list[Partial]]) -> dict[tuple[str, str], Partial]:
         """Each record's calls (or ranks) in one step merged into one partial; a channel count that varies
