@@ -192,6 +192,20 @@ def _disagree(rank: int, out: Path, scenario: str) -> None:
             opt.zero_grad()
 
 
+def _resumed(rank: int, out: Path) -> None:
+    """A job of 3 steps, then another that resumes its run (without set_step: rank 0's last step + 1, on every rank)."""
+    xs, _ = _data()
+    for session in range(2):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with covshift.attach(model, every=1, store=out / "run", optimizer=opt, resume=session == 1) as tracker:
+            for step in range(STEPS):
+                model(xs[step, rank * BATCH : (rank + 1) * BATCH]).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        (out / f"steps-{session}-{rank}.json").write_text(json.dumps(tracker.current_step))
+
+
 def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
     """One rank: run ``scenario``, write ``rank{rank}.json`` (error type and message, if any)."""
     out = Path(out)
@@ -224,6 +238,11 @@ def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
             result["warnings"] = [str(w.message) for w in caught]
         elif scenario == "dies":
             _dies(rank, out)
+        elif scenario == "resumed":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _resumed(rank, out)
+            result["warnings"] = [str(w.message) for w in caught if issubclass(w.category, covshift.faults.CovshiftWarning)]
         elif scenario.startswith("disagree_"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -430,6 +449,17 @@ def test_ranks_that_disagree_warn_once_each_and_stop_recording_without_a_wrong_r
     assert sorted(stats.step.unique()) == kept
     conv = stats[(stats.layer == "0") & (stats.channel == 0)]
     assert (conv["count"] == WORLD * BATCH * 25).all()  # every stored row: both ranks' 4 images of 5×5
+
+
+def test_a_resumed_job_goes_on_at_rank_0s_next_step_on_every_rank(tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    results = _spawn(out, "resumed")
+    _ok(results)
+    assert all(result["warnings"] == [] for result in results.values())
+    assert [json.loads((out / f"steps-1-{rank}.json").read_text()) for rank in range(WORLD)] == [2 * STEPS] * WORLD
+    conv = covshift.load(out / "run").stats("train").query("layer == '0' and channel == 0")
+    assert conv.step.tolist() == list(range(2 * STEPS)) and (conv["count"] == WORLD * BATCH * 25).all()
 
 
 def test_torchrun_ddp_job_writes_one_run_equal_to_one_process(tmp_path):

@@ -107,6 +107,12 @@ class Ranks:
         """What ``meta.json`` says about the job."""
         return {"world_size": self.size, "backend": str(dist.get_backend(self.group))}
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (the step a resumed run goes on at)."""
+        objects = [value]
+        dist.broadcast_object_list(objects, src=self.writer, group=self.group)
+        return objects[0]
+
     def abandon(self) -> None:
         """This rank leaves with an error: it takes part in no more exchanges (the others will fail theirs)."""
         self.broken = True
@@ -225,6 +231,9 @@ class NonWriterRun(Run):
 
     def flush(self) -> None:
         """Nothing to write."""
+
+    def resume_at(self, step: int) -> None:
+        """Nothing stored here: rank 0 replaces the steps of the run it resumed."""
 
     def log(self, step: int, **values: float) -> None:
         """Nothing is stored: rank 0 logs the job's curves (so a loop may call this on every rank)."""

@@ -14,6 +14,7 @@ from torch import nn
 from covshift import schedule
 from covshift.record import context
 from covshift.record import distributed
+from covshift.record import resume
 from covshift.checks import MAX_STEP, check_int
 from covshift.faults import Faults, gap_messages
 from covshift.record.layers import LayerSpec, check_channel_dims, declared_channels, resolve_channel_dim, select_layers
@@ -49,7 +50,7 @@ class Tracker:
         every, sample_size, sketch_channels = config.every, config.sample_size, config.sketch_channels
         store, step, optimizer, outputs = config.store, config.step, config.optimizer, config.outputs
         channel_dim, flush_every, memory_budget = config.channel_dim, config.flush_every, config.memory_budget
-        name, group = config.name, config.group
+        name, group, resuming = config.name, config.group, config.resume
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         self.schedule = schedule.parse(every)
@@ -60,6 +61,10 @@ class Tracker:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if optimizer is not None and step == "manual":
             raise ValueError("give either optimizer= (steps follow optimizer.step()) or step='manual', not both")
+        if not isinstance(resuming, bool):
+            raise TypeError(f"resume must be True or False, got {resuming!r}")
+        if resuming and store is None:
+            raise ValueError("resume=True needs store=: the directory of the run to go on with")
         self.model = model
         self.layers = select_layers(context.unwrap_compiled(model), layers)
         check_channel_dims(channel_dim, self.layers)
@@ -71,6 +76,7 @@ class Tracker:
         config = {
             "every": every if isinstance(every, (int, str)) else str(self.schedule),
             "schedule": self.schedule.describe(),
+            "layers": list(self.layers),
             "sample_size": sample_size,
             "sketch_channels": sketch_channels,
             "step": "optimizer" if optimizer is not None else step,
@@ -96,8 +102,11 @@ class Tracker:
                 flush_every=flush_every, memory_budget=memory_budget, sketch_channels=sketch_channels,
             )
         else:
+            stored = resume.stored_meta(store) if resuming else None
+            if stored is not None:  # refused before a file is touched or a hook installed
+                resume.check(store, stored, meta, self.layers)
             self.run = Run(store, meta, flush_every=flush_every, memory_budget=memory_budget,
-                           sketch_channels=sketch_channels)
+                           sketch_channels=sketch_channels, resume=resuming)
         self._lock = threading.RLock()  # steps, the open merged step and the run
         self._forward = context.Forward()
         # Index of the current step: in per-forward mode the last forward's (-1 before
@@ -115,6 +124,8 @@ class Tracker:
         self._first_train_step: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._measurements: list[Any] = []  # added with add(): closed at detach()
+        if resuming:
+            self._go_on()
         try:
             self._install(outputs)
         except BaseException:
@@ -158,11 +169,24 @@ class Tracker:
         """Number the step in progress (or the next one) ``index``: to resume a run, or to match a
         framework's step counter. Records already taken in an open step move with it."""
         check_int("index", index, minimum=0, maximum=MAX_STEP)
+        self.run.resume_at(index)  # a resumed run: its stored steps from here on are replaced
         with self._lock:
             if self._per_forward:
                 self._step = index - 1
             else:
                 self._set_open_step(index)
+
+    def _go_on(self) -> None:
+        """Resuming: number steps on from the stored run's last training step (every rank alike)."""
+        start = None
+        if not isinstance(self.run, distributed.NonWriterRun):
+            self._described = {layer["name"] for layer in self.run.meta["layers"]}
+            sources = self.run.sources()
+            last = sources.loc["train", "last step"] if "train" in sources.index else sources["last step"].max()
+            start = 0 if len(sources) == 0 else int(last) + 1
+        if self._ranks is not None:
+            start = self._ranks.broadcast(start)
+        self.set_step(start)
 
     def probe(self, *args: Any, every: int | str | schedule.Schedule | None = None, **kwargs: Any) -> Tracker:
         """Summarize a fixed batch at the recorded steps (or on a schedule of its own), apart from training.
@@ -317,8 +341,10 @@ class Tracker:
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer | None, args: tuple, kwargs: dict) -> None:
         """End the open step and open the next (an update, or ``tracker.step()``)."""
         with self._lock:
-            self._close_merged_step()
-            self._set_open_step(self._step + 1)
+            try:
+                self._close_merged_step()
+            finally:  # interrupted (Ctrl-C inside the store): the next step still gets a number of its own
+                self._set_open_step(self._step + 1)
         if self.model.training and not context.is_compiling():
             with self._faults.guard("running the probe", self.run.directory):
                 self._maybe_probe(self._step)  # the step opens now, whether or not the model's own forward runs

@@ -95,6 +95,11 @@ def claim(directory: Path, meta: dict) -> None:
             f"{directory} already holds {', '.join(taken)}, which this run did not write; "
             "choose a new directory"
         )
+    others = sorted(path.name for path in directory.iterdir() if not path.name.startswith("."))
+    if others and not taken:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(f"{directory} holds {shown}, which is not a covshift run: choose a new or empty "
+                              "directory for the run")
     path = directory / META_FILE
     try:
         with open(path, "x") as handle:  # fails if another run created it first
@@ -103,7 +108,8 @@ def claim(directory: Path, meta: dict) -> None:
             os.fsync(handle.fileno())
         _fsync_dir(directory)
     except FileExistsError:
-        raise FileExistsError(f"{directory} already holds a covshift run; choose a new directory") from None
+        raise FileExistsError(f"{directory} already holds a covshift run; choose a new directory, or pass "
+                              "resume=True to go on with it") from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -300,6 +306,18 @@ def append_jsonl(path: Path, rows: list[dict], *, create: bool = False) -> None:
         except BaseException:
             handle.truncate(end)
             raise
+
+
+def cut_partial_line(path: Path) -> int:
+    """Remove a last line cut short by a crash from the JSON-lines file ``path`` (so rows appended next
+    start on a line of their own); return its complete lines."""
+    data = read_bytes(path, JSONL_LIMIT)
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+            os.fsync(handle.fileno())
+    return data[:end].count(b"\n")
 
 
 def append_curve(directory: Path, row: dict, *, create: bool) -> None:
