@@ -35,7 +35,7 @@ RANKS = {
     "covshift.summary.*": 1,  # summarize, finalize, row_statistics
     "covshift.store.*": 2,  # checked, files, manifest, records, writer, run, display
     "covshift.metrics.*": 3,  # formulas, registry, builtin, arrays, engine, api, verdict
-    "covshift.record.*": 4,  # context, layers, probe, tracker, distributed
+    "covshift.record.*": 4,  # context, layers, probe, tracker, distributed, resume
     "covshift.science.*": 5,  # null_floor, gradient_ics
     "covshift.reporting.*": 6,  # text, data, plots, panels, figures, heatmap, sections, html, build
     "covshift.plotting": 7,

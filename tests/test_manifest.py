@@ -200,8 +200,9 @@ def test_a_copy_among_the_parts_of_a_run_without_a_manifest_is_named(tmp_path):
     (tmp_path / "r" / manifest.MANIFEST_FILE).unlink()
     first = store.part_paths(tmp_path / "r")[0]
     shutil.copy(first, tmp_path / "r" / "part-000000000-copy.parquet")
-    with pytest.raises(RunFileError, match=rf"part-000000000-copy.parquet is a copy of {first.name}"):
+    with pytest.raises(RunFileError, match="are the same part") as caught:  # which is the copy, nothing says
         covshift.load(tmp_path / "r").stats()
+    assert first.name in str(caught.value) and "part-000000000-copy.parquet" in str(caught.value)
 
 
 def test_a_saved_run_carries_a_manifest_that_matches_its_parts(tmp_path):

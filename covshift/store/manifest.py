@@ -162,8 +162,8 @@ def check_copies(paths: list[Path]) -> None:
     for path in paths:
         key = identity(path)
         if key is not None and key in seen:
-            raise RunFileError(f"{path} is a copy of {seen[key].name} (or a link to it): its rows would be read "
-                               "twice; remove it from the run directory")
+            raise RunFileError(f"{seen[key]} and {path.name} are the same part (one a copy of, or a link to, the "
+                               "other): its rows would be read twice; remove one from the run directory")
         if key is not None:
             seen[key] = path
 
