@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+import pyarrow.compute as pc
 
 from covshift.checks import check_int
 from covshift.faults import Faults
 from covshift.store import files as store
 from covshift.store import manifest
-from covshift.store.records import PendingStep, records_to_table, sketch_rows
+from covshift.store.records import SCHEMAS, PendingStep, records_to_table, sketch_rows
 
 if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
     import torch
@@ -141,9 +142,6 @@ class RunWriter:
                 continue
             self._superseded.append(entry.name)
             if entry.steps[0] < cut:
-                from covshift.store.records import SCHEMAS
-                import pyarrow.compute as pc
-
                 path = self.directory / entry.name
                 table = store.read_part(path, self._run_id, SCHEMAS, footer=entry.expected, filters=pc.field("step") < cut)
                 number, self._seq = self._seq, self._seq + 1
@@ -271,7 +269,7 @@ class RunWriter:
         The manifest, written after the part, is the commit: a crash between the two leaves a part that
         is not listed, which readers do not read.
         """
-        committed = self._entries[-1].seqs[1] if self._entries else -1
+        committed = max((entry.seqs[1] for entry in self._entries), default=-1)
         while self._pending and self._pending[0].seq <= committed:  # listed already (an interrupted flush)
             self._pending_bytes -= self._pending.pop(0).nbytes
         if not self._pending:
