@@ -57,6 +57,17 @@ class Timers:
 
     #: (part, module, class or None, attribute): the functions timed. A part nested in another is also counted there.
     TIMED = (
+        ("summarize", "summary.summarize", "Summarizer", "summarize"),
+        ("sample", "summary.summarize", "Summarizer", "_sample"),
+        ("finalize", "summary.finalize", None, "finalize"),
+        ("sort", "summary.row_statistics", None, "sort_rows"),
+        ("sort", "summary.row_statistics", None, "rank_bins"),
+        ("flush", "store.writer", "RunWriter", "flush"),
+        ("hooks", "record.tracker", "Tracker", "_on_forward_start"),
+        ("hooks", "record.tracker", "Tracker", "_on_forward_end"),
+        ("hooks", "record.tracker", "Tracker", "_on_optimizer_step"),
+        ("hooks", "record.tracker", "Tracker", "_observe"),
+        # Where a checkout from before the subpackages (summary/, store/, record/) keeps them:
         ("summarize", "summary", "Summarizer", "summarize"),
         ("sample", "summary", "Summarizer", "_sample"),
         ("finalize", "finalize", None, "finalize"),
@@ -84,7 +95,7 @@ class Timers:
                 owner = importlib.import_module(f"{self.package.__name__}.{module}")
             except ModuleNotFoundError:  # a layout this package does not have
                 continue
-            owner = getattr(owner, cls) if cls else owner
+            owner = getattr(owner, cls, None) if cls else owner
             original = getattr(owner, attribute, None)
             if original is not None:
                 self._saved.append((owner, attribute, original))

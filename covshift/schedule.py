@@ -26,8 +26,11 @@ class Schedule:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """The schedule as stored in ``meta.json`` (``config.schedule``); :func:`from_config` reads it back."""
-        raise NotImplementedError
+        """The schedule as stored in ``meta.json`` (``config.schedule``); :func:`from_config` reads it back.
+
+        A schedule of your own may say more; by default it is named by its class.
+        """
+        return {"kind": "custom", "class": f"{type(self).__module__}.{type(self).__qualname__}"}
 
     def steps(self, stop: int) -> list[int]:
         """The recorded steps below ``stop``, ascending."""
@@ -101,11 +104,40 @@ def parse(every: int | str | Schedule) -> Schedule:
     raise ValueError(f"every must be a positive int, 'log' or a covshift.schedule.Schedule, got {every!r}")
 
 
+@dataclass(frozen=True)
+class Described(Schedule):
+    """A schedule of the user's own, as a stored run describes it: its code is not stored, so which steps
+    it records is known from the run's records alone (``run.sources()``), not from here."""
+
+    description: dict
+
+    def records(self, step: int) -> bool:
+        raise NotImplementedError(f"{self} was not stored with the run: its recorded steps are in run.sources()")
+
+    def describe(self) -> dict:
+        return dict(self.description)
+
+    def __str__(self) -> str:
+        return f"a schedule of the user's own ({self.description.get('class') or self.description.get('kind')})"
+
+    def __hash__(self) -> int:
+        return hash(repr(sorted(self.description.items(), key=str)))
+
+
 def from_config(config: dict) -> Schedule:
-    """The schedule a run was recorded with, from its ``meta["config"]`` (older runs: ``every``)."""
+    """The schedule a run was recorded with, from its ``meta["config"]`` (older runs: ``every``).
+
+    Raises:
+        ValueError: the config describes a schedule no covshift could have recorded with (``every=0``).
+    """
     described = config.get("schedule")
     if isinstance(described, dict) and described.get("kind") == "log":
-        return LogSpaced(int(described["per_decade"]))
+        return LogSpaced(described.get("per_decade"))
     if isinstance(described, dict) and described.get("kind") == "every":
-        return Every(int(described["every"]))
-    return Every(int(config.get("every", 1)))
+        return Every(described.get("every"))
+    if isinstance(described, dict):  # a schedule of the user's own
+        return Described(described)
+    every = config.get("every", 1)
+    if isinstance(every, str) and every != "log":  # a user's schedule, stored before schedules described themselves
+        return Described({"kind": "custom", "class": every})
+    return parse(every)

@@ -6,7 +6,6 @@ fits, else by convention with one warning naming it and the ``channel_dim=`` ove
 
 import warnings
 
-import pytest
 import torch
 from torch import nn
 

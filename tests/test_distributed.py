@@ -170,6 +170,42 @@ def _dies(rank: int, out: Path) -> None:
             opt.zero_grad()
 
 
+def _disagree(rank: int, out: Path, scenario: str) -> None:
+    """The ranks attach differently (``every``, ``layers``, ``sample_size``) or, attached alike, number their steps
+    differently (rank 1 skips a step number). No DDP: covshift's exchange is the only collective."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, _ = _data()
+    options = {
+        "every": {"every": 1 if rank == 0 else 2},
+        "layers": {"layers": ["0", "3"] if rank == 0 else ["0"]},
+        "sample_size": {"sample_size": 64 * (rank + 1)},
+        "steps": {},
+    }[scenario.removeprefix("disagree_")]
+    options.setdefault("every", 1)
+    with covshift.attach(model, store=out / "run", optimizer=opt, **options) as tracker:
+        for step in range(6):
+            if scenario == "disagree_steps" and rank == 1 and step == 3:
+                tracker.set_step(tracker.current_step + 1)
+            model(xs[step % STEPS, rank * BATCH : (rank + 1) * BATCH]).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def _resumed(rank: int, out: Path) -> None:
+    """A job of 3 steps, then another that resumes its run (without set_step: rank 0's last step + 1, on every rank)."""
+    xs, _ = _data()
+    for session in range(2):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with covshift.attach(model, every=1, store=out / "run", optimizer=opt, resume=session == 1) as tracker:
+            for step in range(STEPS):
+                model(xs[step, rank * BATCH : (rank + 1) * BATCH]).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        (out / f"steps-{session}-{rank}.json").write_text(json.dumps(tracker.current_step))
+
+
 def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
     """One rank: run ``scenario``, write ``rank{rank}.json`` (error type and message, if any)."""
     out = Path(out)
@@ -202,6 +238,16 @@ def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
             result["warnings"] = [str(w.message) for w in caught]
         elif scenario == "dies":
             _dies(rank, out)
+        elif scenario == "resumed":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _resumed(rank, out)
+            result["warnings"] = [str(w.message) for w in caught if issubclass(w.category, covshift.faults.CovshiftWarning)]
+        elif scenario.startswith("disagree_"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _disagree(rank, out, scenario)
+            result["warnings"] = [str(w.message) for w in caught if issubclass(w.category, covshift.faults.CovshiftWarning)]
     except Exception as err:  # noqa: BLE001 - reported to the test through the file
         result = {"error": type(err).__name__, "message": str(err), "trace": traceback.format_exc()}
     result["elapsed"] = time.monotonic()
@@ -374,6 +420,46 @@ def test_a_rank_that_dies_ends_the_other_with_an_error_not_a_hang(tmp_path):
     assert "step 1" in results[0]["message"] and "rank has died" in results[0]["message"]
     assert time.monotonic() - start < DEADLINE
     assert covshift.load(out / "run").stats()["step"].unique().tolist() == [0]  # step 0 was merged and stored
+
+
+@pytest.mark.parametrize(
+    ("how", "said", "kept"),
+    [
+        ("every", r"every: rank 0 .*'every': 1.*rank 1 .*'every': 2", []),
+        ("layers", r"layers: rank 0 \['0', '3'\], rank 1 \['0'\]", []),
+        ("sample_size", r"sample_size: rank 0 64, rank 1 128", []),
+        ("steps", r"step 3 on rank 0, step 4 on rank 1", [0, 1, 2]),
+    ],
+)
+def test_ranks_that_disagree_warn_once_each_and_stop_recording_without_a_wrong_row(tmp_path, how, said, kept):
+    """A difference in how the ranks record is found at the first exchange (or, for step numbers, at the
+    exchange where they part): one warning on every rank, recording stops on every rank, no hang, and
+    what rank 0 stored before holds both ranks' batches of the same steps."""
+    import re
+
+    out = tmp_path / "job"
+    out.mkdir()
+    results = _spawn(out, f"disagree_{how}")
+    _ok(results)
+    for rank, result in results.items():
+        assert len(result["warnings"]) == 1, (rank, result["warnings"])
+        assert re.search(said, result["warnings"][0]), result["warnings"][0]
+        assert "recording stops on every rank" in result["warnings"][0]
+    stats = covshift.load(out / "run").stats()
+    assert sorted(stats.step.unique()) == kept
+    conv = stats[(stats.layer == "0") & (stats.channel == 0)]
+    assert (conv["count"] == WORLD * BATCH * 25).all()  # every stored row: both ranks' 4 images of 5×5
+
+
+def test_a_resumed_job_goes_on_at_rank_0s_next_step_on_every_rank(tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    results = _spawn(out, "resumed")
+    _ok(results)
+    assert all(result["warnings"] == [] for result in results.values())
+    assert [json.loads((out / f"steps-1-{rank}.json").read_text()) for rank in range(WORLD)] == [2 * STEPS] * WORLD
+    conv = covshift.load(out / "run").stats("train").query("layer == '0' and channel == 0")
+    assert conv.step.tolist() == list(range(2 * STEPS)) and (conv["count"] == WORLD * BATCH * 25).all()
 
 
 def test_torchrun_ddp_job_writes_one_run_equal_to_one_process(tmp_path):

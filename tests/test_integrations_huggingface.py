@@ -212,3 +212,21 @@ def test_on_alert_reaches_the_callbacks_function_and_the_run(tmp_path):
     nonfinite = [alert for alert in seen if alert.kind == "nonfinite"]
     assert nonfinite and nonfinite[0].layer == "fc"
     assert callback.run.alerts()["kind"].tolist() == [alert.kind for alert in seen]
+
+
+def test_training_resumed_from_a_checkpoint_with_the_same_store_appends_to_its_run(tmp_path):
+    """train(resume_from_checkpoint=...) with CovshiftCallback(store=...) of the first training: one run."""
+    torch.manual_seed(0)
+    rows = regression_rows(64)
+    args = training_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=4)
+    first = CovshiftCallback(every=1, log=False, store=tmp_path / "job")
+    transformers.Trainer(model=TinyRegressor(), args=args, train_dataset=rows, callbacks=[first]).train()
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    assert checkpoint.is_dir()
+    second = CovshiftCallback(every=1, log=False, store=tmp_path / "job")
+    args = training_args(tmp_path, max_steps=10, save_strategy="no")
+    trainer = transformers.Trainer(model=TinyRegressor(), args=args, train_dataset=rows, callbacks=[second])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    stats = covshift.load(tmp_path / "job").stats("train")
+    assert sorted(stats.step.unique()) == list(range(10))
+    assert not stats.duplicated(["step", "source", "layer", "channel"]).any()

@@ -335,3 +335,36 @@ def test_on_alert_reaches_the_callbacks_function_and_the_run(tmp_path):
     metrics = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     logged = metrics[["step", "covshift/alerts"]].dropna()
     assert logged["covshift/alerts"].tolist()[-1] == len(seen) and (logged.step >= 12).all()  # in the logs too
+
+
+def test_the_probe_has_one_step_more_than_training_the_final_weights(tmp_path):
+    torch.manual_seed(0)
+    callback = CovshiftCallback(every=1, probe=torch.randn(16, 4))
+    trainer = make_trainer(tmp_path, callback, max_steps=6, logger=False)
+    trainer.fit(Regressor(), *loaders())
+    stats = callback.run.stats()
+    assert sorted(stats[stats.source == "train"].step.unique()) == list(range(6))
+    assert sorted(stats[stats.source == "probe"].step.unique()) == list(range(7))  # step 6: after the last update
+
+
+def test_a_resumed_fit_with_the_same_store_appends_to_its_run(tmp_path):
+    """fit(ckpt_path=...) with CovshiftCallback(store=...) of the first fit: one run, every step once."""
+    torch.manual_seed(0)
+    train, val = loaders()
+    first = CovshiftCallback(every=1, store=tmp_path / "job")
+    trainer = make_trainer(tmp_path, first, max_steps=8, enable_checkpointing=False, logger=False)
+
+    class Checkpoint(lightning.Callback):  # a checkpoint at step 5; the fit goes on to 8, as if it then crashed
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5 and not (tmp_path / "five.ckpt").exists():
+                trainer.save_checkpoint(tmp_path / "five.ckpt")
+
+    trainer.callbacks.append(Checkpoint())
+    trainer.fit(Regressor(), train, val)
+    second = CovshiftCallback(every=1, store=tmp_path / "job")
+    trainer = make_trainer(tmp_path, second, max_steps=10, logger=False)
+    trainer.fit(Regressor(), train, val, ckpt_path=tmp_path / "five.ckpt")
+    run = covshift.load(tmp_path / "job")
+    assert per_step(run).index.tolist() == list(range(10))
+    assert not run.stats().duplicated(["step", "source", "layer", "channel"]).any()
+    assert second.run.directory == first.run.directory == tmp_path / "job"

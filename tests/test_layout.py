@@ -33,9 +33,9 @@ RANKS = {
     "covshift.faults": 0,
     "covshift.defaults": 0,
     "covshift.summary.*": 1,  # summarize, finalize, row_statistics
-    "covshift.store.*": 2,  # files, records, run, display
+    "covshift.store.*": 2,  # checked, files, manifest, records, writer, run, display
     "covshift.metrics.*": 3,  # formulas, registry, builtin, arrays, engine, api, verdict
-    "covshift.record.*": 4,  # context, channels, layers, duplicates, probe, tracker, distributed
+    "covshift.record.*": 4,  # context, channels, layers, duplicates, probe, tracker, steps, backward, alerts, live, distributed, resume
     "covshift.science.*": 5,  # null_floor, gradient_ics
     "covshift.reporting.*": 6,  # text, data, plots, panels, figures, heatmap, sections, html, build
     "covshift.plotting": 7,

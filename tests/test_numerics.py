@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from covshift.summary.finalize import finalize
-from covshift.summary.summarize import N_BINS, STAT_NAMES, Summarizer, merge
+from covshift.summary.summarize import N_BINS, QUANTILE_LEVELS, STAT_NAMES, Summarizer, merge
 
 STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
@@ -187,6 +187,45 @@ def test_float64_values_near_the_largest_double_warn_nothing_and_keep_their_sign
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a user running with -W error: a warning would stop the recording
         record = finalize([Summarizer(1024).summarize(x, 1)])
-    assert record.quantiles[1, 0] == -np.inf and record.quantiles[1, -1] == np.inf  # beyond float32, as stored
+    assert record.quantiles[1, 0] < -1e308 and record.quantiles[1, -1] > 1e308  # float64 inputs: float64, not ±inf
+    assert torch.isfinite(record.quantiles).all()
     torch_route = finalize_by("torch", [Summarizer(1024).summarize(x, 1)])
     assert torch.equal(torch_route.quantiles[1].sign(), record.quantiles[1].sign())
+
+
+@pytest.mark.parametrize("route", ["numpy", "torch"])
+@pytest.mark.parametrize("width", [64, 1000, 1024])
+def test_float64_inputs_keep_their_quantiles_and_bin_means_exactly(route, width):
+    """Quantiles and bin means of float64 inputs are float64: ±1e300 is not ±inf, 1 + 1e-12 is not 1."""
+    gen = torch.Generator().manual_seed(23)
+    x = torch.cat([1e300 * torch.randn(width, 1, dtype=torch.float64, generator=gen),
+                   1 + 1e-12 * torch.randn(width, 1, dtype=torch.float64, generator=gen)], 1)
+    record = finalize_by(route, [Summarizer(1024).summarize(x, 1)])
+    assert record.quantiles.dtype == record.binmeans.dtype == torch.float64
+    for channel in range(2):
+        ordered = np.sort(x[:, channel].numpy())
+        levels = np.array(QUANTILE_LEVELS)
+        np.testing.assert_allclose(record.quantiles[channel].numpy(), np.quantile(ordered, levels), rtol=1e-15)
+        edges = np.round(np.arange(N_BINS + 1) * width / N_BINS).astype(int)
+        expected = [ordered[start:stop].mean() for start, stop in zip(edges[:-1], edges[1:])]
+        np.testing.assert_allclose(record.binmeans[channel].numpy(), expected, rtol=1e-15)
+
+
+def test_a_stored_float64_run_reads_back_the_quantiles_of_its_inputs(tmp_path):
+    import covshift
+
+    model = torch.nn.Linear(2, 2).double()
+    gen = torch.Generator().manual_seed(24)
+    inputs = [torch.cat([1e300 * torch.randn(256, 1, dtype=torch.float64, generator=gen),
+                         -1e300 + torch.zeros(256, 1, dtype=torch.float64)], 1) for _ in range(2)]
+    with covshift.attach(model, every=1, store=tmp_path / "r") as tracker:
+        for x in inputs:
+            model(x)
+    stats = tracker.run.stats()
+    assert np.isfinite(stats["q0.5"]).all() and stats["q0.5"].dtype == np.float64
+    expected = np.concatenate([np.median(x.numpy(), 0) for x in inputs])
+    np.testing.assert_allclose(stats["q0.5"].to_numpy(), expected, rtol=1e-15)
+    assert (stats.loc[stats.channel == 1, [f"binmean_{k:02d}" for k in range(N_BINS)]] == -1e300).all().all()
+    float32_run = covshift.attach(torch.nn.Linear(2, 2), every=1)  # float32 inputs stay float32: compact
+    float32_run.model(torch.randn(8, 2))
+    assert float32_run.detach().stats()["q0.5"].dtype == np.float32

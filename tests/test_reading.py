@@ -113,6 +113,7 @@ def test_a_compact_wide_run_is_smaller_on_disk(tmp_path):
 def _as_format_2(directory):
     """Rewrite a run as covshift wrote format 2: no schedule or sketch settings in its config, parts
     snappy-compressed in one row group, rows in the order steps were recorded."""
+    (directory / "manifest.json").unlink()
     meta = json.loads((directory / "meta.json").read_text())
     meta["format_version"] = 2
     for key in ("schedule", "sketch_channels"):
@@ -210,3 +211,34 @@ def test_a_frame_without_the_columns_a_metric_reads_says_which(tmp_path, metric)
     with pytest.raises(ValueError, match=r"lacks the columns \['q0.01'"):
         covshift.drift(moments, metric=metric)
     assert not covshift.drift(moments, metric="mean_shift").empty  # the moments suffice for the moment metrics
+
+
+class _LateBranch(torch.nn.Module):
+    """``late`` is first called at the fourth forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.early, self.late, self.calls = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), 0
+
+    def forward(self, x):
+        self.calls += 1
+        x = self.early(x)
+        return self.late(x) if self.calls > 3 else x
+
+
+def test_a_run_loaded_while_training_names_the_layers_recorded_after_it_was_loaded(tmp_path):
+    model = _LateBranch()
+    tracker = covshift.attach(model, every=1, store=tmp_path / "r", flush_every=1)
+    for _ in range(2):
+        model(torch.randn(8, 4))
+    loaded = covshift.load(tmp_path / "r")  # before "late" was first called
+    assert loaded.stats().layer.unique().tolist() == ["early"]
+    for _ in range(4):
+        model(torch.randn(8, 4))
+    tracker.detach()
+    stats = loaded.stats()
+    assert not stats.layer.isna().any()
+    assert stats.groupby("layer", observed=True).size().to_dict() == {"early": 6 * 4, "late": 3 * 3}
+    assert list(stats.layer.cat.categories) == ["early", "late"]
+    assert len(loaded.stats(layers="late")) == 3 * 3 and list(loaded.layers.layer) == ["early", "late"]
+    pd.testing.assert_frame_equal(loaded.stats(), covshift.load(tmp_path / "r").stats())

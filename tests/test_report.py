@@ -382,3 +382,22 @@ def test_report_returns_its_path_which_a_notebook_displays_as_the_page(two_run_r
     shown = two_run_report._repr_html_()
     assert shown.startswith("<iframe srcdoc=") and "verdict" in shown
     assert "<section" not in shown  # the page is escaped into the frame, never mixed into the notebook's own
+
+
+def test_report_never_writes_through_a_link_in_its_directory(runs, tmp_path):
+    out, outside = tmp_path / "report", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    names = ["summary.csv", "report.html", "heatmap.png", "drift.png", ".covshift-report.json"]
+    for name in names:
+        (outside / name).write_text(f"the user's own {name}")
+        (out / name).symlink_to(outside / name)
+    (out / "curves.png").symlink_to(outside / "missing.png")  # a dangling link: nothing is created through it
+    report(runs[0], out, metrics="wasserstein", layers="conv")
+    for name in names:
+        assert (outside / name).read_text() == f"the user's own {name}"
+    written = ["summary.csv", "report.html", "heatmap.png", "drift.png", "curves.png", ".covshift-report.json"]
+    assert all((out / name).is_file() and not (out / name).is_symlink() for name in written)
+    assert not (outside / "missing.png").exists()
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+    assert (out / "summary.csv").read_text().startswith("metric,layer")

@@ -103,3 +103,36 @@ def test_log10_rounding_edges_are_consistent():
         for k in range(0, 6 * per_decade):
             point = int(10 ** (k / per_decade) + 0.5)
             assert schedule.records(point), (per_decade, k, point)
+
+
+class Primes(covshift.schedule.Schedule):
+    """A user's own schedule that describes itself."""
+
+    def records(self, step):
+        return step in (0, 2, 3, 5, 7)
+
+    def describe(self):
+        return {"kind": "primes"}
+
+
+class Undescribed(covshift.schedule.Schedule):
+    """A user's own schedule with records() alone."""
+
+    def records(self, step):
+        return step % 3 == 0
+
+
+@pytest.mark.parametrize("plan", [Primes(), Undescribed()])
+def test_a_run_recorded_on_a_schedule_of_the_users_own_reports_from_python_and_the_command_line(tmp_path, plan):
+    from covshift.cli import main
+
+    model = _mlp()
+    with covshift.attach(model, every=plan, store=tmp_path / "r"):
+        for step in range(8):
+            model(torch.randn(16, 4) + step)
+    run = covshift.load(tmp_path / "r")
+    assert sorted(run.stats().step.unique()) == [step for step in range(8) if plan.records(step)]
+    stored = from_config(run.meta["config"])
+    assert stored.describe() == run.meta["config"]["schedule"] and str(stored).startswith("a schedule of the user's own")
+    assert covshift.report(run, tmp_path / "py", metrics="wasserstein").is_file()
+    assert main(["report", str(tmp_path / "r"), "-o", str(tmp_path / "cli"), "--metric", "wasserstein"]) == 0

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import covshift
+import covshift.store.manifest  # noqa: F401 - traced below
 from covshift.store import files as store
 from covshift.cli import main
 from covshift.store.run import Run
@@ -73,11 +74,11 @@ def test_ctrl_c_after_the_part_is_in_place_does_not_write_the_steps_twice(tmp_pa
     assert_clean(tmp_path / "r", must_hold=[0, 1], may_hold=[0, 1])
 
 
-_TRACED = (store.__file__, sys.modules["covshift.store.run"].__file__)
+_TRACED = tuple(sys.modules[f"covshift.store.{name}"].__file__ for name in ("files", "run", "writer", "manifest"))
 
 
 class _InterruptAt:
-    """A tracer that raises KeyboardInterrupt at the ``n``-th line run in run.py or store.py.
+    """A tracer that raises KeyboardInterrupt at the ``n``-th line run in the store's files, run, writer and manifest.
 
     Lines building the table (covshift/records.py) are not traced: an interrupt there is one before the write.
     """
@@ -291,8 +292,19 @@ def test_a_part_with_fewer_rows_than_written_is_named(tmp_path):
     (part,) = store.part_paths(tmp_path / "r")
     table = pq.read_table(part)
     pq.write_table(table.slice(0, 7), part)
+    with pytest.raises(RunFileError, match=rf"{part.name} is corrupted: its footer does not match the run's manifest"):
+        covshift.load(tmp_path / "r").stats()
+    _without_manifest(tmp_path / "r")  # a run written before manifests: the row count in the part's metadata
     with pytest.raises(RunFileError, match=rf"{part.name} is corrupted: it holds 7 rows, {table.num_rows} were written"):
         covshift.load(tmp_path / "r").stats()
+
+
+def _without_manifest(directory):
+    """The run as covshift wrote it before manifests (format 3)."""
+    (directory / "manifest.json").unlink()
+    meta = json.loads((directory / "meta.json").read_text())
+    meta["format_version"] = 3
+    (directory / "meta.json").write_text(json.dumps(meta))
 
 
 # -- 6. Files of the wrong shape, parts of other runs, format 1 ----------------------------
@@ -333,6 +345,9 @@ def test_a_part_with_foreign_columns_is_named(tmp_path):
     table = pq.read_table(part)
     table = table.drop_columns(["mean"]).append_column("extra", table["var"])
     pq.write_table(table, part)
+    with pytest.raises(RunFileError, match=rf"{part.name} is corrupted: its footer does not match"):
+        covshift.load(tmp_path / "r").stats()
+    _without_manifest(tmp_path / "r")
     with pytest.raises(RunFileError, match=rf"{part} does not hold covshift records: missing columns \['mean'\], unexpected columns \['extra'\]"):
         covshift.load(tmp_path / "r").stats()
 
@@ -350,7 +365,7 @@ def test_a_part_of_another_run_is_named_not_duplicated(tmp_path):
 def test_each_part_is_tagged_with_the_run_id_of_meta(tmp_path):
     run = record(tmp_path / "r", steps=4, flush_every=2)
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
-    assert meta["format_version"] == store.FORMAT_VERSION == 3 and meta["run_id"] == run.meta["run_id"]
+    assert meta["format_version"] == store.FORMAT_VERSION == 4 and meta["run_id"] == run.meta["run_id"]
     parts = store.part_paths(tmp_path / "r")
     assert len(parts) == 2
     assert {pq.read_schema(p).metadata[b"covshift.run_id"].decode() for p in parts} == {meta["run_id"]}
@@ -358,6 +373,7 @@ def test_each_part_is_tagged_with_the_run_id_of_meta(tmp_path):
 
 def _as_format_1(directory):
     """Rewrite a run as covshift wrote format 1: untagged parts numbered from 0, no run id."""
+    (directory / "manifest.json").unlink()
     meta = json.loads((directory / "meta.json").read_text())
     del meta["run_id"]
     meta["format_version"] = 1
@@ -477,3 +493,69 @@ def test_the_command_line_names_a_broken_meta_without_a_traceback(tmp_path, caps
     path.write_text(json.dumps(meta))
     assert main(["stats", str(tmp_path / "r")]) == 1
     assert f"{path} is corrupted: layers must be a list" in capsys.readouterr().err
+
+
+# -- 8. Values no covshift writes: an every of 0, steps out of range, a meta.json that is a directory ----------
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ({"every": 0, "schedule": {"kind": "every", "every": 0}}, "every must be a positive int, got 0"),
+        ({"every": 0}, "every must be a positive int, got 0"),  # a run written before schedules were stored
+        ({"schedule": {"kind": "log", "per_decade": -1}}, "per_decade must be a positive int, got -1"),
+    ],
+)
+def test_meta_with_a_schedule_no_run_could_have_is_named(tmp_path, config, problem):
+    record(tmp_path / "r", steps=2)
+    path = tmp_path / "r" / "meta.json"
+    meta = json.loads(path.read_text())
+    meta["config"].pop("schedule")
+    meta["config"].update(config)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(RunFileError, match=rf"{path} is corrupted: .*{problem}"):
+        covshift.report(tmp_path / "r", tmp_path / "report")
+    assert main(["report", str(tmp_path / "r"), "-o", str(tmp_path / "report")]) == 1
+
+
+def test_meta_json_that_is_a_directory_is_named(tmp_path):
+    (tmp_path / "r" / "meta.json").mkdir(parents=True)
+    with pytest.raises(RunFileError, match=r"meta.json is not a regular file \(a directory\)"):
+        covshift.load(tmp_path / "r")
+
+
+def _with_steps_moved(directory, offset, with_manifest):
+    """The run's part rewritten (a valid part, its footer in the manifest) with every step moved by ``offset``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from covshift.store import manifest
+
+    run_id = json.loads((directory / "meta.json").read_text())["run_id"]
+    (part,) = store.part_paths(directory)
+    table = pq.read_table(part).replace_schema_metadata(None)
+    table = table.set_column(0, "step", pc.add(table["step"], pa.scalar(offset, pa.int64())))
+    footer, groups = store.write_part(part, table, run_id)
+    if with_manifest:
+        manifest.write(directory, run_id, [manifest.describe(part.name, footer, groups, table, (0, 1))])
+    else:
+        _without_manifest(directory)
+    return part
+
+
+@pytest.mark.parametrize("offset", [-5, 2**62])
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_a_part_with_steps_no_run_could_record_is_named(tmp_path, offset, with_manifest):
+    record(tmp_path / "r", steps=2)
+    part = _with_steps_moved(tmp_path / "r", offset, with_manifest)
+    with pytest.raises(RunFileError, match=rf"{part.name} is corrupted: it holds step -?\d+, outside 0 … 2\^53 - 1"):
+        covshift.load(tmp_path / "r").stats()
+
+
+def test_a_step_index_no_run_could_store_is_refused_at_the_call():
+    tracker = covshift.attach(mlp(), every=1)
+    for index in (2**63, 2**53, -1):
+        with pytest.raises(ValueError, match=r"index must be an int from 0 to 2\^53 - 1"):
+            tracker.set_step(index)
+    tracker.set_step(2**53 - 1)
+    tracker.detach()

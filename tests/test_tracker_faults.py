@@ -356,3 +356,42 @@ def test_a_probe_the_model_cannot_take_is_refused_at_probe(optimizer):
         opt.step()
     run = tracker.detach()
     assert sorted(run.stats("train").step.unique()) == [0, 1, 2], "recording goes on"
+
+
+def _forward_without_data(model, kind):
+    """A forward whose tensors hold no values: on the meta device (shape inference), or fake (tracing)."""
+    if kind == "meta":
+        meta = {name: torch.empty_like(value, device="meta") for name, value in model.named_parameters()}
+        return torch.func.functional_call(model, meta, (torch.empty(8, 4, device="meta"),))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        return model(mode.from_tensor(torch.randn(8, 4)))
+
+
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_a_forward_on_tensors_without_data_is_skipped_with_one_warning(tmp_path, kind, optimizer):
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01) if optimizer else None
+    tracker = covshift.attach(model, every=1, store=tmp_path / "r", flush_every=100, optimizer=opt)
+
+    def train(steps):
+        for _ in range(steps):
+            model(torch.randn(8, 4)).sum().backward()
+            if opt is not None:
+                opt.step()
+
+    train(25)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            _forward_without_data(model, kind)
+        train(3)
+    messages = [str(w.message) for w in caught if issubclass(w.category, covshift.faults.CovshiftWarning)]
+    assert len(messages) == 1 and "no values" in messages[0], messages
+    assert sorted(tracker.run.stats().step.unique()) == list(range(28))
+    run = tracker.detach()
+    stats = covshift.load(run.directory).stats()
+    assert sorted(stats.step.unique()) == list(range(28))
+    assert (stats.groupby("step").size() == 4 + 6).all()  # both layers at every step, after it too

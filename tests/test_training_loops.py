@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -329,3 +330,30 @@ def test_probe_runs_under_the_autocast_state_of_the_training_forward(probe_insid
     assert sorted(stats[stats.source == "probe"].step.unique()) == [0, 1, 2, 3]
     assert {probe for probe, _ in seen} == {False, True}
     assert {dtype for _, dtype in seen} == {torch.bfloat16}, seen
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "manual", "forward"])
+def test_the_probe_also_records_the_final_weights_when_steps_follow_updates(mode):
+    """Why the probe can have one step more than training: where steps follow updates, the probe runs as a step
+    opens, right after the update before it, so the step the last update opens (which no training forward
+    reaches) holds the probe of the final weights. Each training forward is a step of its own otherwise, and
+    its probe runs at its start: then probe and training have the same steps."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {"optimizer": opt} if mode == "optimizer" else {"step": "manual"} if mode == "manual" else {}
+    probe = torch.randn(6, 4)
+    tracker = covshift.attach(model, every=1, **options).probe(probe)
+    for _ in range(50):
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        if mode == "manual":
+            tracker.step()
+    stats = tracker.detach().stats()
+    steps = {source: sorted(stats[stats.source == source].step.unique()) for source in ("train", "probe")}
+    assert steps["train"] == list(range(50))
+    assert steps["probe"] == list(range(50 if mode == "forward" else 51))
+    if mode != "forward":
+        final = stats[(stats.source == "probe") & (stats.step == 50) & (stats.layer == "2")]
+        with torch.no_grad():
+            hidden = model[1](model[0](probe))  # what the last layer gets from the final weights
+        np.testing.assert_allclose(final["mean"].to_numpy(), hidden.double().mean(0).numpy(), rtol=1e-6)

@@ -52,6 +52,11 @@ class CovshiftCallback(transformers.TrainerCallback):
       when training begins, so every rank attaches to it and each record is the
       union of all ranks' micro-batches, written by world process zero alone;
       on the other ranks :attr:`run` has no directory.
+    - Training resumed from a checkpoint (``train(resume_from_checkpoint=...)``)
+      with the ``store=`` of the first goes on with that run
+      (``attach(..., resume=True)``): the steps recorded after the checkpoint
+      are replaced, and a run of another model or other settings is refused
+      before training starts.
     - The run is stored in ``<output_dir>/covshift`` (``covshift_1`` … when
       taken) unless ``store=`` says where; at the end of training the hooks are
       removed and :attr:`run` holds it. (The Trainer has no exception event: if
@@ -93,6 +98,8 @@ class CovshiftCallback(transformers.TrainerCallback):
         if options.get("store") is None:
             main = state.is_world_process_zero
             options["store"] = unique_directory(Path(args.output_dir) / RUN_DIRECTORY) if main else None
+        elif state.global_step > 0:  # train(resume_from_checkpoint=...): go on with the run in store=
+            options.setdefault("resume", True)
         self.tracker = covshift.attach(model, optimizer=optimizer, **options)
         self.run = self.tracker.run
         self.tracker.set_step(state.global_step)

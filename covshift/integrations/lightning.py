@@ -50,7 +50,11 @@ class CovshiftCallback(pl.Callback):
       drift is computed.
     - The run is stored in ``<trainer.log_dir>/covshift`` (``covshift_1`` … when
       taken) unless ``store=`` says where; after the fit (or an exception) the
-      hooks are gone and :attr:`run` holds it.
+      hooks are gone and :attr:`run` holds it. A fit resumed from a checkpoint
+      (``fit(..., ckpt_path=...)``) with the ``store=`` of the first goes on with
+      that run (``attach(..., resume=True)``): the steps recorded after the
+      checkpoint are replaced, and a run of another model or other settings is
+      refused before training starts.
     - Several processes (``strategy="ddp"``, FSDP …): the process group exists at
       ``on_train_start``, so every rank attaches to it and each record is the
       union of all ranks' batches, written by global rank zero alone; on the
@@ -70,7 +74,9 @@ class CovshiftCallback(pl.Callback):
             of the half (0 or 1). Tensors are moved to the module's device. The
             probe runs as each probe step opens (at the update before it; the first
             at the first training batch, under its autocast state), whether
-            ``training_step`` calls ``self(...)`` or a submodule.
+            ``training_step`` calls ``self(...)`` or a submodule; so the step the
+            last update opens holds the probe of the final weights, one probe step
+            more than training (``max_steps=50``: probe steps 0 … 50).
         probe_every: None (default) to probe at the steps that record training; else an int N or "log".
         module: attach to this submodule of the LightningModule (an attribute
             path such as ``"net"``) instead of the whole module.
@@ -111,6 +117,8 @@ class CovshiftCallback(pl.Callback):
         options = dict(self.attach_options)
         if options.get("store") is None:
             options["store"] = self.default_store(trainer)
+        elif trainer.ckpt_path is not None or trainer.global_step > 0:  # a resumed fit goes on with its run
+            options.setdefault("resume", True)
         model = pl_module.get_submodule(self.module) if self.module else pl_module
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         kwargs = {"optimizer": optimizer} if optimizer is not None else {}

@@ -30,8 +30,17 @@ def attach(model: nn.Module, layers: LayerSpec = None, **settings: Any) -> Track
             (evenly spaced, first and last included; None: all); moments, extrema
             and the zero fraction are kept for every channel. Wide layers cost
             far less to store and report this way (docs/performance.md).
-        store: a new directory to stream the run to (crash-safe); None keeps it in
-            a temporary directory until ``run.save()``.
+        store: a new (or empty) directory to stream the run to (crash-safe); None
+            keeps it in a temporary directory until ``run.save()``. A directory
+            holding anything else is refused.
+        resume: go on with the run in ``store`` (training resumed from a
+            checkpoint): its model, layers and recording settings must match
+            (else ValueError, before any hook is installed); recording continues
+            after its last training step, or at the step given to
+            ``tracker.set_step()``, and the steps it stored from there on (recorded
+            after the checkpoint, before the crash) are replaced with the first
+            flush, in the records, the curves and the side tables. A new or empty
+            ``store`` starts a run.
         step: ``"auto"`` (each training-mode forward is a step) or ``"manual"``
             (call ``tracker.step()``, e.g. after gradient accumulation).
         optimizer: steps follow this optimizer's ``step()`` (PyTorch's step hooks):

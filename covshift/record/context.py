@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from covshift.summary.summarize import Partial
 
@@ -66,6 +67,17 @@ _is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_funct
 def is_transformed(x: torch.Tensor) -> bool:
     """Whether ``x`` is wrapped by a torch.func transform (its values are not plain memory)."""
     return _is_functorch_wrapped is not None and _is_functorch_wrapped(x)
+
+
+def holds_no_values(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no data to summarize: a tensor on the meta device (shape inference) or a fake
+    tensor (tracing, ``FakeTensorMode``)."""
+    return x.is_meta or (type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter and is_fake(x))
+
+
+#: What covshift says, once, when a forward's tensors hold no values.
+NO_VALUES = ("a forward on tensors that hold no values (on the meta device, or fake tensors as in shape "
+             "inference or tracing) is not recorded and counts no step; real forwards are recorded as before")
 
 
 def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -55,6 +55,11 @@ class DistributedError(RuntimeError):
     """An exchange of records between ranks failed: the job's ranks are no longer in step."""
 
 
+class RanksDisagree(Exception):
+    """The ranks recorded differently (settings at the first exchange, or step numbers at any): every rank
+    finds it at the same exchange, and none takes part in another."""
+
+
 def detect(group: Any = None) -> Ranks | None:
     """The ranks to merge records across, or None for a single process.
 
@@ -91,6 +96,7 @@ class Ranks:
         backend = str(dist.get_backend(group))
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.broken = False  # an exchange failed, or this rank left with an error: no more collectives
+        self.checked = False  # the ranks' settings were compared (at the first exchange)
 
     @property
     def is_writer(self) -> bool:
@@ -100,6 +106,12 @@ class Ranks:
     def describe(self) -> dict:
         """What ``meta.json`` says about the job."""
         return {"world_size": self.size, "backend": str(dist.get_backend(self.group))}
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (the step a resumed run goes on at)."""
+        objects = [value]
+        dist.broadcast_object_list(objects, src=self.writer, group=self.group)
+        return objects[0]
 
     def abandon(self) -> None:
         """This rank leaves with an error: it takes part in no more exchanges (the others will fail theirs)."""
@@ -111,6 +123,7 @@ class Ranks:
         merged: dict[tuple[str, str], Partial],
         kinds: dict[str, tuple[str, int | None]],
         cap: int,
+        settings: dict | None = None,
     ) -> dict[tuple[str, str], list[Partial]]:
         """Every rank's records of ``step``, one partial per rank that took each, on rank 0; an empty dict on the
         others. The caller merges them (:func:`covshift.summary.merge`) as it merges the calls of one step.
@@ -121,8 +134,15 @@ class Ranks:
         one record in all ranks together (``sample_size``); each rank sends at
         most ``ceil(cap / ranks)`` of them.
 
+        Every exchange carries ``step``, and the first one ``settings`` (how the
+        rank records: schedule, layers, sample size, sketch …), so ranks that
+        record different steps or differently find it together, before any of
+        their records is merged.
+
         Raises:
             DistributedError: a collective failed or timed out (the cause is chained).
+            RanksDisagree: the ranks' steps or settings differ; it is raised on every rank at this same
+                exchange, and the ranks exchange nothing more.
         """
         if self.broken:
             return {}
@@ -136,7 +156,13 @@ class Ranks:
         length = sum(_nbytes(channels, width, dtype) for _, _, channels, width, dtype, *_ in layout)
         layouts: list[Any] = [None] * self.size
         try:
-            dist.all_gather_object(layouts, layout, group=self.group)
+            dist.all_gather_object(layouts, (step, None if self.checked else settings, layout), group=self.group)
+            problem = _disagreement([header[:2] for header in layouts], check_settings=not self.checked)
+            if problem is not None:
+                self.broken = True  # every rank found the same: none waits for another exchange
+                raise RanksDisagree(problem)
+            self.checked = True
+            layouts = [rank_layout for *_, rank_layout in layouts]
             longest = max(sum(_nbytes(c, w, d) for _, _, c, w, d, *_ in rank_layout) for rank_layout in layouts)
             if longest == 0:  # no rank took a record: every rank knows it, nothing more to send
                 return {}
@@ -145,6 +171,8 @@ class Ranks:
                 flat[:length] = _pack(local.values(), self.device)
             received = [torch.empty_like(flat) for _ in range(self.size)] if self.is_writer else None
             dist.gather(flat, received, dst=self.writer, group=self.group)
+        except RanksDisagree:
+            raise
         except Exception as err:  # noqa: BLE001 - any backend failure: say what covshift was doing
             self.broken = True
             raise DistributedError(
@@ -203,6 +231,9 @@ class NonWriterRun(Run):
 
     def flush(self) -> None:
         """Nothing to write."""
+
+    def resume_at(self, step: int) -> None:
+        """Nothing stored here: rank 0 replaces the steps of the run it resumed."""
 
     def log(self, step: int, **values: float) -> None:
         """Nothing is stored: rank 0 logs the job's curves (so a loop may call this on every rank)."""
@@ -293,6 +324,24 @@ class _ShadowSteps(JoinHook):
 
     def main_hook(self) -> None:
         self._close_step()
+
+
+def _disagreement(headers: list[tuple[int, dict | None]], *, check_settings: bool) -> str | None:
+    """What differs between the ranks' ``(step, settings)`` headers of one exchange, in words; None: nothing."""
+    steps = [step for step, _ in headers]
+    if len(set(steps)) > 1:
+        where = ", ".join(f"step {step} on rank {rank}" for rank, step in enumerate(steps))
+        return (f"the ranks closed different steps at the same exchange ({where}): they count steps differently "
+                "(set_step() on some ranks, or a schedule of their own that differs)")
+    if not check_settings:
+        return None
+    settings = [config or {} for _, config in headers]
+    differing = [key for key in sorted(set().union(*settings)) if len({repr(s.get(key)) for s in settings}) > 1]
+    if not differing:
+        return None
+    return "they attached differently: " + "; ".join(
+        f"{key}: " + ", ".join(f"rank {rank} {s.get(key)!r}" for rank, s in enumerate(settings)) for key in differing
+    )
 
 
 def _capped(partial: Partial, cap: int) -> Partial:

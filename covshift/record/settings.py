@@ -32,6 +32,7 @@ class Settings:
     sample_size: int = DEFAULT_SAMPLE_SIZE
     sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS
     store: str | Path | None = None
+    resume: bool = False
     step: Literal["auto", "manual"] = "auto"
     optimizer: torch.optim.Optimizer | None = None
     outputs: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from covshift.record import distributed
 from covshift.record.alerts import AlertMonitor
 from covshift.record.live import LiveLog
 from covshift.store.writer import ALERTS_TABLE
@@ -39,9 +40,21 @@ class StepWriter:
         # -- torch.distributed: on a recorded step every rank sends its records, rank 0 merges and writes them
         if self._tracker._ranks is not None:
             if self._tracker._scheduled(self._tracker.schedule, step) or (self._tracker._probe is not None and self._tracker._scheduled(self._tracker._probe.schedule, step)):
-                pooled = self._tracker._ranks.gather(
-                    step, {} if self._tracker._faults.stopped else merged, self._tracker._kinds, self._tracker._summarizer.sample_size
-                )
+                try:
+                    pooled = self._tracker._ranks.gather(
+                        step, {} if self._tracker._faults.stopped else merged, self._tracker._kinds,
+                        self._tracker._summarizer.sample_size, self._tracker._rank_settings(),
+                    )
+                except distributed.RanksDisagree as err:
+                    self._tracker._faults.stopped = True
+                    self._tracker._faults.warn_once(
+                        "ranks",
+                        f"the {self._tracker._ranks.size} ranks of this job do not record alike, so their records "
+                        f"cannot be merged into one run: {err}. Nothing of step {step} is stored and recording "
+                        "stops on every rank; training goes on. Attach alike on every rank and take the same steps",
+                        stacklevel=7,
+                    )
+                    return
                 with self._tracker._faults.guard("merging the ranks' records", self._tracker.run.directory):
                     merged = self.merge_calls(pooled)  # rank 0: every rank's records, merged as calls are
                     self._tracker._called.update(name.removesuffix(":output") for _, name in merged)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from covshift import schedule
-from covshift.record import context, distributed
+from covshift.record import context, distributed, resume
 from covshift.record.alerts import AlertMonitor
 from covshift.record.backward import GRAD_SOURCE, InputGradients
-from covshift.checks import check_int
+from covshift.checks import MAX_STEP, check_int
 from covshift.faults import Faults, gap_messages
 from covshift.record.channels import LayerAxes, check_channel_dims
 from covshift.record.duplicates import SameInputs
@@ -57,7 +57,7 @@ class Tracker:
         every, sample_size, sketch_channels = config.every, config.sample_size, config.sketch_channels
         store, step, optimizer, outputs = config.store, config.step, config.optimizer, config.outputs
         channel_dim, flush_every, memory_budget = config.channel_dim, config.flush_every, config.memory_budget
-        name, group = config.name, config.group
+        name, group, resuming = config.name, config.group, config.resume
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         self.schedule = schedule.parse(every)
@@ -68,6 +68,10 @@ class Tracker:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if optimizer is not None and step == "manual":
             raise ValueError("give either optimizer= (steps follow optimizer.step()) or step='manual', not both")
+        if not isinstance(resuming, bool):
+            raise TypeError(f"resume must be True or False, got {resuming!r}")
+        if resuming and store is None:
+            raise ValueError("resume=True needs store=: the directory of the run to go on with")
         self.model = model
         self.layers = select_layers(context.unwrap_compiled(model), layers)
         check_channel_dims(channel_dim, self.layers)
@@ -80,6 +84,7 @@ class Tracker:
         config = {
             "every": every if isinstance(every, (int, str)) else str(self.schedule),
             "schedule": self.schedule.describe(),
+            "layers": list(self.layers),
             "sample_size": sample_size,
             "sketch_channels": sketch_channels,
             "step": "optimizer" if optimizer is not None else step,
@@ -106,8 +111,11 @@ class Tracker:
                 flush_every=flush_every, memory_budget=memory_budget, sketch_channels=sketch_channels,
             )
         else:
+            stored = resume.stored_meta(store) if resuming else None
+            if stored is not None:  # refused before a file is touched or a hook installed
+                resume.check(store, stored, meta, self.layers)
             self.run = Run(store, meta, flush_every=flush_every, memory_budget=memory_budget,
-                           sketch_channels=sketch_channels)
+                           sketch_channels=sketch_channels, resume=resuming)
         self._lock = threading.RLock()  # steps, the open merged step and the run
         self._forward = context.Forward()
         # Index of the current step: in per-forward mode the last forward's (-1 before
@@ -138,6 +146,8 @@ class Tracker:
         if live is not None and alerts is None:
             alerts = AlertMonitor(lambda alert: None)  # the live log shows what the monitor measures
         self._steps = StepWriter(self, alerts, live)
+        if resuming:
+            self._go_on()
         try:
             self._install(outputs)
         except BaseException:
@@ -187,12 +197,25 @@ class Tracker:
     def set_step(self, index: int) -> None:
         """Number the step in progress (or the next one) ``index``: to resume a run, or to match a
         framework's step counter. Records already taken in an open step move with it."""
-        check_int("index", index, minimum=0)
+        check_int("index", index, minimum=0, maximum=MAX_STEP)
+        self.run.resume_at(index)  # a resumed run: its stored steps from here on are replaced
         with self._lock:
             if self._per_forward:
                 self._step = index - 1
             else:
                 self._set_open_step(index)
+
+    def _go_on(self) -> None:
+        """Resuming: number steps on from the stored run's last training step (every rank alike)."""
+        start = None
+        if not isinstance(self.run, distributed.NonWriterRun):
+            self._steps.described.update(layer["name"] for layer in self.run.meta["layers"])
+            sources = self.run.sources()
+            last = sources.loc["train", "last step"] if "train" in sources.index else sources["last step"].max()
+            start = 0 if len(sources) == 0 else int(last) + 1
+        if self._ranks is not None:
+            start = self._ranks.broadcast(start)
+        self.set_step(start)
 
     def probe(self, *args: Any, every: int | str | schedule.Schedule | None = None, **kwargs: Any) -> Tracker:
         """Summarize a fixed batch at the recorded steps (or on a schedule of its own), apart from training.
@@ -206,7 +229,8 @@ class Tracker:
         a step is its first training forward, or, when steps follow updates, the
         update that opens it (under the autocast state of the last training
         forward). Every buffer (BatchNorm running statistics included) and the
-        random number generators are put back exactly as they were.
+        random number generators are put back exactly as they were. Where steps follow updates, the step the last update opens
+        holds the probe of the final weights and no training records: one probe step more than training.
 
         The probe runs once here, recording nothing, so that a batch the model
         cannot take is refused now rather than stopping the recording later.
@@ -386,6 +410,10 @@ class Tracker:
             if self._forwards == "none" and not context.in_backward():
                 self._forwards = "eval"
             return
+        first = context.first_tensor(args, {})
+        if first is not None and context.holds_no_values(first):
+            self._faults.warn_once("no values", context.NO_VALUES)
+            return
         self._forwards = "train"
         if not opener:
             self._root_runs = True  # its children's calls run inside it from now on
@@ -404,10 +432,12 @@ class Tracker:
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer | None, args: tuple, kwargs: dict) -> None:
         """End the open step and open the next (an update, or ``tracker.step()``)."""
         with self._lock:
-            self._close_merged_step()
-            self._set_open_step(self._step + 1)
-            if self._gradients is not None:
-                self._gradients.forget_before(self._step)
+            try:
+                self._close_merged_step()
+            finally:  # interrupted (Ctrl-C inside the store): the next step still gets a number of its own
+                self._set_open_step(self._step + 1)
+                if self._gradients is not None:
+                    self._gradients.forget_before(self._step)
         if self.model.training and not context.is_compiling():
             with self._faults.guard("running the probe", self.run.directory):
                 self._maybe_probe(self._step)  # the step opens now, whether or not the model's own forward runs
@@ -457,6 +487,9 @@ class Tracker:
         if name in self._faults.skipped or self._faults.stopped or (owner is not None and owner is not self):
             return
         self._called.add(layer)
+        if x is not None and context.holds_no_values(x):
+            self._faults.warn_once("no values", context.NO_VALUES)
+            return
         if name in self._same.found:  # its input is recorded under a submodule's name
             return
         if x is None or not x.is_floating_point():
@@ -535,6 +568,23 @@ class Tracker:
         partials, self._step_partials = self._step_partials, defaultdict(list)
         if self._counting:
             self._steps.write(self._step, partials)
+
+    def _rank_settings(self) -> dict:
+        """How this rank records, compared across ranks at their first exchange (anything that changes what a
+        merged row means)."""
+        def described(plan: schedule.Schedule) -> Any:
+            try:
+                return plan.describe()
+            except Exception:  # noqa: BLE001 - a user's schedule: its name will do
+                return str(plan)
+
+        config = self.settings
+        return {
+            "every": described(self.schedule), "layers": list(self.layers), "sample_size": config.sample_size,
+            "sketch_channels": config.sketch_channels, "outputs": config.outputs, "channel_dim": repr(config.channel_dim),
+            "step": "optimizer" if self.optimizer is not None else config.step,
+            "probe": None if self._probe is None else described(self._probe.schedule),
+        }
 
     def _maybe_probe(self, step: int) -> None:
         """Run the probe at the start of ``step`` if it is a probe step and its probe has not run yet."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
+import secrets
+import stat
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -124,13 +127,13 @@ def report(
         bar.total = (bar.total or 0) + len(sections)
         for section in sections:  # drawn, saved and dropped one at a time
             bar.set_postfix_str(section.file, refresh=False)
-            section.figure.savefig(out / section.file, dpi=DPI)
+            _replace(out / section.file, lambda tmp, figure=section.figure: figure.savefig(tmp, dpi=DPI, format="png"))
             bar.update(1)
-    data.table.to_csv(out / "summary.csv", index=False)
+    _replace(out / "summary.csv", lambda tmp: data.table.to_csv(tmp, index=False))
     notices = list(dict.fromkeys([*([notice] if notice else []), *(text for run in loaded for text in run.notices())]))
     page = render_html(data, loaded, sections, out, metrics=metrics, reference=reference, source=source,
                        notices=notices)
-    (out / REPORT_FILE).write_text(page, encoding="utf-8")
+    _replace(out / REPORT_FILE, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     written = [section.file for section in sections] + ["summary.csv", REPORT_FILE]
     _remove_stale(out, earlier, keep=set(written))
     _write_manifest(out, written)
@@ -170,10 +173,30 @@ def runs_inside(directory: Path) -> list[Run]:
     # when their meta.json was last written (at their end)
     return sorted(found, key=lambda run: (str(run.meta.get("created", "")),
                                           (Path(run.directory) / META_FILE).stat().st_mtime_ns))
+def _replace(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through ``write(temporary path)`` and rename it into place: a link (or anything else)
+    of that name is replaced, never written through, and a failed write leaves no file behind."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _regular(path: Path) -> bool:
+    """Whether ``path`` itself (not a link's target) is a regular file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _read_manifest(out: Path) -> dict[str, str]:
     """``{file name: sha256}`` of the files an earlier report wrote into ``out`` (empty if none or unreadable)."""
+    if not _regular(out / MANIFEST_FILE):  # a link, a FIFO: not one a report wrote
+        return {}
     try:
         files = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -185,7 +208,7 @@ def _remove_stale(out: Path, earlier: dict[str, str], keep: set[str]) -> None:
     """Delete the files an earlier report wrote and this one did not, if still exactly as it wrote them."""
     for name, digest in earlier.items():
         path = out / name
-        if name in keep or Path(name).name != name or not path.is_file():
+        if name in keep or Path(name).name != name or not _regular(path):
             continue
         if _sha256(path) == digest:  # a file changed or replaced since is not covshift's any more
             path.unlink()
@@ -193,8 +216,8 @@ def _remove_stale(out: Path, earlier: dict[str, str], keep: set[str]) -> None:
 
 def _write_manifest(out: Path, names: Sequence[str]) -> None:
     files = {name: _sha256(out / name) for name in names}
-    (out / MANIFEST_FILE).write_text(json.dumps({"written_by": "covshift.report", "files": files}, indent=1),
-                                     encoding="utf-8")
+    text = json.dumps({"written_by": "covshift.report", "files": files}, indent=1)
+    _replace(out / MANIFEST_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _sha256(path: Path) -> str:

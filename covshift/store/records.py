@@ -26,14 +26,23 @@ KEY_COLUMNS = ("step", "source", "layer", "channel")
 _INT_STATS = {"count", "nonfinite"}
 _NAMES = pa.dictionary(pa.int32(), pa.string())
 
-#: Columns and types of every part.
-SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()), ("source", _NAMES), ("layer", _NAMES), ("channel", pa.int32()),
-        *((name, pa.int64() if name in _INT_STATS else pa.float64()) for name in STAT_NAMES),
-        *((name, pa.float32()) for name in (*QUANTILE_COLUMNS, *BINMEAN_COLUMNS)),
-    ]
-)
+
+def _schema(sketches: pa.DataType) -> pa.Schema:
+    return pa.schema(
+        [
+            ("step", pa.int64()), ("source", _NAMES), ("layer", _NAMES), ("channel", pa.int32()),
+            *((name, pa.int64() if name in _INT_STATS else pa.float64()) for name in STAT_NAMES),
+            *((name, sketches) for name in (*QUANTILE_COLUMNS, *BINMEAN_COLUMNS)),
+        ]
+    )
+
+
+#: Columns and types of every part: quantiles and bin means in float32, the precision of float32 inputs.
+SCHEMA = _schema(pa.float32())
+#: The columns of a part holding float64 inputs' records: quantiles and bin means in float64 (format 4).
+SCHEMA_FLOAT64 = _schema(pa.float64())
+#: The schemas a part may have; a read of parts of both holds float64 quantiles and bin means.
+SCHEMAS = (SCHEMA, SCHEMA_FLOAT64)
 
 
 class PendingStep(NamedTuple):
@@ -108,7 +117,7 @@ def records_to_table(pending: list[PendingStep]) -> pa.Table:
     sketched = np.concatenate([_sketch_mask(p.record) for p in pending])
     # Each output row's row among the sketched ones (0 for the others, which are null).
     among = np.where(sketched, np.cumsum(sketched) - 1, 0)[order]
-    quantiles = torch.cat([p.record.quantiles for p in pending]).cpu().numpy()
+    quantiles = torch.cat([p.record.quantiles for p in pending]).cpu().numpy()  # float64 if any input was
     binmeans = torch.cat([p.record.binmeans for p in pending]).cpu().numpy()
     return _table(
         step, source, layer, channel, sources, layers,
@@ -135,10 +144,13 @@ def _table(
         columns[name] = pa.array(stats[:, i].astype(kind.to_pandas_dtype()), kind)
     nulls = int(valid.size - np.count_nonzero(valid))
     validity = pa.array(valid).buffers()[1] if nulls else None
+    wide = quantiles.dtype == np.float64 or binmeans.dtype == np.float64
+    kind = pa.float64() if wide else pa.float32()
     for names, values in ((QUANTILE_COLUMNS, quantiles), (BINMEAN_COLUMNS, binmeans)):
+        values = values.astype(kind.to_pandas_dtype(), copy=False)
         for name, column in zip(names, values):
-            columns[name] = pa.Array.from_buffers(pa.float32(), len(column), [validity, pa.py_buffer(column)], nulls)
-    return pa.table(columns, schema=SCHEMA)
+            columns[name] = pa.Array.from_buffers(kind, len(column), [validity, pa.py_buffer(column)], nulls)
+    return pa.table(columns, schema=SCHEMA_FLOAT64 if wide else SCHEMA)
 
 
 def _gathered(values: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,9 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from covshift.store import files as store
+from covshift.store import manifest
 from covshift.checks import check_choice
 from covshift.columns import SOURCES
-from covshift.store.records import SCHEMA, checked_columns, records_to_table, steps_filter
+from covshift.store.records import SCHEMA, SCHEMAS, checked_columns, records_to_table, steps_filter
 from covshift.store.writer import ALERTS_TABLE, NOTICES_TABLE, RunWriter
 
 #: Layer names an error message lists before "and N more".
@@ -29,6 +31,8 @@ class Run(RunWriter):
     Trackers create runs; :func:`load` opens stored ones. Reading sees every flushed
     step and the steps still buffered.
     """
+
+    _meta_key: tuple | None = None  # meta.json's (inode, size, mtime) when a stored run last read it
 
     # -- reading -----------------------------------------------------------------
     @property
@@ -44,6 +48,7 @@ class Run(RunWriter):
     @property
     def layers(self) -> pd.DataFrame:
         """One row per recorded layer: ``layer, type, channels, channel_dim``."""
+        self._refresh()
         layers = pd.DataFrame(self._meta["layers"], columns=["name", "type", "channels", "channel_dim"])
         return layers.rename(columns={"name": "layer"})
 
@@ -81,26 +86,29 @@ class Run(RunWriter):
         if wanted is not None:
             filters.append(pc.field("layer").isin(wanted))
         if steps is not None:
+            if isinstance(steps, Iterable) and not isinstance(steps, range):
+                steps = list(steps)  # read twice: for the filter and to choose parts
             filters.append(steps_filter(steps))
         if columns is not None:
             columns = checked_columns(columns)
-        paths = self._readable_parts()
+        parts = self._parts()
         if layers is None and steps is None and columns is None:
-            return self._whole(source, paths)
+            return self._whole(source, parts)
         expression = functools.reduce(operator.and_, filters) if filters else None
         empty = SCHEMA.empty_table().select(columns or SCHEMA.names)
         if wanted == []:
             return self._to_frame(empty)
+        span = _step_span(steps)
         tables = [
-            store.read_part(path, self._run_id, SCHEMA, columns=columns, filters=expression, layers=wanted)
-            for path in paths
+            self._read(path, entry, columns=columns, filters=expression, layers=wanted)
+            for path, entry in parts
+            if entry is None or entry.holds(wanted, span)
         ]
-        return self._to_frame(pa.concat_tables([empty, *tables]))
+        return self._to_frame(_concat([empty, *tables]))
 
     def sources(self) -> pd.DataFrame:
         """Per source: recorded ``steps``, ``first step``, ``last step`` and ``rows``; only two columns are read."""
-        tables = [store.read_part(path, self._run_id, SCHEMA, columns=["step", "source"])
-                  for path in self._readable_parts()]
+        tables = [self._read(path, entry, columns=["step", "source"]) for path, entry in self._parts()]
         table = pa.concat_tables([SCHEMA.empty_table().select(["step", "source"]), *tables])
         table = table.set_column(1, "source", table["source"].cast(pa.string()))
         grouped = table.group_by("source").aggregate(
@@ -117,27 +125,57 @@ class Run(RunWriter):
             raise TypeError(f"layers must be a layer name or a list of them, got {layers!r}")
         known = [layer["name"] for layer in self._meta["layers"]]
         unknown = [name for name in names if name not in known]
+        if unknown and self._refresh():
+            known = [layer["name"] for layer in self._meta["layers"]]
+            unknown = [name for name in names if name not in known]
         if unknown:
             shown = ", ".join(known[:LAYERS_SHOWN]) + (f" and {len(known) - LAYERS_SHOWN} more" if len(known) > LAYERS_SHOWN else "")
             raise ValueError(f"no recorded layer {', '.join(map(repr, unknown))}; recorded layers: {shown} (run.layers lists them)")
         return names
 
-    def _readable_parts(self) -> list[Path]:
-        """The parts on disk after a flush, but a part about to be rewritten with the steps still buffered."""
+    def _parts(self) -> list[tuple[Path, manifest.PartEntry | None]]:
+        """The run's parts after a flush, each with its manifest entry (None: a run written before manifests,
+        whose parts are read as they are). Files named like parts that the manifest does not list are
+        refused (another run's, copies) or, when a crash left them, not read."""
         self.flush()
-        paths = store.part_paths(self.directory)
-        if self._pending:  # unwritten steps: their part may be on disk already, to be rewritten
-            unfinished = store.part_path(self.directory, self._pending[0].seq, self._run_id)
-            paths = [path for path in paths if path != unfinished]
-        return paths
+        self._refresh()
+        entries = self._entries if self._writable else manifest.read(self.directory, self._run_id)
+        if entries is None:
+            paths = store.part_paths(self.directory)
+            manifest.check_copies(paths)
+            return [(path, None) for path in paths]
+        manifest.check_unlisted(self.directory, self._run_id, entries)
+        return [(self.directory / entry.name, entry) for entry in entries]
 
-    def _whole(self, source: str | None, paths: list[Path]) -> pd.DataFrame:
+    def _refresh(self) -> bool:
+        """A stored run may still be recording in another process: re-read its ``meta.json`` (the layers
+        recorded since) when the file changed. Whether it was re-read."""
+        if self._writable:
+            return False
+        try:
+            status = os.stat(self.directory / store.META_FILE)
+        except OSError:
+            return False
+        key = (status.st_ino, status.st_size, status.st_mtime_ns)
+        if key == self._meta_key:
+            return False
+        self._meta, self._meta_key = store.read_meta(self.directory), key
+        return True
+
+    def _read(self, path: Path, entry: manifest.PartEntry | None, **options) -> pa.Table:
+        """One part's rows, its footer checked against ``entry`` first; ``layers``: the row groups that can hold them."""
+        if entry is None:
+            return store.read_part(path, self._run_id, SCHEMAS, **options)
+        groups = entry.row_groups(options.pop("layers", None))
+        return store.read_part(path, self._run_id, SCHEMAS, footer=entry.expected, groups=groups, **options)
+
+    def _whole(self, source: str | None, parts: list[tuple[Path, manifest.PartEntry | None]]) -> pd.DataFrame:
         """Every record of ``source`` (None: all), kept until new parts arrive.
 
         A source's records are read part by part with the other sources' rows
         dropped as each part is read, so memory holds that source only.
         """
-        key = (tuple(paths), len(self._meta["layers"]))
+        key = (tuple(parts), len(self._meta["layers"]))
         if self._frames_key != key:
             self._frames, self._frames_key = {}, key
         if source not in self._frames:
@@ -146,15 +184,17 @@ class Run(RunWriter):
                 self._frames[source] = every[every["source"] == source].reset_index(drop=True)
             else:
                 only = None if source is None else pc.field("source") == source
-                tables = [store.read_part(path, self._run_id, SCHEMA, filters=only) for path in paths]
-                self._frames[source] = self._to_frame(pa.concat_tables([SCHEMA.empty_table(), *tables]))
+                tables = [self._read(path, entry, filters=only) for path, entry in parts]
+                self._frames[source] = self._to_frame(_concat([SCHEMA.empty_table(), *tables]))
         return self._frames[source].copy(deep=False)
 
     def _to_frame(self, table: pa.Table) -> pd.DataFrame:
         """``table`` as a DataFrame with categorical layers in recording order, rows sorted by step, source, layer, channel."""
         frame = table.to_pandas()
+        names = frame["layer"].astype(str)
         order = [layer["name"] for layer in self._meta["layers"]]
-        frame["layer"] = pd.Categorical(frame["layer"].astype(str), categories=order)
+        order += sorted(set(names.unique()) - set(order))  # from what was read, never NaN for a layer meta lacks
+        frame["layer"] = pd.Categorical(names, categories=order)
         frame["source"] = frame["source"].astype(str)
         rows = np.lexsort((frame["channel"].to_numpy(), frame["layer"].cat.codes.to_numpy(),
                            frame["source"].to_numpy(), frame["step"].to_numpy()))
@@ -168,7 +208,7 @@ class Run(RunWriter):
         A last row cut short by a crash is dropped.
         """
         path = store.table_path(self.directory, name)
-        return pd.DataFrame(store.read_jsonl(path)) if path.is_file() else None
+        return pd.DataFrame(store.read_jsonl(path)) if os.path.lexists(path) else None  # not a regular file: refused
 
     def alerts(self) -> pd.DataFrame:
         """The alerts raised while the run was recorded (``attach(..., on_alert=...)``), one row each:
@@ -204,14 +244,20 @@ class Run(RunWriter):
             if not (target / store.META_FILE).is_file() or target.resolve() in self.directory.resolve().parents:
                 raise FileExistsError(f"cannot overwrite {target}: it holds no covshift run (or holds this one)")
             shutil.rmtree(target)
+        parts = self._parts()
         target.mkdir(parents=True, exist_ok=True)
         store.write_meta(target, self._meta)
-        for item in [store.CURVES_FILE, *[p.name for p in store.part_paths(self.directory)]]:
+        for item in [store.CURVES_FILE, *[path.name for path, _ in parts]]:
             if (self.directory / item).exists():
                 shutil.copy2(self.directory / item, target / item)
+        entries = [entry for _, entry in parts if entry is not None]
         if self._pending:
-            part = store.part_path(target, self._pending[0].seq, self._run_id)
-            store.write_part(part, records_to_table(self._pending), self._run_id)
+            seqs = (self._pending[0].seq, self._pending[-1].seq)
+            part = store.part_path(target, seqs[0], self._run_id)
+            table = records_to_table(self._pending)
+            entries.append(manifest.describe(part.name, *store.write_part(part, table, self._run_id), table, seqs))
+        if entries or not parts:  # a run written before manifests is copied as it is
+            manifest.write(target, self._run_id, entries)
         return target
 
     def __repr__(self) -> str:
@@ -222,6 +268,20 @@ class Run(RunWriter):
         from covshift.store.display import run_html
 
         return run_html(self)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """``tables`` as one: quantiles and bin means in float64 if a part holds them so (float64 inputs)."""
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _step_span(steps: int | Iterable[int] | None) -> tuple[int, int] | list[int] | None:
+    """The steps asked for, to choose parts by: a [start, stop) range of step 1, or a list."""
+    if steps is None:
+        return None
+    if isinstance(steps, range) and steps.step == 1:
+        return (steps.start, steps.stop)
+    return [int(steps)] if isinstance(steps, (int, np.integer)) else [int(step) for step in steps]
 
 
 def load(path: str | Path) -> Run:

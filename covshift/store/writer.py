@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import warnings
 import weakref
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+import pyarrow.compute as pc
 
 from covshift.checks import check_int
 from covshift.faults import Faults
 from covshift.store import files as store
-from covshift.store.records import PendingStep, records_to_table, sketch_rows
+from covshift.store import manifest
+from covshift.store.records import SCHEMAS, PendingStep, records_to_table, sketch_rows
 
 if TYPE_CHECKING:  # reading a run needs no torch: only recording imports it
     import torch
@@ -57,6 +61,7 @@ class RunWriter:
         flush_every: int = DEFAULT_FLUSH_EVERY,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         sketch_channels: int | None = DEFAULT_SKETCH_CHANNELS,
+        resume: bool = False,
     ) -> None:
         if directory is None:
             directory = tempfile.mkdtemp(prefix="covshift-run-")
@@ -78,17 +83,91 @@ class RunWriter:
         self._frames: dict[str | None, pd.DataFrame] = {}  # stats() per source
         self._frames_key: tuple | None = None
         self._meta_dirty = False
+        # The parts this run wrote, as its manifest lists them (None: a stored run, whose manifest is read
+        # at each read); the manifest on disk is rewritten when _manifest_dirty.
+        self._entries: list[manifest.PartEntry] | None = None
+        self._manifest_dirty = False
+        self._cut: int | None = None  # resumed: stored steps from this one on are replaced at the next commit
+        self._resumed_rows: dict[str, int] | None = None  # resumed: rows per JSON-lines file written before
+        self._superseded: list[str] = []  # parts to delete once the manifest no longer lists them
+        self._appended = False  # rows logged since the run was resumed
+        self._rows_cut: int | None = None  # resumed: the step the curves and side tables are cut at, once committed
         if meta is None:  # opening a stored run
             self._meta = store.read_meta(self.directory)
             self._run_id: str | None = self._meta.get("run_id")
             self._writable = False
             return
         self.directory.mkdir(parents=True, exist_ok=True)
+        if resume and os.path.lexists(self.directory / store.META_FILE):
+            self._reopen()
+            return
         self._run_id = store.new_run_id()
         self._meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, **meta, "run_id": self._run_id}
         self._meta.setdefault("layers", [])
         store.claim(self.directory, self._meta)
+        self._entries = []
         self._writable = True
+        self._manifest_dirty = True
+        self.flush()  # an empty manifest: from now on, only the parts it lists are the run's
+
+    def _reopen(self) -> None:
+        """Go on writing the stored run in ``directory`` (``resume=True``): it must have a manifest."""
+        self._meta = store.read_meta(self.directory)
+        self._run_id = self._meta.get("run_id")
+        entries = manifest.read(self.directory, self._run_id)
+        if entries is None:
+            raise ValueError(
+                f"{self.directory} holds a run written by an earlier covshift (format "
+                f"{self._meta['format_version']}, no {store.MANIFEST_FILE}): it cannot be resumed; record the "
+                "resumed training into a new directory"
+            )
+        manifest.check_unlisted(self.directory, self._run_id, entries)  # a copy or a stray part: refused now
+        self._entries = entries
+        self._seq = max((entry.seqs[1] for entry in entries), default=-1) + 1
+        self._resumed_rows = {path.name: store.cut_partial_line(path) for path in self.directory.glob("*.jsonl")}
+        self._curves_created = os.path.lexists(self.directory / store.CURVES_FILE)
+        self._writable = True
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run goes on at ``step``: the rows it stored from ``step`` on are replaced when new
+        rows are first committed (until then, a crash leaves the run as it was). No-op otherwise."""
+        if self._resumed_rows is not None:
+            self._cut = step
+
+    def _apply_cut(self) -> None:
+        """Drop the stored steps from ``_cut`` on: parts past it leave the manifest, a part across it is
+        written anew without them (under a new name: a listed part is never rewritten). The manifest
+        written next commits it together with the new steps."""
+        cut = self._cut
+        entries = []
+        for entry in self._entries:
+            if entry.steps[1] < cut:
+                entries.append(entry)
+                continue
+            self._superseded.append(entry.name)
+            if entry.steps[0] < cut:
+                path = self.directory / entry.name
+                table = store.read_part(path, self._run_id, SCHEMAS, footer=entry.expected, filters=pc.field("step") < cut)
+                number, self._seq = self._seq, self._seq + 1
+                kept = store.part_path(self.directory, number, self._run_id)
+                footer, groups = store.write_part(kept, table, self._run_id)
+                entries.append(manifest.describe(kept.name, footer, groups, table, entry.seqs))
+        self._entries = entries
+        self._manifest_dirty = True
+        self._meta.setdefault("resumed", []).append(
+            {"step": cut, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        self._meta_dirty = True
+        self._rows_cut, self._cut = cut, None
+
+    def _cut_rows(self, cut: int) -> None:
+        """Drop the rows at steps from ``cut`` on that the curves and side tables held before resuming."""
+        for name, before in (self._resumed_rows or {}).items():
+            path = self.directory / name
+            lines = store.read_bytes(path, store.JSONL_LIMIT).decode().splitlines(keepends=True)
+            kept = [line for line in lines[:before] if _step_of(line) is None or _step_of(line) < cut]
+            if len(kept) < before:
+                store.write_atomic(path, "".join(kept + lines[before:]).encode())
+        self._resumed_rows, self._rows_cut = {}, None
 
     # -- writing -----------------------------------------------------------------
     def add_layer(self, name: str, type_name: str, channels: int, channel_dim: int | None) -> None:
@@ -164,14 +243,20 @@ class RunWriter:
         if not self._writable:
             return
         try:
+            if self._cut is not None and (self._pending or self._appended):
+                self._apply_cut()
             if self._meta_dirty:
                 store.write_meta(self.directory, self._meta)
                 self._meta_dirty = False
-            if self._pending:
-                path = store.part_path(self.directory, self._pending[0].seq, self._run_id)
-                store.write_part(path, records_to_table(self._pending), self._run_id)
-                self._pending = []
-                self._pending_bytes = 0
+            self._write_pending()
+            if self._manifest_dirty:
+                manifest.write(self.directory, self._run_id, self._entries)
+                self._manifest_dirty = False
+                for name in self._superseded:  # no longer listed: not read, so removed
+                    (self.directory / name).unlink(missing_ok=True)
+                self._superseded = []
+            if self._rows_cut is not None and not self._manifest_dirty:  # the records' cut is committed
+                self._cut_rows(self._rows_cut)
         except OSError as err:
             self._retry_at = self._seq + self.flush_every
             self._warn_once(
@@ -183,6 +268,27 @@ class RunWriter:
             return
         if self._retry_at is not None:
             self._recovered()
+
+    def _write_pending(self) -> None:
+        """Write the buffered steps as a part and list it (each assignment leaves a consistent state if
+        interrupted: a part listed in the manifest on disk is never written again).
+
+        The manifest, written after the part, is the commit: a crash between the two leaves a part that
+        is not listed, which readers do not read.
+        """
+        committed = max((entry.seqs[1] for entry in self._entries), default=-1)
+        while self._pending and self._pending[0].seq <= committed:  # listed already (an interrupted flush)
+            self._pending_bytes -= self._pending.pop(0).nbytes
+        if not self._pending:
+            return
+        self._manifest_dirty = True
+        seqs = (self._pending[0].seq, self._pending[-1].seq)
+        path = store.part_path(self.directory, seqs[0], self._run_id)
+        table = records_to_table(self._pending)
+        footer, groups = store.write_part(path, table, self._run_id)
+        self._entries = [*self._entries, manifest.describe(path.name, footer, groups, table, seqs)]
+        self._pending = []
+        self._pending_bytes = 0
 
     def _drop_over_budget(self) -> None:
         """While the directory cannot be written, drop the oldest buffered steps beyond the memory budget."""
@@ -218,6 +324,7 @@ class RunWriter:
         A curves file this run did not create, or a failing disk, warns once and the row is not stored.
         """
         self._check_writable()
+        self._appended = self._resumed_rows is not None
         row = {"step": int(step)}
         row.update({name: float(value) for name, value in values.items()})
         try:
@@ -240,6 +347,7 @@ class RunWriter:
         are stored in the run and read back with :meth:`~covshift.store.run.Run.table`.
         """
         self._check_writable()
+        self._appended = self._resumed_rows is not None
         store.append_jsonl(store.table_path(self.directory, name), rows)
 
     def add_notice(self, text: str) -> None:
@@ -255,3 +363,13 @@ class RunWriter:
         if not self._writable:
             raise RuntimeError(f"run at {self.directory} was loaded from disk and is read-only")
 
+
+def _step_of(line: str) -> int | None:
+    """The ``step`` of a JSON-lines row (None: a row without one, or not JSON)."""
+    import json
+
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None

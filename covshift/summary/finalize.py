@@ -172,7 +172,7 @@ def _sample_statistics(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     empty = valid == 0
     quantiles = torch.where(empty, float("nan"), quantiles)
     binmeans = torch.where(empty, float("nan"), binmeans)
-    return quantiles.float(), binmeans.float()
+    return quantiles.to(sample.dtype), binmeans.to(sample.dtype)  # float64 inputs keep float64: ±1e300, not ±inf
 
 
 @functools.cache

@@ -35,7 +35,8 @@ def blocks(samples: list) -> list[list]:
 
 
 def statistics_by_width(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Zero fraction (float64), quantiles and bin means (float32) of every row of ``samples``, in order.
+    """Zero fraction (float64), quantiles and bin means (float32, or float64 when a sample is float64) of
+    every row of ``samples``, in order.
 
     Samples of one width are finalized together, a block of :data:`BLOCK_VALUES`
     at a time, so no row is padded: a narrow layer's rows sort as fast as their
@@ -43,8 +44,9 @@ def statistics_by_width(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     """
     rows = sum(sample.shape[0] for sample in samples)
     zero_frac = np.empty(rows)
-    quantiles = np.empty((rows, len(QUANTILE_LEVELS)), np.float32)
-    binmeans = np.empty((rows, N_BINS), np.float32)
+    dtype = np.float64 if any(sample.dtype == np.float64 for sample in samples) else np.float32
+    quantiles = np.empty((rows, len(QUANTILE_LEVELS)), dtype)
+    binmeans = np.empty((rows, N_BINS), dtype)
     starts = np.cumsum([0] + [sample.shape[0] for sample in samples])
     by_width: dict[int, list[int]] = {}
     for i, sample in enumerate(samples):
@@ -82,8 +84,8 @@ def zero_count(rows: np.ndarray) -> np.ndarray:
 
 
 def statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Zero fraction (float64), quantiles (linear interpolation) and equal-mass bin means (float32) of each
-    row's finite values.
+    """Zero fraction (float64), quantiles (linear interpolation) and equal-mass bin means (at the rows'
+    precision: :func:`_stored`) of each row's finite values.
 
     Overwrites ``rows``; the numpy twin of :func:`_zero_fraction` and :func:`_sample_statistics`.
     """
@@ -104,7 +106,7 @@ def statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
         quantiles = _interpolated(at_low, at_high, position - low)
         runs = torch.from_numpy(rows).view(count, N_BINS, width // N_BINS)
         binmeans = runs.sum(2, dtype=torch.float64).numpy() / (width // N_BINS)  # torch: see _statistics_of_bins
-        return zeros / width, _float32(quantiles), _float32(binmeans)
+        return zeros / width, _stored(quantiles, rows.dtype), _stored(binmeans, rows.dtype)
     valid = np.count_nonzero(rows < np.inf, axis=1)[:, None]  # (rows, 1)
     last = np.maximum(valid - 1, 0)
     position = levels[None, :] * last
@@ -126,7 +128,7 @@ def statistics_of_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     binmeans = np.where(empty, np.nan, binmeans)
     with np.errstate(divide="ignore", invalid="ignore"):
         zero_frac = zeros / valid[:, 0]
-    return zero_frac, _float32(quantiles), _float32(binmeans)
+    return zero_frac, _stored(quantiles, rows.dtype), _stored(binmeans, rows.dtype)
 
 
 def _interpolated(at_low: np.ndarray, at_high: np.ndarray, fraction: np.ndarray) -> np.ndarray:
@@ -153,8 +155,12 @@ def bin_sums(ordered: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return sums.scatter_add_(1, bins, ordered.double())[:, :N_BINS]
 
 
-def _float32(values: np.ndarray) -> np.ndarray:
-    """``values`` in float32, as stored; beyond its range (float64 inputs) they are ±inf, as torch casts them."""
+def _stored(values: np.ndarray, precision: np.dtype) -> np.ndarray:
+    """``values`` (float64) at the precision of the samples they come from, as stored: float32 for
+    float32 samples (a quantile or bin mean of float32 values lies in float32's range), float64 for
+    float64 ones, so a value of ±1e300 is stored as itself, never as ±inf."""
+    if precision == np.float64:
+        return values
     with np.errstate(over="ignore"):
         return values.astype(np.float32)
 
@@ -196,7 +202,7 @@ def rank_bins(rows: np.ndarray) -> np.ndarray:
 
 
 def _statistics_of_bins(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Quantiles and bin means of full finite rows from their rank bins (:func:`rank_bins`), as float32.
+    """Quantiles and bin means of full finite rows from their rank bins (:func:`rank_bins`), at their precision.
 
     A quantile reads the values of two neighbouring ranks: the first of a run is its minimum,
     the last its maximum, and the few runs that hold a rank strictly inside are sorted.
@@ -209,7 +215,7 @@ def _statistics_of_bins(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     at_low, at_high = table[:, low].astype(np.float64), table[:, high].astype(np.float64)
     quantiles = _interpolated(at_low, at_high, fraction)
     binmeans = runs.sum(2, dtype=torch.float64).numpy() / size
-    return _float32(quantiles), _float32(binmeans)
+    return _stored(quantiles, bins.dtype), _stored(binmeans, bins.dtype)
 
 
 @functools.cache

@@ -48,8 +48,8 @@ class Record:
     """Final statistics, one row per channel of each partial finalized together."""
 
     stats: torch.Tensor  # (rows, len(STAT_NAMES)) float64
-    quantiles: torch.Tensor  # (sketched rows, len(QUANTILE_LEVELS)) float32
-    binmeans: torch.Tensor  # (sketched rows, N_BINS) float32
+    quantiles: torch.Tensor  # (sketched rows, len(QUANTILE_LEVELS)) float32; float64 for float64 inputs
+    binmeans: torch.Tensor  # (sketched rows, N_BINS) float32; float64 for float64 inputs
     sketched: torch.Tensor | None = None  # (rows,) bool: the rows with quantiles and bin means; None: all
 
 
