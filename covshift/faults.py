@@ -102,7 +102,15 @@ def gap_messages(
             unrecordable=unrecordable,
         )))
     elif recorded == 1:
-        advice = "train longer" if schedule.records(1) else f"record more often ({schedule} now) or train longer"
+        following = None
+        if first_recorded is not None:
+            ahead = range(first_recorded + 1, first_recorded + 10**5)
+            following = next((k for k in ahead if schedule.records(k)), None)
+        if following is not None and following > steps:  # e.g. a run resumed late on the log-spaced schedule
+            advice = (f"train to step {following}, the next one the schedule records ({schedule} now), or record "
+                      "more often (every=N)")
+        else:
+            advice = "train longer" if schedule.records(1) else f"record more often ({schedule} now) or train longer"
         messages.append((
             "short",
             f"only 1 training step was recorded (step {first_recorded} of {steps}): drift needs at "

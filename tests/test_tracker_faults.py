@@ -395,3 +395,16 @@ def test_a_forward_on_tensors_without_data_is_skipped_with_one_warning(tmp_path,
     stats = covshift.load(run.directory).stats()
     assert sorted(stats.step.unique()) == list(range(28))
     assert (stats.groupby("step").size() == 4 + 6).all()  # both layers at every step, after it too
+
+
+def test_a_run_resumed_late_on_the_log_schedule_says_when_the_schedule_records_next():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = covshift.attach(model, optimizer=opt)  # the log-spaced default: 40 steps per decade
+    tracker.set_step(10_000)
+    with pytest.warns(CovshiftWarning, match=r"only 1 training step was recorded \(step 10000 of 10041\).*train to "
+                                             r"step 10593, the next one the schedule records \(log-spaced, 40 per decade now\)"):
+        for _ in range(40):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+        tracker.detach()

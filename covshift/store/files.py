@@ -82,6 +82,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def meta_stamp(directory: Path) -> tuple | None:
+    """``meta.json``'s (inode, size, mtime): it changed when this changed (None: it cannot be seen)."""
+    try:
+        status = os.stat(directory / META_FILE)
+    except OSError:
+        return None
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
+
+
 def claim(directory: Path, meta: dict) -> None:
     """Start a run in ``directory`` by creating ``meta.json``; of two runs started at once, one wins.
 
@@ -95,7 +104,9 @@ def claim(directory: Path, meta: dict) -> None:
             f"{directory} already holds {', '.join(taken)}, which this run did not write; "
             "choose a new directory"
         )
-    others = sorted(path.name for path in directory.iterdir() if not path.name.startswith("."))
+    # meta.json may appear now (another run started at once): the exclusive create below then says so
+    others = sorted(path.name for path in directory.iterdir()
+                    if not path.name.startswith(".") and path.name != META_FILE)
     if others and not taken:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise FileExistsError(f"{directory} holds {shown}, which is not a covshift run: choose a new or empty "

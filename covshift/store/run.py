@@ -152,12 +152,8 @@ class Run(RunWriter):
         recorded since) when the file changed. Whether it was re-read."""
         if self._writable:
             return False
-        try:
-            status = os.stat(self.directory / store.META_FILE)
-        except OSError:
-            return False
-        key = (status.st_ino, status.st_size, status.st_mtime_ns)
-        if key == self._meta_key:
+        key = store.meta_stamp(self.directory)
+        if key is None or key == self._meta_key:
             return False
         self._meta, self._meta_key = store.read_meta(self.directory), key
         return True

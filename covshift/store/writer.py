@@ -93,6 +93,7 @@ class RunWriter:
         self._appended = False  # rows logged since the run was resumed
         self._rows_cut: int | None = None  # resumed: the step the curves and side tables are cut at, once committed
         if meta is None:  # opening a stored run
+            self._meta_key = store.meta_stamp(self.directory)  # before the read: a change after it is re-read
             self._meta = store.read_meta(self.directory)
             self._run_id: str | None = self._meta.get("run_id")
             self._writable = False
