@@ -89,7 +89,7 @@ def gap_messages(
 
     Args:
         forwards: the training forwards covshift saw: ``"train"`` (some), ``"eval"`` (only
-            eval-mode ones) or ``"none"`` (none outside compiled code).
+            eval-mode ones) or ``"none"`` (none).
         stopped: what covshift was doing when a fault stopped recording (None: none did).
         unrecordable: layers called with nothing it could summarize, and why.
         openers: in per-forward mode, the modules whose calls opened steps ("" for the model).
@@ -146,8 +146,7 @@ def _nothing(
     if forwards == "none":
         return (
             f"no training step was recorded: covshift saw no forward of the {model} or of its watched "
-            "submodules run outside compiled code. Forwards inside torch.compile record nothing; is this "
-            "the model your training step calls?"
+            "submodules; is this the model your training step calls?"
         )
     if forwards == "eval":
         return (
@@ -161,7 +160,7 @@ def _nothing(
         return f"no training step was recorded: no selected layer that was called could be summarized: {listed}{more}"
     return (
         f"no training step was recorded in {steps} steps: none of the {len(layers)} selected layers was "
-        "called on a recorded step outside compiled code (forwards inside torch.compile record nothing)"
+        "called on a recorded step"
     )
 
 

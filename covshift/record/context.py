@@ -14,10 +14,11 @@ from torch._subclasses.fake_tensor import is_fake
 
 from covshift.summary.summarize import Partial
 
-#: ``torch.compiler.is_compiling`` where this torch has it. Inside code that
-#: torch.compile traces, every hook returns at once: the check is a constant to
-#: the compiler, so covshift adds no graph break and no recompilation.
+#: ``torch.compiler.is_compiling`` where this torch has it: a hook being traced
+#: relays its tensor to its eager code at run time (:mod:`covshift.record.compiled`).
 is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+#: ``torch.compiler.is_exporting``: ``torch.export`` gets a graph without covshift in it.
+is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 class Forward(threading.local):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from covshift import schedule
-from covshift.record import context, distributed, resume
+from covshift.record import compiled, context, distributed, resume
 from covshift.record.alerts import AlertMonitor
 from covshift.record.backward import GRAD_SOURCE, InputGradients
 from covshift.checks import MAX_STEP, check_int
@@ -134,6 +134,7 @@ class Tracker:
         self._autocast: context.Autocast | None = None  # of the latest training forward: probes run under it
         self._faults = Faults()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._relay_keys: list[int] = []  # the hooks' eager code, as compiled forwards call it (compiled.py)
         self._measurements: list[Any] = []  # added with add(): closed at detach()
         self._gradients = InputGradients(self._summarizer.summarize, self._take_gradient, self._faults) \
             if self.settings.gradients else None
@@ -251,7 +252,7 @@ class Tracker:
                 example), or the model's forward on it raised (chained).
         """
         probe = make_probe(args, kwargs, self.schedule if every is None else schedule.parse(every))
-        probe.try_on(self.model)
+        probe.try_on(context.unwrap_compiled(self.model))  # probes run eagerly: no graph compiled for them
         self._probe = probe
         return self
 
@@ -348,10 +349,8 @@ class Tracker:
                 self._handles.append(module.register_forward_hook(self._output_hook(name, module)))
         for name, module in outer.items():  # ends after the layers' hooks: a step ends after its outputs
             if not name or name not in self.layers:
-                self._handles.append(module.register_forward_pre_hook(functools.partial(self._on_call_start, name),
-                                                                      prepend=True))
-            self._handles.append(module.register_forward_hook(functools.partial(self._on_call_end, name),
-                                                              always_call=True))
+                self._handles.append(module.register_forward_pre_hook(self._start_hook(name, module), prepend=True))
+            self._handles.append(module.register_forward_hook(self._end_hook(name, module), always_call=True))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_step))
 
@@ -369,6 +368,40 @@ class Tracker:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        compiled.remove_targets(self._relay_keys)
+        self._relay_keys.clear()
+
+    def _relay_key(self, target: compiled.Target) -> int:
+        """The key under which a compiled forward calls ``target``, a hook's eager code, at run time."""
+        key = compiled.add_target(target)
+        self._relay_keys.append(key)
+        return key
+
+    def _start_hook(self, opener: str, outer: nn.Module):
+        """The pre-hook of the model or of a watched child: a call of it may begin a forward."""
+        key = self._relay_key(lambda x: self._on_call_start(opener, outer, () if x is None else (x,)))
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if context.is_compiling():
+                if not context.is_exporting():
+                    compiled.relay(key, context.first_tensor(args, {}))
+                return
+            self._on_call_start(opener, module, args)
+
+        return hook
+
+    def _end_hook(self, opener: str, outer: nn.Module):
+        """The forward hook of the model or of a watched child: the end of a call that began a forward."""
+        key = self._relay_key(lambda x: self._on_call_end(opener, outer, (), True))
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if context.is_compiling():
+                if not context.is_exporting():
+                    compiled.relay(key, None)
+                return
+            self._on_call_end(opener, module, args, output)
+
+        return hook
 
     @property
     def _counting(self) -> bool:
@@ -381,7 +414,7 @@ class Tracker:
 
         Once the model's own forward has run in training mode, its children's calls are left alone:
         they run inside it (a cheap return, as they run on every forward of a ``Sequential``)."""
-        if (opener and self._root_runs) or context.is_compiling() or context.probe_owner() is not None:
+        if (opener and self._root_runs) or context.probe_owner() is not None:
             return
         forward = self._forward
         forward.depth += 1
@@ -390,7 +423,7 @@ class Tracker:
 
     def _on_call_end(self, opener: str, module: nn.Module, args: tuple, output: Any) -> None:
         """Called also when the forward raised (``always_call``): the depth stays right either way."""
-        if (opener and self._root_runs) or context.is_compiling() or context.probe_owner() is not None:
+        if (opener and self._root_runs) or context.probe_owner() is not None:
             return
         forward = self._forward
         forward.depth = max(forward.depth - 1, 0)
@@ -438,7 +471,7 @@ class Tracker:
                 self._set_open_step(self._step + 1)
                 if self._gradients is not None:
                     self._gradients.forget_before(self._step)
-        if self.model.training and not context.is_compiling():
+        if self.model.training:
             with self._faults.guard("running the probe", self.run.directory):
                 self._maybe_probe(self._step)  # the step opens now, whether or not the model's own forward runs
 
@@ -457,14 +490,18 @@ class Tracker:
     def _records_now(self, module: nn.Module) -> bool:
         """Whether a layer call records: inside a recorded forward (per-forward mode, probes), or in
         merged modes any training-mode call on a recorded step that is not a recomputation."""
-        if context.is_compiling():
-            return False
         if self._forward.active:
             return True
         return self._recording and module.training and not context.in_backward()
 
     def _input_hook(self, name: str, module: nn.Module, start: Callable[[nn.Module, tuple], None] | None):
+        key = self._relay_key(lambda x: hook(module, () if x is None else (x,), {}))
+
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if context.is_compiling():  # traced: at run time the compiled graph calls this hook's eager code
+                if not context.is_exporting():
+                    compiled.relay(key, context.first_tensor(args, kwargs))
+                return
             if start is not None:
                 start(mod, args)
             if self._records_now(mod):
@@ -475,7 +512,13 @@ class Tracker:
         return hook
 
     def _output_hook(self, name: str, module: nn.Module):
+        key = self._relay_key(lambda x: hook(module, (), x))
+
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+            if context.is_compiling():
+                if not context.is_exporting():
+                    compiled.relay(key, context.first_tensor((output,), {}))
+                return
             if self._records_now(mod):
                 self._observe(f"{name}:output", name, module, context.first_tensor((output,), {}))
 
@@ -527,7 +570,11 @@ class Tracker:
         if partial is None:  # an empty input is no record
             return
         key = (self._forward.source, name)
-        if self._gradients is not None and name == layer and self._forward.source == "train":
+        if self._gradients is not None and name == layer and self._forward.source == "train" and compiled.relayed():
+            self._faults.warn_once("compiled-gradients", (
+                "input gradients are not recorded for forwards inside torch.compile (their inputs carry no "
+                "autograd graph there); the compiled forwards' inputs are recorded as usual"))
+        elif self._gradients is not None and name == layer and self._forward.source == "train":
             step = self._forward.step if self._per_forward else self._step
             if self._per_forward:
                 with self._lock:  # written when the next forward starts, on every rank alike
@@ -599,8 +646,9 @@ class Tracker:
         context.set_probe_owner(self)
         forward.active = True
         try:
-            with preserved(self.model), context.autocast_as(self._autocast):
-                for source in self._probe.run_halves(self.model):
+            model = context.unwrap_compiled(self.model)  # eagerly, inside a compiled forward too
+            with preserved(model), context.autocast_as(self._autocast):
+                for source in self._probe.run_halves(model):
                     forward.source = source
         finally:
             context.set_probe_owner(None)

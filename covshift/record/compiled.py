@@ -1,0 +1,91 @@
+"""Recording inside ``torch.compile``: hooks the compiler traces hand their tensor to covshift at run time.
+
+When ``torch.compile`` traces a model, it traces covshift's hooks too. A hook
+that is being traced does one thing: it calls :func:`relay`, a custom operator
+(``covshift::relay``) that the compiler keeps in the graph as an opaque call. At
+run time the operator hands the tensor to the hook's eager code, which decides
+there, from the tracker's state, whether the step is recorded, and summarizes
+the tensor exactly as in an eager forward (the same statistics, the same
+sample). So the compiled graph holds no Python branch on covshift's state: one
+graph serves recorded and unrecorded steps, nothing is recompiled, and
+``fullgraph=True`` holds (the operator is no graph break).
+
+The operator declares that it writes a one-element token: an operator with no
+output would otherwise be removed from the graph as dead code. Targets are
+looked up by an integer key baked into the graph; a detached tracker's keys
+lead nowhere, so a graph compiled with covshift attached runs on unharmed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from covshift.faults import CovshiftWarning
+
+Target = Callable[["torch.Tensor | None"], None]
+
+_targets: dict[int, Target] = {}
+_keys = itertools.count()
+_failed: set[int] = set()
+_lock = threading.Lock()
+#: The operator's token: written by nobody, declared written so that the call stays in the graph.
+TOKEN = torch.zeros(1)
+
+
+class _Inside(threading.local):
+    depth = 0  # relayed calls running in this thread (a class default: reading it never raises)
+
+
+_inside = _Inside()
+
+
+def add_target(target: Target) -> int:
+    """Register ``target`` (a hook's eager code) and return the key a traced hook relays to."""
+    with _lock:
+        key = next(_keys)
+        _targets[key] = target
+    return key
+
+
+def remove_targets(keys: list[int]) -> None:
+    """Forget these keys: compiled graphs that still call them do nothing."""
+    with _lock:
+        for key in keys:
+            _targets.pop(key, None)
+
+
+def relayed() -> bool:
+    """Whether this thread runs a hook's eager code on behalf of a compiled forward."""
+    return _inside.depth > 0
+
+
+@torch.library.custom_op("covshift::relay", mutates_args=("token",))
+def _relay(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
+    target = _targets.get(key)
+    if target is None:
+        return
+    _inside.depth += 1
+    try:
+        target(x)
+    except Exception as err:  # noqa: BLE001 - the hooks guard their own faults; this is the last line
+        if key not in _failed:
+            _failed.add(key)
+            warnings.warn(f"covshift: a hook inside a compiled forward failed and is skipped: {err!r}",
+                          CovshiftWarning, stacklevel=2)
+    finally:
+        _inside.depth -= 1
+
+
+@_relay.register_fake
+def _relay_fake(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
+    return None
+
+
+def relay(key: int, x: torch.Tensor | None) -> None:
+    """From a hook being traced: at run time, call target ``key`` with ``x`` (the real tensor)."""
+    _relay(TOKEN, x, key)

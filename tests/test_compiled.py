@@ -1,0 +1,177 @@
+"""Recording inside torch.compile: the same statistics as eager, no graph break, no recompilation.
+
+Most tests compile with ``backend="aot_eager"`` (dynamo and AOT autograd, as the default
+backend, without inductor's C++ compile: seconds on two cores); guards, graph breaks and
+recompilations are dynamo's, so they are the same there. One test compiles with inductor.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import covshift
+from covshift.faults import CovshiftWarning
+
+STAT_COLUMNS = ["count", "mean", "var", "min", "max", "nonfinite", "zero_frac"]
+SAMPLE_COLUMNS = ["q0.01", "q0.5", "q0.99", "binmean_00", "binmean_17"]
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, checkpointed: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4 * 6 * 6, 3)
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        h = checkpoint(self.conv, x, use_reentrant=False) if self.checkpointed else self.conv(x)
+        return self.head(self.act(h).flatten(1))
+
+
+def tiny_cnn(checkpointed=False):
+    torch.manual_seed(0)
+    return TinyCNN(checkpointed)
+
+
+def batches(n, size=8, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 1, 6, 6, generator=generator), torch.randint(0, 3, (size,), generator=generator))
+            for _ in range(n)]
+
+
+def train(order, *, mode="optimizer", steps=4, accumulate=1, every=1, backend="aot_eager", checkpointed=False,
+          probe=False, fullgraph=True):
+    """Train a fresh TinyCNN with covshift attached, compiled or eager, and return the run."""
+    torch._dynamo.reset()
+    model = tiny_cnn(checkpointed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    settings = {"every": every, "optimizer": opt} if mode == "optimizer" else {"every": every}
+    if order == "eager":
+        tracker, forward = covshift.attach(model, **settings), model
+    elif order == "attach_then_compile":
+        tracker = covshift.attach(model, **settings)
+        forward = torch.compile(model, backend=backend, fullgraph=fullgraph)
+    else:
+        forward = torch.compile(model, backend=backend, fullgraph=fullgraph)
+        tracker = covshift.attach(forward, **settings)
+    if probe:
+        tracker.probe(batches(1, size=6, seed=9)[0][0])
+    for i, (x, y) in enumerate(batches(steps * accumulate)):
+        nn.functional.cross_entropy(forward(x), y).backward()
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
+    return tracker.detach()
+
+
+def sorted_stats(run, source="train"):
+    return run.stats(source=source).sort_values(["step", "layer", "channel"]).reset_index(drop=True)
+
+
+def assert_same_records(compiled, eager, source="train", rtol=1e-6, atol=1e-7):
+    got, want = sorted_stats(compiled, source), sorted_stats(eager, source)
+    assert len(want) > 0
+    assert got[["step", "layer", "channel"]].equals(want[["step", "layer", "channel"]])
+    columns = STAT_COLUMNS + SAMPLE_COLUMNS
+    np.testing.assert_allclose(got[columns].to_numpy(float), want[columns].to_numpy(float), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "per_forward"])
+@pytest.mark.parametrize("order", ["attach_then_compile", "compile_then_attach"])
+def test_a_compiled_model_records_what_the_eager_model_records(order, mode):
+    eager = train("eager", mode=mode, probe=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CovshiftWarning)  # no eval-mode or "nothing recorded" warning either
+        compiled = train(order, mode=mode, probe=True)
+    assert sorted(compiled.stats(source="train").step.unique()) == list(range(4))
+    assert_same_records(compiled, eager)
+    assert_same_records(compiled, eager, source="probe")
+
+
+def test_micro_batches_of_a_compiled_model_form_one_record_per_optimizer_step():
+    eager = train("eager", accumulate=3, steps=3)
+    compiled = train("attach_then_compile", accumulate=3, steps=3)
+    stats = compiled.stats()
+    assert (stats.loc[stats.layer == "conv", "count"] == 3 * 8 * 36).all()
+    assert_same_records(compiled, eager)
+
+
+def test_activation_checkpointing_inside_a_compiled_model_is_not_counted_twice():
+    eager = train("eager", checkpointed=True)
+    compiled = train("compile_then_attach", checkpointed=True)
+    assert (compiled.stats().query("layer == 'conv'")["count"] == 8 * 36).all()
+    assert_same_records(compiled, eager)
+
+
+@pytest.mark.parametrize("every", [3, "log"])
+def test_recorded_and_unrecorded_steps_share_one_graph(every):
+    torch._dynamo.reset()
+    model = tiny_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = covshift.attach(model, optimizer=opt, every=every)
+    forward = torch.compile(model, backend="aot_eager", fullgraph=True)
+    data = batches(1)[0]
+    nn.functional.cross_entropy(forward(data[0]), data[1]).backward()  # the one compile
+    opt.step()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(199):
+            nn.functional.cross_entropy(forward(data[0]), data[1]).backward()
+            opt.step()
+            opt.zero_grad()
+    run = tracker.detach()
+    plan = covshift.schedule.parse(every)
+    assert sorted(run.stats().step.unique()) == [step for step in range(200) if plan.records(step)]
+
+
+def test_covshift_adds_no_graph_break():
+    model = tiny_cnn()
+    tracker = covshift.attach(model, every=1)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda x: model(x))(batches(1)[0][0])  # the call, its hooks included
+    tracker.detach()
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_the_default_compiler_records_what_eager_records_in_one_graph():
+    """Inductor, fullgraph: the same records (to float tolerance: its kernels sum in their own order)."""
+    eager = train("eager", steps=3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = train("attach_then_compile", steps=3, backend="inductor")
+    assert_same_records(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_a_graph_compiled_with_covshift_runs_on_after_detach():
+    torch._dynamo.reset()
+    model = tiny_cnn()
+    tracker = covshift.attach(model, every=1)
+    forward = torch.compile(model, backend="aot_eager")
+    x = batches(1)[0][0]
+    forward(x).sum().backward()
+    run = tracker.detach()
+    assert forward(x).shape == (8, 3)
+    assert sorted(run.stats().step.unique()) == [0]
+
+
+def test_input_gradients_of_a_compiled_forward_are_not_recorded_and_that_is_said_once():
+    torch._dynamo.reset()
+    model = tiny_cnn()
+    tracker = covshift.attach(model, every=1, gradients=True)
+    forward = torch.compile(model, backend="aot_eager")
+    with pytest.warns(CovshiftWarning, match="input gradients are not recorded for forwards inside torch.compile"):
+        for x, _ in batches(3):
+            forward(x).sum().backward()
+    run = tracker.detach()
+    assert "grad" not in run.sources().index and sorted(run.stats().step.unique()) == [0, 1, 2]
+
+
+def test_torch_export_of_an_attached_model_holds_no_covshift_call():
+    model = tiny_cnn()
+    tracker = covshift.attach(model, every=1)
+    exported = torch.export.export(model, (batches(1)[0][0],))
+    tracker.detach()
+    assert "covshift" not in str(exported.graph)
