@@ -215,10 +215,13 @@ def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
     result: dict = {"error": None}
     try:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=PG_TIMEOUT)
-        if scenario in ("ddp", "ddp_forward"):
+        if scenario in ("ddp", "ddp_forward", "ddp_compiled"):
             model = _model()
             net = nn.parallel.DistributedDataParallel(model)
+            if scenario == "ddp_compiled":  # covshift's hooks inside the compiled DDP forward
+                net = torch.compile(net, backend="aot_eager")
             _train(model, net, rank, out, per_forward=scenario == "ddp_forward")
+            result["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         elif scenario == "fsdp":  # FSDP2: parameters sharded, every rank's activations whole
             from torch.distributed.fsdp import fully_shard
 
@@ -350,13 +353,16 @@ def _one_run_written(out: Path) -> None:
     assert parts and all(run_id in part.name for part in parts)  # every part is rank 0's run's
 
 
-@pytest.mark.parametrize("scenario", ["ddp", "ddp_forward", "fsdp"])
+@pytest.mark.parametrize("scenario", ["ddp", "ddp_forward", "fsdp", "ddp_compiled"])
 def test_ddp_and_fsdp_run_equals_one_process_on_all_batches(tmp_path, scenario):
     if scenario == "fsdp" and not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     out = tmp_path / "job"
     out.mkdir()
-    _ok(_spawn(out, scenario))
+    results = _spawn(out, scenario)
+    _ok(results)
+    if scenario == "ddp_compiled":
+        assert all(result["graphs"] > 0 for result in results.values())  # the forwards ran compiled
     _one_run_written(out)
     _same_run(out / "run", _single(tmp_path / "single", scenario))
     stats = covshift.load(out / "run").stats()

@@ -230,3 +230,24 @@ def test_training_resumed_from_a_checkpoint_with_the_same_store_appends_to_its_r
     stats = covshift.load(tmp_path / "job").stats("train")
     assert sorted(stats.step.unique()) == list(range(10))
     assert not stats.duplicated(["step", "source", "layer", "channel"]).any()
+
+
+def test_a_compiled_trainer_records_what_the_eager_one_records(tmp_path):
+    """TrainingArguments(torch_compile=True): the same records as the same training without it."""
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        torch.manual_seed(0)
+        rows = [{"x": torch.randn(4) * 3, "labels": torch.randn(1)} for _ in range(32)]
+        callback = CovshiftCallback(every=1)
+        options = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+        args = training_args(tmp_path / str(compiled), max_steps=4, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CovshiftWarning)
+            transformers.Trainer(model=TinyRegressor(), args=args, train_dataset=rows, callbacks=[callback]).train()
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compiled  # it did compile
+        runs[compiled] = callback.run.stats("train").sort_values(["step", "layer", "channel"]).reset_index(drop=True)
+    assert runs[True]["step"].unique().tolist() == list(range(4))
+    columns = ["step", "layer", "channel", "count", "mean", "var", "min", "max", "q0.5"]
+    pd.testing.assert_frame_equal(runs[True][columns], runs[False][columns], rtol=1e-6)

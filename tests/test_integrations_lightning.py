@@ -368,3 +368,22 @@ def test_a_resumed_fit_with_the_same_store_appends_to_its_run(tmp_path):
     assert per_step(run).index.tolist() == list(range(10))
     assert not run.stats().duplicated(["step", "source", "layer", "channel"]).any()
     assert second.run.directory == first.run.directory == tmp_path / "job"
+
+
+def test_a_compiled_module_records_what_the_eager_one_records(tmp_path):
+    """``trainer.fit(torch.compile(module))``: the same records as the same fit of the module itself."""
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        torch.manual_seed(0)
+        module, callback = Regressor(via_forward=True), CovshiftCallback(every=1)
+        fitted = torch.compile(module, backend="aot_eager") if compiled else module
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CovshiftWarning)
+            make_trainer(tmp_path / str(compiled), callback, max_steps=6).fit(fitted, *loaders())
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compiled  # it did compile
+        runs[compiled] = callback.run.stats("train").sort_values(["step", "layer", "channel"]).reset_index(drop=True)
+    assert runs[True]["step"].unique().tolist() == list(range(6))
+    columns = ["step", "layer", "channel", "count", "mean", "var", "min", "max", "q0.5"]
+    pd.testing.assert_frame_equal(runs[True][columns], runs[False][columns], rtol=1e-6)
