@@ -39,12 +39,22 @@ speed drifts by up to 20% between runs of a few minutes, so comparing two
 separate runs says little.
 
     .venv/bin/python benchmarks/overhead.py --baseline ../main --rounds 10 --steps 30
+
+`--compile` times compiled models instead (torch.compile, the default backend):
+the compiled model without covshift against compiled copies of it with covshift
+attached (every=1, every=10, the defaults in a long run, never recording), each
+compiled once before the rounds (its compile time, the first step's, printed)
+and kept attached through them; each block ends with a flush. The eager model
+without hooks runs beside them for scale.
+
+    .venv/bin/python benchmarks/overhead.py --compile --rounds 6 --steps 30
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import copy
 import ctypes
 import ctypes.util
 import functools
@@ -210,6 +220,78 @@ def time_steps(
     return seconds / len(batches), faults / len(batches)
 
 
+class Compiled:
+    """A compiled copy of ``model`` with its own optimizer, covshift attached with ``settings`` (None: not)."""
+
+    def __init__(self, model: nn.Module, settings: dict | None, long_run: bool = False) -> None:
+        self.model = copy.deepcopy(model)
+        self.tracker = covshift.attach(self.model, **settings) if settings is not None else None
+        if long_run:
+            self.tracker.set_step(LONG_RUN_STEP)
+        self.forward = torch.compile(self.model)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def steps(self, batches: list) -> float:
+        """Seconds per training step over ``batches``, a flush at the end included."""
+        start = time.perf_counter()
+        for x, y in batches:
+            F.cross_entropy(self.forward(x), y).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        if self.tracker is not None:
+            self.tracker.flush()
+        return (time.perf_counter() - start) / len(batches)
+
+
+def compiled_main(args: argparse.Namespace, model: nn.Module, batches: list, described: str) -> None:
+    """``--compile``: compiled steps with and without covshift, interleaved; compile times."""
+    sample = {"sample_size": args.sample_size}
+    plans = {
+        "compiled, no hooks": (None, False),
+        "compiled + covshift every=1": ({"every": 1, **sample}, False),
+        "compiled + covshift every=10": ({"every": 10, **sample}, False),
+        "compiled + defaults, long run": (sample, True),
+        "compiled + never recording": ({"every": 10**9}, False),
+    }
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    runs, compile_seconds = {}, {}
+    for name, (settings, long_run) in plans.items():
+        runs[name] = Compiled(model, settings, long_run)
+        compile_seconds[name] = runs[name].steps(batches[:1])  # the first step compiles
+        runs[name].steps(batches[:2])
+    eager_optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def eager_steps() -> float:
+        start = time.perf_counter()
+        for x, y in batches:
+            F.cross_entropy(model(x), y).backward()
+            eager_optimizer.step()
+            eager_optimizer.zero_grad()
+        return (time.perf_counter() - start) / len(batches)
+
+    timers: dict[str, Callable[[], float]] = {"eager, no hooks": eager_steps}
+    timers.update({name: functools.partial(run.steps, batches) for name, run in runs.items()})
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(args.rounds):
+        order = list(timers)
+        random.shuffle(order)
+        for name in order:
+            times[name].append(timers[name]())
+    for run in runs.values():
+        if run.tracker is not None:
+            run.tracker.detach()
+    print(f"{described}, torch.compile (default backend), {args.rounds} rounds x {args.steps} steps, "
+          f"sample_size {args.sample_size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'config':<31} {'step (ms)':>10} {'ratio':>7} {'ratio IQR':>15} {'first step (s)':>15}")
+    base = times["compiled, no hooks"]
+    for name, values in times.items():
+        ratios = [value / b for value, b in zip(values, base)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        first = f"{compile_seconds[name]:>15.1f}" if name in compile_seconds else f"{'':>15}"
+        print(f"{name:<31} {statistics.median(values) * 1e3:>10.2f} {statistics.median(ratios):>6.3f}x "
+              f"{q1:>6.3f}-{q3:.3f}x {first}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (default 12)")
@@ -221,11 +303,15 @@ def main() -> None:
     parser.add_argument("--sample-size", type=int, default=covshift.summary.summarize.DEFAULT_SAMPLE_SIZE,
                         help="covshift's sample_size (default %(default)s)")
     parser.add_argument("--baseline", metavar="DIR", help="also time the covshift package of the checkout DIR")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (see above)")
     args = parser.parse_args()
     if args.malloc == "steady":
         steady_malloc()
 
     model, batches, described = workload(args.model, args.batch_size, args.steps)
+    if args.compile:
+        compiled_main(args, model, batches, described)
+        return
     configs: dict[str, Callable[[], AbstractContextManager]] = {
         "no hooks": nullcontext,
         "covshift every=1": lambda: covshift.attach(model, every=1, sample_size=args.sample_size),

@@ -175,3 +175,29 @@ def test_torch_export_of_an_attached_model_holds_no_covshift_call():
     exported = torch.export.export(model, (batches(1)[0][0],))
     tracker.detach()
     assert "covshift" not in str(exported.graph)
+
+
+def sequential_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+@pytest.mark.parametrize("make", [tiny_cnn, sequential_cnn])
+def test_a_model_that_ran_compiled_before_attach_records_from_the_next_forward(make):
+    """Dynamo does not check for hooks added after it compiled (skip_nnmodule_hook_guards): attach() drops
+    that code, so the next forward compiles again with covshift's hooks. An nn.Sequential compiles a wrapper
+    that all such models share."""
+    torch._dynamo.reset()
+    x = batches(1)[0][0]
+    twin = make()  # another model of the same class, compiled without covshift
+    torch.compile(twin, backend="aot_eager")(x).sum().backward()
+    model = make()
+    forward = torch.compile(model, backend="aot_eager")
+    forward(x).sum().backward()
+    tracker = covshift.attach(forward, every=1)
+    for _ in range(2):
+        forward(x).sum().backward()
+    stats = tracker.detach().stats()
+    first = stats.layer.iloc[0]
+    assert sorted(stats.step.unique()) == [0, 1] and (stats.query("layer == @first")["count"] == 8 * 36).all()
+    assert twin(x).shape == forward(x).shape == (8, 3)

@@ -14,12 +14,19 @@ The operator declares that it writes a one-element token: an operator with no
 output would otherwise be removed from the graph as dead code. Targets are
 looked up by an integer key baked into the graph; a detached tracker's keys
 lead nowhere, so a graph compiled with covshift attached runs on unharmed.
+
+Code compiled before covshift attached has no hooks in it, and dynamo does not
+check for hooks added since (``torch._dynamo.config.skip_nnmodule_hook_guards``):
+:func:`forget_compiled_forwards` drops it at ``attach()``, so the next forward
+compiles again, hooks included.
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
+import types
 import warnings
 from collections.abc import Callable
 
@@ -57,6 +64,24 @@ def remove_targets(keys: list[int]) -> None:
     with _lock:
         for key in keys:
             _targets.pop(key, None)
+
+
+def forget_compiled_forwards(model: torch.nn.Module) -> None:
+    """Drop the compiled code of the forwards of ``model`` and its submodules, if any was compiled: it was
+    traced without covshift's hooks, and would run on without them."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
+        return
+    from torch._dynamo import external_utils
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list, remove_from_cache
+
+    codes = {type(module).forward.__code__ for module in model.modules() if hasattr(type(module).forward, "__code__")}
+    # torch.compile of a module whose forward is torch's own (nn.Sequential) compiles a wrapper shared by all
+    wrap_inline = getattr(external_utils, "wrap_inline", None)
+    codes.update(const for const in getattr(getattr(wrap_inline, "__code__", None), "co_consts", ())
+                 if isinstance(const, types.CodeType))
+    for code in codes:
+        if _debug_get_cache_entry_list(code):
+            remove_from_cache(code)
 
 
 def relayed() -> bool:

@@ -154,6 +154,7 @@ class Tracker:
         except BaseException:
             self._remove_hooks()
             raise
+        compiled.forget_compiled_forwards(context.unwrap_compiled(model))  # compiled again, with the hooks
 
     # -- public ------------------------------------------------------------------
     @property
