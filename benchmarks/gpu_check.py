@@ -8,11 +8,17 @@
 3. Step time with covshift against the plain step, side by side in one run, and
    the peak device memory it adds.
 
+``--compile`` runs the loop through ``torch.compile(model, mode=--compile-mode)``
+(covshift's hooks then run from inside the compiled graph) and says how many
+steps each configuration recorded; ``--compile-mode reduce-overhead`` tries CUDA
+graphs.
+
 On a machine without CUDA, ``--device cpu`` runs the same checks (the sync check
 is CUDA's own and is skipped), so CI keeps the script working:
 
     .venv/bin/python benchmarks/gpu_check.py                       # on a GPU: ResNet-50, batch 64
     .venv/bin/python benchmarks/gpu_check.py --device cpu --model resnet18 --batch-size 2 --image-size 32 --steps 3
+    .venv/bin/python benchmarks/gpu_check.py --compile                  # the same, compiled
 """
 
 from __future__ import annotations
@@ -48,23 +54,27 @@ def same_summaries(device: torch.device) -> float:
     return worst
 
 
-def train(model, batches, optimizer, device, *, tracker_options=None, sync_check=False) -> tuple[list[float], int]:
-    """Per-step milliseconds and the peak device memory of a training loop, optionally with covshift."""
+def train(model, batches, optimizer, device, *, tracker_options=None, sync_check=False, forward=None, warm_up=0
+          ) -> tuple[list[float], int, int]:
+    """Per-step milliseconds, the peak device memory and the recorded training steps of a training loop,
+    optionally with covshift; ``forward`` (default: the model) runs the batches, the first ``warm_up`` of
+    them untimed and unchecked (a compiled forward compiles there)."""
+    forward = forward or model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     tracker = None if tracker_options is None else covshift.attach(model, optimizer=optimizer, **tracker_options)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for x, y in batches:
+    for index, (x, y) in enumerate(batches):
         flushes = tracker is not None and len(tracker.run._pending) + 1 >= tracker.run.flush_every
-        checking = sync_check and device.type == "cuda" and not flushes
+        checking = sync_check and device.type == "cuda" and not flushes and index >= warm_up
         start = time.perf_counter()
         if checking:
             torch.cuda.set_sync_debug_mode("error")
         try:
             with autocast:
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(forward(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -73,11 +83,14 @@ def train(model, batches, optimizer, device, *, tracker_options=None, sync_check
                 torch.cuda.set_sync_debug_mode("default")
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+        if index >= warm_up:
+            times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    recorded = 0
     if tracker is not None:
-        tracker.detach()
-    return times, peak
+        sources = tracker.detach().sources()
+        recorded = int(sources.loc["train", "steps"]) if "train" in sources.index else 0
+    return times, peak, recorded
 
 
 def main() -> None:
@@ -87,10 +100,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=30, help="steps per configuration (default 30)")
+    parser.add_argument("--compile", action="store_true", help="train through torch.compile(model)")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile's mode with --compile (default: default)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {args.model}, batch {args.batch_size}, "
-          f"{args.image_size}px, {args.steps} steps per configuration")
+          f"{args.image_size}px, {args.steps} steps per configuration"
+          + (f", torch.compile mode {args.compile_mode}" if args.compile else ""))
 
     print(f"summaries on {device} vs CPU, worst relative difference: {same_summaries(device):.2e}")
 
@@ -102,15 +119,18 @@ def main() -> None:
          torch.randint(0, 10, (args.batch_size,), device=device))
         for _ in range(args.steps)
     ]
-    train(model, batches[:2], optimizer, device)  # warm-up
     configs = {"plain": None, "every=1": {"every": 1, "flush_every": 10**6}, "defaults": {}}
-    results = {name: train(model, batches, optimizer, device, tracker_options=options, sync_check=True)
-               for name, options in configs.items()}
+    results = {}
+    for name, options in configs.items():
+        forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
+        results[name] = train(model, batches[:2] + batches, optimizer, device, tracker_options=options,
+                              sync_check=True, forward=forward, warm_up=2)
     plain_ms = statistics.median(results["plain"][0])
-    for name, (times, peak) in results.items():
+    for name, (times, peak, recorded) in results.items():
         ratio = statistics.median(times) / plain_ms
         memory = f", peak memory +{(peak - results['plain'][1]) / 2**20:.0f} MiB" if device.type == "cuda" else ""
-        print(f"  {name:<9} median step {statistics.median(times):8.2f} ms = {ratio:.3f}x plain{memory}")
+        steps = f", {recorded} steps recorded" if configs[name] is not None else ""
+        print(f"  {name:<9} median step {statistics.median(times):8.2f} ms = {ratio:.3f}x plain{memory}{steps}")
     sync = "no host sync outside flushes" if device.type == "cuda" else "sync check skipped (CUDA only)"
     print(f"sync check: {sync}")
 

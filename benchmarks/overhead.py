@@ -43,9 +43,10 @@ separate runs says little.
 `--compile` times compiled models instead (torch.compile, the default backend):
 the compiled model without covshift against compiled copies of it with covshift
 attached (every=1, every=10, the defaults in a long run, never recording), each
-compiled once before the rounds (its compile time, the first step's, printed)
-and kept attached through them; each block ends with a flush. The eager model
-without hooks runs beside them for scale.
+compiled once before the rounds (its compile time, the first step's, printed,
+with inductor's caches off) and kept attached through them. Each step of a
+round runs every configuration once in a shuffled order; a round's time ends
+with a flush.
 
     .venv/bin/python benchmarks/overhead.py --compile --rounds 6 --steps 30
 """
@@ -231,20 +232,32 @@ class Compiled:
         self.forward = torch.compile(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
 
-    def steps(self, batches: list) -> float:
-        """Seconds per training step over ``batches``, a flush at the end included."""
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Seconds of one training step."""
         start = time.perf_counter()
-        for x, y in batches:
-            F.cross_entropy(self.forward(x), y).backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+        F.cross_entropy(self.forward(x), y).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return time.perf_counter() - start
+
+    def flush(self) -> float:
+        """Seconds to write what the tracker holds."""
+        start = time.perf_counter()
         if self.tracker is not None:
             self.tracker.flush()
-        return (time.perf_counter() - start) / len(batches)
+        return time.perf_counter() - start
 
 
 def compiled_main(args: argparse.Namespace, model: nn.Module, batches: list, described: str) -> None:
-    """``--compile``: compiled steps with and without covshift, interleaved; compile times."""
+    """``--compile``: compiled steps with and without covshift, interleaved step by step; compile times.
+
+    Each step of a round runs every configuration once, in a shuffled order, so that the machine's
+    drifts in speed fall on all of them alike; a round's time per configuration ends with its flush.
+    Compile times are cold: inductor's caches are off.
+    """
+    import torch._inductor.config
+
+    torch._inductor.config.force_disable_caches = True
     sample = {"sample_size": args.sample_size}
     plans = {
         "compiled, no hooks": (None, False),
@@ -255,41 +268,37 @@ def compiled_main(args: argparse.Namespace, model: nn.Module, batches: list, des
     }
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     runs, compile_seconds = {}, {}
-    for name, (settings, long_run) in plans.items():
+    for name, (settings, long_run) in plans.items():  # attached first: attach() drops code compiled before it
         runs[name] = Compiled(model, settings, long_run)
-        compile_seconds[name] = runs[name].steps(batches[:1])  # the first step compiles
-        runs[name].steps(batches[:2])
-    eager_optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def eager_steps() -> float:
-        start = time.perf_counter()
-        for x, y in batches:
-            F.cross_entropy(model(x), y).backward()
-            eager_optimizer.step()
-            eager_optimizer.zero_grad()
-        return (time.perf_counter() - start) / len(batches)
-
-    timers: dict[str, Callable[[], float]] = {"eager, no hooks": eager_steps}
-    timers.update({name: functools.partial(run.steps, batches) for name, run in runs.items()})
-    times: dict[str, list[float]] = {name: [] for name in timers}
+    for name, run in runs.items():
+        compile_seconds[name] = run.step(*batches[0])  # the first step compiles
+        for x, y in batches[1:3]:
+            run.step(x, y)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
-        order = list(timers)
-        random.shuffle(order)
-        for name in order:
-            times[name].append(timers[name]())
-    for run in runs.values():
+        spent = dict.fromkeys(runs, 0.0)
+        for x, y in batches:
+            order = list(runs)
+            random.shuffle(order)
+            for name in order:
+                spent[name] += runs[name].step(x, y)
+        for name, run in runs.items():
+            times[name].append((spent[name] + run.flush()) / len(batches))
+    recorded = {}
+    for name, run in runs.items():
         if run.tracker is not None:
-            run.tracker.detach()
+            sources = run.tracker.detach().sources()
+            recorded[name] = int(sources.loc["train", "steps"]) if "train" in sources.index else 0
     print(f"{described}, torch.compile (default backend), {args.rounds} rounds x {args.steps} steps, "
           f"sample_size {args.sample_size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'config':<31} {'step (ms)':>10} {'ratio':>7} {'ratio IQR':>15} {'first step (s)':>15}")
+    print(f"{'config':<31} {'step (ms)':>10} {'ratio':>7} {'ratio IQR':>15} {'first step (s)':>15} "
+          f"{'recorded steps':>15}")
     base = times["compiled, no hooks"]
     for name, values in times.items():
         ratios = [value / b for value, b in zip(values, base)]
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        first = f"{compile_seconds[name]:>15.1f}" if name in compile_seconds else f"{'':>15}"
         print(f"{name:<31} {statistics.median(values) * 1e3:>10.2f} {statistics.median(ratios):>6.3f}x "
-              f"{q1:>6.3f}-{q3:.3f}x {first}")
+              f"{q1:>6.3f}-{q3:.3f}x {compile_seconds[name]:>15.1f} {recorded.get(name, '-'):>15}")
 
 
 def main() -> None:

@@ -201,3 +201,22 @@ def test_a_model_that_ran_compiled_before_attach_records_from_the_next_forward(m
     first = stats.layer.iloc[0]
     assert sorted(stats.step.unique()) == [0, 1] and (stats.query("layer == @first")["count"] == 8 * 36).all()
     assert twin(x).shape == forward(x).shape == (8, 3)
+
+
+@pytest.mark.parametrize("make", [tiny_cnn, sequential_cnn])
+def test_a_twin_compiled_without_covshift_does_not_take_the_models_place(make):
+    """Dynamo's code for a module without hooks would serve every module of its class: an EMA copy or a
+    teacher compiled without covshift must not make the watched model skip its hooks."""
+    torch._dynamo.reset()
+    x = batches(1)[0][0]
+    model = make()
+    tracker = covshift.attach(model, every=1)
+    forward = torch.compile(model, backend="aot_eager")
+    forward(x).sum().backward()
+    twin = torch.compile(make(), backend="aot_eager")
+    for _ in range(2):
+        twin(x).sum().backward()
+        forward(x).sum().backward()
+    stats = tracker.detach().stats()
+    first = stats.layer.iloc[0]
+    assert sorted(stats.step.unique()) == [0, 1, 2] and (stats.query("layer == @first")["count"] == 8 * 36).all()

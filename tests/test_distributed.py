@@ -71,6 +71,23 @@ def _train(model: nn.Module, net: nn.Module, rank: int, out: Path, *, per_forwar
     (out / f"run-dir-{max(rank, 0)}.txt").write_text(str(tracker.run.directory))
 
 
+def _gradients(rank: int, out: Path) -> None:
+    """Input gradients under DDP (rank -1: one process on every rank's batches). The loss is a sum and the
+    learning rate 0, so each example's input gradient is the same in one process as on its rank."""
+    model = _model()
+    net = model if rank < 0 else nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    xs, ys = _data()
+    local = slice(rank * BATCH, (rank + 1) * BATCH) if rank >= 0 else slice(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", covshift.faults.CovshiftWarning)  # layer '0': its input is the data
+        with covshift.attach(model, every=1, store=out / "run", optimizer=opt, gradients=True):
+            for x, y in zip(xs, ys):
+                nn.functional.cross_entropy(net(x[local]), y[local], reduction="sum").backward()
+                opt.step()
+                opt.zero_grad()
+
+
 def _uneven(rank: int, out: Path) -> None:
     """Rank r takes r+1 forwards per step, and only rank 1 calls the layer ``extra`` (rank -1: all of them)."""
     model = _model()
@@ -230,6 +247,8 @@ def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
             _train(model, model, rank, out, per_forward=False)
         elif scenario == "uneven":
             _uneven(rank, out)
+        elif scenario == "gradients":
+            _gradients(rank, out)
         elif scenario == "join":
             _join(rank, out)
         elif scenario == "capped":
@@ -312,6 +331,8 @@ def _single(out: Path, scenario: str) -> Path:
     out.mkdir()
     if scenario == "uneven":
         _uneven(-1, out)
+    elif scenario == "gradients":
+        _gradients(-1, out)
     elif scenario == "join":
         _join(-1, out)
     else:
@@ -370,6 +391,20 @@ def test_ddp_and_fsdp_run_equals_one_process_on_all_batches(tmp_path, scenario):
     # with optimizer steps the last update opens step 3, and its probe shows the final weights
     probed = [0, 1, 2] if scenario == "ddp_forward" else [0, 1, 2, 3]
     assert sorted(stats.query("source == 'probe'")["step"].unique()) == probed
+
+
+def test_input_gradients_of_the_ranks_merge_into_the_records_of_one_process(tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    _ok(_spawn(out, "gradients"))
+    got, want = (covshift.load(path).stats(source="grad").sort_values(["step", "layer", "channel"])
+                 .reset_index(drop=True) for path in (out / "run", _single(tmp_path / "single", "gradients")))
+    assert sorted(got.step.unique()) == list(range(STEPS)) and set(got.layer) == {"3"}
+    assert (got["count"] == WORLD * BATCH).all()
+    numbers = [c for c in got.columns if c not in ("step", "source", "layer", "channel")]
+    assert got[["step", "layer", "channel"]].equals(want[["step", "layer", "channel"]])
+    torch.testing.assert_close(torch.tensor(got[numbers].to_numpy(dtype=float)),
+                               torch.tensor(want[numbers].to_numpy(dtype=float)), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_uneven_forwards_and_layers_per_rank_merge_without_deadlock(tmp_path):

@@ -15,10 +15,13 @@ output would otherwise be removed from the graph as dead code. Targets are
 looked up by an integer key baked into the graph; a detached tracker's keys
 lead nowhere, so a graph compiled with covshift attached runs on unharmed.
 
-Code compiled before covshift attached has no hooks in it, and dynamo does not
-check for hooks added since (``torch._dynamo.config.skip_nnmodule_hook_guards``):
-:func:`forget_compiled_forwards` drops it at ``attach()``, so the next forward
-compiles again, hooks included.
+Code compiled for a module without hooks runs, by dynamo's default, for any
+module of that class, hooks or not (``torch._dynamo.config.skip_nnmodule_hook_guards``):
+code compiled before covshift attached, or for a twin of the model that has no
+covshift (an EMA copy, a teacher), would run the model without covshift's hooks.
+So once torch.compile is in use (:func:`watch_compiler`, at ``attach()`` and at each
+step), dynamo is told to check for hooks, and the model's code compiled before
+then is dropped: the next forward compiles again, hooks included.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ Target = Callable[["torch.Tensor | None"], None]
 _targets: dict[int, Target] = {}
 _keys = itertools.count()
 _failed: set[int] = set()
+_hooks_checked = False  # dynamo was told to check modules' hooks
 _lock = threading.Lock()
 #: The operator's token: written by nobody, declared written so that the call stays in the graph.
 TOKEN = torch.zeros(1)
@@ -64,6 +68,17 @@ def remove_targets(keys: list[int]) -> None:
     with _lock:
         for key in keys:
             _targets.pop(key, None)
+
+
+def watch_compiler(model: torch.nn.Module) -> None:
+    """Once torch.compile is in use in this process: make dynamo check modules' hooks from now on, and
+    drop ``model``'s code compiled before (cheap when done, and while nothing was compiled)."""
+    global _hooks_checked
+    if _hooks_checked or "torch._dynamo" not in sys.modules:
+        return
+    _hooks_checked = True
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    forget_compiled_forwards(model)
 
 
 def forget_compiled_forwards(model: torch.nn.Module) -> None:

@@ -155,6 +155,7 @@ class Tracker:
             self._remove_hooks()
             raise
         compiled.forget_compiled_forwards(context.unwrap_compiled(model))  # compiled again, with the hooks
+        compiled.watch_compiler(context.unwrap_compiled(model))
 
     # -- public ------------------------------------------------------------------
     @property
@@ -449,6 +450,7 @@ class Tracker:
             self._faults.warn_once("no values", context.NO_VALUES)
             return
         self._forwards = "train"
+        compiled.watch_compiler(context.unwrap_compiled(self.model))
         if not opener:
             self._root_runs = True  # its children's calls run inside it from now on
         with self._faults.guard("starting a step", self.run.directory):
@@ -465,6 +467,7 @@ class Tracker:
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer | None, args: tuple, kwargs: dict) -> None:
         """End the open step and open the next (an update, or ``tracker.step()``)."""
+        compiled.watch_compiler(context.unwrap_compiled(self.model))
         with self._lock:
             try:
                 self._close_merged_step()
