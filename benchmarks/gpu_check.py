@@ -103,11 +103,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="train through torch.compile(model)")
     parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                         help="torch.compile's mode with --compile (default: default)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend with --compile (default: inductor; aot_eager for a quick check)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {args.model}, batch {args.batch_size}, "
           f"{args.image_size}px, {args.steps} steps per configuration"
-          + (f", torch.compile mode {args.compile_mode}" if args.compile else ""))
+          + (f", torch.compile {args.compile_backend} mode {args.compile_mode}" if args.compile else ""))
 
     print(f"summaries on {device} vs CPU, worst relative difference: {same_summaries(device):.2e}")
 
@@ -122,7 +124,8 @@ def main() -> None:
     configs = {"plain": None, "every=1": {"every": 1, "flush_every": 10**6}, "defaults": {}}
     results = {}
     for name, options in configs.items():
-        forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
+        options = {"mode": args.compile_mode} if args.compile_backend == "inductor" else {}
+        forward = torch.compile(model, backend=args.compile_backend, **options) if args.compile else model
         results[name] = train(model, batches[:2] + batches, optimizer, device, tracker_options=options,
                               sync_check=True, forward=forward, warm_up=2)
     plain_ms = statistics.median(results["plain"][0])

@@ -7,6 +7,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from covshift.schedule import Schedule
 
 #: Layer names listed in one warning before "and N more".
@@ -147,6 +149,7 @@ def _nothing(
         return (
             f"no training step was recorded: covshift saw no forward of the {model} or of its watched "
             "submodules; is this the model your training step calls?"
+            + ("" if _COMPILED_RECORDED else " (forwards inside torch.compile are recorded with torch 2.4 or later)")
         )
     if forwards == "eval":
         return (
@@ -162,6 +165,10 @@ def _nothing(
         f"no training step was recorded in {steps} steps: none of the {len(layers)} selected layers was "
         "called on a recorded step"
     )
+
+
+#: Whether this torch lets covshift record inside torch.compile (``torch.library.custom_op``, torch 2.4).
+_COMPILED_RECORDED = hasattr(torch.library, "custom_op")
 
 
 def _names(names: list[str]) -> str:

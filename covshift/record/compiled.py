@@ -104,8 +104,8 @@ def relayed() -> bool:
     return _inside.depth > 0
 
 
-@torch.library.custom_op("covshift::relay", mutates_args=("token",))
-def _relay(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
+def _run_target(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
+    """The operator's body: the hook's eager code, with the real tensor."""
     target = _targets.get(key)
     if target is None:
         return
@@ -121,11 +121,22 @@ def _relay(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
         _inside.depth -= 1
 
 
-@_relay.register_fake
-def _relay_fake(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
-    return None
+#: Whether this torch can record inside compiled code (``torch.library.custom_op``, torch 2.4 and later).
+SUPPORTED = hasattr(torch.library, "custom_op")
+
+if SUPPORTED:
+    # flexible_layout: inductor hands over its tensor in the layout it has (channels-last, say), where it
+    # would otherwise copy it to the eager layout at every call, recorded or not
+    _flexible = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ()
+    _relay = torch.library.custom_op("covshift::relay", mutates_args=("token",), tags=_flexible)(_run_target)
+
+    @_relay.register_fake
+    def _relay_fake(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
+        return None
 
 
 def relay(key: int, x: torch.Tensor | None) -> None:
-    """From a hook being traced: at run time, call target ``key`` with ``x`` (the real tensor)."""
-    _relay(TOKEN, x, key)
+    """From a hook being traced: at run time, call target ``key`` with ``x`` (the real tensor). Nothing
+    where this torch cannot (:data:`SUPPORTED`)."""
+    if SUPPORTED:
+        _relay(TOKEN, x, key)

@@ -384,9 +384,9 @@ class Tracker:
         key = self._relay_key(lambda x: self._on_call_start(opener, outer, () if x is None else (x,)))
 
         def hook(module: nn.Module, args: tuple) -> None:
-            if context.is_compiling():
+            if context.is_compiling():  # a child's call needs no tensor: none is handed over for it
                 if not context.is_exporting():
-                    compiled.relay(key, context.first_tensor(args, {}))
+                    compiled.relay(key, None if opener else context.first_tensor(args, {}))
                 return
             self._on_call_start(opener, module, args)
 
