@@ -128,7 +128,8 @@ def test_the_two_pass_path_off_the_cpu_matches_the_one_pass_path(with_nan):
     if with_nan:
         x[2, 1, 3, 3] = float("nan")
     summarizer = Summarizer(10**9)
-    two_pass = finalize([summarizer._summarize_two_pass(_channel_view(x, 1))])
+    view = _channel_view(x, 1)
+    two_pass = finalize([summarizer._summarize_two_pass(view, view)])
     ref = reference(x)
     stats = two_pass.stats.numpy()
     for c in range(5):

@@ -121,3 +121,23 @@ def test_zero_counts_per_row_are_exact_at_every_width(width):
     expected = np.array([sum(value == 0 for value in row) for row in rows])
     np.testing.assert_array_equal(row_statistics.zero_count(rows), expected)
     np.testing.assert_array_equal(row_statistics.zero_count(np.asfortranarray(rows)), expected)
+
+
+@pytest.mark.parametrize("shape, dim", [((16, 20, 12, 12), 1), ((16, 3, 9, 9), 1), ((8, 50, 12), -1)])
+def test_channels_last_and_narrow_rows_summarize_as_the_contiguous_layout_does(shape, dim):
+    """torch.compile hands over channels-last images, and narrow (tokens, C) rows are folded: the moments and
+    extrema agree with a contiguous copy's to float precision, and the sample is the very same values."""
+    from covshift.summary.summarize import Summarizer
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    other = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    if x.ndim == 4:
+        assert other.stride(1) == 1  # channels innermost in memory
+    summarizer = Summarizer(sample_size=64)
+    want = summarizer.summarize(x.clone(), dim)
+    got = summarizer.summarize(other, dim)
+    values = x.movedim(dim, 0).reshape(x.shape[dim], -1).double()
+    torch.testing.assert_close(got.mean, values.mean(1))
+    torch.testing.assert_close(got.m2, (values - values.mean(1, keepdim=True)).square().sum(1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.min, want.min) and torch.equal(got.max, want.max) and torch.equal(got.count, want.count)
+    assert torch.equal(got.sample, want.sample)

@@ -82,17 +82,18 @@ class Summarizer:
             x = x.float()
         if x.numel() == 0:
             return None
-        view = _channel_view(x, channel_dim)
+        logical = _channel_view(x, channel_dim)
+        view = _in_memory_order(logical)  # reduced as memory holds it; sampled in logical order, as always
         if x.device.type == "cpu":
             # On the CPU a check costs nothing: sums first, the two-pass path only
             # where they hold NaN, Inf or an overflow.
-            partial = self._summarize_one_pass(view)
+            partial = self._summarize_one_pass(view, logical)
             if partial is not None:
                 return partial
         # Off the CPU a check would cost a host sync, so the two-pass path always runs there.
-        return self._summarize_two_pass(view)
+        return self._summarize_two_pass(view, logical)
 
-    def _summarize_one_pass(self, view: torch.Tensor) -> Partial | None:
+    def _summarize_one_pass(self, view: torch.Tensor, logical: torch.Tensor) -> Partial | None:
         """Moments of finite values from sums, shifted by the mean where plain sums would cancel (CPU only).
 
         ``m2 = Σx² − (Σx)²/n`` loses about ``Σx²/m2`` ulps to cancellation: it is
@@ -114,11 +115,7 @@ class Summarizer:
         """
         before, channels, after = view.shape
         n = before * after
-        # The first pass's axis (see _reduce); the norm always runs along the contiguous axis.
-        dim = 2 if after >= _LONG_ROW else 0
-        rest = 0 if dim == 2 else 1
-        total = view.sum(dim).sum(rest, dtype=torch.float64)
-        total_sq = torch.linalg.vector_norm(view, dim=2).square_().sum(0, dtype=torch.float64)
+        total, total_sq, low, high = _first_pass(view)
         mean = total / n
         m2 = torch.addcmul(total_sq, total, mean, value=-1.0)
         # m2 >= Σx² / limit, and false for NaN (a NaN or Inf value) and inf - inf (an overflow).
@@ -138,10 +135,10 @@ class Summarizer:
             count=count,
             mean=mean,
             m2=m2,
-            min=view.amin(dim).amin(rest),
-            max=view.amax(dim).amax(rest),
+            min=low,
+            max=high,
             nonfinite=nonfinite,
-            sample=self._sample(view),
+            sample=self._sample(logical),
         )
 
     def _counts(self, channels: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +151,7 @@ class Summarizer:
             counts = self._count_cache[key] = (torch.full((channels,), n), torch.zeros(channels, dtype=torch.int64))
         return counts
 
-    def _summarize_two_pass(self, view: torch.Tensor) -> Partial:
+    def _summarize_two_pass(self, view: torch.Tensor, logical: torch.Tensor) -> Partial:
         """Moments of the finite values by scaled, centred sums: exact for any finite input.
 
         Values are divided by a power of two at least half the channel's largest
@@ -181,7 +178,7 @@ class Summarizer:
         scale = scale.to(acc)
         mean = (pilot.to(acc) + s1 / n) * scale
         m2 = (s2 - s1 * s1 / n).clamp_min(0.0) * scale * scale
-        sample = self._sample(view)
+        sample = self._sample(logical)
         return Partial(
             count=count,
             mean=torch.where(seen, mean, 0.0),
@@ -233,6 +230,48 @@ _CANCELLATION_LIMIT = {torch.float32: 100.0, torch.float64: 1e9}
 def _accumulator(device: torch.device) -> torch.dtype:
     """float64 for per-channel moments, where the device has it (Apple's MPS does not)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _first_pass(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel of a (before, C, after) view: Σx and Σx² (float64), min and max, each read in the faster
+    order for its layout (four passes)."""
+    rows = _folded(view)
+    if rows is not None:  # few channels, innermost: down the (M/k, k·C) rows, then across the k
+        k = rows.shape[1] // view.shape[1]
+        return (rows.sum(0).view(k, -1).sum(0, dtype=torch.float64),
+                rows.square().sum(0).view(k, -1).sum(0, dtype=torch.float64),
+                rows.amin(0).view(k, -1).amin(0), rows.amax(0).view(k, -1).amax(0))
+    # The first axis as _reduce takes it; the norm always runs along the contiguous axis.
+    dim = 2 if view.shape[2] >= _LONG_ROW else 0
+    rest = 0 if dim == 2 else 1
+    return (view.sum(dim).sum(rest, dtype=torch.float64),
+            torch.linalg.vector_norm(view, dim=2).square_().sum(0, dtype=torch.float64),
+            view.amin(dim).amin(rest), view.amax(dim).amax(rest))
+
+
+#: Rows at least this wide are reduced down their columns at full speed; narrower (M, C, 1) views are
+#: folded to (M/k, k·C) first (benchmarks: amin down 73,728 rows of 20 channels, 5.2 ms; folded by 8, 0.19 ms).
+_FOLD_WIDTH = 128
+
+
+def _folded(view: torch.Tensor) -> torch.Tensor | None:
+    """A contiguous (M, C, 1) view of few channels as (M/k, k·C) rows at least :data:`_FOLD_WIDTH` wide;
+    None for other views."""
+    rows, channels, after = view.shape
+    if after != 1 or channels >= _FOLD_WIDTH or not view.is_contiguous():
+        return None
+    k = next((k for k in range(-(-_FOLD_WIDTH // channels), 65) if rows % k == 0), None)
+    return None if k is None else view.reshape(rows // k, k * channels)
+
+
+def _in_memory_order(view: torch.Tensor) -> torch.Tensor:
+    """The values of a (before, C, after) view with the same per-channel statistics, laid out as memory
+    holds them: (before·after, C, 1) where the channel axis is innermost in memory (a channels-last
+    image, as torch.compile's kernels hand it over), so reductions read memory in order; else ``view``."""
+    before, channels, after = view.shape
+    if after > 1 and channels > 1 and view.stride() == (channels * after, 1, channels):
+        return view.transpose(1, 2).reshape(before * after, channels, 1)
+    return view
 
 
 def _channel_view(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
