@@ -126,9 +126,11 @@ SUPPORTED = hasattr(torch.library, "custom_op")
 
 if SUPPORTED:
     # flexible_layout: inductor hands over its tensor in the layout it has (channels-last, say), where it
-    # would otherwise copy it to the eager layout at every call, recorded or not
-    _flexible = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ()
-    _relay = torch.library.custom_op("covshift::relay", mutates_args=("token",), tags=_flexible)(_run_target)
+    # would otherwise copy it to the eager layout at every call, recorded or not. cudagraph_unsafe: under
+    # mode="reduce-overhead" inductor captures the graph's parts between relays as CUDA graphs (its graph
+    # partitions) instead of giving up CUDA graphs for a graph that runs Python.
+    _tags = tuple(getattr(torch.Tag, tag) for tag in ("flexible_layout", "cudagraph_unsafe") if hasattr(torch.Tag, tag))
+    _relay = torch.library.custom_op("covshift::relay", mutates_args=("token",), tags=_tags)(_run_target)
 
     @_relay.register_fake
     def _relay_fake(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
