@@ -59,7 +59,7 @@ def train(model, batches, optimizer, device, *, tracker_options=None, sync_check
     """Per-step milliseconds, the peak device memory and the recorded training steps of a training loop,
     optionally with covshift; ``forward`` (default: the model) runs the batches, the first ``warm_up`` of
     them untimed and unchecked (a compiled forward compiles there)."""
-    forward = forward or model
+    forward = model if forward is None else forward
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     tracker = None if tracker_options is None else covshift.attach(model, optimizer=optimizer, **tracker_options)
     if device.type == "cuda":
@@ -124,8 +124,8 @@ def main() -> None:
     configs = {"plain": None, "every=1": {"every": 1, "flush_every": 10**6}, "defaults": {}}
     results = {}
     for name, options in configs.items():
-        options = {"mode": args.compile_mode} if args.compile_backend == "inductor" else {}
-        forward = torch.compile(model, backend=args.compile_backend, **options) if args.compile else model
+        mode = {"mode": args.compile_mode} if args.compile_backend == "inductor" else {}
+        forward = torch.compile(model, backend=args.compile_backend, **mode) if args.compile else model
         results[name] = train(model, batches[:2] + batches, optimizer, device, tracker_options=options,
                               sync_check=True, forward=forward, warm_up=2)
     plain_ms = statistics.median(results["plain"][0])
