@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
 
 from covshift.schedule import Schedule
 
@@ -149,7 +148,7 @@ def _nothing(
         return (
             f"no training step was recorded: covshift saw no forward of the {model} or of its watched "
             "submodules; is this the model your training step calls?"
-            + ("" if _COMPILED_RECORDED else " (forwards inside torch.compile are recorded with torch 2.4 or later)")
+            + ("" if _compiled_recorded() else " (forwards inside torch.compile are recorded with torch 2.4 or later)")
         )
     if forwards == "eval":
         return (
@@ -167,8 +166,11 @@ def _nothing(
     )
 
 
-#: Whether this torch lets covshift record inside torch.compile (``torch.library.custom_op``, torch 2.4).
-_COMPILED_RECORDED = hasattr(torch.library, "custom_op")
+def _compiled_recorded() -> bool:
+    """Whether the torch in use lets covshift record inside torch.compile (``torch.library.custom_op``, 2.4).
+    Asked of torch only where it is loaded: reading a run needs no torch."""
+    torch = sys.modules.get("torch")
+    return torch is None or hasattr(torch.library, "custom_op")
 
 
 def _names(names: list[str]) -> str:
