@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import covshift
+from covshift.experiments import factors
 from covshift.experiments.bn_paper.model import HIDDEN
 from covshift.experiments.mnist_bn import EXPERIMENT_FILE
 from covshift.metrics import names as metric_names
@@ -36,7 +37,7 @@ def collect_results(out: Path) -> dict:
     experiment = json.loads((out / EXPERIMENT_FILE).read_text())
     variants = experiment["config"]["variants"]
     runs = {name: covshift.load(out / name) for name in variants}
-    summary: dict = {"variants": variants, "accuracy": {}, "drift": {}, "calibration": {}, "gradient_ics": {}}
+    summary: dict = {"variants": variants, "accuracy": {}, "drift": {}, "calibration": {}}
     for name, run in runs.items():
         curves = run.curves()
         last = curves.iloc[-1]
@@ -53,33 +54,31 @@ def collect_results(out: Path) -> dict:
         summary["drift"][name] = {
             layer: {"w1": float(rows["value"].mean()), "w1_to_null_q95": float(rows["ratio_q95"].mean())}
             for layer, rows in hidden[hidden["metric"] == "wasserstein"].groupby(hidden["layer"].astype(str))}
-        ics = gradient_frame(run.table(GradientICS.table))
-        ics = ics[ics["layer"].astype(str) != "fc1"]  # fc1 has no earlier layer: 0 by definition
-        summary["gradient_ics"][name] = {
-            str(layer): {"ics_norm": float(rows["ics_norm"].mean()), "relative": float(rows["relative"].mean()),
-                         "cosine": float(rows["cosine"].mean()), "grad_norm": float(rows["grad_norm"].mean())}
-            for layer, rows in ics.groupby("layer", observed=True)}
+    summary.update(factors.compare_variants(runs, pairs(variants)))
     verdicts = {}
     base = variants[0]
     for other in variants[1:]:
         v = compare_runs(runs[base], runs[other], base, other)
-        ics_b = summary["gradient_ics"][base]
-        ics_o = summary["gradient_ics"][other]
-        layers = [layer for layer in ics_b if layer in ics_o]
-        mean_b = sum(ics_b[layer]["relative"] for layer in layers) / max(len(layers), 1)
-        mean_o = sum(ics_o[layer]["relative"] for layer in layers) / max(len(layers), 1)
-        lower = sum(ics_o[layer]["relative"] < ics_b[layer]["relative"] for layer in layers)
-        if not layers or not mean_o > 0:
-            grad = "gradient ICS: no layers to compare"
-        else:
-            word = f"{mean_b / mean_o:.1f}× lower" if mean_b > mean_o else f"{mean_o / mean_b:.1f}× higher"
-            grad = (f"gradient ICS (mean ‖G − G'‖/‖G‖ over {', '.join(layers)}): {other} {word} than {base} "
-                    f"({lower} of {len(layers)} layers lower)")
-        verdicts[other] = {"drift": v.headline, "drift_details": v.details, "gradient_ics": grad}
+        ratios = summary["factors"][f"{base}/{other}"]["gradient_ics"]
+        verdicts[other] = {"drift": v.headline, "drift_details": v.details,
+                           "gradient_ics": factors.ics_sentence(ratios, base, other)}
     summary["verdicts"] = verdicts
+    summary["headline"] = factors.headline(summary["factors"], summary["gradient_ics"],
+                                           {name: acc["test_acc"] for name, acc in summary["accuracy"].items()})
     summary["data"] = experiment["data"]
     summary["config"] = experiment["config"]
     return summary
+
+
+def pairs(variants: list[str]) -> list[tuple[str, str]]:
+    """The pairs compared: the first variant against each other, BatchNorm against each noisy variant.
+
+    >>> pairs(["plain", "batchnorm", "noisy"])
+    [('plain', 'batchnorm'), ('plain', 'noisy'), ('batchnorm', 'noisy')]
+    """
+    first = [(variants[0], other) for other in variants[1:]]
+    return first + [("batchnorm", other) for other in variants if other.startswith("noisy") and "batchnorm" in variants
+                    and variants[0] != "batchnorm"]
 
 
 def write_results(out: Path) -> dict:
@@ -162,6 +161,7 @@ def to_markdown(summary: dict) -> str:
     for other, v in summary["verdicts"].items():
         lines += [f"- **Distributional drift** (W1 × σ_ref vs the initial step, hidden layers): {v['drift']}. "
                   f"{v['drift_details']}", f"- **Gradient ICS**: {v['gradient_ics']}."]
+    lines += factors.markdown(summary)
     lines += ["", "## Calibration: the input layer's drift / its null mean (≈ 1 when calibrated)", "",
               "| variant | " + " | ".join(sorted(next(iter(summary["calibration"].values())))) + " |",
               "| --- |" + " --- |" * len(next(iter(summary["calibration"].values())))]
