@@ -92,6 +92,9 @@ def factors(base: dict, other: dict, base_name: str, other_name: str) -> dict[st
         for agg in AGGREGATES:
             mine, theirs = base[measure.key][agg], other[measure.key][agg]
             layers = [layer for layer in mine if layer in theirs]
+            if len(layers) < 2:  # too few recorded steps for this measure: no drift
+                by_agg[agg] = (math.nan, 0, 0)
+                continue
             v = compare(layers, [mine[k] for k in layers], [theirs[k] for k in layers], base_name, other_name)
             by_agg[agg] = (v.factor, v.lower, len(v.hidden))
         result[measure.key] = {"mean": _number(by_agg["mean"][0]), "median": _number(by_agg["median"][0]),
