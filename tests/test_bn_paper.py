@@ -54,9 +54,11 @@ def test_noisy_bn_trains_four_networks_and_states_each_view(noisy_out: Path) -> 
     assert head["test_acc:noisy_iid"] == summary["accuracy"]["noisy_iid"]["test_acc"]
     assert head["drift:ks:median:plain/batchnorm"] == summary["factors"]["plain/batchnorm"]["drift"]["ks"]["median"]
     assert head["ics:raw:plain/noisy"] == summary["factors"]["plain/noisy"]["gradient_ics"]["raw"]
+    scale = summary["input_gradients"]["batchnorm"]  # every recorded layer's input but the data's
+    assert (scale["layers"], scale["steps"]) == (6, 2) and head["input_grad:spread:batchnorm"] == scale["spread"]
     md = (noisy_out / "results.md").read_text()
     assert "by the channel median" in md and "Gradient ICS" in md and "Calibration" in md
-    assert "| raw W1 vs step 0 |" in md and "by the raw ‖G − G'‖" in md
+    assert "| raw W1 vs step 0 |" in md and "by the raw ‖G − G'‖" in md and "| noisy_iid | 6 |" in md
     assert (noisy_out / "figure1.png").stat().st_size > 10_000
     assert (noisy_out / "gradient_ics.png").stat().st_size > 10_000
 

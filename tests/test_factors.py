@@ -59,3 +59,18 @@ def test_gradient_ics_ratios_count_layers_and_state_cosines() -> None:
     sentence = factors.ics_sentence(ratios, "plain", "bn")
     assert "3.00× by ‖G − G'‖/‖G‖ (0 of 1 layers lower), 0.25× by the raw ‖G − G'‖ (1 of 1 lower)" in sentence
     assert factors.ics_ratios({}, table(0.6, 0.1, 0.7))["layers"] == 0
+
+
+def test_input_gradient_scale_spread_across_layers_and_change_over_training(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(4) * 10)  # layer 1's input gradient is 10× layer 2's, channel by channel
+    gen = torch.Generator().manual_seed(0)
+    with covshift.attach(model, every=1, store=tmp_path / "run", gradients=True) as tracker:
+        for _ in range(3):
+            (model(torch.randn(64, 4, generator=gen)) ** 2).sum().div(2).backward()
+    scale = factors.input_gradients(tracker.run)
+    assert scale is not None and (scale["layers"], scale["steps"]) == (2, 3)  # the data layer has no gradient
+    assert scale["spread"] == pytest.approx(10.0, rel=1e-5)
+    assert scale["change"] == pytest.approx(1.0, rel=0.5)  # nothing trains: the same scale, new batches
+    assert factors.input_gradients(covshift.load(tmp_path / "run")) == scale

@@ -22,6 +22,7 @@ import pandas as pd
 
 import covshift
 from covshift.metrics.verdict import compare
+from covshift.reporting.gradients import gradient_scale, has_gradients
 from covshift.science.gradient_ics import GradientICS, gradient_frame
 
 
@@ -115,6 +116,26 @@ def gradient_ics(run: covshift.Run) -> dict[str, dict[str, float]]:
             for layer, rows in frame.groupby("layer", observed=True)}
 
 
+def input_gradients(run: covshift.Run) -> dict[str, float] | None:
+    """The scale of ∂loss/∂(layer input) (``attach(..., gradients=True)``) across layers and over training.
+
+    Each layer's scale at a recorded step is the mean over channels of the input gradient's standard
+    deviation (:func:`covshift.reporting.gradients.gradient_scale`). ``spread`` is the median over
+    steps of the largest layer's scale / the smallest's; ``change`` the median over layers of the
+    last recorded step's scale / the first's; ``first``, ``last`` the median layer's scale at those
+    steps. None when the run holds no input gradients.
+    """
+    if not has_gradients(run):
+        return None
+    scale = gradient_scale(run).dropna(axis=1, how="all")
+    if scale.empty:
+        return None
+    spread = (scale.max(axis=1) / scale.min(axis=1)).median()
+    change = (scale.iloc[-1] / scale.iloc[0]).median()
+    return {"spread": float(spread), "change": float(change), "first": float(scale.iloc[0].median()),
+            "last": float(scale.iloc[-1].median()), "layers": int(scale.shape[1]), "steps": int(scale.shape[0])}
+
+
 def ics_ratios(base: dict, other: dict) -> dict[str, float]:
     """``other`` / ``base`` of the layer-mean gradient ICS, relative and raw; each one's mean cosine;
     how many layers are lower in ``other`` (relative and raw). NaN where no layer is shared.
@@ -144,10 +165,12 @@ def ics_ratios(base: dict, other: dict) -> dict[str, float]:
 
 def compare_variants(runs: dict[str, covshift.Run], pairs: list[tuple[str, str]]) -> dict:
     """``{"factors": {"base/other": {"drift": factors(...), "gradient_ics": ics_ratios(...)}}, "later_step": {...},
-    "gradient_ics": {variant: gradient_ics(run)}}`` for the ``pairs`` of ``runs``."""
+    "gradient_ics": {variant: gradient_ics(run)}, "input_gradients": {variant: input_gradients(run)}}``
+    for the ``pairs`` of ``runs``."""
     values = {name: drift_values(run) for name, run in runs.items()}
     ics = {name: gradient_ics(run) for name, run in runs.items()}
     return {
+        "input_gradients": {name: input_gradients(run) for name, run in runs.items()},
         "factors": {f"{base}/{other}": {"drift": factors(values[base], values[other], base, other),
                                         "gradient_ics": ics_ratios(ics[base], ics[other])}
                     for base, other in pairs},
@@ -156,25 +179,28 @@ def compare_variants(runs: dict[str, covshift.Run], pairs: list[tuple[str, str]]
     }
 
 
-def headline(found: dict, gradients: dict, accuracy: dict[str, float]) -> dict[str, float | None]:
+def headline(measured: dict, accuracy: dict[str, float]) -> dict[str, float | None]:
     """The numbers a run set states over seeds, flat: ``{name: value}`` (None where undefined).
 
-    From :func:`compare_variants`' ``factors`` (``found``), each variant's :func:`gradient_ics`
-    and its final test accuracy.
-
+    From :func:`compare_variants`' result (``measured``) and each variant's final test accuracy:
     ``drift:<measure>:<agg>:<base>/<other>`` is the drift factor (base / other, above 1: other
     drifts less), ``ics:<relative|raw>:<base>/<other>`` the gradient ICS ratio (other / base, above 1:
-    other's is higher), ``cosine:<variant>`` its mean cos∠(G, G'), ``test_acc:<variant>`` the final accuracy.
+    other's is higher), ``cosine:<variant>`` its mean cos∠(G, G'), ``input_grad:<spread|change>:<variant>``
+    the input gradients' scale across layers and over training (:func:`input_gradients`),
+    ``test_acc:<variant>`` the final accuracy.
     """
     flat: dict[str, float | None] = {}
-    for pair, both in found.items():
+    for pair, both in measured["factors"].items():
         for measure, by_agg in both["drift"].items():
             for agg in AGGREGATES:
                 flat[f"drift:{measure}:{agg}:{pair}"] = by_agg[agg]
         for kind in ("relative", "raw"):
             flat[f"ics:{kind}:{pair}"] = _number(both["gradient_ics"][kind])
-    for name, layers in gradients.items():
+    for name, layers in measured["gradient_ics"].items():
         flat[f"cosine:{name}"] = sum(g["cosine"] for g in layers.values()) / len(layers) if layers else None
+    for name, scale in measured["input_gradients"].items():
+        for kind in ("spread", "change"):
+            flat[f"input_grad:{kind}:{name}"] = _number(scale[kind]) if scale else None
     for name, value in accuracy.items():
         flat[f"test_acc:{name}"] = value
     return flat
@@ -215,6 +241,15 @@ def markdown(summary: dict) -> list[str]:
         g = summary["factors"][pair]["gradient_ics"]
         lines.append(f"| {pair} | {_x(g['relative'])} | {_x(g['raw'])} | {g['cosine_base']:.3f} | "
                      f"{g['cosine_other']:.3f} |")
+    scales = {name: scale for name, scale in summary.get("input_gradients", {}).items() if scale}
+    if scales:
+        lines += ["", "Input gradients ∂loss/∂(layer input), scale = mean over channels of their std, per layer "
+                  "and recorded step: largest layer / smallest (median over steps), last step / first (median "
+                  "over layers), the median layer's scale at the first and last recorded step.", "",
+                  "| variant | layers | spread across layers | last/first | first | last |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {g['layers']} | {_x(g['spread'])} | {_x(g['change'])} | {g['first']:.3g} | "
+                  f"{g['last']:.3g} |" for name, g in scales.items()]
     return lines
 
 

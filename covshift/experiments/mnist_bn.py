@@ -244,9 +244,10 @@ def train_model(
     order_rng = torch.Generator().manual_seed(config.seed)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     # A small model: every channel keeps its quantiles (sketch_channels=None), as in the published results.
-    # Gradient ICS counts optimizer steps on its own and writes into the run (the tracker counts forwards).
+    # Gradient ICS counts optimizer steps on its own and writes into the run (the tracker counts forwards);
+    # gradients=True records ∂loss/∂(input) of the convolutions after the first (the images need no gradient).
     with covshift.attach(model, layers=nn.Conv2d, every=config.every, store=store, sketch_channels=None,
-                         name=name) as tracker, \
+                         name=name, gradients=True) as tracker, \
             GradientICS(model, optimizer, F.cross_entropy, every=config.ics_every, layers=convs,
                         directory=store) as ics:
         tracker.probe(probe, every=config.probe_every)

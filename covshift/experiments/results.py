@@ -62,8 +62,7 @@ def write_results(out: str | Path, *, report: bool = True) -> dict:
         },
         "drift": drift,
         **measured,
-        "headline": factors.headline(measured["factors"], measured["gradient_ics"],
-                                     {name: final[name]["test_acc"] for name in LABELS}),
+        "headline": factors.headline(measured, {name: final[name]["test_acc"] for name in LABELS}),
         "report": str(Path(REPORT_DIR) / report_path.name) if report_path is not None else None,
     }
     (out / RESULTS_JSON).write_text(json.dumps(content, indent=2, default=float))

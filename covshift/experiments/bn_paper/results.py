@@ -63,8 +63,7 @@ def collect_results(out: Path) -> dict:
         verdicts[other] = {"drift": v.headline, "drift_details": v.details,
                            "gradient_ics": factors.ics_sentence(ratios, base, other)}
     summary["verdicts"] = verdicts
-    summary["headline"] = factors.headline(summary["factors"], summary["gradient_ics"],
-                                           {name: acc["test_acc"] for name, acc in summary["accuracy"].items()})
+    summary["headline"] = factors.headline(summary, {name: acc["test_acc"] for name, acc in summary["accuracy"].items()})
     summary["data"] = experiment["data"]
     summary["config"] = experiment["config"]
     return summary

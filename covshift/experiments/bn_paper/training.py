@@ -164,7 +164,7 @@ def train_model(
     # the global RNG is seeded inside and put back after (fork_rng)
     with torch.random.fork_rng(devices=[]), covshift.attach(
             model, optimizer=optimizer, layers=recorded, every=config.every, store=store, sketch_channels=None,
-            name=name) as tracker:
+            name=name, gradients=True) as tracker:
         tracker.probe(probe, every=config.eval_every)
         if notice:
             tracker.run.add_notice(notice)
