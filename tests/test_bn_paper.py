@@ -132,5 +132,10 @@ def test_bn_paper_over_seeds_states_each_number_over_them(data_dir: Path, tmp_pa
     assert content["accuracy"]["test_acc:batchnorm"]["se"] >= 0
     assert per_seed[0] != per_seed[1]  # the seeds differ
     assert "--seed 4" in content["command"] and content["command"].endswith("--seeds 2")
+    before = (out / "seeds.md").read_text()
+    (out / "seeds.md").unlink()
+    (out / "seed-5" / "results.json").unlink()
+    assert main(["experiment", "bn-paper", "--from-runs", "--out", str(out)]) == 0  # recomputed, not trained
+    assert (out / "seeds.md").read_text() == before
     with pytest.raises(FileExistsError, match="already holds"):
         bn_paper.run_from_args(argparse.Namespace(**{**vars(bn_paper.Config(out=str(out), seed=4)), "seeds": 2}))

@@ -28,7 +28,7 @@ from covshift.experiments import results
 from covshift.experiments.data import DATASETS, FALLBACK_TRAIN, SPLIT_FILES, Split, load_splits, normalize
 from covshift.experiments.model_table import model_table
 from covshift.experiments.models import reference_pair
-from covshift.experiments.seeds import SEEDS_MD, run_seeds
+from covshift.experiments.seeds import SEEDS_JSON, SEEDS_MD, rewrite_seeds, run_seeds
 from covshift.science.gradient_ics import GradientICS
 
 #: The two networks, in training order: run directory name and label.
@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from-runs",
         action="store_true",
-        help="do not train: recompute results.md, results.json and the report from the runs in --out",
+        help="do not train: recompute results.md, results.json and the report from the runs in --out "
+             "(of every seed and seeds.md, when --out holds a --seeds run)",
     )
 
 
@@ -128,6 +129,10 @@ def add_data_arguments(
 
 def run_from_args(args: argparse.Namespace) -> Path:
     """Run (or, with ``--from-runs``, re-summarize) the experiment from parsed options; return the out dir."""
+    if getattr(args, "from_runs", False) and (Path(args.out) / SEEDS_JSON).is_file():
+        rewrite_seeds(Path(args.out), lambda path: results.write_results(path, report=False))
+        print(f"over seeds: {Path(args.out) / SEEDS_MD}", flush=True)
+        return Path(args.out)
     if getattr(args, "from_runs", False):
         content = results.write_results(Path(args.out), report=args.report)
         print(f"results: {Path(args.out) / results.RESULTS_MD}", flush=True)

@@ -87,6 +87,22 @@ def command_line(experiment: str, config: Any, seeds: int) -> str:
     return shlex.join([*words, "--seeds", str(seeds)])
 
 
+def rewrite_seeds(out: Path, write_one: Callable[[Path], Any]) -> dict:
+    """Recompute every seed's results with ``write_one(seed folder)`` and then ``seeds.md``, without training.
+
+    The stated command is the one ``seeds.json`` already holds.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no ``seeds.json`` of an earlier ``--seeds`` run.
+    """
+    if not (out / SEEDS_JSON).is_file():
+        raise FileNotFoundError(f"{out / SEEDS_JSON} is missing: {out} holds no finished --seeds run")
+    command = json.loads((out / SEEDS_JSON).read_text())["command"]
+    for path in sorted(out.glob("seed-*/")):
+        write_one(path)
+    return write_seeds(out, command)
+
+
 def write_seeds(out: Path, command: str) -> dict:
     """``seeds.json`` and ``seeds.md`` from the ``results.json`` of every ``seed-*`` folder of ``out``.
 

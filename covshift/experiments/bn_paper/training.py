@@ -18,7 +18,7 @@ from covshift.checks import check_int
 from covshift.experiments.bn_paper.model import VARIANTS, NoisyBatchNorm, mlp
 from covshift.experiments.bn_paper.results import RESULTS_MD, write_results
 from covshift.experiments.data import DATASETS, normalize
-from covshift.experiments.seeds import SEEDS_MD, run_seeds
+from covshift.experiments.seeds import SEEDS_JSON, SEEDS_MD, rewrite_seeds, run_seeds
 from covshift.experiments.mnist_bn import (
     EXPERIMENT_FILE,
     add_data_arguments,
@@ -98,10 +98,22 @@ def add_arguments(parser: argparse.ArgumentParser, variants: tuple[str, ...] = (
                         help="run seeds --seed, --seed+1, ... into OUT/seed-<seed>/ and write OUT/seeds.md: each "
                              "number's median over seeds, min-max and 95%% bootstrap interval (default %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    parser.add_argument("--from-runs", action="store_true",
+                        help="do not train: recompute results.md, results.json and the figures from the runs in "
+                             "--out (of every seed and seeds.md, when --out holds a --seeds run)")
 
 
 def run_from_args(args: argparse.Namespace) -> Path:
     """Run the experiment from parsed options (over ``--seeds`` seeds when more than one); return the out dir."""
+    if getattr(args, "from_runs", False):
+        out = Path(args.out)
+        if (out / SEEDS_JSON).is_file():
+            rewrite_seeds(out, write_results)
+            print(f"over seeds: {out / SEEDS_MD}", flush=True)
+        else:
+            write_results(out)
+            print(f"results: {out / RESULTS_MD}", flush=True)
+        return out
     config = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
     if config.seeds > 1:
         experiment = "noisy-bn" if "noisy" in config.variants else "bn-paper"
