@@ -56,6 +56,12 @@ def test_noisy_bn_trains_four_networks_and_states_each_view(noisy_out: Path) -> 
     assert head["ics:raw:plain/noisy"] == summary["factors"]["plain/noisy"]["gradient_ics"]["raw"]
     scale = summary["input_gradients"]["batchnorm"]  # every recorded layer's input but the data's
     assert (scale["layers"], scale["steps"]) == (6, 2) and head["input_grad:spread:batchnorm"] == scale["spread"]
+    units = bn_paper.unit_percentiles(covshift.load(noisy_out / "plain"), "sig3")
+    width = (units["q0.85"] - units["q0.15"]).groupby(units["step"]).mean()
+    assert list(width.index) == [0, 4, 8]  # probe steps: every 4, and the closing one; the last fifth: step 8
+    assert summary["bands"]["plain"] == pytest.approx(
+        {"first": width[0], "last": width[8], "growth": width[8] / width[0]})
+    assert head["band:growth:plain"] == summary["bands"]["plain"]["growth"]
     md = (noisy_out / "results.md").read_text()
     assert "by the channel median" in md and "Gradient ICS" in md and "Calibration" in md
     assert "| raw W1 vs step 0 |" in md and "by the raw ‖G − G'‖" in md and "| noisy_iid | 6 |" in md

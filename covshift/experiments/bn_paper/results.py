@@ -31,6 +31,16 @@ def unit_percentiles(run: covshift.Run, layer: str, units: int = 3, source: str 
     return rows[["step", "channel", "q0.15", "q0.5", "q0.85"]].reset_index(drop=True)
 
 
+def band_widths(run: covshift.Run, layer: str = f"sig{HIDDEN}", units: int = 3) -> dict[str, float]:
+    """Figure 1's band, in numbers: the 15th–85th percentile width of ``layer``'s input on the probe,
+    mean over the first ``units`` units, at the first probe step (``first``), averaged over the probe
+    steps of the last fifth of training (``last``), and their ratio (``growth``)."""
+    frame = unit_percentiles(run, layer, units)
+    width = (frame["q0.85"] - frame["q0.15"]).groupby(frame["step"]).mean()
+    first, tail = float(width.iloc[0]), float(width[width.index >= 0.8 * width.index.max()].mean())
+    return {"first": first, "last": tail, "growth": tail / first if first > 0 else float("nan")}
+
+
 def collect_results(out: Path) -> dict:
     """Everything results.md states, computed from the stored runs."""
 
@@ -63,7 +73,9 @@ def collect_results(out: Path) -> dict:
         verdicts[other] = {"drift": v.headline, "drift_details": v.details,
                            "gradient_ics": factors.ics_sentence(ratios, base, other)}
     summary["verdicts"] = verdicts
+    summary["bands"] = {name: band_widths(run) for name, run in runs.items()}
     summary["headline"] = factors.headline(summary, {name: acc["test_acc"] for name, acc in summary["accuracy"].items()})
+    summary["headline"].update({f"band:growth:{name}": band["growth"] for name, band in summary["bands"].items()})
     summary["data"] = experiment["data"]
     summary["config"] = experiment["config"]
     return summary
@@ -161,6 +173,11 @@ def to_markdown(summary: dict) -> str:
         lines += [f"- **Distributional drift** (W1 × σ_ref vs the initial step, hidden layers): {v['drift']}. "
                   f"{v['drift_details']}", f"- **Gradient ICS**: {v['gradient_ics']}."]
     lines += factors.markdown(summary)
+    lines += ["", f"Figure 1's band: the 15th–85th percentile width of sig{HIDDEN}'s input on the probe, mean over "
+              "units 0–2, at the first probe step and averaged over the probe steps of the last fifth of training.",
+              "", "| variant | first | last fifth | last / first |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {b['first']:.3g} | {b['last']:.3g} | {b['growth']:.3g}× |"
+              for name, b in summary["bands"].items()]
     lines += ["", "## Calibration: the input layer's drift / its null mean (≈ 1 when calibrated)", "",
               "| variant | " + " | ".join(sorted(next(iter(summary["calibration"].values())))) + " |",
               "| --- |" + " --- |" * len(next(iter(summary["calibration"].values())))]
