@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ics-every", type=int, default=d.ics_every,
-        help="gradient ICS of the convolutions every N optimizer steps (Santurkar et al.; 8 extra forward/backward "
+        help="gradient ICS of the convolutions every N optimizer steps (Santurkar et al.; 7 extra forward/backward "
              "passes each; default %(default)s)")
     parser.add_argument(
         "--seeds", type=int, default=d.seeds,
