@@ -58,7 +58,7 @@ def test_the_seeds_summary_reads_every_seed_folder(tmp_path: Path) -> None:
     assert content["accuracy"]["test_acc:plain"]["se"] == pytest.approx(0.02 / np.sqrt(3))
     md = (tmp_path / "seeds.md").read_text()
     assert "covshift experiment bn-paper --seeds 3" in md and "| `drift:ks:median:plain/batchnorm` | 2 | 4 | 3 | 3 | 2–4 |" in md
-    assert "0.92 ± 0.0115" in md
+    assert "0.9200 ± 0.0115" in md
     with pytest.raises(FileNotFoundError, match="--seeds N"):
         write_seeds(tmp_path / "seed-1", "x")
 
@@ -66,7 +66,7 @@ def test_the_seeds_summary_reads_every_seed_folder(tmp_path: Path) -> None:
 def test_the_stated_command_names_what_differs_from_the_defaults() -> None:
     from covshift.experiments import bn_paper, mnist_bn
 
-    config = bn_paper.Config(steps=5000, variants=bn_paper.VARIANTS, download=False, progress=False, seed=3)
+    config = bn_paper.Config(steps=5000, variants=bn_paper.VARIANTS, download=False, progress=False, seed=3, seeds=5)
     assert command_line("noisy-bn", config, 5) == ("covshift experiment noisy-bn --steps 5000 --seed 3 --no-download "
                                                    "--seeds 5")
     assert command_line("mnist-bn", mnist_bn.Config(epochs=2, report=False), 5) == (

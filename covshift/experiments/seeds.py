@@ -25,8 +25,8 @@ from covshift.metrics.seeds import RESAMPLES, mean_and_error, seed_spread
 SEEDS_JSON = "seeds.json"
 SEEDS_MD = "seeds.md"
 RESULTS_JSON = "results.json"
-#: Options that change nothing measured, left out of the stated command.
-QUIET = ("progress",)
+#: Options left out of the stated command: nothing measured changes with them, or it states them itself.
+QUIET = ("progress", "variants", "seeds")
 
 
 def seed_dir(out: Path, seed: int) -> Path:
@@ -77,7 +77,7 @@ def command_line(experiment: str, config: Any, seeds: int) -> str:
     words = ["covshift", "experiment", experiment]
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if field.name in QUIET or field.name == "variants" or value == getattr(default, field.name):
+        if field.name in QUIET or value == getattr(default, field.name):
             continue
         option = "--" + field.name.replace("_", "-")
         if isinstance(value, bool):
@@ -150,7 +150,7 @@ def markdown(content: dict) -> str:
               "| --- |" + " ---: |" * (len(seeds) + 1)]
     for key, acc in content["accuracy"].items():
         cells = [_fmt(v, 4) for v in content["values"][key]]
-        lines.append(f"| `{key}` | " + " | ".join(cells) + f" | {_fmt(acc['mean'], 4)} ± {_fmt(acc['se'], 4)} |")
+        lines.append(f"| `{key}` | " + " | ".join(cells) + f" | {acc['mean']:.4f} ± {acc['se']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
