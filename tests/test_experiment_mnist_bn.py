@@ -118,6 +118,10 @@ def test_seeds_run_into_their_folders_and_the_report_states_the_interval(data_di
     page = (out / "report" / "report.html").read_text()
     assert "plain/batchnorm mean W1" in page and "2 seeds paired in order" in page
     assert "95% percentile bootstrap of the median" in page
+    before = (out / "seeds.md").read_text()
+    (out / "seeds.md").unlink()
+    assert main(["experiment", "mnist-bn", "--from-runs", "--out", str(out)]) == 0  # every seed, then seeds.md
+    assert (out / "seeds.md").read_text() == before
 
 
 def test_same_command_twice_gives_the_same_numbers(finished: Path, data_dir: Path, tmp_path: Path) -> None:
