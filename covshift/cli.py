@@ -88,26 +88,34 @@ _BN_PAPER_EPILOG = """\
 examples:
   covshift experiment bn-paper --out runs/bn-paper                  # 50,000 steps, as in the paper
   covshift experiment bn-paper --steps 2000 --out runs/quick
+  covshift experiment bn-paper --steps 5000 --seeds 5 --out runs/bn-paper-seeds
   covshift experiment bn-paper --data-dir DIR --train-split 'test[:8000]' --test-split 'test[8000:]'
 
 Figure 1 of Ioffe & Szegedy (2015): a 784-100-100-100-10 sigmoid MLP, batch 60, with and
 without BatchNorm before each sigmoid; drift, a null noise floor and gradient ICS
 (Santurkar et al. 2018) recorded; writes results.md, results.json and figure1.png.
+Drift factors are stated by several measures: W1 divided by the reference's σ, raw W1
+and KS, against step 0, a later step and the previous step. With --seeds N each seed
+goes to OUT/seed-<seed>/ and OUT/seeds.md states every number over the seeds.
 """
 
 _NOISY_BN_EPILOG = """\
 examples:
   covshift experiment noisy-bn --steps 2000 --out runs/noisy-bn
+  covshift experiment noisy-bn --steps 2000 --seeds 5 --out runs/noisy-bn-seeds
 
-The bn-paper network three ways: plain, BatchNorm, and BatchNorm followed by noise whose
-per-unit shift ~ U(-a, a) and scale ~ U(1, b) are redrawn every step (Santurkar et al.
-2018, §2.1; --noise-mean a, --noise-scale b).
+The bn-paper network four ways: plain, BatchNorm, and BatchNorm followed by noise whose
+per-unit mean mu ~ U(-a, a) and scale s ~ U(1, b) are redrawn every step (Santurkar et al.
+2018, §2.1; --noise-mean a, --noise-scale b): "noisy" scales and shifts the whole batch
+by (s, mu); "noisy_iid" adds to every activation of every example its own noise
+~ N(mu, s^2), i.i.d., as Santurkar et al. describe.
 """
 
 _MNIST_BN_EPILOG = """\
 examples:
   covshift experiment mnist-bn --out runs/mnist-bn
   covshift experiment mnist-bn --epochs 1 --train-split 'train[:10%]' --out runs/quick
+  covshift experiment mnist-bn --epochs 2 --seeds 5 --out runs/mnist-bn-seeds
   covshift report runs/mnist-bn/plain runs/mnist-bn/batchnorm -o report/
 """
 
@@ -212,9 +220,9 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
     paper.set_defaults(handler=_bn_paper)
     noisy = experiments.add_parser(
         "noisy-bn",
-        help="the bn-paper MLP plain, with BN, and with noisy BN (Santurkar et al. 2018)",
-        description="Train the bn-paper MLP without BN, with BN and with noisy BN, recording drift, a null "
-                    "noise floor and gradient ICS.",
+        help="the bn-paper MLP plain, with BN, and with two kinds of noisy BN (Santurkar et al. 2018)",
+        description="Train the bn-paper MLP without BN, with BN and with noisy BN (per-step and per-sample "
+                    "noise), recording drift, a null noise floor and gradient ICS.",
         epilog=_NOISY_BN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -224,7 +232,7 @@ def build_parser(*, with_experiments: bool = False) -> argparse.ArgumentParser:
         from covshift.experiments import bn_paper
 
         bn_paper.add_arguments(paper)
-        bn_paper.add_arguments(noisy, variants=("plain", "batchnorm", "noisy"))
+        bn_paper.add_arguments(noisy, variants=bn_paper.VARIANTS)
         noisy.set_defaults(out="runs/noisy-bn")
     return parser
 

@@ -29,7 +29,7 @@ def data_dir(quadrant_mnist: Callable[[int, int], Path]) -> Path:
 
 
 def tiny(data_dir: Path, out: Path, **changes: object) -> mnist_bn.Config:
-    settings = dict(epochs=1, batch_size=32, every=1, probe_every=2, probe_size=16, out=str(out),
+    settings = dict(epochs=1, batch_size=32, every=1, probe_every=2, probe_size=16, ics_every=2, out=str(out),
                     data_dir=str(data_dir), cache_dir=str(out.parent / "cache"), download=False,
                     report=False, progress=False)
     settings.update(changes)
@@ -86,6 +86,42 @@ def test_drift_table_compares_the_convolutions_and_the_verdict_follows(finished:
     same = compare_runs(*runs, "no BN", "BN")
     assert f"{same.headline}. {same.details}" in drift["verdict"] and "by the channel median" in same.headline
     assert f"**Verdict:** {drift['verdict']}" in (finished / "results.md").read_text()
+
+
+def test_gradient_ics_of_the_convolutions_is_measured_and_compared(finished: Path) -> None:
+    content = json.loads((finished / "results.json").read_text())
+    for name in ("plain", "batchnorm"):
+        table = covshift.load(finished / name).table("gradients")
+        assert sorted(table["step"].unique()) == [0, 2]  # 4 optimizer steps, every 2
+        assert list(dict.fromkeys(table["layer"])) == CONVS
+        assert set(content["gradient_ics"][name]) == set(CONVS[1:])  # the first has no earlier layer
+    ratios = content["factors"]["plain/batchnorm"]["gradient_ics"]
+    mean = {name: np.mean([g["ics_norm"] for g in content["gradient_ics"][name].values()])
+            for name in ("plain", "batchnorm")}
+    assert ratios["raw"] == pytest.approx(mean["batchnorm"] / mean["plain"]) and ratios["layers"] == 6
+    head = content["headline"]
+    assert head["ics:raw:plain/batchnorm"] == pytest.approx(ratios["raw"])
+    assert head["test_acc:batchnorm"] == content["models"]["batchnorm"]["final"]["test_acc"]
+    assert head["drift:w1_sigma:mean:plain/batchnorm"] == pytest.approx(
+        content["factors"]["plain/batchnorm"]["drift"]["w1_sigma"]["mean"])
+    text = (finished / "results.md").read_text()
+    assert "## Drift factors by measure" in text and "| KS vs step 0 |" in text
+
+
+def test_seeds_run_into_their_folders_and_the_report_states_the_interval(data_dir: Path, tmp_path: Path) -> None:
+    out = mnist_bn.run_seeded(tiny(data_dir, tmp_path / "seeds", train_split="train[:50%]", seeds=2, report=True))
+    assert sorted(p.name for p in out.iterdir()) == ["report", "seed-1", "seed-2", "seeds.json", "seeds.md"]
+    assert not (out / "seed-1" / "report").exists()  # one report, of every seed
+    content = json.loads((out / "seeds.json").read_text())
+    assert content["seeds"] == [1, 2] and content["command"].endswith("--seeds 2")
+    assert len(content["values"]["drift:w1_sigma:median:plain/batchnorm"]) == 2
+    page = (out / "report" / "report.html").read_text()
+    assert "plain/batchnorm mean W1" in page and "2 seeds paired in order" in page
+    assert "95% percentile bootstrap of the median" in page
+    before = (out / "seeds.md").read_text()
+    (out / "seeds.md").unlink()
+    assert main(["experiment", "mnist-bn", "--from-runs", "--out", str(out)]) == 0  # every seed, then seeds.md
+    assert (out / "seeds.md").read_text() == before
 
 
 def test_same_command_twice_gives_the_same_numbers(finished: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ RANKS = {
     "covshift.defaults": 0,
     "covshift.summary.*": 1,  # summarize, finalize, row_statistics
     "covshift.store.*": 2,  # checked, files, manifest, records, writer, run, display
-    "covshift.metrics.*": 3,  # formulas, registry, builtin, arrays, engine, api, verdict
+    "covshift.metrics.*": 3,  # formulas, registry, builtin, arrays, engine, api, verdict, seeds
     "covshift.record.*": 4,  # context, channels, layers, duplicates, probe, tracker, steps, backward, alerts, live, distributed, resume
     "covshift.science.*": 5,  # null_floor, gradient_ics
     "covshift.reporting.*": 6,  # text, data, plots, panels, figures, heatmap, sections, html, build

@@ -35,6 +35,13 @@ def test_missing_values_are_skipped_and_no_hidden_layer_is_named():
     assert "no hidden layer" in nothing.headline
 
 
+def test_zero_drift_is_no_division_error():
+    # a run of one recorded step drifts 0 from it (mnist-bn --epochs 1 on a tiny split)
+    still = compare(["in", "h1"], [0.0, 0.0], [0.0, 0.0], "a", "b", [0.0, 0.0], [0.0, 0.0])
+    assert math.isnan(still.factor) and "no hidden layer" in still.headline
+    assert math.isinf(compare(["in", "h1"], [1.0, 2.0], [1.0, 0.0], "a", "b").factor)
+
+
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="one drift value per layer in each run, got 2 layers, 2 and 1 values"):
         compare(["a", "b"], [1.0, 2.0], [1.0])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,8 @@ from covshift.experiments import results
 from covshift.experiments.data import DATASETS, FALLBACK_TRAIN, SPLIT_FILES, Split, load_splits, normalize
 from covshift.experiments.model_table import model_table
 from covshift.experiments.models import reference_pair
+from covshift.experiments.seeds import SEEDS_JSON, SEEDS_MD, rewrite_seeds, run_seeds
+from covshift.science.gradient_ics import GradientICS
 
 #: The two networks, in training order: run directory name and label.
 MODELS = ("plain", "batchnorm")
@@ -54,12 +56,14 @@ class Config:
     every: int = 10
     probe_every: int = 10
     probe_size: int = 256
+    ics_every: int = 50
+    seeds: int = 1
     report: bool = True
     progress: bool = True
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first setting that is out of range."""
-        for name in ("epochs", "batch_size", "every", "probe_every"):
+        for name in ("epochs", "batch_size", "every", "probe_every", "ics_every", "seeds"):
             check_int(name, getattr(self, name))
         check_int("probe_size", self.probe_size, minimum=2)
         if not self.lr > 0:
@@ -92,12 +96,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probe-size", type=int, default=d.probe_size, help="examples in the probe batch (default %(default)s)"
     )
+    parser.add_argument(
+        "--ics-every", type=int, default=d.ics_every,
+        help="gradient ICS of the convolutions every N optimizer steps (Santurkar et al.; 7 extra forward/backward "
+             "passes each; default %(default)s)")
+    parser.add_argument(
+        "--seeds", type=int, default=d.seeds,
+        help="run seeds --seed, --seed+1, ... into OUT/seed-<seed>/ and write OUT/seeds.md: each number's median "
+             "over seeds, min-max and 95%% bootstrap interval; the report compares all seeds (default %(default)s)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="skip the HTML drift report")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument(
         "--from-runs",
         action="store_true",
-        help="do not train: recompute results.md, results.json and the report from the runs in --out",
+        help="do not train: recompute results.md, results.json and the report from the runs in --out "
+             "(of every seed and seeds.md, when --out holds a --seeds run)",
     )
 
 
@@ -116,6 +129,10 @@ def add_data_arguments(
 
 def run_from_args(args: argparse.Namespace) -> Path:
     """Run (or, with ``--from-runs``, re-summarize) the experiment from parsed options; return the out dir."""
+    if getattr(args, "from_runs", False) and (Path(args.out) / SEEDS_JSON).is_file():
+        rewrite_seeds(Path(args.out), lambda path: results.write_results(path, report=False))
+        print(f"over seeds: {Path(args.out) / SEEDS_MD}", flush=True)
+        return Path(args.out)
     if getattr(args, "from_runs", False):
         content = results.write_results(Path(args.out), report=args.report)
         print(f"results: {Path(args.out) / results.RESULTS_MD}", flush=True)
@@ -123,7 +140,22 @@ def run_from_args(args: argparse.Namespace) -> Path:
             print(f"report: {Path(args.out) / content['report']}", flush=True)
         return Path(args.out)
     config = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    if config.seeds > 1:
+        return run_seeded(config)
     return run_experiment(config)
+
+
+def run_seeded(config: Config) -> Path:
+    """:func:`run_experiment` for ``config.seeds`` seeds (:func:`covshift.experiments.seeds.run_seeds`), then one
+    report of every seed's two runs (its verdict states the interval over seeds); return the out dir."""
+    config.check()
+    out = run_seeds(lambda one: run_experiment(replace(one, seeds=1, report=False)), config, config.seeds, "mnist-bn")
+    if config.report:
+        dirs = sorted(out.glob("seed-*/"), key=lambda path: int(path.name.split("-", 1)[1]))
+        runs = [covshift.load(path / name) for name in MODELS for path in dirs]
+        print(f"report: {covshift.report(runs, out / results.REPORT_DIR)}", flush=True)
+    print(f"over seeds: {out / SEEDS_MD}", flush=True)
+    return out
 
 
 def run_experiment(config: Config | None = None, **settings: object) -> Path:
@@ -215,9 +247,14 @@ def train_model(
     images, labels = train
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     order_rng = torch.Generator().manual_seed(config.seed)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     # A small model: every channel keeps its quantiles (sketch_channels=None), as in the published results.
+    # Gradient ICS counts optimizer steps on its own and writes into the run (the tracker counts forwards);
+    # gradients=True records ∂loss/∂(input) of the convolutions after the first (the images need no gradient).
     with covshift.attach(model, layers=nn.Conv2d, every=config.every, store=store, sketch_channels=None,
-                         name=name) as tracker:
+                         name=name, gradients=True) as tracker, \
+            GradientICS(model, optimizer, F.cross_entropy, every=config.ics_every, layers=convs,
+                        directory=store) as ics:
         tracker.probe(probe, every=config.probe_every)
         if notice:
             tracker.run.add_notice(notice)
@@ -237,6 +274,7 @@ def train_model(
                 loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad()
                 loss.backward()
+                ics.batch(x, y)
                 optimizer.step()
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.argmax(1) == y).sum()

@@ -1,11 +1,13 @@
 """Noisy BatchNorm (Santurkar et al. 2018, §2.1) beside plain and BatchNorm networks.
 
-The bn-paper MLP (:mod:`covshift.experiments.bn_paper`) trained three ways: without
-BN, with BN, and with BN followed by :class:`~covshift.experiments.bn_paper.NoisyBatchNorm`,
-whose per-unit shift ``μ ~ U(−a, a)`` and scale ``s ~ U(1, b)`` are redrawn at every
-optimizer step (``--noise-mean a``, ``--noise-scale b``; defaults 1 and 2). Santurkar
-et al. found that such a network's layer inputs drift far more than with plain BN
-yet it trains about as well; results.md states what this run found.
+The bn-paper MLP (:mod:`covshift.experiments.bn_paper`) trained four ways: without
+BN, with BN, and with BN followed by :class:`~covshift.experiments.bn_paper.NoisyBatchNorm`
+whose per-unit mean ``μ ~ U(−a, a)`` and scale ``s ~ U(1, b)`` are redrawn at every
+optimizer step (``--noise-mean a``, ``--noise-scale b``; defaults 1 and 2): ``noisy``
+scales and shifts the whole batch by them, ``noisy_iid`` adds to every activation of
+every example its own noise ``~ N(μ, s²)`` (Santurkar et al.'s i.i.d. noise). Santurkar
+et al. found that such a network's layer inputs drift far more than with plain BN yet it
+trains about as well; results.md states what this run found.
 
 Command line ``covshift experiment noisy-bn``.
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 import covshift
-from covshift.experiments import comparison
+from covshift.experiments import comparison, factors
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -50,6 +50,7 @@ def write_results(out: str | Path, *, report: bool = True) -> dict:
         report_path = comparison.write_report([runs["plain"], runs["batchnorm"]], out / REPORT_DIR,
                                               experiment["data"].get("notice"))
     final = {name: frame.iloc[-1][["epoch", *CURVE_COLUMNS]].to_dict() for name, frame in epochs.items()}
+    measured = factors.compare_variants(runs, [("plain", "batchnorm")])
     content = {
         "command": command_line(experiment["config"]),
         "config": experiment["config"],
@@ -60,6 +61,8 @@ def write_results(out: str | Path, *, report: bool = True) -> dict:
             for name in LABELS
         },
         "drift": drift,
+        **measured,
+        "headline": factors.headline(measured, {name: final[name]["test_acc"] for name in LABELS}),
         "report": str(Path(REPORT_DIR) / report_path.name) if report_path is not None else None,
     }
     (out / RESULTS_JSON).write_text(json.dumps(content, indent=2, default=float))
@@ -71,7 +74,7 @@ def command_line(config: dict) -> str:
     """The ``covshift experiment mnist-bn`` command that reproduces ``config``."""
     words = ["covshift", "experiment", "mnist-bn"]
     for key in ("epochs", "batch_size", "lr", "momentum", "seed", "out", "dataset", "data_dir",
-                "train_split", "test_split", "every", "probe_every", "probe_size"):
+                "train_split", "test_split", "every", "probe_every", "probe_size", "ics_every"):
         if config.get(key) is not None:
             words += [f"--{key.replace('_', '-')}", str(config[key])]
     if not config.get("download", True):
@@ -126,6 +129,7 @@ def render_markdown(content: dict, epochs: dict[str, pd.DataFrame]) -> str:
             f"| {final['test_loss']:.4f} | {content['models'][name]['trainable_params']:,} | {seconds} |"
         )
     lines += ["", "## Drift of the convolutions' inputs", "", comparison.to_markdown(content["drift"]), ""]
+    lines += [*factors.markdown(content), ""]
     if content.get("report"):
         lines += [f"Drift report: [{content['report']}]({content['report']})", ""]
     lines += ["## Models", ""]

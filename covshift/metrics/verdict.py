@@ -112,7 +112,7 @@ def compare(
         hidden_ratios = ratios[1:]
         finite = hidden_ratios[np.isfinite(hidden_ratios)]
         both = ~np.isnan(base[1:]) & ~np.isnan(comp[1:])  # a layer without a value in one run is left out
-        factor = _nanmean(base[1:][both]) / _nanmean(comp[1:][both])
+        factor = float(np.float64(_nanmean(base[1:][both])) / _nanmean(comp[1:][both]))  # 0 drift: inf or NaN
     median_factor = median_lower = None
     if (baseline_median is None) != (other_median is None):
         raise ValueError("compare takes channel-median drift for both runs or for neither")

@@ -54,7 +54,10 @@ def report(
 
     The page leads with the verdict (:mod:`covshift.metrics.verdict`: each later run
     against the first, by the channel mean and the channel median, or a
-    one-line summary of one run) and a table of the ``top`` layers that drift
+    one-line summary of one run; when several runs share a name they are taken as
+    seeds of one network, paired in order with the first name's, and the verdict states
+    the factor's median over seeds with its min–max and bootstrap interval,
+    :func:`covshift.reporting.verdicts.seed_verdict_lines`) and a table of the ``top`` layers that drift
     most, then a glossary, the figures and all numbers. Figures (see
     docs/guide.md, "Reading the report"): the overview ``heatmap.png`` of every
     layer; for the ``top`` layers and those ``layers`` names, ``percentiles.png``,

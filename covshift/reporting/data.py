@@ -19,7 +19,7 @@ from covshift.defaults import DEFAULT_TOP
 from covshift.metrics.api import drift, has_probe, noise_floor
 from covshift.reporting.gradients import gradient_view, has_gradients
 from covshift.reporting.comparison import comparison_table, match_layers, without_short_runs
-from covshift.reporting.verdicts import short_run_note, verdict_lines, verdict_metric
+from covshift.reporting.verdicts import seed_verdict_lines, short_run_note, verdict_lines, verdict_metric
 from covshift.schedule import LogSpaced, from_config
 from covshift.science.gradient_ics import GradientICS, gradient_frame
 from covshift.science.null_floor import NullFloor
@@ -183,7 +183,10 @@ class ReportData:
         data.short_note = short_run_note(data.labels, data.steps, source)
         table = comparison_table(data.drifts, data.noises, data.labels, layers, metrics, data.matches)
         data.table = without_short_runs(table, data.labels, data.steps)
-        data.verdicts = verdict_lines(data.table, data.labels, data.steps, metric, data.medians, data.matches)
+        by_seed = seed_verdict_lines(data.table, [run.name for run in runs], data.labels, data.steps, metric,
+                                     data.medians)
+        data.verdicts = by_seed or verdict_lines(data.table, data.labels, data.steps, metric, data.medians,
+                                                 data.matches)
         data.probes = probe_description(runs, data.labels)
         data.alerts = [f"{label}: step {row.step}, layer {row.layer!r}: {row.kind} — {row.metric} {row.value:.4g}, "
                        f"{row.ratio:.3g}× its floor {row.floor:.4g}"

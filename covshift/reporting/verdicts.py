@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 
 from covshift.metrics import get as get_metric
+from covshift.metrics.seeds import seed_spread
 from covshift.metrics.verdict import compare
 from covshift.reporting.comparison import MIN_STEPS
 from covshift.reporting.text import fmt
@@ -91,3 +92,66 @@ def _one_run_line(rows: pd.DataFrame, label: str, name: str, median: pd.Series |
     if len(ratio):
         line += f"; {int((ratio > 1).sum())} of {len(ratio)} layers above their noise floor"
     return line, ""
+
+
+def seed_groups(names: Sequence[str]) -> dict[str, list[int]]:
+    """The runs of each name, by position, when some name is given to several runs (their seeds); else ``{}``.
+
+    >>> seed_groups(["plain", "plain", "bn", "bn"])
+    {'plain': [0, 1], 'bn': [2, 3]}
+    >>> seed_groups(["plain", "bn"])
+    {}
+    """
+    groups: dict[str, list[int]] = {}
+    for k, name in enumerate(names):
+        groups.setdefault(name, []).append(k)
+    return groups if any(len(runs) > 1 for runs in groups.values()) else {}
+
+
+def seed_verdict_lines(
+    table: pd.DataFrame,
+    names: Sequence[str],
+    labels: Sequence[str],
+    steps: Sequence[int],
+    metric: str,
+    medians: Sequence[pd.Series],
+) -> list[tuple[str, str]]:
+    """The verdict over seeds: runs of one name are seeds of one network; the first name is the baseline.
+
+    The i-th run of every other name is compared with the i-th run of the first name (layers
+    paired by name; runs with fewer than :data:`MIN_STEPS` steps left out), each pair's factor
+    (baseline drift / other drift, over hidden layers, :func:`covshift.metrics.verdict.compare`)
+    by the channel median and by the channel mean; the line states their median over the
+    pairs with min–max and a percentile bootstrap interval (:func:`covshift.metrics.seeds.seed_spread`),
+    the details each pair's factor. Empty when no name has several runs.
+    """
+    groups = seed_groups(names)
+    if not groups:
+        return []
+    rows = table[table["metric"] == metric].set_index("layer")
+    label = get_metric(metric).axis_label()
+    base, *others = groups
+    lines = []
+    for other in others:
+        by_agg: dict[str, list[float]] = {"median": [], "mean": []}
+        for mine, theirs in zip(groups[base], groups[other]):
+            if min(steps[mine], steps[theirs]) < MIN_STEPS:
+                continue
+            a, b = rows[f"{labels[mine]} mean"], rows[f"{labels[theirs]} mean"]
+            layers = [layer for layer in rows.index if not (pd.isna(a[layer]) or pd.isna(b[layer]))]
+            if len(layers) < 2:
+                continue
+            v = compare(layers, a[layers].tolist(), b[layers].tolist(), base, other,
+                        medians[mine].reindex(layers).tolist(), medians[theirs].reindex(layers).tolist())
+            by_agg["median"].append(v.median_factor)
+            by_agg["mean"].append(v.factor)
+        if not by_agg["mean"]:
+            continue
+        spread = {agg: seed_spread(values) for agg, values in by_agg.items()}
+        head = (f"{base}/{other} mean {label} drift over hidden layers, {spread['median'].n} seeds paired in order "
+                f"(above 1: {other} drifts less): {spread['median'].describe('×')} by the channel median; "
+                f"{spread['mean'].describe('×')} by the channel mean")
+        details = "Per seed, by the channel median: " + ", ".join(f"{f:.2f}×" for f in by_agg["median"]) + \
+                  "; by the channel mean: " + ", ".join(f"{f:.2f}×" for f in by_agg["mean"]) + "."
+        lines.append((head, details))
+    return lines

@@ -14,10 +14,11 @@ training. Here covshift records, for each network:
 
 The learning rate, momentum and initialization are not given in the paper's text
 for Figure 1; the defaults here (SGD, lr 0.1, no momentum, PyTorch's default
-init from ``--seed``) are this experiment's choices. The variant ``noisy`` (BN
-followed by time-varying noise, :class:`NoisyBatchNorm`) is the network of
-Santurkar et al. §2.1 in this MLP; ``covshift experiment noisy-bn`` trains it
-beside the other two.
+init from ``--seed``) are this experiment's choices. The variants ``noisy`` and
+``noisy_iid`` (BN followed by time-varying noise, per step or per activation and
+sample, :class:`NoisyBatchNorm`) are the network of Santurkar et al. §2.1 in this
+MLP; ``covshift experiment noisy-bn`` trains them beside the other two. With
+``--seeds N`` every number is stated over seeds (:mod:`covshift.experiments.seeds`).
 
 Python entry point :func:`run_experiment`; command line ``covshift experiment
 bn-paper`` through :func:`add_arguments` and :func:`run_from_args`."""

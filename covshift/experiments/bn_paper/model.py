@@ -8,7 +8,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-VARIANTS = ("plain", "batchnorm", "noisy")
+VARIANTS = ("plain", "batchnorm", "noisy", "noisy_iid")
+
+#: How each noisy variant draws its noise (:class:`NoisyBatchNorm`'s ``per``).
+NOISE_PER = {"noisy": "step", "noisy_iid": "sample"}
 
 HIDDEN = 3
 
@@ -16,20 +19,34 @@ HIDDEN = 3
 class NoisyBatchNorm(nn.Module):
     """BatchNorm followed by noise with non-zero mean and non-unit variance that changes every step.
 
-    The distribution (Santurkar et al. 2018, §2.1, as implemented here): at each
-    optimizer step ``t`` (call :meth:`resample`), every unit ``j`` draws a shift
-    ``μ_tj ~ U(−mean_range, mean_range)`` and a scale ``s_tj ~ U(1, scale_max)``;
-    during that step each example's activation is ``s_tj · BN(x)_j + μ_tj``. So the
-    next layer's input distribution has a mean and spread that jump every step.
-    In eval mode the noise is replaced by its expectation (scale ``(1 + scale_max) / 2``,
-    shift 0). The draws come from the module's own generator (seeded), so the
-    global RNG and the batch order are untouched.
+    At each optimizer step ``t`` (call :meth:`resample`), every unit ``j`` draws
+    ``μ_tj ~ U(−mean_range, mean_range)`` and ``s_tj ~ U(1, scale_max)``. Then, by ``per``:
+
+    - ``"step"``: every example's activation is ``s_tj · BN(x)_j + μ_tj`` during step ``t``:
+      one scale and shift per unit for the whole batch, so the next layer's input
+      distribution jumps from step to step but is not noisier within a batch.
+    - ``"sample"`` (Santurkar et al. 2018, §2.1: "we perturb each activation for each
+      sample in the batch using i.i.d. noise sampled from a non-zero mean and non-unit
+      variance distribution", the distribution changing at each step): each activation of
+      each example gets its own noise, ``BN(x)_ij + ε_ij`` with ``ε_ij ~ N(μ_tj, s_tj²)``
+      drawn independently for every example ``i`` and unit ``j``. (The paper's text does not
+      give the noise's family; a Gaussian with the step's mean and standard deviation is
+      this experiment's choice.)
+
+    In eval mode the noise is replaced by its expectation: ``BN(x) · (1 + scale_max) / 2``
+    for ``"step"`` (shift 0), ``BN(x)`` for ``"sample"``. The per-step draws come from the
+    module's own generator (seeded), the per-sample noise from the global RNG (as dropout's
+    does: gradient ICS replays it, so ``G`` and ``G'`` see the same noise; the probe and the
+    null floor put it back).
     """
 
-    def __init__(self, features: int, mean_range: float = 1.0, scale_max: float = 2.0, seed: int = 0) -> None:
+    def __init__(self, features: int, mean_range: float = 1.0, scale_max: float = 2.0, seed: int = 0,
+                 per: str = "step") -> None:
         super().__init__()
+        if per not in ("step", "sample"):
+            raise ValueError(f"per must be 'step' or 'sample', got {per!r}")
         self.bn = nn.BatchNorm1d(features)
-        self.mean_range, self.scale_max = mean_range, scale_max
+        self.mean_range, self.scale_max, self.per = mean_range, scale_max, per
         self.generator = torch.Generator().manual_seed(seed)
         self.register_buffer("shift", torch.zeros(features), persistent=False)
         self.register_buffer("scale", torch.ones(features), persistent=False)
@@ -44,9 +61,12 @@ class NoisyBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(x)
-        if self.training:
+        if not self.training:
+            return y * ((1 + self.scale_max) / 2) if self.per == "step" else y
+        if self.per == "step":
             return y * self.scale + self.shift
-        return y * ((1 + self.scale_max) / 2)
+        # the global RNG, which covshift's probe, null floor and gradient ICS passes replay or restore
+        return y + torch.randn_like(y) * self.scale + self.shift
 
 
 def mlp(variant: str, seed: int = 0, noise_mean: float = 1.0, noise_scale: float = 2.0) -> nn.Sequential:
@@ -66,8 +86,9 @@ def mlp(variant: str, seed: int = 0, noise_mean: float = 1.0, noise_scale: float
         layers[f"fc{k}"] = linear
         if variant == "batchnorm":
             layers[f"bn{k}"] = nn.BatchNorm1d(100)
-        elif variant == "noisy":
-            layers[f"bn{k}"] = NoisyBatchNorm(100, noise_mean, noise_scale, seed=seed * 100 + k)
+        elif variant in NOISE_PER:
+            layers[f"bn{k}"] = NoisyBatchNorm(100, noise_mean, noise_scale, seed=seed * 100 + k,
+                                              per=NOISE_PER[variant])
         layers[f"sig{k}"] = nn.Sigmoid()
         width = 100
     out = nn.Linear(100, 10)

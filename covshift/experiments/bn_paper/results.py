@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import covshift
+from covshift.experiments import factors
 from covshift.experiments.bn_paper.model import HIDDEN
 from covshift.experiments.mnist_bn import EXPERIMENT_FILE
 from covshift.metrics import names as metric_names
@@ -30,13 +31,23 @@ def unit_percentiles(run: covshift.Run, layer: str, units: int = 3, source: str 
     return rows[["step", "channel", "q0.15", "q0.5", "q0.85"]].reset_index(drop=True)
 
 
+def band_widths(run: covshift.Run, layer: str = f"sig{HIDDEN}", units: int = 3) -> dict[str, float]:
+    """Figure 1's band, in numbers: the 15th–85th percentile width of ``layer``'s input on the probe,
+    mean over the first ``units`` units, at the first probe step (``first``), averaged over the probe
+    steps of the last fifth of training (``last``), and their ratio (``growth``)."""
+    frame = unit_percentiles(run, layer, units)
+    width = (frame["q0.85"] - frame["q0.15"]).groupby(frame["step"]).mean()
+    first, tail = float(width.iloc[0]), float(width[width.index >= 0.8 * width.index.max()].mean())
+    return {"first": first, "last": tail, "growth": tail / first if first > 0 else float("nan")}
+
+
 def collect_results(out: Path) -> dict:
     """Everything results.md states, computed from the stored runs."""
 
     experiment = json.loads((out / EXPERIMENT_FILE).read_text())
     variants = experiment["config"]["variants"]
     runs = {name: covshift.load(out / name) for name in variants}
-    summary: dict = {"variants": variants, "accuracy": {}, "drift": {}, "calibration": {}, "gradient_ics": {}}
+    summary: dict = {"variants": variants, "accuracy": {}, "drift": {}, "calibration": {}}
     for name, run in runs.items():
         curves = run.curves()
         last = curves.iloc[-1]
@@ -53,33 +64,32 @@ def collect_results(out: Path) -> dict:
         summary["drift"][name] = {
             layer: {"w1": float(rows["value"].mean()), "w1_to_null_q95": float(rows["ratio_q95"].mean())}
             for layer, rows in hidden[hidden["metric"] == "wasserstein"].groupby(hidden["layer"].astype(str))}
-        ics = gradient_frame(run.table(GradientICS.table))
-        ics = ics[ics["layer"].astype(str) != "fc1"]  # fc1 has no earlier layer: 0 by definition
-        summary["gradient_ics"][name] = {
-            str(layer): {"ics_norm": float(rows["ics_norm"].mean()), "relative": float(rows["relative"].mean()),
-                         "cosine": float(rows["cosine"].mean()), "grad_norm": float(rows["grad_norm"].mean())}
-            for layer, rows in ics.groupby("layer", observed=True)}
+    summary.update(factors.compare_variants(runs, pairs(variants)))
     verdicts = {}
     base = variants[0]
     for other in variants[1:]:
         v = compare_runs(runs[base], runs[other], base, other)
-        ics_b = summary["gradient_ics"][base]
-        ics_o = summary["gradient_ics"][other]
-        layers = [layer for layer in ics_b if layer in ics_o]
-        mean_b = sum(ics_b[layer]["relative"] for layer in layers) / max(len(layers), 1)
-        mean_o = sum(ics_o[layer]["relative"] for layer in layers) / max(len(layers), 1)
-        lower = sum(ics_o[layer]["relative"] < ics_b[layer]["relative"] for layer in layers)
-        if not layers or not mean_o > 0:
-            grad = "gradient ICS: no layers to compare"
-        else:
-            word = f"{mean_b / mean_o:.1f}× lower" if mean_b > mean_o else f"{mean_o / mean_b:.1f}× higher"
-            grad = (f"gradient ICS (mean ‖G − G'‖/‖G‖ over {', '.join(layers)}): {other} {word} than {base} "
-                    f"({lower} of {len(layers)} layers lower)")
-        verdicts[other] = {"drift": v.headline, "drift_details": v.details, "gradient_ics": grad}
+        ratios = summary["factors"][f"{base}/{other}"]["gradient_ics"]
+        verdicts[other] = {"drift": v.headline, "drift_details": v.details,
+                           "gradient_ics": factors.ics_sentence(ratios, base, other)}
     summary["verdicts"] = verdicts
+    summary["bands"] = {name: band_widths(run) for name, run in runs.items()}
+    summary["headline"] = factors.headline(summary, {name: acc["test_acc"] for name, acc in summary["accuracy"].items()})
+    summary["headline"].update({f"band:growth:{name}": band["growth"] for name, band in summary["bands"].items()})
     summary["data"] = experiment["data"]
     summary["config"] = experiment["config"]
     return summary
+
+
+def pairs(variants: list[str]) -> list[tuple[str, str]]:
+    """The pairs compared: the first variant against each other, BatchNorm against each noisy variant.
+
+    >>> pairs(["plain", "batchnorm", "noisy"])
+    [('plain', 'batchnorm'), ('plain', 'noisy'), ('batchnorm', 'noisy')]
+    """
+    first = [(variants[0], other) for other in variants[1:]]
+    return first + [("batchnorm", other) for other in variants if other.startswith("noisy") and "batchnorm" in variants
+                    and variants[0] != "batchnorm"]
 
 
 def write_results(out: Path) -> dict:
@@ -162,6 +172,12 @@ def to_markdown(summary: dict) -> str:
     for other, v in summary["verdicts"].items():
         lines += [f"- **Distributional drift** (W1 × σ_ref vs the initial step, hidden layers): {v['drift']}. "
                   f"{v['drift_details']}", f"- **Gradient ICS**: {v['gradient_ics']}."]
+    lines += factors.markdown(summary)
+    lines += ["", f"Figure 1's band: the 15th–85th percentile width of sig{HIDDEN}'s input on the probe, mean over "
+              "units 0–2, at the first probe step and averaged over the probe steps of the last fifth of training.",
+              "", "| variant | first | last fifth | last / first |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {b['first']:.3g} | {b['last']:.3g} | {b['growth']:.3g}× |"
+              for name, b in summary["bands"].items()]
     lines += ["", "## Calibration: the input layer's drift / its null mean (≈ 1 when calibrated)", "",
               "| variant | " + " | ".join(sorted(next(iter(summary["calibration"].values())))) + " |",
               "| --- |" + " --- |" * len(next(iter(summary["calibration"].values())))]

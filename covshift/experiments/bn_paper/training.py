@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -17,6 +18,7 @@ from covshift.checks import check_int
 from covshift.experiments.bn_paper.model import VARIANTS, NoisyBatchNorm, mlp
 from covshift.experiments.bn_paper.results import RESULTS_MD, write_results
 from covshift.experiments.data import DATASETS, normalize
+from covshift.experiments.seeds import SEEDS_JSON, SEEDS_MD, rewrite_seeds, run_seeds
 from covshift.experiments.mnist_bn import (
     EXPERIMENT_FILE,
     add_data_arguments,
@@ -52,10 +54,11 @@ class Config:
     ics_every: int = 1000
     noise_mean: float = 1.0
     noise_scale: float = 2.0
+    seeds: int = 1
     progress: bool = True
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "every", "eval_every", "null_every", "null_splits", "ics_every"):
+        for name in ("steps", "batch_size", "every", "eval_every", "null_every", "null_splits", "ics_every", "seeds"):
             check_int(name, getattr(self, name))
         check_int("probe_size", self.probe_size, minimum=2 * self.batch_size)
         if not self.lr > 0:
@@ -91,11 +94,33 @@ def add_arguments(parser: argparse.ArgumentParser, variants: tuple[str, ...] = (
                         help="noisy BN: shift ~ U(-a, a) per unit and step (default %(default)s)")
     parser.add_argument("--noise-scale", type=float, default=d.noise_scale,
                         help="noisy BN: scale ~ U(1, b) per unit and step (default %(default)s)")
+    parser.add_argument("--seeds", type=int, default=d.seeds,
+                        help="run seeds --seed, --seed+1, ... into OUT/seed-<seed>/ and write OUT/seeds.md: each "
+                             "number's median over seeds, min-max and 95%% bootstrap interval (default %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    parser.add_argument("--from-runs", action="store_true",
+                        help="do not train: recompute results.md, results.json and the figures from the runs in "
+                             "--out (of every seed and seeds.md, when --out holds a --seeds run)")
 
 
 def run_from_args(args: argparse.Namespace) -> Path:
+    """Run the experiment from parsed options (over ``--seeds`` seeds when more than one); return the out dir."""
+    if getattr(args, "from_runs", False):
+        out = Path(args.out)
+        if (out / SEEDS_JSON).is_file():
+            rewrite_seeds(out, write_results)
+            print(f"over seeds: {out / SEEDS_MD}", flush=True)
+        else:
+            write_results(out)
+            print(f"results: {out / RESULTS_MD}", flush=True)
+        return out
     config = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    if config.seeds > 1:
+        experiment = "noisy-bn" if "noisy" in config.variants else "bn-paper"
+        out = run_seeds(lambda one: run_experiment(dataclasses.replace(one, seeds=1)), config, config.seeds,
+                        experiment)
+        print(f"over seeds: {out / SEEDS_MD}", flush=True)
+        return out
     return run_experiment(config)
 
 
@@ -148,8 +173,10 @@ def train_model(
     position = 0
     started = time.perf_counter()
     # Every unit keeps its percentiles (sketch_channels=None): the paper's view is of single units.
-    with covshift.attach(model, optimizer=optimizer, layers=recorded, every=config.every, store=store,
-                         sketch_channels=None, name=name) as tracker:
+    # the global RNG is seeded inside and put back after (fork_rng)
+    with torch.random.fork_rng(devices=[]), covshift.attach(
+            model, optimizer=optimizer, layers=recorded, every=config.every, store=store, sketch_channels=None,
+            name=name, gradients=True) as tracker:
         tracker.probe(probe, every=config.eval_every)
         if notice:
             tracker.run.add_notice(notice)
@@ -160,6 +187,7 @@ def train_model(
         noisy = [m for m in model.modules() if isinstance(m, NoisyBatchNorm)]
         resample = optimizer.register_step_post_hook(lambda *_: [m.resample() for m in noisy]) if noisy else None
         model.train()
+        torch.manual_seed(config.seed)  # noisy_iid's per-sample noise comes from the global RNG: the seed's
         for step in range(config.steps):
             if position + config.batch_size > len(labels):
                 order, position = torch.randperm(len(labels), generator=order_rng), 0
