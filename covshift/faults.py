@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +82,7 @@ def gap_messages(
     stopped: str | None = None,
     unrecordable: dict[str, str] | None = None,
     openers: list[str] | None = None,
+    compiled_recorded: bool = True,
 ) -> list[tuple[str, str]]:
     """What a detached run lacks that the user would not otherwise notice, as (key, message) pairs:
     no recorded step (and the cause that happened), one recorded step, selected layers never
@@ -94,19 +94,23 @@ def gap_messages(
         stopped: what covshift was doing when a fault stopped recording (None: none did).
         unrecordable: layers called with nothing it could summarize, and why.
         openers: in per-forward mode, the modules whose calls opened steps ("" for the model).
+        compiled_recorded: whether this torch lets covshift record inside torch.compile.
     """
     unrecordable = unrecordable or {}
     messages = []
     if recorded == 0:
         messages.append(("nothing", _nothing(
             layers=layers, called=called, steps=steps, forwards=forwards, model=model, stopped=stopped,
-            unrecordable=unrecordable,
+            unrecordable=unrecordable, compiled_recorded=compiled_recorded,
         )))
     elif recorded == 1:
         following = None
         if first_recorded is not None:
             ahead = range(first_recorded + 1, first_recorded + 10**5)
-            following = next((k for k in ahead if schedule.records(k)), None)
+            try:
+                following = next((k for k in ahead if schedule.records(k)), None)
+            except Exception:  # noqa: BLE001 - a user's schedule that raises: the plain advice will do
+                following = None
         if following is not None and following > steps:  # e.g. a run resumed late on the log-spaced schedule
             advice = (f"train to step {following}, the next one the schedule records ({schedule} now), or record "
                       "more often (every=N)")
@@ -138,7 +142,7 @@ def gap_messages(
 
 def _nothing(
     *, layers: list[str], called: set[str], steps: int, forwards: str, model: str, stopped: str | None,
-    unrecordable: dict[str, str],
+    unrecordable: dict[str, str], compiled_recorded: bool,
 ) -> str:
     """Why no training step was recorded: the cause that happened, first one found."""
     if stopped is not None:
@@ -148,7 +152,7 @@ def _nothing(
         return (
             f"no training step was recorded: covshift saw no forward of the {model} or of its watched "
             "submodules; is this the model your training step calls?"
-            + ("" if _compiled_recorded() else " (forwards inside torch.compile are recorded with torch 2.4 or later)")
+            + ("" if compiled_recorded else " (forwards inside torch.compile are recorded with torch 2.4 or later)")
         )
     if forwards == "eval":
         return (
@@ -164,13 +168,6 @@ def _nothing(
         f"no training step was recorded in {steps} steps: none of the {len(layers)} selected layers was "
         "called on a recorded step"
     )
-
-
-def _compiled_recorded() -> bool:
-    """Whether the torch in use lets covshift record inside torch.compile (``torch.library.custom_op``, 2.4).
-    Asked of torch only where it is loaded: reading a run needs no torch."""
-    torch = sys.modules.get("torch")
-    return torch is None or hasattr(torch.library, "custom_op")
 
 
 def _names(names: list[str]) -> str:

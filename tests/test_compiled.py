@@ -220,3 +220,25 @@ def test_a_twin_compiled_without_covshift_does_not_take_the_models_place(make):
     stats = tracker.detach().stats()
     first = stats.layer.iloc[0]
     assert sorted(stats.step.unique()) == [0, 1, 2] and (stats.query("layer == @first")["count"] == 8 * 36).all()
+
+
+def test_a_dynamo_without_the_parts_covshift_uses_warns_at_attach_and_training_runs(monkeypatch):
+    """covshift reaches into dynamo's private cache functions at attach() and at steps: where another torch
+    lacks them, it says so once and never raises into the user's step."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    from covshift.record import compiled
+
+    def gone(code):
+        raise AttributeError("no such function in this torch")
+
+    monkeypatch.setattr(eval_frame, "_debug_get_cache_entry_list", gone)
+    monkeypatch.setattr(compiled, "_hooks_checked", False)
+    model = tiny_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(CovshiftWarning, match="could not prepare torch.compile's code"):
+        tracker = covshift.attach(model, optimizer=opt, every=1)
+    for x, y in batches(2):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert sorted(tracker.detach().stats().step.unique()) == [0, 1]

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 
 from covshift.faults import CovshiftWarning
+from covshift.record import context
 
 Target = Callable[["torch.Tensor | None"], None]
 
@@ -70,22 +71,32 @@ def remove_targets(keys: list[int]) -> None:
             _targets.pop(key, None)
 
 
-def watch_compiler(model: torch.nn.Module) -> None:
-    """Once torch.compile is in use in this process: make dynamo check modules' hooks from now on, and
-    drop ``model``'s code compiled before (cheap when done, and while nothing was compiled)."""
+def attached(model: torch.nn.Module) -> None:
+    """At ``attach()``: drop ``model``'s forwards compiled without covshift's hooks (and have dynamo check
+    hooks from now on, if torch.compile is in use)."""
+    watch_compiler(model, attaching=True)
+
+
+def watch_compiler(model: torch.nn.Module, attaching: bool = False) -> None:
+    """At each step: once torch.compile is in use in this process, make dynamo check modules' hooks from
+    now on and drop ``model``'s code compiled before (a flag check when done, and while nothing was
+    compiled). Never raises: these are dynamo's private parts, and a step must not fail on them."""
     global _hooks_checked
-    if _hooks_checked or "torch._dynamo" not in sys.modules:
+    if "torch._dynamo" not in sys.modules or (_hooks_checked and not attaching):
         return
-    _hooks_checked = True
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
-    forget_compiled_forwards(model)
+    try:
+        if not _hooks_checked:
+            _hooks_checked = True
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+        _forget_compiled_forwards(context.unwrap_compiled(model))
+    except Exception as err:  # noqa: BLE001 - another torch's dynamo: compiled forwards may go unrecorded
+        warnings.warn(f"covshift: could not prepare torch.compile's code for recording ({err!r}); forwards "
+                      "compiled before attach() may go unrecorded", CovshiftWarning, stacklevel=3)
 
 
-def forget_compiled_forwards(model: torch.nn.Module) -> None:
+def _forget_compiled_forwards(model: torch.nn.Module) -> None:
     """Drop the compiled code of the forwards of ``model`` and its submodules, if any was compiled: it was
     traced without covshift's hooks, and would run on without them."""
-    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
-        return
     from torch._dynamo import external_utils
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list, remove_from_cache
 
@@ -137,8 +148,12 @@ if SUPPORTED:
         return None
 
 
-def relay(key: int, x: torch.Tensor | None) -> None:
-    """From a hook being traced: at run time, call target ``key`` with ``x`` (the real tensor). Nothing
-    where this torch cannot (:data:`SUPPORTED`)."""
-    if SUPPORTED:
+def traced(key: int, x: torch.Tensor | None = None) -> bool:
+    """In a hook: whether it is being traced by torch.compile, in which case it has relayed ``x`` (the
+    hook's tensor) to target ``key``, to be called with the real tensor when the graph runs. Nothing is
+    relayed into ``torch.export``'s graphs, nor where this torch cannot (:data:`SUPPORTED`)."""
+    if not context.is_compiling():
+        return False
+    if SUPPORTED and not context.is_exporting():
         _relay(TOKEN, x, key)
+    return True

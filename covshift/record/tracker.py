@@ -154,8 +154,7 @@ class Tracker:
         except BaseException:
             self._remove_hooks()
             raise
-        compiled.forget_compiled_forwards(context.unwrap_compiled(model))  # compiled again, with the hooks
-        compiled.watch_compiler(context.unwrap_compiled(model))
+        compiled.attached(model)  # code compiled before has no hooks: compiled again, with them
 
     # -- public ------------------------------------------------------------------
     @property
@@ -318,6 +317,7 @@ class Tracker:
                 stopped=self._faults.stop_reason,
                 unrecordable=self._unrecordable,
                 openers=list(self._openers),
+                compiled_recorded=compiled.SUPPORTED,
             ):
                 self._faults.warn_once(key, message, stacklevel=3)
             missing = self._gradients.without_gradient() if self._gradients is not None else []
@@ -385,8 +385,7 @@ class Tracker:
 
         def hook(module: nn.Module, args: tuple) -> None:
             if context.is_compiling():  # a child's call needs no tensor: none is handed over for it
-                if not context.is_exporting():
-                    compiled.relay(key, None if opener else context.first_tensor(args, {}))
+                compiled.traced(key, None if opener else context.first_tensor(args, {}))
                 return
             self._on_call_start(opener, module, args)
 
@@ -397,11 +396,8 @@ class Tracker:
         key = self._relay_key(lambda x: self._on_call_end(opener, outer, (), True))
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if context.is_compiling():
-                if not context.is_exporting():
-                    compiled.relay(key, None)
-                return
-            self._on_call_end(opener, module, args, output)
+            if not compiled.traced(key):
+                self._on_call_end(opener, module, args, output)
 
         return hook
 
@@ -450,7 +446,7 @@ class Tracker:
             self._faults.warn_once("no values", context.NO_VALUES)
             return
         self._forwards = "train"
-        compiled.watch_compiler(context.unwrap_compiled(self.model))
+        compiled.watch_compiler(self.model)
         if not opener:
             self._root_runs = True  # its children's calls run inside it from now on
         with self._faults.guard("starting a step", self.run.directory):
@@ -467,7 +463,7 @@ class Tracker:
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer | None, args: tuple, kwargs: dict) -> None:
         """End the open step and open the next (an update, or ``tracker.step()``)."""
-        compiled.watch_compiler(context.unwrap_compiled(self.model))
+        compiled.watch_compiler(self.model)
         with self._lock:
             try:
                 self._close_merged_step()
@@ -503,8 +499,7 @@ class Tracker:
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if context.is_compiling():  # traced: at run time the compiled graph calls this hook's eager code
-                if not context.is_exporting():
-                    compiled.relay(key, context.first_tensor(args, kwargs))
+                compiled.traced(key, context.first_tensor(args, kwargs))
                 return
             if start is not None:
                 start(mod, args)
@@ -520,8 +515,7 @@ class Tracker:
 
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
             if context.is_compiling():
-                if not context.is_exporting():
-                    compiled.relay(key, context.first_tensor((output,), {}))
+                compiled.traced(key, context.first_tensor((output,), {}))
                 return
             if self._records_now(mod):
                 self._observe(f"{name}:output", name, module, context.first_tensor((output,), {}))
@@ -574,21 +568,26 @@ class Tracker:
         if partial is None:  # an empty input is no record
             return
         key = (self._forward.source, name)
-        if self._gradients is not None and name == layer and self._forward.source == "train" and compiled.relayed():
-            self._faults.warn_once("compiled-gradients", (
-                "input gradients are not recorded for forwards inside torch.compile (their inputs carry no "
-                "autograd graph there); the compiled forwards' inputs are recorded as usual"))
-        elif self._gradients is not None and name == layer and self._forward.source == "train":
-            step = self._forward.step if self._per_forward else self._step
-            if self._per_forward:
-                with self._lock:  # written when the next forward starts, on every rank alike
-                    self._held_gradients.setdefault(step, {})
-            self._gradients.watch(step, layer, x, axis.dim)
+        if self._gradients is not None and name == layer and self._forward.source == "train":
+            self._watch_gradient(layer, x, axis.dim)
         if self._per_forward or self._forward.source != "train":
             self._forward.partials[key].append(partial)
         else:
             with self._lock:
                 self._step_partials[key].append(partial)
+
+    def _watch_gradient(self, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
+        """A recorded training input: its gradient is summarized when the backward pass computes it."""
+        if compiled.relayed():
+            self._faults.warn_once("compiled-gradients", (
+                "input gradients are not recorded for forwards inside torch.compile (their inputs carry no "
+                "autograd graph there); the compiled forwards' inputs are recorded as usual"))
+            return
+        step = self._forward.step if self._per_forward else self._step
+        if self._per_forward:
+            with self._lock:  # written when the next forward starts, on every rank alike
+                self._held_gradients.setdefault(step, {})
+        self._gradients.watch(step, layer, x, channel_dim)
 
     def _watch_recomputed(self, name: str, module: nn.Module, x: torch.Tensor | None) -> None:
         """A recomputation during backward (reentrant checkpoint) of a forward that ran without grad."""
