@@ -29,8 +29,10 @@ class TinyCNN(nn.Module):
         self.checkpointed = checkpointed
 
     def forward(self, x):
-        h = checkpoint(self.conv, x, use_reentrant=False) if self.checkpointed else self.conv(x)
-        return self.head(self.act(h).flatten(1))
+        if self.checkpointed:  # the data's layer and a layer whose input has a gradient
+            h = checkpoint(self.conv, x, use_reentrant=False)
+            return checkpoint(self.head, self.act(h).flatten(1), use_reentrant=False)
+        return self.head(self.act(self.conv(x)).flatten(1))
 
 
 def tiny_cnn(checkpointed=False):
@@ -45,12 +47,14 @@ def batches(n, size=8, seed=1):
 
 
 def train(order, *, mode="optimizer", steps=4, accumulate=1, every=1, backend="aot_eager", checkpointed=False,
-          probe=False, fullgraph=True):
+          probe=False, fullgraph=True, gradients=False):
     """Train a fresh TinyCNN with covshift attached, compiled or eager, and return the run."""
     torch._dynamo.reset()
     model = tiny_cnn(checkpointed)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    settings = {"every": every, "optimizer": opt} if mode == "optimizer" else {"every": every}
+    settings = {"every": every, "gradients": gradients}
+    if mode == "optimizer":
+        settings["optimizer"] = opt
     if order == "eager":
         tracker, forward = covshift.attach(model, **settings), model
     elif order == "attach_then_compile":
@@ -157,12 +161,70 @@ def test_a_graph_compiled_with_covshift_runs_on_after_detach():
     assert sorted(run.stats().step.unique()) == [0]
 
 
-def test_input_gradients_of_a_compiled_forward_are_not_recorded_and_that_is_said_once():
+@pytest.mark.parametrize("mode", ["optimizer", "per_forward"])
+@pytest.mark.parametrize("order", ["attach_then_compile", "compile_then_attach"])
+def test_input_gradients_of_a_compiled_model_are_the_eager_ones(order, mode):
+    """Micro-batches of one update form one record; the data's layer has no gradient, as in eager."""
+    eager = train("eager", mode=mode, accumulate=2, steps=3, gradients=True, probe=True)
+    with pytest.warns(CovshiftWarning, match="no input gradient was recorded for") as caught:
+        compiled = train(order, mode=mode, accumulate=2, steps=3, gradients=True, probe=True)
+    assert "'conv'" in str(caught[0].message)
+    grads = sorted_stats(compiled, "grad")
+    assert list(grads.layer.unique()) == ["head"] and len(grads.step.unique()) == (3 if mode == "optimizer" else 6)
+    assert_same_records(compiled, eager, source="grad")
+    assert_same_records(compiled, eager)
+
+
+def test_input_gradients_under_activation_checkpointing_inside_a_compiled_model_are_counted_once():
+    eager = train("eager", checkpointed=True, gradients=True)
+    compiled = train("compile_then_attach", checkpointed=True, gradients=True)
+    assert (sorted_stats(compiled, "grad")["count"] == 8).all()  # the head's input: 8 rows of 144 channels
+    assert_same_records(compiled, eager, source="grad")
+
+
+def test_input_gradients_of_recorded_and_unrecorded_steps_share_one_graph():
+    torch._dynamo.reset()
+    model = tiny_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = covshift.attach(model, optimizer=opt, every=3, gradients=True)
+    forward = torch.compile(model, backend="aot_eager", fullgraph=True)
+    data = batches(1)[0]
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", CovshiftWarning)  # the data's layer has no gradient
+        for _ in range(60):
+            nn.functional.cross_entropy(forward(data[0]), data[1]).backward()
+            opt.step()
+            opt.zero_grad()
+    grads = tracker.detach().stats(source="grad")
+    assert sorted(grads.step.unique()) == list(range(0, 60, 3))
+
+
+def test_a_compiled_forward_without_grad_records_no_gradient():
+    """A forward under no_grad (an evaluation in training mode) compiles without a gradient tap."""
     torch._dynamo.reset()
     model = tiny_cnn()
     tracker = covshift.attach(model, every=1, gradients=True)
     forward = torch.compile(model, backend="aot_eager")
-    with pytest.warns(CovshiftWarning, match="input gradients are not recorded for forwards inside torch.compile"):
+    x = batches(1)[0][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CovshiftWarning)
+        with torch.no_grad():
+            forward(x)
+        forward(x).sum().backward()
+    run = tracker.detach()
+    assert sorted(run.stats().step.unique()) == [0, 1]
+    assert sorted(run.stats(source="grad").step.unique()) == [1]
+
+
+def test_a_torch_that_cannot_relay_gradients_records_the_compiled_forwards_and_says_so_once(monkeypatch):
+    from covshift.record import compiled
+
+    monkeypatch.setattr(compiled, "GRADIENTS_SUPPORTED", False)
+    torch._dynamo.reset()
+    model = tiny_cnn()
+    tracker = covshift.attach(model, every=1, gradients=True)
+    forward = torch.compile(model, backend="aot_eager")
+    with pytest.warns(CovshiftWarning, match="input gradients of forwards inside torch.compile are not recorded"):
         for x, _ in batches(3):
             forward(x).sum().backward()
     run = tracker.detach()

@@ -71,11 +71,14 @@ def _train(model: nn.Module, net: nn.Module, rank: int, out: Path, *, per_forwar
     (out / f"run-dir-{max(rank, 0)}.txt").write_text(str(tracker.run.directory))
 
 
-def _gradients(rank: int, out: Path) -> None:
-    """Input gradients under DDP (rank -1: one process on every rank's batches). The loss is a sum and the
-    learning rate 0, so each example's input gradient is the same in one process as on its rank."""
+def _gradients(rank: int, out: Path, compiled: bool = False) -> None:
+    """Input gradients under DDP, its forward compiled or not (rank -1: one eager process on every rank's
+    batches). The loss is a sum and the learning rate 0, so each example's input gradient is the same in one
+    process as on its rank."""
     model = _model()
     net = model if rank < 0 else nn.parallel.DistributedDataParallel(model)
+    if compiled:
+        net = torch.compile(net, backend="aot_eager")
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     xs, ys = _data()
     local = slice(rank * BATCH, (rank + 1) * BATCH) if rank >= 0 else slice(None)
@@ -247,8 +250,9 @@ def worker(rank: int, out: str, scenario: str, init_method: str | None) -> None:
             _train(model, model, rank, out, per_forward=False)
         elif scenario == "uneven":
             _uneven(rank, out)
-        elif scenario == "gradients":
-            _gradients(rank, out)
+        elif scenario in ("gradients", "gradients_compiled"):
+            _gradients(rank, out, compiled=scenario == "gradients_compiled")
+            result["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         elif scenario == "join":
             _join(rank, out)
         elif scenario == "capped":
@@ -331,7 +335,7 @@ def _single(out: Path, scenario: str) -> Path:
     out.mkdir()
     if scenario == "uneven":
         _uneven(-1, out)
-    elif scenario == "gradients":
+    elif scenario in ("gradients", "gradients_compiled"):
         _gradients(-1, out)
     elif scenario == "join":
         _join(-1, out)
@@ -393,12 +397,16 @@ def test_ddp_and_fsdp_run_equals_one_process_on_all_batches(tmp_path, scenario):
     assert sorted(stats.query("source == 'probe'")["step"].unique()) == probed
 
 
-def test_input_gradients_of_the_ranks_merge_into_the_records_of_one_process(tmp_path):
+@pytest.mark.parametrize("scenario", ["gradients", "gradients_compiled"])
+def test_input_gradients_of_the_ranks_merge_into_the_records_of_one_process(tmp_path, scenario):
     out = tmp_path / "job"
     out.mkdir()
-    _ok(_spawn(out, "gradients"))
+    results = _spawn(out, scenario)
+    _ok(results)
+    if scenario == "gradients_compiled":
+        assert all(result["graphs"] > 0 for result in results.values())  # the forwards ran compiled
     got, want = (covshift.load(path).stats(source="grad").sort_values(["step", "layer", "channel"])
-                 .reset_index(drop=True) for path in (out / "run", _single(tmp_path / "single", "gradients")))
+                 .reset_index(drop=True) for path in (out / "run", _single(tmp_path / "single", scenario)))
     assert sorted(got.step.unique()) == list(range(STEPS)) and set(got.layer) == {"3"}
     assert (got["count"] == WORLD * BATCH).all()
     numbers = [c for c in got.columns if c not in ("step", "source", "layer", "channel")]

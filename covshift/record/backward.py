@@ -13,10 +13,15 @@ grad and recomputes it during backward, so the gradient is taken from the
 recomputed input instead (once: :meth:`watch_recomputed`). Inputs that never
 require grad (the data itself, inputs of frozen layers, ``no_grad`` forwards)
 have no gradient; :meth:`without_gradient` names those layers.
+
+Inside ``torch.compile`` the input a hook sees carries no autograd graph: the
+compiled graph relays the gradient itself (:func:`covshift.record.compiled.tapped`),
+with the ticket :meth:`expect` gave its forward, to :meth:`arrived`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable
 
@@ -48,6 +53,9 @@ class InputGradients:
         self._awaiting: Counter[tuple[int, str]] = Counter()  # forwards run without grad, to recompute with it
         self._hooked: set[str] = set()
         self._ungraded: set[str] = set()
+        self._tickets = itertools.count()
+        self._expected: dict[int, tuple[int, str, int | None]] = {}  # compiled forwards' gradients to come
+        self._reissued: set[int] = set()
 
     def watch(self, step: int, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
         """At a recorded training forward: summarize ``x``'s gradient when the backward pass computes it."""
@@ -56,6 +64,34 @@ class InputGradients:
         else:  # the data, a frozen input, no_grad, or the first pass of a reentrant checkpoint
             self._awaiting[(step, layer)] += 1
             self._ungraded.add(layer)
+
+    def expect(self, step: int, layer: str, channel_dim: int | None) -> int:
+        """At a recorded compiled forward whose input will have a gradient: the ticket it will arrive with."""
+        self._hooked.add(layer)
+        ticket = next(self._tickets)
+        self._expected[ticket] = (step, layer, channel_dim)
+        return ticket
+
+    def reissue(self, step: int, layer: str) -> int:
+        """During backward: a compiled recomputation (activation checkpointing) of a forward that took a ticket
+        for ``layer`` at ``step`` relays the gradient with its own ticket: the earlier ticket, handed again
+        (once), or -1 when no such forward is waiting."""
+        for ticket, expected in self._expected.items():
+            if expected[:2] == (step, layer) and ticket not in self._reissued:
+                self._reissued.add(ticket)
+                return ticket
+        return -1
+
+    def ungraded(self, layer: str) -> None:
+        """At a recorded compiled forward: ``layer``'s input will have no gradient."""
+        self._ungraded.add(layer)
+
+    def arrived(self, grad: torch.Tensor, ticket: int) -> None:
+        """From a compiled backward: the gradient :meth:`expect` gave ``ticket`` for."""
+        expected = self._expected.pop(ticket, None)
+        self._reissued.discard(ticket)
+        if expected is not None:
+            self._take(*expected, grad)
 
     @property
     def awaiting(self) -> bool:
@@ -75,6 +111,9 @@ class InputGradients:
         """Drop what waits for recomputation in steps before ``step`` (their backward is over)."""
         for key in [key for key in self._awaiting if key[0] < step]:
             del self._awaiting[key]
+        for ticket in [ticket for ticket, expected in self._expected.items() if expected[0] < step]:
+            del self._expected[ticket]
+            self._reissued.discard(ticket)
 
     def without_gradient(self) -> list[str]:
         """Layers whose input never had a gradient to record."""
@@ -83,14 +122,14 @@ class InputGradients:
     def _hook(self, step: int, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
         self._hooked.add(layer)
 
-        def on_gradient(grad: torch.Tensor) -> None:
-            if layer in self._faults.skipped or self._faults.stopped:
-                return
-            try:
-                partial = self._summarize(grad.detach(), channel_dim)
-                if partial is not None:
-                    self._deliver(step, layer, partial)
-            except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's backward
-                self._faults.skip(layer, f"the input gradient of layer {layer!r} could not be summarized: {err}")
+        x.register_hook(lambda grad: self._take(step, layer, channel_dim, grad))
 
-        x.register_hook(on_gradient)
+    def _take(self, step: int, layer: str, channel_dim: int | None, grad: torch.Tensor) -> None:
+        if layer in self._faults.skipped or self._faults.stopped:
+            return
+        try:
+            partial = self._summarize(grad.detach(), channel_dim)
+            if partial is not None:
+                self._deliver(step, layer, partial)
+        except Exception as err:  # noqa: BLE001 - a fault of covshift's must not reach the user's backward
+            self._faults.skip(layer, f"the input gradient of layer {layer!r} could not be summarized: {err}")

@@ -11,7 +11,16 @@ graph serves recorded and unrecorded steps, nothing is recompiled, and
 ``fullgraph=True`` holds (the operator is no graph break).
 
 The operator declares that it writes a one-element token: an operator with no
-output would otherwise be removed from the graph as dead code. Targets are
+output would otherwise be removed from the graph as dead code.
+
+Input gradients (``gradients=True``): the tensor a compiled graph hands over
+carries no autograd graph, so no hook can be put on it at run time. A traced hook
+whose input will have a gradient therefore also passes that input through
+:func:`tapped`, an identity whose backward relays the gradient to covshift. The
+forward relay returns a *ticket* (a CPU integer the hook's eager code chooses at
+run time: which step and layer the gradient belongs to, or -1 when the step is
+not recorded), and the backward hands the ticket back with the gradient: no
+Python state is guessed across the two passes, and nothing is synchronized. Targets are
 looked up by an integer key baked into the graph; a detached tracker's keys
 lead nowhere, so a graph compiled with covshift attached runs on unharmed.
 
@@ -38,7 +47,7 @@ import torch
 from covshift.faults import CovshiftWarning
 from covshift.record import context
 
-Target = Callable[["torch.Tensor | None"], None]
+Target = Callable[..., None]
 
 _targets: dict[int, Target] = {}
 _keys = itertools.count()
@@ -50,14 +59,17 @@ TOKEN = torch.zeros(1)
 
 
 class _Inside(threading.local):
-    depth = 0  # relayed calls running in this thread (a class default: reading it never raises)
+    # class defaults: reading them never raises
+    depth = 0  # relayed calls running in this thread
+    ticket: int | None = None  # in a relay whose input's gradient follows: the ticket it comes with
 
 
 _inside = _Inside()
 
 
 def add_target(target: Target) -> int:
-    """Register ``target`` (a hook's eager code) and return the key a traced hook relays to."""
+    """Register ``target`` (a hook's eager code) and return the key a traced hook relays to: a forward's
+    target is called with the tensor, a gradient's (:func:`tapped`) with the gradient and its ticket."""
     with _lock:
         key = next(_keys)
         _targets[key] = target
@@ -115,14 +127,24 @@ def relayed() -> bool:
     return _inside.depth > 0
 
 
-def _run_target(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
-    """The operator's body: the hook's eager code, with the real tensor."""
+def gradient_follows() -> bool:
+    """In a relayed hook: whether its tensor's gradient will be relayed (:func:`tapped`), and so wants a ticket."""
+    return _inside.ticket is not None
+
+
+def hand_ticket(ticket: int) -> None:
+    """In a relayed hook whose gradient follows: the ticket the gradient will be relayed with."""
+    _inside.ticket = ticket
+
+
+def _run_target(key: int, *args: object) -> None:
+    """The hook's eager code, with the real tensors."""
     target = _targets.get(key)
     if target is None:
         return
     _inside.depth += 1
     try:
-        target(x)
+        target(*args)
     except Exception as err:  # noqa: BLE001 - the hooks guard their own faults; this is the last line
         if key not in _failed:
             _failed.add(key)
@@ -134,6 +156,20 @@ def _run_target(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
 
 #: Whether this torch can record inside compiled code (``torch.library.custom_op``, torch 2.4 and later).
 SUPPORTED = hasattr(torch.library, "custom_op")
+#: Whether it can relay input gradients of compiled forwards too (an operator declared a side effect).
+GRADIENTS_SUPPORTED = False
+
+
+def _ordered_effect(op: object) -> bool:
+    """Declare ``op`` a side effect that the compiler keeps, in order; whether this torch could."""
+    try:
+        from torch._library.effects import EffectType
+
+        op.register_effect(EffectType.ORDERED)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
 
 if SUPPORTED:
     # flexible_layout: inductor hands over its tensor in the layout it has (channels-last, say), where it
@@ -141,11 +177,69 @@ if SUPPORTED:
     # mode="reduce-overhead" inductor captures the graph's parts between relays as CUDA graphs (its graph
     # partitions) instead of giving up CUDA graphs for a graph that runs Python.
     _tags = tuple(getattr(torch.Tag, tag) for tag in ("flexible_layout", "cudagraph_unsafe") if hasattr(torch.Tag, tag))
-    _relay = torch.library.custom_op("covshift::relay", mutates_args=("token",), tags=_tags)(_run_target)
+
+    @torch.library.custom_op("covshift::relay", mutates_args=("token",), tags=_tags)
+    def _relay(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
+        _run_target(key, x)
 
     @_relay.register_fake
     def _relay_fake(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
         return None
+
+    @torch.library.custom_op("covshift::relay_ticketed", mutates_args=("token",), tags=_tags)
+    def _relay_ticketed(token: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+        _inside.ticket = -1
+        try:
+            _run_target(key, x)
+            return torch.tensor(_inside.ticket, dtype=torch.int64)
+        finally:
+            _inside.ticket = None
+
+    @_relay_ticketed.register_fake
+    def _relay_ticketed_fake(token: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+        return torch.empty((), dtype=torch.int64, device="cpu")
+
+    @torch.library.custom_op("covshift::relay_gradient", mutates_args=(), tags=_tags)
+    def _relay_gradient(grad: torch.Tensor, ticket: torch.Tensor, key: int) -> None:
+        number = int(ticket)  # a CPU integer: no synchronization with the device
+        if number >= 0:
+            _run_target(key, grad, number)
+
+    @_relay_gradient.register_fake
+    def _relay_gradient_fake(grad: torch.Tensor, ticket: torch.Tensor, key: int) -> None:
+        return None
+
+    # the gradient's relay has no output and mutates nothing: declared a side effect so it stays in the graph
+    # (a token it wrote would be saved for backward, and fail autograd's version check at the next forward)
+    GRADIENTS_SUPPORTED = _ordered_effect(_relay_gradient)
+
+    class _Tap(torch.autograd.Function):
+        """The identity, whose backward relays the gradient with the forward's ticket."""
+
+        @staticmethod
+        def forward(ctx, x: torch.Tensor, ticket: torch.Tensor, key: int) -> torch.Tensor:
+            ctx.save_for_backward(ticket)
+            ctx.key = key
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            (ticket,) = ctx.saved_tensors
+            _relay_gradient(grad, ticket, ctx.key)
+            return grad, None, None
+
+
+def gradient_flows(x: torch.Tensor | None) -> bool:
+    """In a hook being traced: whether ``x`` will have a gradient that :func:`tapped` can relay."""
+    return (GRADIENTS_SUPPORTED and x is not None and x.requires_grad and torch.is_grad_enabled()
+            and not context.is_exporting())
+
+
+def tapped(key: int, gradient_key: int, x: torch.Tensor) -> torch.Tensor:
+    """In a hook being traced, for an input that will have a gradient (:func:`gradient_flows`): relay ``x``
+    to target ``key`` as :func:`traced` does, and return ``x`` through an identity whose backward relays
+    the gradient, with the ticket the forward's target handed (:func:`hand_ticket`), to ``gradient_key``."""
+    return _Tap.apply(x, _relay_ticketed(TOKEN, x, key), gradient_key)
 
 
 def traced(key: int, x: torch.Tensor | None = None) -> bool:

@@ -496,17 +496,22 @@ class Tracker:
 
     def _input_hook(self, name: str, module: nn.Module, start: Callable[[nn.Module, tuple], None] | None):
         key = self._relay_key(lambda x: hook(module, () if x is None else (x,), {}))
+        gradient_key = self._relay_key(self._gradients.arrived) if self._gradients is not None else None
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if context.is_compiling():  # traced: at run time the compiled graph calls this hook's eager code
-                compiled.traced(key, context.first_tensor(args, kwargs))
-                return
+                x = context.first_tensor(args, kwargs)
+                if gradient_key is not None and compiled.gradient_flows(x):  # and relays x's gradient
+                    return context.replace_first_tensor(args, kwargs, compiled.tapped(key, gradient_key, x))
+                compiled.traced(key, x)
+                return None
             if start is not None:
                 start(mod, args)
             if self._records_now(mod):
                 self._observe(name, name, module, context.first_tensor(args, kwargs))
-            elif self._gradients is not None and self._gradients.awaiting and context.in_backward():
+            elif self._gradients is not None and context.in_backward():
                 self._watch_recomputed(name, module, context.first_tensor(args, kwargs))
+            return None
 
         return hook
 
@@ -578,23 +583,31 @@ class Tracker:
 
     def _watch_gradient(self, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
         """A recorded training input: its gradient is summarized when the backward pass computes it."""
-        if compiled.relayed():
-            self._faults.warn_once("compiled-gradients", (
-                "input gradients are not recorded for forwards inside torch.compile (their inputs carry no "
-                "autograd graph there); the compiled forwards' inputs are recorded as usual"))
-            return
         step = self._forward.step if self._per_forward else self._step
         if self._per_forward:
             with self._lock:  # written when the next forward starts, on every rank alike
                 self._held_gradients.setdefault(step, {})
-        self._gradients.watch(step, layer, x, channel_dim)
+        if not compiled.relayed():
+            self._gradients.watch(step, layer, x, channel_dim)
+        elif compiled.gradient_follows():  # the compiled backward relays it with this ticket
+            compiled.hand_ticket(self._gradients.expect(step, layer, channel_dim))
+        elif compiled.GRADIENTS_SUPPORTED:
+            self._gradients.ungraded(layer)
+        else:
+            self._faults.warn_once("compiled-gradients", (
+                f"input gradients of forwards inside torch.compile are not recorded with torch {torch.__version__} "
+                "(its custom operators cannot be declared side effects); the compiled forwards' inputs are recorded"))
 
     def _watch_recomputed(self, name: str, module: nn.Module, x: torch.Tensor | None) -> None:
-        """A recomputation during backward (reentrant checkpoint) of a forward that ran without grad."""
-        if x is None or not x.is_floating_point() or name in self._faults.skipped:
+        """A recomputation during backward: of a forward that ran without grad (reentrant checkpoint), or of
+        a compiled one (its gradient is relayed with the recomputation's ticket)."""
+        step = self._forward.step if self._per_forward else self._step
+        if compiled.gradient_follows():
+            compiled.hand_ticket(self._gradients.reissue(step, name))
+            return
+        if not self._gradients.awaiting or x is None or not x.is_floating_point() or name in self._faults.skipped:
             return
         with self._faults.guard("watching an input gradient", self.run.directory):
-            step = self._forward.step if self._per_forward else self._step
             self._gradients.watch_recomputed(step, name, x, self._axes.resolve(name, module, x.shape).dim)
 
     def _take_gradient(self, step: int, layer: str, partial: Partial) -> None:
