@@ -3,10 +3,11 @@
 1. Summaries of the same tensors on the device and on the CPU agree (float32,
    and bfloat16 activations as autocast produces them).
 2. A ResNet training loop runs with covshift attached (every=1 and the
-   defaults) under ``torch.cuda.set_sync_debug_mode("error")`` on every step
+   defaults, input gradients) under ``torch.cuda.set_sync_debug_mode("error")`` on every step
    that does not flush: a host sync inside covshift would raise.
-3. Step time with covshift against the plain step, side by side in one run, and
-   the peak device memory it adds.
+3. Step time with covshift (every=1, the defaults, every=1 with input
+   gradients) against the plain step, side by side in one run, and the peak
+   device memory it adds.
 
 ``--compile`` runs the loop through ``torch.compile(model, mode=--compile-mode)``
 (covshift's hooks then run from inside the compiled graph) and says how many
@@ -55,8 +56,9 @@ def same_summaries(device: torch.device) -> float:
 
 
 def train(model, batches, optimizer, device, *, tracker_options=None, sync_check=False, forward=None, warm_up=0
-          ) -> tuple[list[float], int, int]:
-    """Per-step milliseconds, the peak device memory and the recorded training steps of a training loop,
+          ) -> tuple[list[float], int, int, int]:
+    """Per-step milliseconds, the peak device memory, the recorded training steps and the steps with input
+    gradients recorded of a training loop,
     optionally with covshift; ``forward`` (default: the model) runs the batches, the first ``warm_up`` of
     them untimed and unchecked (a compiled forward compiles there)."""
     forward = model if forward is None else forward
@@ -86,11 +88,11 @@ def train(model, batches, optimizer, device, *, tracker_options=None, sync_check
         if index >= warm_up:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    recorded = 0
+    recorded = {"train": 0, "grad": 0}
     if tracker is not None:
         sources = tracker.detach().sources()
-        recorded = int(sources.loc["train", "steps"]) if "train" in sources.index else 0
-    return times, peak, recorded
+        recorded = {source: int(sources.loc[source, "steps"]) if source in sources.index else 0 for source in recorded}
+    return times, peak, recorded["train"], recorded["grad"]
 
 
 def main() -> None:
@@ -121,7 +123,8 @@ def main() -> None:
          torch.randint(0, 10, (args.batch_size,), device=device))
         for _ in range(args.steps)
     ]
-    configs = {"plain": None, "every=1": {"every": 1, "flush_every": 10**6}, "defaults": {}}
+    configs = {"plain": None, "every=1": {"every": 1, "flush_every": 10**6}, "defaults": {},
+               "gradients": {"every": 1, "flush_every": 10**6, "gradients": True}}
     results = {}
     for name, options in configs.items():
         mode = {"mode": args.compile_mode} if args.compile_backend == "inductor" else {}
@@ -129,10 +132,11 @@ def main() -> None:
         results[name] = train(model, batches[:2] + batches, optimizer, device, tracker_options=options,
                               sync_check=True, forward=forward, warm_up=2)
     plain_ms = statistics.median(results["plain"][0])
-    for name, (times, peak, recorded) in results.items():
+    for name, (times, peak, recorded, graded) in results.items():
         ratio = statistics.median(times) / plain_ms
         memory = f", peak memory +{(peak - results['plain'][1]) / 2**20:.0f} MiB" if device.type == "cuda" else ""
         steps = f", {recorded} steps recorded" if configs[name] is not None else ""
+        steps += f", {graded} with input gradients" if configs[name] and configs[name].get("gradients") else ""
         print(f"  {name:<9} median step {statistics.median(times):8.2f} ms = {ratio:.3f}x plain{memory}{steps}")
     sync = "no host sync outside flushes" if device.type == "cuda" else "sync check skipped (CUDA only)"
     print(f"sync check: {sync}")

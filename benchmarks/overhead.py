@@ -42,7 +42,8 @@ separate runs says little.
 
 `--compile` times compiled models instead (torch.compile, the default backend):
 the compiled model without covshift against compiled copies of it with covshift
-attached (every=1, every=10, the defaults in a long run, never recording), each
+attached (every=1, every=10, the defaults in a long run, never recording; every=1
+and the defaults in a long run with ``gradients=True``), each
 compiled once before the rounds (its compile time, the first step's, printed,
 with inductor's caches off) and kept attached through them. Each step of a
 round runs every configuration once in a shuffled order; a round's time ends
@@ -265,6 +266,8 @@ def compiled_main(args: argparse.Namespace, model: nn.Module, batches: list, des
         "compiled + covshift every=10": ({"every": 10, **sample}, False),
         "compiled + defaults, long run": (sample, True),
         "compiled + never recording": ({"every": 10**9}, False),
+        "compiled + every=1 + gradients": ({"every": 1, "gradients": True, **sample}, False),
+        "compiled + defaults + gradients": ({"gradients": True, **sample}, True),
     }
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     runs, compile_seconds = {}, {}

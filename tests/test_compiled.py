@@ -149,6 +149,28 @@ def test_the_default_compiler_records_what_eager_records_in_one_graph():
     assert_same_records(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_inside_the_models_traced_forward_its_childrens_calls_relay_nothing():
+    """A child's start and end hooks (for steps that call a child themselves) return at once inside the model's
+    forward: traced there, they add no relay to the graph. One relay per layer input, the model's start and end."""
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), nn.Flatten(), nn.Linear(144, 3))
+    tracker = covshift.attach(model, every=1)
+    forward = torch.compile(model, backend=keep_graph, fullgraph=True)
+    for x, _ in batches(2):
+        forward(x).sum().backward()
+    stats = tracker.detach().stats()
+    relays = [node for node in graphs[0].graph.nodes if str(node.target) in ("covshift.relay.default", "covshift.relay")]
+    assert len(graphs) == 1 and len(relays) == 4
+    assert sorted(stats.step.unique()) == [0, 1] and (stats.query("layer == '0.0'")["count"] == 8 * 36).all()
+
+
 def test_a_graph_compiled_with_covshift_runs_on_after_detach():
     torch._dynamo.reset()
     model = tiny_cnn()

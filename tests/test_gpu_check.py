@@ -13,7 +13,8 @@ def test_gpu_check_runs_on_the_cpu():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "worst relative difference: 0.00e+00" in lines[1]
-    assert [line.split()[0] for line in lines[2:5]] == ["plain", "every=1", "defaults"]
+    assert [line.split()[0] for line in lines[2:6]] == ["plain", "every=1", "defaults", "gradients"]
+    assert lines[5].endswith("4 steps recorded, 4 with input gradients")
     assert lines[-1] == "sync check: sync check skipped (CUDA only)"
 
 
@@ -25,3 +26,4 @@ def test_gpu_check_runs_compiled_on_the_cpu_and_records_every_step():
     lines = done.stdout.splitlines()
     assert "torch.compile aot_eager" in lines[0]
     assert lines[3].split()[0] == "every=1" and lines[3].endswith("4 steps recorded")  # 2 warm-up steps and 2 timed
+    assert lines[5].endswith("4 steps recorded, 4 with input gradients")  # relayed out of the compiled backward

@@ -131,6 +131,10 @@ class Tracker:
         self._forwards = "none"  # training forwards seen: "none", "eval" (only eval-mode ones), "train"
         self._openers: dict[str, None] = {}  # per-forward mode: modules whose calls opened steps ("": the model)
         self._root_runs = False  # the model's own forward ran in training mode: its children's calls are inside it
+        # Set and read only by hooks being traced: dynamo tracks the attribute through the trace, so a child's
+        # hooks traced inside the model's own forward see it set and relay nothing (there, when the graph runs,
+        # they would return at once); the model's end hook clears it.
+        self._in_traced_model = False
         self._autocast: context.Autocast | None = None  # of the latest training forward: probes run under it
         self._faults = Faults()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -385,6 +389,10 @@ class Tracker:
 
         def hook(module: nn.Module, args: tuple) -> None:
             if context.is_compiling():  # a child's call needs no tensor: none is handed over for it
+                if not opener:
+                    self._in_traced_model = True
+                elif self._in_traced_model:
+                    return
                 compiled.traced(key, None if opener else context.first_tensor(args, {}))
                 return
             self._on_call_start(opener, module, args)
@@ -396,8 +404,13 @@ class Tracker:
         key = self._relay_key(lambda x: self._on_call_end(opener, outer, (), True))
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not compiled.traced(key):
-                self._on_call_end(opener, module, args, output)
+            if context.is_compiling():
+                if not (opener and self._in_traced_model):
+                    compiled.traced(key)
+                if not opener:
+                    self._in_traced_model = False
+                return
+            self._on_call_end(opener, module, args, output)
 
         return hook
 
