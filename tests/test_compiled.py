@@ -197,6 +197,41 @@ def test_input_gradients_of_a_compiled_model_are_the_eager_ones(order, mode):
     assert_same_records(compiled, eager)
 
 
+class Residual(nn.Module):
+    """``lin2``'s input is also the skip path's; ``act`` (selected) changes its input in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.act, self.lin2, self.head = nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.lin1(x)
+        return self.head(self.lin2(h) + h + self.act(self.lin1(x)))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_input_gradients_are_the_whole_gradient_of_the_input_and_in_place_layers_train(backend):
+    """As in eager, the gradient of a layer's input is the loss's whole gradient with respect to that tensor
+    (the skip path's share included), and a selected layer that changes its input in place still trains."""
+    runs = []
+    for compile_it in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Residual()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = covshift.attach(model, layers=["lin2", "act", "head"], optimizer=opt, every=1, gradients=True)
+        forward = torch.compile(model, backend=backend) if compile_it else model
+        for x, y in [(torch.randn(5, 6, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0, 1]))
+                     for i in range(2)]:
+            nn.functional.cross_entropy(forward(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(tracker.detach())
+    eager, compiled = runs
+    assert sorted(compiled.stats(source="grad").layer.unique()) == ["act", "head", "lin2"]
+    assert_same_records(compiled, eager, source="grad", rtol=1e-4, atol=1e-6)
+
+
 def test_input_gradients_under_activation_checkpointing_inside_a_compiled_model_are_counted_once():
     eager = train("eager", checkpointed=True, gradients=True)
     compiled = train("compile_then_attach", checkpointed=True, gradients=True)

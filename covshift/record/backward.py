@@ -15,13 +15,13 @@ require grad (the data itself, inputs of frozen layers, ``no_grad`` forwards)
 have no gradient; :meth:`without_gradient` names those layers.
 
 Inside ``torch.compile`` the input a hook sees carries no autograd graph: the
-compiled graph relays the gradient itself (:func:`covshift.record.compiled.tapped`),
-with the ticket :meth:`expect` gave its forward, to :meth:`arrived`.
+compiled graph hooks the input itself and relays its gradient
+(:func:`covshift.record.compiled.traced_with_gradient`) to :meth:`arrived`, for the
+step then open; :meth:`expect` says which layers that step recorded.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from collections.abc import Callable
 
@@ -53,9 +53,7 @@ class InputGradients:
         self._awaiting: Counter[tuple[int, str]] = Counter()  # forwards run without grad, to recompute with it
         self._hooked: set[str] = set()
         self._ungraded: set[str] = set()
-        self._tickets = itertools.count()
-        self._expected: dict[int, tuple[int, str, int | None]] = {}  # compiled forwards' gradients to come
-        self._reissued: set[int] = set()
+        self._expected: dict[tuple[int, str], int | None] = {}  # compiled (step, layer): channel axis
 
     def watch(self, step: int, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
         """At a recorded training forward: summarize ``x``'s gradient when the backward pass computes it."""
@@ -65,33 +63,20 @@ class InputGradients:
             self._awaiting[(step, layer)] += 1
             self._ungraded.add(layer)
 
-    def expect(self, step: int, layer: str, channel_dim: int | None) -> int:
-        """At a recorded compiled forward whose input will have a gradient: the ticket it will arrive with."""
+    def expect(self, step: int, layer: str, channel_dim: int | None) -> None:
+        """At a recorded compiled forward whose input's gradient will be relayed: take it when it arrives."""
         self._hooked.add(layer)
-        ticket = next(self._tickets)
-        self._expected[ticket] = (step, layer, channel_dim)
-        return ticket
-
-    def reissue(self, step: int, layer: str) -> int:
-        """During backward: a compiled recomputation (activation checkpointing) of a forward that took a ticket
-        for ``layer`` at ``step`` relays the gradient with its own ticket: the earlier ticket, handed again
-        (once), or -1 when no such forward is waiting."""
-        for ticket, expected in self._expected.items():
-            if expected[:2] == (step, layer) and ticket not in self._reissued:
-                self._reissued.add(ticket)
-                return ticket
-        return -1
+        self._expected[(step, layer)] = channel_dim
 
     def ungraded(self, layer: str) -> None:
         """At a recorded compiled forward: ``layer``'s input will have no gradient."""
         self._ungraded.add(layer)
 
-    def arrived(self, grad: torch.Tensor, ticket: int) -> None:
-        """From a compiled backward: the gradient :meth:`expect` gave ``ticket`` for."""
-        expected = self._expected.pop(ticket, None)
-        self._reissued.discard(ticket)
-        if expected is not None:
-            self._take(*expected, grad)
+    def arrived(self, step: int, layer: str, grad: torch.Tensor) -> None:
+        """From a compiled backward: ``layer``'s input gradient during ``step``, kept if that step recorded it."""
+        key = (step, layer)
+        if key in self._expected:
+            self._take(step, layer, self._expected[key], grad)
 
     @property
     def awaiting(self) -> bool:
@@ -111,9 +96,8 @@ class InputGradients:
         """Drop what waits for recomputation in steps before ``step`` (their backward is over)."""
         for key in [key for key in self._awaiting if key[0] < step]:
             del self._awaiting[key]
-        for ticket in [ticket for ticket, expected in self._expected.items() if expected[0] < step]:
-            del self._expected[ticket]
-            self._reissued.discard(ticket)
+        for key in [key for key in self._expected if key[0] < step]:
+            del self._expected[key]
 
     def without_gradient(self) -> list[str]:
         """Layers whose input never had a gradient to record."""

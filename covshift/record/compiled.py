@@ -14,15 +14,16 @@ The operator declares that it writes a one-element token: an operator with no
 output would otherwise be removed from the graph as dead code.
 
 Input gradients (``gradients=True``): the tensor a compiled graph hands over
-carries no autograd graph, so no hook can be put on it at run time. A traced hook
-whose input will have a gradient therefore also passes that input through
-:func:`tapped`, an identity whose backward relays the gradient to covshift. The
-forward relay returns a *ticket* (a CPU integer the hook's eager code chooses at
-run time: which step and layer the gradient belongs to, or -1 when the step is
-not recorded), and the backward hands the ticket back with the gradient: no
-Python state is guessed across the two passes, and nothing is synchronized. Targets are
-looked up by an integer key baked into the graph; a detached tracker's keys
-lead nowhere, so a graph compiled with covshift attached runs on unharmed.
+carries no autograd graph, so no hook can be put on it at run time. A traced
+hook whose input will have a gradient puts one on it in the graph instead
+(:func:`traced_with_gradient`, where this torch's dynamo traces ``register_hook``
+on intermediate tensors): it fires on the whole gradient of the tensor, as in
+eager, and relays it (``covshift::relay_gradient``) to covshift, which files it
+under the step then open if that step recorded the layer's input.
+
+Targets are looked up by an integer key baked into the graph; a detached
+tracker's keys lead nowhere, so a graph compiled with covshift attached runs on
+unharmed.
 
 Code compiled for a module without hooks runs, by dynamo's default, for any
 module of that class, hooks or not (``torch._dynamo.config.skip_nnmodule_hook_guards``):
@@ -35,6 +36,7 @@ then is dropped: the next forward compiles again, hooks included.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import sys
 import threading
@@ -61,15 +63,15 @@ TOKEN = torch.zeros(1)
 class _Inside(threading.local):
     # class defaults: reading them never raises
     depth = 0  # relayed calls running in this thread
-    ticket: int | None = None  # in a relay whose input's gradient follows: the ticket it comes with
+    gradient_follows = False  # in a relay whose input's gradient will be relayed too
 
 
 _inside = _Inside()
 
 
 def add_target(target: Target) -> int:
-    """Register ``target`` (a hook's eager code) and return the key a traced hook relays to: a forward's
-    target is called with the tensor, a gradient's (:func:`tapped`) with the gradient and its ticket."""
+    """Register ``target`` (a hook's eager code, called with the tensor or the gradient) and return the key a
+    traced hook relays to."""
     with _lock:
         key = next(_keys)
         _targets[key] = target
@@ -128,13 +130,8 @@ def relayed() -> bool:
 
 
 def gradient_follows() -> bool:
-    """In a relayed hook: whether its tensor's gradient will be relayed (:func:`tapped`), and so wants a ticket."""
-    return _inside.ticket is not None
-
-
-def hand_ticket(ticket: int) -> None:
-    """In a relayed hook whose gradient follows: the ticket the gradient will be relayed with."""
-    _inside.ticket = ticket
+    """In a relayed hook: whether its tensor's gradient will be relayed too (:func:`traced_with_gradient`)."""
+    return _inside.gradient_follows
 
 
 def _run_target(key: int, *args: object) -> None:
@@ -156,8 +153,16 @@ def _run_target(key: int, *args: object) -> None:
 
 #: Whether this torch can record inside compiled code (``torch.library.custom_op``, torch 2.4 and later).
 SUPPORTED = hasattr(torch.library, "custom_op")
-#: Whether it can relay input gradients of compiled forwards too (an operator declared a side effect).
+#: Whether it can relay input gradients of compiled forwards too (dynamo traces hooks on intermediate
+#: tensors, and an operator can be declared a side effect).
 GRADIENTS_SUPPORTED = False
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 def _ordered_effect(op: object) -> bool:
@@ -186,60 +191,49 @@ if SUPPORTED:
     def _relay_fake(token: torch.Tensor, x: torch.Tensor | None, key: int) -> None:
         return None
 
-    @torch.library.custom_op("covshift::relay_ticketed", mutates_args=("token",), tags=_tags)
-    def _relay_ticketed(token: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
-        _inside.ticket = -1
+    @torch.library.custom_op("covshift::relay_before_gradient", mutates_args=("token",), tags=_tags)
+    def _relay_before_gradient(token: torch.Tensor, x: torch.Tensor, key: int) -> None:
+        _inside.gradient_follows = True
         try:
             _run_target(key, x)
-            return torch.tensor(_inside.ticket, dtype=torch.int64)
         finally:
-            _inside.ticket = None
+            _inside.gradient_follows = False
 
-    @_relay_ticketed.register_fake
-    def _relay_ticketed_fake(token: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
-        return torch.empty((), dtype=torch.int64, device="cpu")
-
-    @torch.library.custom_op("covshift::relay_gradient", mutates_args=(), tags=_tags)
-    def _relay_gradient(grad: torch.Tensor, ticket: torch.Tensor, key: int) -> None:
-        number = int(ticket)  # a CPU integer: no synchronization with the device
-        if number >= 0:
-            _run_target(key, grad, number)
-
-    @_relay_gradient.register_fake
-    def _relay_gradient_fake(grad: torch.Tensor, ticket: torch.Tensor, key: int) -> None:
+    @_relay_before_gradient.register_fake
+    def _relay_before_gradient_fake(token: torch.Tensor, x: torch.Tensor, key: int) -> None:
         return None
 
-    # the gradient's relay has no output and mutates nothing: declared a side effect so it stays in the graph
-    # (a token it wrote would be saved for backward, and fail autograd's version check at the next forward)
-    GRADIENTS_SUPPORTED = _ordered_effect(_relay_gradient)
+    @torch.library.custom_op("covshift::relay_gradient", mutates_args=(), tags=_tags)
+    def _relay_gradient(grad: torch.Tensor, key: int) -> None:
+        _run_target(key, grad)
 
-    class _Tap(torch.autograd.Function):
-        """The identity, whose backward relays the gradient with the forward's ticket."""
+    @_relay_gradient.register_fake
+    def _relay_gradient_fake(grad: torch.Tensor, key: int) -> None:
+        return None
 
-        @staticmethod
-        def forward(ctx, x: torch.Tensor, ticket: torch.Tensor, key: int) -> torch.Tensor:
-            ctx.save_for_backward(ticket)
-            ctx.key = key
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-            (ticket,) = ctx.saved_tensors
-            _relay_gradient(grad, ticket, ctx.key)
-            return grad, None, None
+    # The gradient's relay has no output and mutates nothing: declared a side effect so it stays in the graph
+    # (a token it wrote would be saved for backward, and fail autograd's version check at the next forward).
+    # Hooks on intermediate tensors are traced by dynamo's register_hook operator where it has one.
+    GRADIENTS_SUPPORTED = _has_module("torch._higher_order_ops.register_hook") and _ordered_effect(_relay_gradient)
 
 
-def gradient_flows(x: torch.Tensor | None) -> bool:
-    """In a hook being traced: whether ``x`` will have a gradient that :func:`tapped` can relay."""
-    return (GRADIENTS_SUPPORTED and x is not None and x.requires_grad and torch.is_grad_enabled()
-            and not context.is_exporting())
+def gradient_flows(module: torch.nn.Module, x: torch.Tensor | None) -> bool:
+    """In a hook being traced: whether ``x``, the input of a training-mode ``module``, will have a gradient
+    that :func:`traced_with_gradient` can relay."""
+    return (GRADIENTS_SUPPORTED and module.training and x is not None and x.requires_grad
+            and torch.is_grad_enabled() and not context.is_exporting())
 
 
-def tapped(key: int, gradient_key: int, x: torch.Tensor) -> torch.Tensor:
+def traced_with_gradient(key: int, gradient_key: int, x: torch.Tensor) -> None:
     """In a hook being traced, for an input that will have a gradient (:func:`gradient_flows`): relay ``x``
-    to target ``key`` as :func:`traced` does, and return ``x`` through an identity whose backward relays
-    the gradient, with the ticket the forward's target handed (:func:`hand_ticket`), to ``gradient_key``."""
-    return _Tap.apply(x, _relay_ticketed(TOKEN, x, key), gradient_key)
+    to target ``key`` as :func:`traced` does, and hook ``x`` so that its gradient is relayed to
+    ``gradient_key`` when the backward pass computes it."""
+    _relay_before_gradient(TOKEN, x, key)
+
+    def on_gradient(grad: torch.Tensor) -> None:
+        _relay_gradient(grad, gradient_key)
+
+    x.register_hook(on_gradient)
 
 
 def traced(key: int, x: torch.Tensor | None = None) -> bool:

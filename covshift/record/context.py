@@ -93,30 +93,6 @@ def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def replace_first_tensor(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
-    """``args`` and ``kwargs`` with :func:`first_tensor`'s tensor replaced by ``new``."""
-
-    def replaced(value: object) -> tuple[object, bool]:
-        if isinstance(value, torch.Tensor):
-            return new, True
-        if isinstance(value, (tuple, list)):
-            for i, item in enumerate(value):
-                if isinstance(item, torch.Tensor):
-                    items = [*value[:i], new, *value[i + 1:]]
-                    return (items if isinstance(value, list) else type(value)(items)), True
-        return value, False
-
-    for i, value in enumerate(args):
-        value, done = replaced(value)
-        if done:
-            return (*args[:i], value, *args[i + 1:]), kwargs
-    for name, value in kwargs.items():
-        value, done = replaced(value)
-        if done:
-            return args, {**kwargs, name: value}
-    return args, kwargs
-
-
 def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     """The module ``torch.compile`` wrapped, so layer names carry no ``_orig_mod.`` prefix."""
     original = getattr(model, "_orig_mod", None)

@@ -468,6 +468,8 @@ class Tracker:
                 if self._per_forward:
                     self._write_held_gradients()
                     self._step += 1
+                    if self._gradients is not None:  # the last forward's backward is over
+                        self._gradients.forget_before(self._step)
                     self._openers.setdefault(opener)
                 forward.step = self._step
             with self._faults.guard("running the probe", self.run.directory):
@@ -509,22 +511,23 @@ class Tracker:
 
     def _input_hook(self, name: str, module: nn.Module, start: Callable[[nn.Module, tuple], None] | None):
         key = self._relay_key(lambda x: hook(module, () if x is None else (x,), {}))
-        gradient_key = self._relay_key(self._gradients.arrived) if self._gradients is not None else None
+        gradient_key = self._relay_key(functools.partial(self._gradient_arrived, name)) \
+            if self._gradients is not None else None
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if context.is_compiling():  # traced: at run time the compiled graph calls this hook's eager code
                 x = context.first_tensor(args, kwargs)
-                if gradient_key is not None and compiled.gradient_flows(x):  # and relays x's gradient
-                    return context.replace_first_tensor(args, kwargs, compiled.tapped(key, gradient_key, x))
-                compiled.traced(key, x)
-                return None
+                if gradient_key is not None and compiled.gradient_flows(mod, x):  # and relays x's gradient
+                    compiled.traced_with_gradient(key, gradient_key, x)
+                else:
+                    compiled.traced(key, x)
+                return
             if start is not None:
                 start(mod, args)
             if self._records_now(mod):
                 self._observe(name, name, module, context.first_tensor(args, kwargs))
             elif self._gradients is not None and context.in_backward():
                 self._watch_recomputed(name, module, context.first_tensor(args, kwargs))
-            return None
 
         return hook
 
@@ -602,26 +605,30 @@ class Tracker:
                 self._held_gradients.setdefault(step, {})
         if not compiled.relayed():
             self._gradients.watch(step, layer, x, channel_dim)
-        elif compiled.gradient_follows():  # the compiled backward relays it with this ticket
-            compiled.hand_ticket(self._gradients.expect(step, layer, channel_dim))
+        elif compiled.gradient_follows():  # the compiled backward relays it (_gradient_arrived)
+            self._gradients.expect(step, layer, channel_dim)
         elif compiled.GRADIENTS_SUPPORTED:
             self._gradients.ungraded(layer)
         else:
             self._faults.warn_once("compiled-gradients", (
                 f"input gradients of forwards inside torch.compile are not recorded with torch {torch.__version__} "
-                "(its custom operators cannot be declared side effects); the compiled forwards' inputs are recorded"))
+                "(its dynamo cannot trace a hook on an intermediate tensor, or its custom operators cannot be declared "
+                "side effects); the compiled forwards' inputs are recorded"))
 
     def _watch_recomputed(self, name: str, module: nn.Module, x: torch.Tensor | None) -> None:
-        """A recomputation during backward: of a forward that ran without grad (reentrant checkpoint), or of
-        a compiled one (its gradient is relayed with the recomputation's ticket)."""
-        step = self._forward.step if self._per_forward else self._step
-        if compiled.gradient_follows():
-            compiled.hand_ticket(self._gradients.reissue(step, name))
-            return
-        if not self._gradients.awaiting or x is None or not x.is_floating_point() or name in self._faults.skipped:
+        """A recomputation during backward of a forward that ran without grad (reentrant checkpoint); a
+        compiled one's gradient is hooked in its graph."""
+        if (compiled.relayed() or not self._gradients.awaiting or x is None or not x.is_floating_point()
+                or name in self._faults.skipped):
             return
         with self._faults.guard("watching an input gradient", self.run.directory):
+            step = self._forward.step if self._per_forward else self._step
             self._gradients.watch_recomputed(step, name, x, self._axes.resolve(name, module, x.shape).dim)
+
+    def _gradient_arrived(self, layer: str, grad: torch.Tensor) -> None:
+        """From a compiled backward pass (perhaps on autograd's device thread): ``layer``'s input gradient,
+        kept for the step now open, or in per-forward mode the last forward's, if it recorded the layer."""
+        self._gradients.arrived(self._step, layer, grad)
 
     def _take_gradient(self, step: int, layer: str, partial: Partial) -> None:
         """From the backward pass: ``layer``'s input gradient at ``step``, kept with that step's records."""
