@@ -171,6 +171,64 @@ def test_inside_the_models_traced_forward_its_childrens_calls_relay_nothing():
     assert sorted(stats.step.unique()) == [0, 1] and (stats.query("layer == '0.0'")["count"] == 8 * 36).all()
 
 
+def test_eval_forwards_before_training_leave_the_compiled_steps_counted():
+    """A child that is a layer starts a call in its input hook: inside the model's traced forward that start
+    is left out with its end, or eval forwards (before the first training one) would leave it open for good."""
+    torch._dynamo.reset()
+    model = sequential_cnn()
+    tracker = covshift.attach(model, every=1)
+    forward = torch.compile(model, backend="aot_eager")
+    data = batches(3)
+    model.eval()
+    for x, _ in data[:2]:
+        forward(x)
+    model.train()
+    for x, _ in data:
+        forward(x).sum().backward()
+    stats = tracker.detach().stats()
+    assert sorted(stats.step.unique()) == [0, 1, 2] and (stats.query("layer == '0'")["count"] == 8 * 36).all()
+
+
+def test_per_forward_gradients_that_cannot_be_told_apart_are_not_recorded_under_a_wrong_step():
+    """Two forwards (two steps without optimizer=), then one backward: inside torch.compile which gradient is
+    whose cannot be told; none is filed under the wrong step, and that is said once."""
+    runs = []
+    for compile_it in (False, True):
+        torch._dynamo.reset()
+        model = tiny_cnn()
+        tracker = covshift.attach(model, every=1, gradients=True)
+        forward = torch.compile(model, backend="aot_eager") if compile_it else model
+        (x1, _), (x2, _), (x3, _) = batches(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (forward(x1).sum() + forward(x2).sum()).backward()
+            forward(x3).sum().backward()  # one forward, one backward: matched again
+            runs.append(tracker.detach())
+        messages = [str(w.message) for w in caught]
+    eager, compiled = (run.stats(source="grad").query("layer == 'head'") for run in runs)
+    assert sorted(eager.step.unique()) == [0, 1, 2] and sorted(compiled.step.unique()) == [2]
+    assert (compiled["count"] == 8).all()
+    assert sum("cannot be told inside torch.compile" in m for m in messages) == 1
+    got, want = (frame.sort_values(["step", "channel"]).query("step == 2") for frame in (compiled, eager))
+    np.testing.assert_allclose(got["mean"].to_numpy(), want["mean"].to_numpy(), rtol=1e-6)
+
+
+def test_a_layer_in_eval_mode_inside_a_training_model_records_its_input_gradient_compiled():
+    runs = []
+    for compile_it in (False, True):
+        torch._dynamo.reset()
+        model = tiny_cnn()
+        model.head.eval()  # a frozen part: its forward is still a training forward's
+        tracker = covshift.attach(model, every=1, gradients=True)
+        forward = torch.compile(model, backend="aot_eager") if compile_it else model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CovshiftWarning)  # the data's layer has no gradient
+            for x, _ in batches(2):
+                forward(x).sum().backward()
+            runs.append(tracker.detach())
+    assert_same_records(runs[1], runs[0], source="grad")
+
+
 def test_a_graph_compiled_with_covshift_runs_on_after_detach():
     torch._dynamo.reset()
     model = tiny_cnn()

@@ -5,7 +5,8 @@ At a recorded training forward the tracker hands each layer's input to
 computes the gradient of the loss with respect to that input, the hook summarizes
 it per channel (the same channel axis as the input) and hands the summary back to
 the tracker as a record of source ``"grad"`` for the step of that forward. Nothing
-runs at unrecorded steps, and nothing is synchronized with the device.
+runs at unrecorded steps (in compiled backward passes, a relay that returns after a
+lookup), and nothing is synchronized with the device.
 
 Activation checkpointing: a non-reentrant checkpoint keeps the original input in
 the graph, so its hook fires; a reentrant one runs the original forward without
@@ -17,11 +18,14 @@ have no gradient; :meth:`without_gradient` names those layers.
 Inside ``torch.compile`` the input a hook sees carries no autograd graph: the
 compiled graph hooks the input itself and relays its gradient
 (:func:`covshift.record.compiled.traced_with_gradient`) to :meth:`arrived`, for the
-step then open; :meth:`expect` says which layers that step recorded.
+step then open (per-forward steps: the step of the one forward of the layer that
+awaits its gradient, :meth:`awaited_forward`); :meth:`expect` says which layers
+that step recorded.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
 
@@ -32,6 +36,7 @@ from covshift.summary.summarize import Partial
 
 #: The source of input-gradient records in a run.
 GRAD_SOURCE = "grad"
+_MISSING = object()
 
 Summarize = Callable[[torch.Tensor, "int | None"], "Partial | None"]
 Deliver = Callable[[int, str, Partial], None]
@@ -54,6 +59,8 @@ class InputGradients:
         self._hooked: set[str] = set()
         self._ungraded: set[str] = set()
         self._expected: dict[tuple[int, str], int | None] = {}  # compiled (step, layer): channel axis
+        self._forwards: dict[str, list[int]] = {}  # compiled, per-forward steps: forwards awaiting a gradient
+        self._lock = threading.Lock()  # forwards and backward passes may run in several threads
 
     def watch(self, step: int, layer: str, x: torch.Tensor, channel_dim: int | None) -> None:
         """At a recorded training forward: summarize ``x``'s gradient when the backward pass computes it."""
@@ -65,18 +72,45 @@ class InputGradients:
 
     def expect(self, step: int, layer: str, channel_dim: int | None) -> None:
         """At a recorded compiled forward whose input's gradient will be relayed: take it when it arrives."""
-        self._hooked.add(layer)
-        self._expected[(step, layer)] = channel_dim
+        with self._lock:
+            self._hooked.add(layer)
+            self._expected[(step, layer)] = channel_dim
 
     def ungraded(self, layer: str) -> None:
         """At a recorded compiled forward: ``layer``'s input will have no gradient."""
         self._ungraded.add(layer)
 
+    def forwarded(self, step: int, layer: str) -> None:
+        """Per-forward steps: a compiled forward of ``step`` ran ``layer``, whose input's gradient will come."""
+        with self._lock:
+            steps = self._forwards.setdefault(layer, [])
+            if len(steps) >= 64:  # forwards without backward: their steps are only ever "several"
+                del steps[:-1]
+            steps.append(step)
+
+    def awaited_forward(self, layer: str) -> int | None:
+        """Per-forward steps: the step of the one compiled forward of ``layer`` that awaits its gradient. None
+        where none does, or several do (which gradient is whose cannot be told: they are not recorded, once
+        said, and the waiting starts afresh)."""
+        with self._lock:
+            steps = self._forwards.get(layer, [])
+            several = len(set(steps)) > 1
+            if several:
+                del self._forwards[layer]
+            step = steps.pop() if steps and not several else None  # a layer called twice: one per call
+        if several:
+            self._faults.warn_once("gradients-unmatched", (
+                f"the input gradients of layer {layer!r} arrived while compiled forwards of several steps awaited "
+                "theirs (several forwards before one backward, or a forward without backward): which is whose "
+                "cannot be told inside torch.compile, so these are not recorded"))
+        return step
+
     def arrived(self, step: int, layer: str, grad: torch.Tensor) -> None:
         """From a compiled backward: ``layer``'s input gradient during ``step``, kept if that step recorded it."""
-        key = (step, layer)
-        if key in self._expected:
-            self._take(step, layer, self._expected[key], grad)
+        with self._lock:
+            channel_dim = self._expected.get((step, layer), _MISSING)
+        if channel_dim is not _MISSING:
+            self._take(step, layer, channel_dim, grad)
 
     @property
     def awaiting(self) -> bool:
@@ -93,11 +127,13 @@ class InputGradients:
             self._hook(step, layer, x, channel_dim)
 
     def forget_before(self, step: int) -> None:
-        """Drop what waits for recomputation in steps before ``step`` (their backward is over)."""
+        """Drop what waits for recomputation, and the compiled gradients expected, in steps before ``step``
+        (their backward is over)."""
         for key in [key for key in self._awaiting if key[0] < step]:
             del self._awaiting[key]
-        for key in [key for key in self._expected if key[0] < step]:
-            del self._expected[key]
+        with self._lock:
+            for key in [key for key in self._expected if key[0] < step]:
+                del self._expected[key]
 
     def without_gradient(self) -> list[str]:
         """Layers whose input never had a gradient to record."""

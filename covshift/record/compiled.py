@@ -1,7 +1,7 @@
 """Recording inside ``torch.compile``: hooks the compiler traces hand their tensor to covshift at run time.
 
 When ``torch.compile`` traces a model, it traces covshift's hooks too. A hook
-that is being traced does one thing: it calls :func:`relay`, a custom operator
+that is being traced calls :func:`relay`, a custom operator
 (``covshift::relay``) that the compiler keeps in the graph as an opaque call. At
 run time the operator hands the tensor to the hook's eager code, which decides
 there, from the tracker's state, whether the step is recorded, and summarizes
@@ -217,10 +217,10 @@ if SUPPORTED:
     GRADIENTS_SUPPORTED = _has_module("torch._higher_order_ops.register_hook") and _ordered_effect(_relay_gradient)
 
 
-def gradient_flows(module: torch.nn.Module, x: torch.Tensor | None) -> bool:
-    """In a hook being traced: whether ``x``, the input of a training-mode ``module``, will have a gradient
-    that :func:`traced_with_gradient` can relay."""
-    return (GRADIENTS_SUPPORTED and module.training and x is not None and x.requires_grad
+def gradient_flows(training: bool, x: torch.Tensor | None) -> bool:
+    """In a hook being traced: whether ``x``, a layer input in a forward of a model in training mode
+    (``training``), will have a gradient that :func:`traced_with_gradient` can relay."""
+    return (GRADIENTS_SUPPORTED and training and x is not None and x.requires_grad
             and torch.is_grad_enabled() and not context.is_exporting())
 
 

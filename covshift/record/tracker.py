@@ -132,9 +132,11 @@ class Tracker:
         self._openers: dict[str, None] = {}  # per-forward mode: modules whose calls opened steps ("": the model)
         self._root_runs = False  # the model's own forward ran in training mode: its children's calls are inside it
         # Set and read only by hooks being traced: dynamo tracks the attribute through the trace, so a child's
-        # hooks traced inside the model's own forward see it set and relay nothing (there, when the graph runs,
-        # they would return at once); the model's end hook clears it.
+        # start and end hooks traced inside the model's own forward see it set and relay nothing (when the graph
+        # runs, the model's own start and end keep the forward's depth); the model's end hook clears it, and so
+        # does each step (a trace that stopped midway).
         self._in_traced_model = False
+        self._traced_model_trains = False  # and whether that model is in training mode (its layers may not be)
         self._autocast: context.Autocast | None = None  # of the latest training forward: probes run under it
         self._faults = Faults()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -390,7 +392,8 @@ class Tracker:
         def hook(module: nn.Module, args: tuple) -> None:
             if context.is_compiling():  # a child's call needs no tensor: none is handed over for it
                 if not opener:
-                    self._in_traced_model = True
+                    self._in_traced_model = not context.is_exporting()
+                    self._traced_model_trains = module.training
                 elif self._in_traced_model:
                     return
                 compiled.traced(key, None if opener else context.first_tensor(args, {}))
@@ -479,6 +482,7 @@ class Tracker:
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer | None, args: tuple, kwargs: dict) -> None:
         """End the open step and open the next (an update, or ``tracker.step()``)."""
         compiled.watch_compiler(self.model)
+        self._in_traced_model = False
         with self._lock:
             try:
                 self._close_merged_step()
@@ -510,24 +514,33 @@ class Tracker:
         return self._recording and module.training and not context.in_backward()
 
     def _input_hook(self, name: str, module: nn.Module, start: Callable[[nn.Module, tuple], None] | None):
-        key = self._relay_key(lambda x: hook(module, () if x is None else (x,), {}))
-        gradient_key = self._relay_key(functools.partial(self._gradient_arrived, name)) \
-            if self._gradients is not None else None
-
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            if context.is_compiling():  # traced: at run time the compiled graph calls this hook's eager code
-                x = context.first_tensor(args, kwargs)
-                if gradient_key is not None and compiled.gradient_flows(mod, x):  # and relays x's gradient
-                    compiled.traced_with_gradient(key, gradient_key, x)
-                else:
-                    compiled.traced(key, x)
-                return
+        def on_input(mod: nn.Module, args: tuple, kwargs: dict, start: Callable | None) -> None:
             if start is not None:
                 start(mod, args)
             if self._records_now(mod):
                 self._observe(name, name, module, context.first_tensor(args, kwargs))
             elif self._gradients is not None and context.in_backward():
                 self._watch_recomputed(name, module, context.first_tensor(args, kwargs))
+            if self._per_forward and compiled.gradient_follows() and not context.in_backward():
+                self._gradients.forwarded(self._step, name)
+
+        key = self._relay_key(lambda x: on_input(module, () if x is None else (x,), {}, start))
+        # inside the model's traced forward a child's start is left out, as its end is (_end_hook)
+        inside_key = key if start is None else self._relay_key(lambda x: on_input(module, () if x is None else (x,), {}, None))
+        gradient_key = self._relay_key(functools.partial(self._gradient_arrived, name)) \
+            if self._gradients is not None else None
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if context.is_compiling():  # traced: at run time the compiled graph calls this hook's eager code
+                x = context.first_tensor(args, kwargs)
+                relay_key = inside_key if self._in_traced_model else key
+                training = self._traced_model_trains if self._in_traced_model else mod.training
+                if gradient_key is not None and compiled.gradient_flows(training, x):
+                    compiled.traced_with_gradient(relay_key, gradient_key, x)  # and relays x's gradient
+                else:
+                    compiled.traced(relay_key, x)
+                return
+            on_input(mod, args, kwargs, start)
 
         return hook
 
@@ -626,9 +639,12 @@ class Tracker:
             self._gradients.watch_recomputed(step, name, x, self._axes.resolve(name, module, x.shape).dim)
 
     def _gradient_arrived(self, layer: str, grad: torch.Tensor) -> None:
-        """From a compiled backward pass (perhaps on autograd's device thread): ``layer``'s input gradient,
-        kept for the step now open, or in per-forward mode the last forward's, if it recorded the layer."""
-        self._gradients.arrived(self._step, layer, grad)
+        """From a compiled backward pass (perhaps on autograd's device thread): ``layer``'s input gradient, kept
+        for the step now open, or in per-forward mode for the step of the one forward awaiting it (none where
+        several forwards of the layer await theirs: which is which cannot be told)."""
+        step = self._gradients.awaited_forward(layer) if self._per_forward else self._step
+        if step is not None:
+            self._gradients.arrived(step, layer, grad)
 
     def _take_gradient(self, step: int, layer: str, partial: Partial) -> None:
         """From the backward pass: ``layer``'s input gradient at ``step``, kept with that step's records."""
