@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import covshift
-from overhead import Compiled, workload  # benchmarks/overhead.py, next to this script
+from overhead import Compiled, interleaved_times, workload  # benchmarks/overhead.py, next to this script
 
 
 def _reductions(x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +49,13 @@ def _reductions(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.sum(dims), (x * x).sum(dims), x.amin(dims), x.amax(dims)], dim=1)
 
 
-class InGraph:
+class InGraph(Compiled):
     """A compiled copy of ``model`` whose instrumented layers write their inputs' reductions to buffers
     inside the graph: ``"always"``, ``"cond"`` (under ``torch.cond`` on :attr:`flag`, set to ``on``) or
     not at all (None)."""
 
     def __init__(self, model: nn.Module, mode: str | None, on: bool = True, layout_optimization: bool = True) -> None:
-        self.model = copy.deepcopy(model)
+        self.model, self.tracker = copy.deepcopy(model), None
         self.flag = torch.tensor(on)
         if mode is not None:
             for layer in covshift.record.layers.select_layers(self.model).values():
@@ -80,16 +78,6 @@ class InGraph:
             module.covshift_reductions.copy_(reductions)
 
         return hook
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        start = time.perf_counter()
-        F.cross_entropy(self.forward(x), y).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        return time.perf_counter() - start
-
-    def flush(self) -> float:
-        return 0.0
 
 
 def main() -> None:
@@ -124,16 +112,7 @@ def main() -> None:
             flag.fill_(not bool(flag))
             runs[name].step(*batches[0])
             flag.fill_(not bool(flag))
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        spent = dict.fromkeys(runs, 0.0)
-        for x, y in batches:
-            order = list(runs)
-            random.shuffle(order)
-            for name in order:
-                spent[name] += runs[name].step(x, y)
-        for name, run in runs.items():
-            times[name].append((spent[name] + run.flush()) / len(batches))
+    times = interleaved_times(runs, batches, args.rounds)
     print(f"{described}, torch.compile (default backend), {args.rounds} rounds x {args.steps} steps, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'config':<27} {'step (ms)':>10} {'ratio':>7} {'ratio IQR':>15} {'first step (s)':>15}")

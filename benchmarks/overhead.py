@@ -249,6 +249,22 @@ class Compiled:
         return time.perf_counter() - start
 
 
+def interleaved_times(runs: dict, batches: list, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each run (``step(x, y)`` and ``flush()``), per round: each step of a round runs
+    every run once, in a shuffled order, so the machine's drifts in speed fall on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        spent = dict.fromkeys(runs, 0.0)
+        for x, y in batches:
+            order = list(runs)
+            random.shuffle(order)
+            for name in order:
+                spent[name] += runs[name].step(x, y)
+        for name, run in runs.items():
+            times[name].append((spent[name] + run.flush()) / len(batches))
+    return times
+
+
 def compiled_main(args: argparse.Namespace, model: nn.Module, batches: list, described: str) -> None:
     """``--compile``: compiled steps with and without covshift, interleaved step by step; compile times.
 
@@ -277,16 +293,7 @@ def compiled_main(args: argparse.Namespace, model: nn.Module, batches: list, des
         compile_seconds[name] = run.step(*batches[0])  # the first step compiles
         for x, y in batches[1:3]:
             run.step(x, y)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        spent = dict.fromkeys(runs, 0.0)
-        for x, y in batches:
-            order = list(runs)
-            random.shuffle(order)
-            for name in order:
-                spent[name] += runs[name].step(x, y)
-        for name, run in runs.items():
-            times[name].append((spent[name] + run.flush()) / len(batches))
+    times = interleaved_times(runs, batches, args.rounds)
     recorded = {}
     for name, run in runs.items():
         if run.tracker is not None:

@@ -519,7 +519,7 @@ class Tracker:
                 start(mod, args)
             if self._records_now(mod):
                 self._observe(name, name, module, context.first_tensor(args, kwargs))
-            elif self._gradients is not None and context.in_backward():
+            elif self._gradients is not None and self._gradients.awaiting and context.in_backward():
                 self._watch_recomputed(name, module, context.first_tensor(args, kwargs))
             if self._per_forward and compiled.gradient_follows() and not context.in_backward():
                 self._gradients.forwarded(self._step, name)
@@ -631,8 +631,7 @@ class Tracker:
     def _watch_recomputed(self, name: str, module: nn.Module, x: torch.Tensor | None) -> None:
         """A recomputation during backward of a forward that ran without grad (reentrant checkpoint); a
         compiled one's gradient is hooked in its graph."""
-        if (compiled.relayed() or not self._gradients.awaiting or x is None or not x.is_floating_point()
-                or name in self._faults.skipped):
+        if compiled.relayed() or x is None or not x.is_floating_point() or name in self._faults.skipped:
             return
         with self._faults.guard("watching an input gradient", self.run.directory):
             step = self._forward.step if self._per_forward else self._step
